@@ -1,0 +1,41 @@
+# The two commands: `make demo` and `make test`. Everything else is a step of those.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODE_STAMP := tests/node/node_modules/.installed
+
+.PHONY: setup protos lint test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned (==2.13.0, the CPU wheel on disk) in the same pip command as the rest.
+	$(BIN)/python -m pip install -q -e '.[dev]' torch==2.13.0
+	touch $@
+
+$(NODE_STAMP): tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(STAMP) $(NODE_STAMP)
+
+protos: $(STAMP)
+	$(BIN)/python -m services.devtools.protogen
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python -m services.devtools.demo
+
+bench: setup
+	$(BIN)/python bench/registry_upload.py
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules

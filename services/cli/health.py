@@ -1,0 +1,28 @@
+"""Health probing for `tlm health`."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.client import call_metadata, sync_channel
+from services.embedded import SERVICES
+
+SERVICE_NAMES = {name: module.SERVICE_NAME for name, (module, _cls) in SERVICES.items()}
+
+
+def check_health(service: str, address: str, timeout: float) -> dict[str, str]:
+    """{'address', 'status'}: SERVING, NOT_SERVING, UNKNOWN, or the gRPC error code name."""
+    with sync_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]),
+                timeout=timeout,
+                wait_for_ready=True,
+                metadata=call_metadata(),
+            )
+        except grpc.RpcError as exc:
+            return {"address": address, "status": exc.code().name}
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    return {"address": address, "status": status}

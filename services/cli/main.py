@@ -1,0 +1,140 @@
+"""The `tlm` command line: run the services, check them, and (in later issues) drive them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.cli.health import check_health
+from services.common.client import SERVICES, resolve_address
+from services.common.logs import configure_logging
+
+app = typer.Typer(help="TLM: post-training LLMs as gRPC services.", no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools.", no_args_is_help=True)
+app.add_typer(dev_app, name="dev")
+console = Console()
+err_console = Console(stderr=True)
+
+PortOpt = Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one.")]
+HostOpt = Annotated[str | None, typer.Option(help="Interface to bind.")]
+InsecureOpt = Annotated[
+    bool | None,
+    typer.Option("--insecure-dev/--secure", help="Serve without API keys as team 'dev'."),
+]
+ReadyOpt = Annotated[
+    Path | None, typer.Option(help="Write the bound address to this file once serving.")
+]
+
+
+def _ready_writer(ready_file: Path | None):  # type: ignore[no-untyped-def]
+    def ready(running) -> None:  # type: ignore[no-untyped-def]
+        err_console.print(f"[bold green]TLM serving[/] on {running.address}")
+        if ready_file is not None:
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(running.address)
+            tmp.replace(ready_file)
+
+    return ready
+
+
+@app.command()
+def version() -> None:
+    """Print the TLM version."""
+    console.print(dist_version("tlm"))
+
+
+@app.command()
+def up(
+    port: PortOpt = None,
+    host: HostOpt = None,
+    data_dir: Annotated[Path | None, typer.Option(help="SQLite, blobs and job files.")] = None,
+    insecure_dev: InsecureOpt = None,
+    ready_file: ReadyOpt = None,
+) -> None:
+    """Run all four services in one process on one port (SQLite, local blobs, transformers)."""
+    from services.common.server import serve_forever
+    from services.embedded import SERVICE_ORDER, bindings_for, up_settings
+
+    settings = up_settings(port, host, data_dir, insecure_dev)
+    configure_logging(settings.log_json, settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    bindings = bindings_for(SERVICE_ORDER, settings)
+    asyncio.run(serve_forever(bindings, settings, _ready_writer(ready_file)))
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="registry, reward, rollout or trainer")],
+    port: PortOpt = None,
+    host: HostOpt = None,
+    insecure_dev: InsecureOpt = None,
+    ready_file: ReadyOpt = None,
+) -> None:
+    """Run one service, configured by TLM_<SERVICE>_... variables (for containers)."""
+    from services.common.server import serve_forever
+    from services.embedded import SERVICES as MODULES
+    from services.embedded import service_settings
+
+    if service not in MODULES:
+        err_console.print(f"unknown service {service!r}; expected one of {', '.join(MODULES)}")
+        raise typer.Exit(2)
+    settings = service_settings(service, port=port, host=host, insecure_dev=insecure_dev)
+    configure_logging(settings.log_json, settings.log_level)
+    binding = MODULES[service][0].binding(settings)
+    asyncio.run(serve_forever([binding], settings, _ready_writer(ready_file)))
+
+
+@app.command()
+def health(
+    address: Annotated[
+        str | None, typer.Option(envvar="TLM_ADDRESS", help="Address of every service.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each service.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check the gRPC health of every service; exit 1 unless all are SERVING."""
+    results = {s: check_health(s, resolve_address(s, address), timeout) for s in SERVICES}
+    if as_json:
+        sys.stdout.write(json.dumps(results) + "\n")
+    else:
+        table = Table("service", "address", "status")
+        for service, result in results.items():
+            colour = "green" if result["status"] == "SERVING" else "red"
+            table.add_row(service, result["address"], f"[{colour}]{result['status']}[/]")
+        console.print(table)
+    if any(r["status"] != "SERVING" for r in results.values()):
+        raise typer.Exit(1)
+
+
+@dev_app.command("tiny-model")
+def tiny_model(
+    out_dir: Path,
+    size: Annotated[str, typer.Option(help="test (~100K params) or bench (~3.5M)")] = "test",
+    kind: Annotated[str, typer.Option(help="causal-lm or reward-model")] = "causal-lm",
+    seed: int = 0,
+) -> None:
+    """Build a tiny Qwen2 model and tokenizer offline, deterministically, as an HF folder."""
+    from services.devtools.tiny_models import build_tiny_model
+
+    try:
+        path = build_tiny_model(out_dir, size=size, kind=kind, seed=seed)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"built {kind} ({size}) in {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""API keys -> teams. Every handler reads the caller's team from `current_team()`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from services.common.errors import Unauthenticated
+
+DEV_TEAM = "dev"
+# A key mapped to this team is a trusted service key: it may act for the team named in
+# TEAM_HEADER (how the trainer calls the registry on a job's behalf).
+SERVICE_TEAM = "*"
+TEAM_HEADER = "x-tlm-team"
+# Health checks and reflection stay open so probes and generic tools work without keys.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_team: ContextVar[str | None] = ContextVar("tlm_team", default=None)
+
+
+def current_team() -> str:
+    team = _team.get()
+    if team is None:
+        raise Unauthenticated("no team bound to this call")
+    return team
+
+
+def bind_team(team: str | None) -> object:
+    return _team.set(team)
+
+
+@dataclass(frozen=True)
+class Authenticator:
+    """Maps request metadata to a team, or raises Unauthenticated."""
+
+    api_keys: Mapping[str, str]
+    insecure_dev: bool = False
+
+    def team_for(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+        if method.startswith(OPEN_PREFIXES):
+            return None
+        headers = {k.lower(): v if isinstance(v, str) else v.decode() for k, v in metadata}
+        key = _api_key(headers)
+        if not self.api_keys and self.insecure_dev:
+            return headers.get(TEAM_HEADER) or DEV_TEAM
+        if key is None:
+            raise Unauthenticated(
+                "missing API key: send metadata 'authorization: Bearer <key>' or 'x-api-key'"
+            )
+        team = self.api_keys.get(key)
+        if team is None:
+            raise Unauthenticated("unknown API key")
+        if team == SERVICE_TEAM:
+            acting = headers.get(TEAM_HEADER)
+            if not acting:
+                raise Unauthenticated(f"service keys must name a team in '{TEAM_HEADER}'")
+            return acting
+        return team
+
+
+def _api_key(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return headers.get("x-api-key") or None

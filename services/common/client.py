@@ -1,0 +1,49 @@
+"""Client-side plumbing: addresses from the environment, API keys in metadata, size limits."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import grpc
+
+from services.common.settings import DEFAULT_PORT
+
+DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
+SERVICES = ("registry", "reward", "rollout", "trainer")
+CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+
+
+def resolve_address(service: str | None = None, address: str | None = None) -> str:
+    """Explicit address, else TLM_<SERVICE>_ADDRESS, else TLM_ADDRESS, else localhost:50051."""
+    if address:
+        return address
+    if service:
+        specific = os.environ.get(f"TLM_{service.upper()}_ADDRESS")
+        if specific:
+            return specific
+    return os.environ.get("TLM_ADDRESS", DEFAULT_ADDRESS)
+
+
+def call_metadata(
+    api_key: str | None = None, team: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Metadata: the API key (argument or TLM_API_KEY) and, for service keys, the team."""
+    key = api_key or os.environ.get("TLM_API_KEY")
+    md: list[tuple[str, str]] = []
+    if key:
+        md.append(("authorization", f"Bearer {key}"))
+    if team:
+        md.append(("x-tlm-team", team))
+    return tuple(md)
+
+
+def aio_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+
+
+def sync_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))

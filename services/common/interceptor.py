@@ -1,0 +1,172 @@
+"""One server interceptor for every service: authentication, error mapping, a log line and
+metrics per RPC. Handlers stay thin: they raise domain errors and never touch status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_status import rpc_status
+
+from services.common.auth import Authenticator, bind_team
+from services.common.errors import TlmError, status_code_for, to_rpc_status
+from services.common.metrics import RPC_LATENCY, RPC_TOTAL, split_method
+
+log = structlog.get_logger("tlm.rpc")
+
+Behavior = Callable[..., Any]
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+        rpc = _Rpc(method, metadata, self._auth)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                rpc.wrap_unary(handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                rpc.wrap_unary(handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                rpc.wrap_stream(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            rpc.wrap_stream(handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+class _Rpc:
+    """The per-call wrapper: binds the team and log context, maps errors, records the outcome."""
+
+    def __init__(self, method: str, metadata: tuple[Any, ...], auth: Authenticator) -> None:
+        self.method = method
+        self.metadata = metadata
+        self.auth = auth
+        self.service, self.short = split_method(method)
+
+    def _begin(self, context: grpc.aio.ServicerContext) -> float:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(rpc=self.short)
+        self.team: str | None = None
+        team = self.team = self.auth.team_for(self.method, self.metadata)
+        bind_team(team)
+        structlog.contextvars.bind_contextvars(team=team)
+        return time.perf_counter()
+
+    def _finish(
+        self, context: grpc.aio.ServicerContext, start: float, code: grpc.StatusCode
+    ) -> None:
+        latency = time.perf_counter() - start
+        RPC_TOTAL.labels(self.service, self.short, code.name).inc()
+        RPC_LATENCY.labels(self.service, self.short).observe(latency)
+        log.info(
+            "rpc",
+            method=self.method,
+            code=code.name,
+            latency_ms=round(latency * 1000, 3),
+            peer=context.peer(),
+            team=getattr(self, "team", None),
+        )
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+        code = status_code_for(exc)
+        if not isinstance(exc, TlmError | NotImplementedError):
+            log.error("rpc_unexpected_error", method=self.method, exc_info=exc)
+        status = rpc_status.to_status(to_rpc_status(exc, self.method))
+        self._pending_abort = status
+        return code
+
+    def wrap_unary(self, behavior: Behavior) -> Behavior:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                start = self._begin(context)
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                code = _code_set_on(context)
+                return result
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                if _is_abort(exc):
+                    code = _code_set_on(context)
+                    raise
+                code = await self._fail(context, exc)
+            finally:
+                self._finish(context, start, code)
+            await _abort(context, self._pending_abort)
+
+        return wrapped
+
+    def wrap_stream(self, behavior: Behavior) -> Behavior:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                start = self._begin(context)
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                if result is not None:
+                    async for item in result:
+                        yield item
+                code = _code_set_on(context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                if _is_abort(exc):
+                    code = _code_set_on(context)
+                    raise
+                code = await self._fail(context, exc)
+            finally:
+                self._finish(context, start, code)
+            if code != grpc.StatusCode.OK:
+                await _abort(context, self._pending_abort)
+
+        return wrapped
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # grpc.aio raises AbortError from context.abort(); it already carries its status.
+    return type(exc).__name__ == "AbortError"
+
+
+def _code_set_on(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.OK
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    await context.abort(status.code, status.details, status.trailing_metadata)

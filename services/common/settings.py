@@ -1,0 +1,37 @@
+"""Runtime settings from the environment, one class per service (`TLM_<SERVICE>_...`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 50051
+
+
+class ServerSettings(BaseSettings):
+    """What every gRPC server needs. Subclasses set the env prefix, e.g. `TLM_REGISTRY_`."""
+
+    model_config = SettingsConfigDict(env_prefix="TLM_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="0 picks a free port (tests).")
+    # API key -> team, e.g. TLM_REGISTRY_API_KEYS='{"k-123": "team-a"}'.
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    # With no keys configured, serve every caller as team "dev" (logged loudly). Only for local use.
+    insecure_dev: bool = False
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_period_s: float = 5.0
+    data_dir: Path = Path("~/.local/share/tlm").expanduser()
+    log_json: bool | None = None  # None: JSON when stderr is not a terminal.
+    log_level: str = "info"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_nonempty(cls, keys: dict[str, str]) -> dict[str, str]:
+        for key, team in keys.items():
+            if not key or not team:
+                raise ValueError("api_keys maps non-empty keys to non-empty team names")
+        return keys

@@ -1,0 +1,71 @@
+"""`make demo`: start the embedded services (`tlm up`), check them, run the main flow on a tiny
+model, and stop cleanly. Each step prints what it did; any failure exits non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+TLM = [sys.executable, "-m", "services.cli.main"]
+
+
+def _run(*args: str, env: dict[str, str]) -> str:
+    console.print(f"[bold]$ tlm {' '.join(args)}[/]")
+    out = subprocess.run([*TLM, *args], capture_output=True, text=True, env=env, timeout=600)
+    sys.stdout.write(out.stdout)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"`tlm {' '.join(args)}` failed with exit code {out.returncode}")
+    return out.stdout
+
+
+def _start(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    ready = data_dir / "address"
+    log_file = (data_dir / "server.log").open("w")
+    proc = subprocess.Popen(
+        [*TLM, "up", "--port", "0", "--data-dir", str(data_dir), "--ready-file", str(ready)],
+        stderr=log_file,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"tlm up did not start; see {data_dir / 'server.log'}")
+        time.sleep(0.2)
+    return proc, ready.read_text()
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="tlm-demo-") as tmp:
+        data_dir = Path(tmp)
+        env = {**os.environ, "TLM_LOG_JSON": "true", "HF_HUB_OFFLINE": "1"}
+        console.rule("TLM demo: embedded services on a tiny model")
+        proc, address = _start(data_dir, env)
+        env["TLM_ADDRESS"] = address
+        console.print(f"tlm up is serving on {address} (data in {data_dir})")
+        try:
+            health = json.loads(_run("health", "--json", env=env))
+            assert all(v["status"] == "SERVING" for v in health.values()), health
+            console.print("[green]all four services SERVING[/]")
+            _run("dev", "tiny-model", str(data_dir / "tiny-model"), env=env)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+        if code != 0:
+            raise SystemExit(f"tlm up exited with {code}; see its log above")
+        console.print("[green]tlm up stopped cleanly[/]")
+        console.rule("demo finished")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The `tlm` command line as users run it: `tlm up` in a subprocess, `tlm health`, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TLM = [sys.executable, "-m", "services.cli.main"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> str:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text()
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError("tlm up did not become ready")
+
+
+def test_up_health_and_graceful_stop(tmp_path: Path) -> None:
+    ready = tmp_path / "addr"
+    env = {**os.environ, "TLM_LOG_JSON": "true"}
+    proc = subprocess.Popen(
+        [
+            *TLM,
+            "up",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--ready-file",
+            str(ready),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        address = _wait_for(ready, proc)
+        out = subprocess.run(
+            [*TLM, "health", "--address", address, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert {r["status"] for r in json.loads(out.stdout).values()} == {"SERVING"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
+    assert "insecure_dev_mode" in events and events[-1] == "server_stopped"
+    assert events.count("rpc") == 4  # one line per health check
+
+
+def test_health_fails_when_nothing_listens() -> None:
+    out = subprocess.run(
+        [*TLM, "health", "--address", "127.0.0.1:1", "--timeout", "0.5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert {r["status"] for r in json.loads(out.stdout).values()} == {"DEADLINE_EXCEEDED"}
+
+
+def test_serve_without_keys_refuses_to_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TLM_")}
+    out = subprocess.run(
+        [*TLM, "serve", "registry", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "no API keys configured" in out.stderr
+
+
+def test_tiny_model_command(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*TLM, "dev", "tiny-model", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m" / "config.json").exists()
+    bad = subprocess.run(
+        [*TLM, "dev", "tiny-model", str(tmp_path / "n"), "--size", "huge"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "huge" in bad.stderr

@@ -1,0 +1,97 @@
+"""The shared server bootstrap on a real server: health, reflection, auth, errors, logs."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from structlog.testing import capture_logs
+from tlm.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+from services.devtools.server_thread import ServerThread
+
+TLM_SERVICES = {
+    "tlm.registry.v1.RegistryService",
+    "tlm.reward.v1.RewardService",
+    "tlm.rollout.v1.RolloutService",
+    "tlm.trainer.v1.TrainerService",
+}
+
+
+def test_health_reports_every_service_serving(embedded: ServerThread) -> None:
+    with grpc.insecure_channel(embedded.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ["", *TLM_SERVICES]:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING, name
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="tlm.nope.v1.Nope"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_four_services(embedded: ServerThread) -> None:
+    with grpc.insecure_channel(embedded.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        names = {s.name for s in response.list_services_response.service}
+    assert names >= TLM_SERVICES
+
+
+def test_unauthenticated_call_is_refused_when_keys_are_configured(secured: ServerThread) -> None:
+    with grpc.insecure_channel(secured.address) as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        request = trainer_pb2.GetTrainingJobRequest(name="jobs/x")
+        for metadata in [(), (("authorization", "Bearer wrong"),), (("x-api-key", ""),)]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetTrainingJob(request, metadata=metadata, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            info = _error_info(err.value)
+            assert info.reason == "API_KEY_INVALID" and info.domain == "tlm.dev"
+        # Health stays open for probes.
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+
+
+def test_a_service_key_must_name_the_team(secured: ServerThread) -> None:
+    with grpc.insecure_channel(secured.address) as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        request = trainer_pb2.GetTrainingJobRequest(name="jobs/x")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetTrainingJob(request, metadata=(("x-api-key", "key-service"),), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "no google.rpc.Status details"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo in details")
+
+
+def test_one_structured_log_line_per_rpc(secured: ServerThread) -> None:
+    with capture_logs() as logs, grpc.insecure_channel(secured.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        with pytest.raises(grpc.RpcError):
+            trainer_pb2_grpc.TrainerServiceStub(channel).GetTrainingJob(
+                trainer_pb2.GetTrainingJobRequest(name="jobs/x"),
+                metadata=(("authorization", "Bearer key-team-a"),),
+                timeout=5,
+            )
+    lines = [e for e in logs if e["event"] == "rpc"]
+    assert [line["method"] for line in lines] == [
+        "/grpc.health.v1.Health/Check",
+        "/tlm.trainer.v1.TrainerService/GetTrainingJob",
+    ]
+    trainer_line = lines[1]
+    assert trainer_line["code"] == "UNIMPLEMENTED"
+    assert trainer_line["team"] == "team-a"
+    assert trainer_line["latency_ms"] >= 0 and trainer_line["peer"].startswith("ipv4:127.0.0.1")
