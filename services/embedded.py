@@ -7,6 +7,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from services.common.auth import SERVICE_TEAM
 from services.common.server import ServiceBinding
 from services.common.settings import ServerSettings
 from services.registry import app as registry_app
@@ -36,10 +37,14 @@ def service_settings(service: str, **overrides: Any) -> ServerSettings:
 
 def bindings_for(services: Sequence[str], shared: ServerSettings) -> list[ServiceBinding]:
     """Bindings of `services` sharing `shared`'s server options (one process, one port)."""
+    service_key = shared.service_api_key or next(
+        (key for key, team in shared.api_keys.items() if team == SERVICE_TEAM), None
+    )
     common = {
         "data_dir": shared.data_dir,
         "api_keys": shared.api_keys,
         "insecure_dev": shared.insecure_dev,
+        "service_api_key": service_key,
     }
     result = []
     for name in services:

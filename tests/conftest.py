@@ -15,7 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings
 from services.devtools.server_thread import ServerThread
-from services.embedded import SERVICE_ORDER, bindings_for
 
 configure_logging(json=True, level="info")
 
@@ -23,6 +22,8 @@ API_KEYS = {"key-team-a": "team-a", "key-team-b": "team-b", "key-service": "*"}
 
 
 def start_embedded(data_dir: Path, **settings: object) -> ServerThread:
+    from services.embedded import SERVICE_ORDER, bindings_for
+
     shared = ServerSettings(host="127.0.0.1", port=0, data_dir=data_dir, **settings)  # type: ignore[arg-type]
     return ServerThread(lambda: bindings_for(SERVICE_ORDER, shared), shared).start()
 

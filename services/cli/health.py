@@ -6,9 +6,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.client import call_metadata, sync_channel
-from services.embedded import SERVICES
+from tlm.registry.v1 import registry_pb2
+from tlm.reward.v1 import reward_service_pb2
+from tlm.rollout.v1 import rollout_pb2
+from tlm.trainer.v1 import trainer_pb2
 
-SERVICE_NAMES = {name: module.SERVICE_NAME for name, (module, _cls) in SERVICES.items()}
+SERVICE_NAMES = {
+    "registry": registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+    "reward": reward_service_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
+    "rollout": rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+    "trainer": trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
+}
 
 
 def check_health(service: str, address: str, timeout: float) -> dict[str, str]:

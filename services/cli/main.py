@@ -14,12 +14,21 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.health import check_health
+from services.cli.registry_cmds import datasets_app, evaluators_list, evaluators_show, models_app
 from services.common.client import SERVICES, resolve_address
 from services.common.logs import configure_logging
 
 app = typer.Typer(help="TLM: post-training LLMs as gRPC services.", no_args_is_help=True)
 dev_app = typer.Typer(help="Developer tools.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+evaluators_app = typer.Typer(
+    help="Evaluator specs: the JSON that scores samples.", no_args_is_help=True
+)
+evaluators_app.command("list")(evaluators_list)
+evaluators_app.command("show")(evaluators_show)
+app.add_typer(evaluators_app, name="evaluators")
 console = Console()
 err_console = Console(stderr=True)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+
 from tlm.common.v1 import common_pb2
 
 ERROR_DOMAIN = "tlm.dev"

@@ -21,6 +21,8 @@ class ServerSettings(BaseSettings):
     api_keys: dict[str, str] = Field(default_factory=dict)
     # With no keys configured, serve every caller as team "dev" (logged loudly). Only for local use.
     insecure_dev: bool = False
+    # Key this service sends (with the caller's team in x-tlm-team) when it calls other services.
+    service_api_key: str | None = None
     metrics_port: int | None = Field(None, ge=0, le=65535)
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 5.0

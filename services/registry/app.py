@@ -1,24 +1,45 @@
-"""Wiring of the registry service: its servicer mounted on the shared server bootstrap."""
+"""Wiring of the registry: settings -> metadata store (migrated) + blob store -> servicer."""
 
 from __future__ import annotations
 
-from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
-
 from services.common.server import ServiceBinding
+from services.registry.blobs import open_blob_store
+from services.registry.core import Registry
+from services.registry.servicer import RegistryServicer
 from services.registry.settings import RegistrySettings
+from services.registry.store import MetadataStore
+from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 
 
-class RegistryServiceServicer(registry_pb2_grpc.RegistryServiceServicer):
-    """Every RPC answers UNIMPLEMENTED until the registry issue lands."""
+def build_registry(settings: RegistrySettings) -> Registry:
+    data_dir = settings.data_dir.expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.database_url or f"sqlite:///{data_dir / 'registry.db'}"
+    store = MetadataStore(url)
+    store.migrate()
+    blobs = open_blob_store(
+        settings.blob_url or str(data_dir / "blobs"),
+        staging=data_dir / "staging",
+        endpoint_url=settings.s3_endpoint_url,
+    )
+    return Registry(
+        store, blobs, max_row_bytes=settings.max_row_bytes, max_row_errors=settings.max_row_errors
+    )
 
 
 def binding(settings: RegistrySettings) -> ServiceBinding:
-    servicer = RegistryServiceServicer()  # type: ignore[abstract]  # stubs until implemented
+    registry = build_registry(settings)
+    servicer = RegistryServicer(registry)
+
+    async def stop() -> None:
+        registry.store.close()
+
     return ServiceBinding(
         name=SERVICE_NAME,
         register=lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             servicer, server
         ),
+        on_stop=stop,
     )

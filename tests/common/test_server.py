@@ -9,9 +9,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from structlog.testing import capture_logs
-from tlm.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.devtools.server_thread import ServerThread
+from tlm.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 TLM_SERVICES = {
     "tlm.registry.v1.RegistryService",

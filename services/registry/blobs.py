@@ -1,0 +1,126 @@
+"""Content-addressed blob storage: a local folder (atomic renames) or any S3-compatible store.
+
+Keys are sha256 hex digests, so identical files are stored once and a key names its bytes.
+Uploads are staged in a local file, verified, then `put`; nothing is visible before that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+READ_CHUNK = 1024 * 1024
+
+
+class BlobStore(Protocol):
+    def staging_dir(self) -> Path:
+        """A local folder for staged uploads, on the same filesystem when possible."""
+        ...
+
+    def put(self, staged: Path, key: str) -> None:
+        """Store the file `staged` under `key` (consuming it); a no-op if `key` exists."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def read(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class LocalBlobStore:
+    """Blobs under `root/ab/abcdef...`; writes land by atomic rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / ".staging").mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def staging_dir(self) -> Path:
+        return self.root / ".staging"
+
+    def put(self, staged: Path, key: str) -> None:
+        target = self._path(key)
+        if target.exists():
+            staged.unlink(missing_ok=True)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def read(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        with self._path(key).open("rb") as f:
+            while block := f.read(chunk_size):
+                yield block
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3BlobStore:
+    """Blobs in an S3-compatible bucket under `prefix/`; uploads stage on local disk."""
+
+    def __init__(self, bucket: str, prefix: str, staging: Path, endpoint_url: str | None) -> None:
+        import boto3
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._staging = staging
+        staging.mkdir(parents=True, exist_ok=True)
+        self.client: Any = boto3.client("s3", endpoint_url=endpoint_url)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def staging_dir(self) -> Path:
+        return self._staging
+
+    def put(self, staged: Path, key: str) -> None:
+        try:
+            if not self.exists(key):
+                self.client.upload_file(str(staged), self.bucket, self._key(key))
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def read(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def open_blob_store(url: str, staging: Path, endpoint_url: str | None = None) -> BlobStore:
+    """`file:///path` or a bare path -> LocalBlobStore; `s3://bucket/prefix` -> S3BlobStore."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        return S3BlobStore(parsed.netloc, parsed.path, staging, endpoint_url)
+    if parsed.scheme in ("", "file"):
+        return LocalBlobStore(Path(parsed.path if parsed.scheme else url))
+    raise ValueError(f"unsupported blob store URL {url!r}: use file:///path or s3://bucket/prefix")
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,262 @@
+"""The registry client other services (reward, rollout, trainer), the CLI and tests use.
+
+Calls carry the caller's team: services pass a service API key and the team they act for.
+Downloads verify every file's sha256; a model cache keeps one copy per resolved revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from services.common.client import aio_channel, call_metadata
+from services.common.errors import InvalidArgument
+from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
+
+CHUNK = 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_manifest(folder: Path) -> registry_pb2.Manifest:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    entries = [
+        registry_pb2.ArtifactFile(
+            path=p.relative_to(folder).as_posix(),
+            size_bytes=p.stat().st_size,
+            sha256=sha256_file(p),
+        )
+        for p in files
+    ]
+    return registry_pb2.Manifest(files=entries, total_bytes=sum(e.size_bytes for e in entries))
+
+
+def to_struct(row: Mapping[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(row)
+    return s
+
+
+def from_struct(s: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(s)
+
+
+class RegistryClient:
+    """Async client; one channel, reused. `team` is sent with service keys."""
+
+    def __init__(self, address: str, api_key: str | None = None, team: str | None = None) -> None:
+        self._channel = aio_channel(address)
+        self.stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        self._api_key = api_key
+        self._team = team
+
+    def metadata(self, team: str | None = None) -> tuple[tuple[str, str], ...]:
+        return call_metadata(self._api_key, team or self._team)
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    # Models -------------------------------------------------------------------------------
+
+    async def get_model_revision(
+        self, name: str, team: str | None = None
+    ) -> registry_pb2.ModelRevision:
+        request = registry_pb2.GetModelRevisionRequest(name=name)
+        return await self.stub.GetModelRevision(request, metadata=self.metadata(team))
+
+    async def upload_model_revision(
+        self,
+        parent: str,
+        folder: Path,
+        *,
+        format: int = registry_pb2.FULL_WEIGHTS,
+        lineage: registry_pb2.Lineage | None = None,
+        request_id: str = "",
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        team: str | None = None,
+    ) -> registry_pb2.ModelRevision:
+        manifest = folder_manifest(folder)
+        header = registry_pb2.ModelRevisionHeader(
+            parent=parent,
+            request_id=request_id,
+            format=format,  # type: ignore[arg-type]
+            lineage=lineage,
+            manifest=manifest,
+            description=description,
+            labels=dict(labels or {}),
+        )
+
+        async def requests() -> AsyncIterator[registry_pb2.UploadModelRevisionRequest]:
+            yield registry_pb2.UploadModelRevisionRequest(header=header)
+            for entry in manifest.files:
+                with (folder / entry.path).open("rb") as f:
+                    offset = 0
+                    while block := await asyncio.to_thread(f.read, CHUNK):
+                        chunk = registry_pb2.FileChunk(path=entry.path, offset=offset, data=block)
+                        yield registry_pb2.UploadModelRevisionRequest(chunk=chunk)
+                        offset += len(block)
+
+        return await self.stub.UploadModelRevision(requests(), metadata=self.metadata(team))
+
+    async def download_model_revision(
+        self, name: str, dest: Path, team: str | None = None
+    ) -> registry_pb2.Manifest:
+        """Write the revision's files under `dest`, verifying sizes and sha256."""
+        request = registry_pb2.DownloadModelRevisionRequest(name=name)
+        stream = self.stub.DownloadModelRevision(request, metadata=self.metadata(team))
+        return await write_download(stream, dest)
+
+    # Datasets -----------------------------------------------------------------------------
+
+    async def upload_dataset_file(
+        self,
+        parent: str,
+        path: Path,
+        kind: int,
+        *,
+        format: int = registry_pb2.JSONL,
+        request_id: str = "",
+        description: str = "",
+        team: str | None = None,
+    ) -> registry_pb2.DatasetRevision:
+        header = registry_pb2.DatasetRevisionHeader(
+            parent=parent,
+            request_id=request_id,
+            kind=kind,  # type: ignore[arg-type]
+            format=format,  # type: ignore[arg-type]
+            size_bytes=path.stat().st_size,
+            sha256=sha256_file(path),
+            description=description,
+        )
+
+        async def requests() -> AsyncIterator[registry_pb2.UploadDatasetRevisionRequest]:
+            yield registry_pb2.UploadDatasetRevisionRequest(header=header)
+            with path.open("rb") as f:
+                while block := await asyncio.to_thread(f.read, CHUNK):
+                    yield registry_pb2.UploadDatasetRevisionRequest(data=block)
+
+        return await self.stub.UploadDatasetRevision(requests(), metadata=self.metadata(team))
+
+    async def append_dataset_rows(
+        self,
+        parent: str,
+        kind: int,
+        rows: Iterable[Mapping[str, Any]],
+        request_id: str = "",
+        team: str | None = None,
+    ) -> registry_pb2.DatasetRevision:
+        request = registry_pb2.AppendDatasetRowsRequest(
+            parent=parent,
+            kind=kind,  # type: ignore[arg-type]
+            rows=[to_struct(r) for r in rows],
+            request_id=request_id,
+        )
+        return await self.stub.AppendDatasetRows(request, metadata=self.metadata(team))
+
+    async def read_dataset_rows(
+        self, name: str, team: str | None = None, **options: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Rows of a revision as dicts; options are ReadDatasetRowsRequest fields."""
+        request = registry_pb2.ReadDatasetRowsRequest(name=name, **options)
+        async for batch in self.stub.ReadDatasetRows(request, metadata=self.metadata(team)):
+            for row in batch.rows:
+                yield from_struct(row)
+
+    # Evaluators ---------------------------------------------------------------------------
+
+    async def get_evaluator_revision(
+        self, name: str, team: str | None = None
+    ) -> registry_pb2.EvaluatorRevision:
+        request = registry_pb2.GetEvaluatorRevisionRequest(name=name)
+        return await self.stub.GetEvaluatorRevision(request, metadata=self.metadata(team))
+
+    async def create_evaluator_revision(
+        self, parent: str, spec_json: str, request_id: str = "", team: str | None = None
+    ) -> registry_pb2.EvaluatorRevision:
+        request = registry_pb2.CreateEvaluatorRevisionRequest(
+            parent=parent, spec_json=spec_json, request_id=request_id
+        )
+        return await self.stub.CreateEvaluatorRevision(request, metadata=self.metadata(team))
+
+
+async def write_download(
+    stream: AsyncIterable[registry_pb2.DownloadChunk], dest: Path
+) -> registry_pb2.Manifest:
+    """Consume a DownloadChunk stream into `dest`, checking each file's size and sha256."""
+    manifest: registry_pb2.Manifest | None = None
+    digests: dict[str, Any] = {}
+    handles: dict[str, Any] = {}
+    try:
+        async for message in stream:
+            if message.HasField("manifest"):
+                manifest = message.manifest
+                continue
+            chunk = message.chunk
+            if chunk.path not in handles:
+                target = dest / chunk.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                handles[chunk.path] = target.open("wb")
+                digests[chunk.path] = hashlib.sha256()
+            handles[chunk.path].write(chunk.data)
+            digests[chunk.path].update(chunk.data)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    if manifest is None:
+        raise InvalidArgument("download stream carried no manifest")
+    for entry in manifest.files:
+        got = digests.get(entry.path, hashlib.sha256()).hexdigest()
+        if got != entry.sha256:
+            raise InvalidArgument(f"{entry.path}: sha256 {got} != manifest {entry.sha256}")
+        if not (dest / entry.path).exists():
+            (dest / entry.path).touch()  # empty files carry no chunk
+    return manifest
+
+
+class ModelCache:
+    """Local copies of model revisions, one folder per resolved revision name (immutable)."""
+
+    def __init__(self, client: RegistryClient, root: Path) -> None:
+        self.client = client
+        self.root = root
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(
+        self, name: str, team: str | None = None
+    ) -> tuple[registry_pb2.ModelRevision, Path]:
+        """Resolve aliases, then download once; returns the revision and its local folder."""
+        revision = await self.client.get_model_revision(name, team)
+        folder = self.root / (team or "_") / revision.name.replace("/", "__")
+        lock = self._locks.setdefault(str(folder), asyncio.Lock())
+        async with lock:
+            if not (folder / ".complete").exists():
+                tmp = Path(
+                    tempfile.mkdtemp(dir=self.root.as_posix() if self.root.exists() else None)
+                )
+                try:
+                    await self.client.download_model_revision(revision.name, tmp, team)
+                    (tmp / ".complete").write_text(json.dumps({"name": revision.name}))
+                    folder.parent.mkdir(parents=True, exist_ok=True)
+                    if folder.exists():
+                        shutil.rmtree(folder)
+                    os.replace(tmp, folder)
+                finally:
+                    if tmp.exists():
+                        shutil.rmtree(tmp, ignore_errors=True)
+        return revision, folder

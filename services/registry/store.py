@@ -1,0 +1,401 @@
+"""Metadata storage: resources and immutable revisions in SQL (SQLite or PostgreSQL).
+
+Synchronous SQLAlchemy; the servicer calls it through `asyncio.to_thread`. Every query is
+scoped by team, so another team's resources are simply not found.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session
+
+from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, field_error
+from services.registry.names import LATEST, Collection, is_revision_id, revision_id
+from services.registry.tables import ResourceRow, RevisionRow
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@dataclass(frozen=True)
+class Resource:
+    team: str
+    collection: Collection
+    resource_id: str
+    description: str
+    labels: dict[str, str]
+    dataset_kind: int
+    aliases: dict[str, str]
+    etag: str
+    latest_revision_id: str
+    create_time: datetime
+    update_time: datetime
+
+    @property
+    def name(self) -> str:
+        return f"{self.collection}/{self.resource_id}"
+
+
+@dataclass(frozen=True)
+class Revision:
+    parent: Resource
+    seq: int
+    request_id: str
+    body: dict[str, Any]
+    blobs: list[str]
+    create_time: datetime
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def revision_id(self) -> str:
+        return revision_id(self.seq)
+
+    @property
+    def name(self) -> str:
+        return f"{self.parent.name}/revisions/{self.revision_id}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite drops the zone
+
+
+def _resource(row: ResourceRow) -> Resource:
+    return Resource(
+        team=row.team,
+        collection=Collection(row.collection),
+        resource_id=row.resource_id,
+        description=row.description,
+        labels=dict(row.labels or {}),
+        dataset_kind=row.dataset_kind,
+        aliases=dict(row.aliases or {}),
+        etag=row.etag,
+        latest_revision_id=revision_id(row.last_seq) if row.last_seq else "",
+        create_time=_utc(row.create_time),
+        update_time=_utc(row.update_time),
+    )
+
+
+def _revision(row: RevisionRow, parent: Resource) -> Revision:
+    rid = revision_id(row.seq)
+    aliases = [a for a, r in sorted(parent.aliases.items()) if r == rid]
+    if parent.latest_revision_id == rid:
+        aliases.insert(0, LATEST)
+    return Revision(
+        parent,
+        row.seq,
+        row.request_id,
+        dict(row.body),
+        list(row.blobs),
+        _utc(row.create_time),
+        aliases,
+    )
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # let BEGIN IMMEDIATE below take the write lock
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10)
+
+
+class MetadataStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (idempotent)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("sqlalchemy.url", self.url)
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Resources ----------------------------------------------------------------------------
+
+    def _row(
+        self, s: Session, team: str, coll: Collection, rid: str, lock: bool = False
+    ) -> ResourceRow:
+        query = select(ResourceRow).where(
+            ResourceRow.team == team,
+            ResourceRow.collection == coll.value,
+            ResourceRow.resource_id == rid,
+        )
+        if lock:
+            query = query.with_for_update()
+        row = s.scalars(query).first()
+        if row is None:
+            raise NotFound(f"{coll}/{rid} not found", metadata={"resource": f"{coll}/{rid}"})
+        return row
+
+    def create_resource(
+        self,
+        team: str,
+        coll: Collection,
+        rid: str,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        dataset_kind: int = 0,
+        exist_ok: bool = False,
+    ) -> Resource:
+        with Session(self.engine) as s, s.begin():
+            existing = s.scalars(
+                select(ResourceRow).where(
+                    ResourceRow.team == team,
+                    ResourceRow.collection == coll.value,
+                    ResourceRow.resource_id == rid,
+                )
+            ).first()
+            if existing is not None:
+                if exist_ok:
+                    return _resource(existing)
+                raise AlreadyExists(
+                    f"{coll}/{rid} already exists", metadata={"resource": f"{coll}/{rid}"}
+                )
+            now = _now()
+            row = ResourceRow(
+                team=team,
+                collection=coll.value,
+                resource_id=rid,
+                description=description,
+                labels=dict(labels or {}),
+                dataset_kind=dataset_kind,
+                aliases={},
+                etag=secrets.token_hex(8),
+                last_seq=0,
+                create_time=now,
+                update_time=now,
+            )
+            s.add(row)
+            s.flush()
+            return _resource(row)
+
+    def get_resource(self, team: str, coll: Collection, rid: str) -> Resource:
+        with Session(self.engine) as s:
+            return _resource(self._row(s, team, coll, rid))
+
+    def list_resources(
+        self,
+        team: str,
+        coll: Collection,
+        *,
+        after: str | None,
+        limit: int,
+        prefix: str = "",
+        labels: Mapping[str, str] | None = None,
+        dataset_kind: int = 0,
+    ) -> list[Resource]:
+        """Up to `limit` resources ordered by id, after id `after`, matching every filter."""
+        query = select(ResourceRow).where(
+            ResourceRow.team == team, ResourceRow.collection == coll.value
+        )
+        if prefix:
+            query = query.where(ResourceRow.resource_id.startswith(prefix, autoescape=True))
+        if dataset_kind:
+            query = query.where(ResourceRow.dataset_kind == dataset_kind)
+        if after:
+            query = query.where(ResourceRow.resource_id > after)
+        wanted = dict(labels or {})
+        result: list[Resource] = []
+        with Session(self.engine) as s:
+            # Labels are JSON; filter them here, reading in id order until the page is full.
+            for row in s.scalars(query.order_by(ResourceRow.resource_id)).yield_per(200):
+                if all(row.labels.get(k) == v for k, v in wanted.items()):
+                    result.append(_resource(row))
+                    if len(result) > limit:
+                        break
+        return result
+
+    def delete_resource(self, team: str, coll: Collection, rid: str) -> list[str]:
+        """Delete a resource and its revisions; returns the blob keys they referenced."""
+        with Session(self.engine) as s, s.begin():
+            row = self._row(s, team, coll, rid, lock=True)
+            blobs = [
+                b
+                for r in s.scalars(select(RevisionRow).where(RevisionRow.resource_pk == row.pk))
+                for b in r.blobs
+            ]
+            s.delete(row)
+            for rev in s.scalars(select(RevisionRow).where(RevisionRow.resource_pk == row.pk)):
+                s.delete(rev)
+            return blobs
+
+    def set_alias(
+        self, team: str, coll: Collection, rid: str, alias: str, target: str, etag: str
+    ) -> Resource:
+        if alias == LATEST or is_revision_id(alias):
+            raise field_error("alias", f"{alias!r} is reserved; pick a name such as 'prod'")
+        with Session(self.engine) as s, s.begin():
+            row = self._row(s, team, coll, rid, lock=True)
+            if etag and etag != row.etag:
+                raise Aborted(
+                    f"{coll}/{rid} changed since etag {etag}; re-read it and retry",
+                    metadata={"current_etag": row.etag},
+                )
+            aliases = dict(row.aliases or {})
+            if target:
+                if not is_revision_id(target) or int(target[1:]) > row.last_seq:
+                    raise NotFound(f"{coll}/{rid}/revisions/{target} not found")
+                aliases[alias] = target
+            elif alias not in aliases:
+                raise NotFound(f"alias {alias!r} of {coll}/{rid} not found")
+            else:
+                del aliases[alias]
+            row.aliases = aliases
+            row.etag = secrets.token_hex(8)
+            row.update_time = _now()
+            s.flush()
+            return _resource(row)
+
+    # Revisions ----------------------------------------------------------------------------
+
+    def add_revision(
+        self,
+        team: str,
+        coll: Collection,
+        rid: str,
+        *,
+        request_id: str,
+        body: Callable[[str], dict[str, Any]],
+        blobs: list[str],
+        create_parent: Callable[[], Resource] | None = None,
+    ) -> tuple[Revision, bool]:
+        """Append a revision atomically. `body(revision_id)` builds its facts. Returns it and
+        whether it is new; a known request_id returns the earlier revision unchanged."""
+        if create_parent is not None:
+            try:
+                self.get_resource(team, coll, rid)
+            except NotFound:
+                create_parent()
+        with Session(self.engine) as s, s.begin():
+            row = self._row(s, team, coll, rid, lock=True)
+            if request_id:
+                earlier = s.scalars(
+                    select(RevisionRow).where(
+                        RevisionRow.resource_pk == row.pk, RevisionRow.request_id == request_id
+                    )
+                ).first()
+                if earlier is not None:
+                    return _revision(earlier, _resource(row)), False
+            seq = row.last_seq + 1
+            now = _now()
+            rev = RevisionRow(
+                resource_pk=row.pk,
+                seq=seq,
+                request_id=request_id,
+                body=body(revision_id(seq)),
+                blobs=blobs,
+                create_time=now,
+            )
+            s.add(rev)
+            row.last_seq = seq
+            row.etag = secrets.token_hex(8)
+            row.update_time = now
+            s.flush()
+            return _revision(rev, _resource(row)), True
+
+    def find_request(
+        self, team: str, coll: Collection, rid: str, request_id: str
+    ) -> Revision | None:
+        """The revision an earlier call with this request_id created, if any."""
+        if not request_id:
+            return None
+        with Session(self.engine) as s:
+            try:
+                row = self._row(s, team, coll, rid)
+            except NotFound:
+                return None
+            rev = s.scalars(
+                select(RevisionRow).where(
+                    RevisionRow.resource_pk == row.pk, RevisionRow.request_id == request_id
+                )
+            ).first()
+            return None if rev is None else _revision(rev, _resource(row))
+
+    def get_revision(self, team: str, coll: Collection, rid: str, ref: str) -> Revision:
+        """A revision by id ("r3"), "latest" or a user alias."""
+        with Session(self.engine) as s:
+            row = self._row(s, team, coll, rid)
+            target = ref
+            if ref == LATEST:
+                target = revision_id(row.last_seq) if row.last_seq else ""
+            elif not is_revision_id(ref):
+                target = (row.aliases or {}).get(ref, "")
+            rev = None
+            if target:
+                rev = s.scalars(
+                    select(RevisionRow).where(
+                        RevisionRow.resource_pk == row.pk, RevisionRow.seq == int(target[1:])
+                    )
+                ).first()
+            if rev is None:
+                name = f"{coll}/{rid}/revisions/{ref}"
+                raise NotFound(f"{name} not found", metadata={"resource": name})
+            return _revision(rev, _resource(row))
+
+    def list_revisions(
+        self, team: str, coll: Collection, rid: str, *, before: int | None, limit: int
+    ) -> list[Revision]:
+        """Newest first: up to limit + 1 revisions with seq < before."""
+        with Session(self.engine) as s:
+            row = self._row(s, team, coll, rid)
+            parent = _resource(row)
+            query = select(RevisionRow).where(RevisionRow.resource_pk == row.pk)
+            if before is not None:
+                query = query.where(RevisionRow.seq < before)
+            rows = s.scalars(query.order_by(RevisionRow.seq.desc()).limit(limit + 1))
+            return [_revision(r, parent) for r in rows]
+
+    def referenced_by_others(self, team: str, base_revision_name: str) -> list[str]:
+        """Model revisions (of this team) whose lineage names `base_revision_name`."""
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(ResourceRow.resource_id, RevisionRow.seq, RevisionRow.body)
+                .join(RevisionRow, RevisionRow.resource_pk == ResourceRow.pk)
+                .where(ResourceRow.team == team, ResourceRow.collection == Collection.MODELS)
+            )
+            return [
+                f"models/{rid}/revisions/{revision_id(seq)}"
+                for rid, seq, body in rows
+                if body.get("lineage", {})
+                .get("baseModelRevision", "")
+                .startswith(base_revision_name + "/")
+            ]
+
+
+def raise_if_referenced(refs: list[str], name: str) -> None:
+    if refs:
+        raise FailedPrecondition(
+            f"{name} is the base of {len(refs)} revision(s), e.g. {refs[0]}; delete those first",
+            metadata={"referenced_by": refs[0]},
+        )

@@ -1,0 +1,73 @@
+"""Evaluator specs stored as revisions and returned as their JSON."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from tests.registry.conftest import A, B, Registry, details, unique
+from tlm.registry.v1 import registry_pb2 as pb
+from tlm.reward.v1 import evaluator_pb2
+
+SPEC = {
+    "scorers": [
+        {"name": "format", "weight": 0.2, "format": {"tags": ["think", "answer"]}},
+        {"name": "correct", "math": {"reference_field": "reference"}},
+    ],
+    "gates": [{"scorer": "format", "reward": -1.0}],
+}
+
+
+def test_store_and_read_back_as_json(registry: Registry) -> None:
+    parent = f"evaluators/{unique('ev')}"
+    rev = registry.stub.CreateEvaluatorRevision(
+        pb.CreateEvaluatorRevisionRequest(
+            parent=parent, spec_json=json.dumps(SPEC), request_id="x"
+        ),
+        metadata=A,
+    )
+    assert rev.revision_id == "r1"
+    assert [s.name for s in rev.spec.scorers] == ["format", "correct"]
+    assert json.loads(rev.spec_json)["gates"] == [{"scorer": "format", "reward": -1.0}]
+    again = registry.stub.CreateEvaluatorRevision(
+        pb.CreateEvaluatorRevisionRequest(
+            parent=parent, spec_json=json.dumps(SPEC), request_id="x"
+        ),
+        metadata=A,
+    )
+    assert again.name == rev.name
+    from_message = registry.stub.CreateEvaluatorRevision(
+        pb.CreateEvaluatorRevisionRequest(
+            parent=parent, spec=evaluator_pb2.EvaluatorSpec(description="v2")
+        ),
+        metadata=A,
+    )
+    assert from_message.revision_id == "r2"
+    latest = registry.stub.GetEvaluatorRevision(
+        pb.GetEvaluatorRevisionRequest(name=f"{parent}/revisions/latest"), metadata=A
+    )
+    assert latest.spec.description == "v2"
+    with pytest.raises(grpc.RpcError) as err:
+        registry.stub.GetEvaluatorRevision(
+            pb.GetEvaluatorRevisionRequest(name=rev.name), metadata=B
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "spec_json",
+    ['{"scorers": [{"name": "x", "nope": {}}]}', "not json", '{"scorers": 3}'],
+)
+def test_invalid_specs_are_refused(registry: Registry, spec_json: str) -> None:
+    parent = f"evaluators/{unique('bad')}"
+    with pytest.raises(grpc.RpcError) as err:
+        registry.stub.CreateEvaluatorRevision(
+            pb.CreateEvaluatorRevisionRequest(parent=parent, spec_json=spec_json), metadata=A
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(err.value)[1]
+    with pytest.raises(grpc.RpcError) as err:
+        registry.stub.GetEvaluator(pb.GetEvaluatorRequest(name=parent), metadata=A)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
