@@ -22,7 +22,7 @@ from services.common.client import aio_channel, call_metadata
 from services.common.errors import InvalidArgument
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 
-CHUNK = 1024 * 1024
+CHUNK = 4 * 1024 * 1024 - 64 * 1024  # under the 4 MiB per-message cap with room for framing
 
 
 def sha256_file(path: Path) -> str:
@@ -118,7 +118,7 @@ class RegistryClient:
         self, name: str, dest: Path, team: str | None = None
     ) -> registry_pb2.Manifest:
         """Write the revision's files under `dest`, verifying sizes and sha256."""
-        request = registry_pb2.DownloadModelRevisionRequest(name=name)
+        request = registry_pb2.DownloadModelRevisionRequest(name=name, chunk_size=CHUNK)
         stream = self.stub.DownloadModelRevision(request, metadata=self.metadata(team))
         return await write_download(stream, dest)
 
