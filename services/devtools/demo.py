@@ -57,7 +57,19 @@ def main() -> None:
             health = json.loads(_run("health", "--json", env=env))
             assert all(v["status"] == "SERVING" for v in health.values()), health
             console.print("[green]all four services SERVING[/]")
-            _run("dev", "tiny-model", str(data_dir / "tiny-model"), env=env)
+            model_dir = data_dir / "tiny-model"
+            _run("dev", "tiny-model", str(model_dir), env=env)
+            _run("models", "push", "tiny", str(model_dir), env=env)
+            prompts = data_dir / "arith.jsonl"
+            prompts.write_text(
+                "".join(
+                    json.dumps({"prompt": f"What is {a} + {b}?", "reference": str(a + b)}) + "\n"
+                    for a in range(1, 5)
+                    for b in range(1, 5)
+                )
+            )
+            _run("datasets", "push", "arith", str(prompts), "--kind", "prompt", env=env)
+            _run("datasets", "head", "arith", "-n", "3", env=env)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)

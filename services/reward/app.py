@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from tlm.reward.v1 import reward_service_pb2, reward_service_pb2_grpc
-
 from services.common.server import ServiceBinding
 from services.reward.settings import RewardSettings
+from tlm.reward.v1 import reward_service_pb2, reward_service_pb2_grpc
 
 SERVICE_NAME = reward_service_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
-
 from services.common.server import ServiceBinding
 from services.rollout.settings import RolloutSettings
+from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
 SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from tlm.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-
 from services.common.server import ServiceBinding
 from services.trainer.settings import TrainerSettings
+from tlm.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 

@@ -95,3 +95,28 @@ def test_one_structured_log_line_per_rpc(secured: ServerThread) -> None:
     assert trainer_line["code"] == "UNIMPLEMENTED"
     assert trainer_line["team"] == "team-a"
     assert trainer_line["latency_ms"] >= 0 and trainer_line["peer"].startswith("ipv4:127.0.0.1")
+
+
+def test_prometheus_metrics_count_rpcs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    from services.common.server import ServiceBinding
+    from services.common.settings import ServerSettings
+
+    settings = ServerSettings(port=0, insecure_dev=True, metrics_port=0, data_dir=tmp_path)
+    noop = ServiceBinding(name="tlm.none.v1.NoneService", register=lambda server: None)
+    with (
+        ServerThread(lambda: [noop], settings) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert server.running is not None and server.running.metrics_port
+        url = f"http://127.0.0.1:{server.running.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    line = next(
+        x
+        for x in text.splitlines()
+        if x.startswith("tlm_rpc_total{") and 'method="Check"' in x and 'code="OK"' in x
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 1
+    assert "tlm_rpc_latency_seconds_bucket" in text
