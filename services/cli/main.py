@@ -15,6 +15,10 @@ from rich.table import Table
 
 from services.cli.health import check_health
 from services.cli.registry_cmds import datasets_app, evaluators_list, evaluators_show, models_app
+from services.cli.reward_cmds import init as evaluators_init
+from services.cli.reward_cmds import push as evaluators_push
+from services.cli.reward_cmds import score
+from services.cli.reward_cmds import validate as evaluators_validate
 from services.common.client import SERVICES, resolve_address
 from services.common.logs import configure_logging
 
@@ -28,7 +32,11 @@ evaluators_app = typer.Typer(
 )
 evaluators_app.command("list")(evaluators_list)
 evaluators_app.command("show")(evaluators_show)
+evaluators_app.command("init")(evaluators_init)
+evaluators_app.command("validate")(evaluators_validate)
+evaluators_app.command("push")(evaluators_push)
 app.add_typer(evaluators_app, name="evaluators")
+app.command("score")(score)
 console = Console()
 err_console = Console(stderr=True)
 

@@ -9,8 +9,21 @@ from services.registry.servicer import RegistryServicer
 from services.registry.settings import RegistrySettings
 from services.registry.store import MetadataStore
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
+from tlm.reward.v1 import evaluator_pb2
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+
+
+def validate_evaluator_json(spec_json: str) -> evaluator_pb2.EvaluatorSpec:
+    """The reward service's own spec validation (pure code): every error with its JSON path,
+    and the normalised spec (defaults filled in) that the registry stores."""
+    from services.reward.domain import EvaluatorInvalid
+    from services.reward.spec import validate_json
+
+    result = validate_json(spec_json)
+    if result.normalized is None:
+        raise EvaluatorInvalid(result.errors)
+    return result.normalized
 
 
 def build_registry(settings: RegistrySettings) -> Registry:
@@ -25,7 +38,11 @@ def build_registry(settings: RegistrySettings) -> Registry:
         endpoint_url=settings.s3_endpoint_url,
     )
     return Registry(
-        store, blobs, max_row_bytes=settings.max_row_bytes, max_row_errors=settings.max_row_errors
+        store,
+        blobs,
+        max_row_bytes=settings.max_row_bytes,
+        max_row_errors=settings.max_row_errors,
+        validate_spec=validate_evaluator_json,
     )
 
 

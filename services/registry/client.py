@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from google.protobuf import json_format, struct_pb2
 
 from services.common.client import aio_channel, call_metadata
 from services.common.errors import InvalidArgument
+from services.common.streams import produce_prefetched
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 
 CHUNK = 4 * 1024 * 1024 - 64 * 1024  # under the 4 MiB per-message cap with room for framing
@@ -31,6 +32,12 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _read_blocks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            yield block
 
 
 def folder_manifest(folder: Path) -> registry_pb2.Manifest:
@@ -105,12 +112,11 @@ class RegistryClient:
         async def requests() -> AsyncIterator[registry_pb2.UploadModelRevisionRequest]:
             yield registry_pb2.UploadModelRevisionRequest(header=header)
             for entry in manifest.files:
-                with (folder / entry.path).open("rb") as f:
-                    offset = 0
-                    while block := await asyncio.to_thread(f.read, CHUNK):
-                        chunk = registry_pb2.FileChunk(path=entry.path, offset=offset, data=block)
-                        yield registry_pb2.UploadModelRevisionRequest(chunk=chunk)
-                        offset += len(block)
+                offset = 0
+                async for block in produce_prefetched(_read_blocks(folder / entry.path)):
+                    chunk = registry_pb2.FileChunk(path=entry.path, offset=offset, data=block)
+                    yield registry_pb2.UploadModelRevisionRequest(chunk=chunk)
+                    offset += len(block)
 
         return await self.stub.UploadModelRevision(requests(), metadata=self.metadata(team))
 
@@ -147,9 +153,8 @@ class RegistryClient:
 
         async def requests() -> AsyncIterator[registry_pb2.UploadDatasetRevisionRequest]:
             yield registry_pb2.UploadDatasetRevisionRequest(header=header)
-            with path.open("rb") as f:
-                while block := await asyncio.to_thread(f.read, CHUNK):
-                    yield registry_pb2.UploadDatasetRevisionRequest(data=block)
+            async for block in produce_prefetched(_read_blocks(path)):
+                yield registry_pb2.UploadDatasetRevisionRequest(data=block)
 
         return await self.stub.UploadDatasetRevision(requests(), metadata=self.metadata(team))
 

@@ -13,6 +13,7 @@ from google.protobuf import json_format, struct_pb2
 from services.common.auth import current_team
 from services.common.errors import FieldViolation, InvalidArgument
 from services.common.pagination import decode_token, encode_token, page_size
+from services.common.streams import consume_pipelined, produce_prefetched
 from services.registry import convert
 from services.registry.core import DATA_FILE, Registry
 from services.registry.names import Collection, check_id
@@ -90,11 +91,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         yield pb.DownloadChunk(manifest=manifest)
         for path, key, _size in key_sizes:
             offset = 0
-            reader = self.r.read_blob(key, chunk)
-            while True:
-                block = await asyncio.to_thread(next, reader, None)
-                if block is None:
-                    break
+            async for block in produce_prefetched(self.r.read_blob(key, chunk)):
                 yield pb.DownloadChunk(chunk=pb.FileChunk(path=path, offset=offset, data=block))
                 offset += len(block)
 
@@ -141,11 +138,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 violations=[FieldViolation("header", "required in the first message")],
             )
         upload = await _run(self.r.begin_model_upload, team, first.header)
+
+        def write(message: pb.UploadModelRevisionRequest) -> None:
+            if not message.HasField("chunk"):
+                raise InvalidArgument("only the first message may carry a header")
+            upload.write(message.chunk)
+
         try:
-            async for message in request_iterator:
-                if not message.HasField("chunk"):
-                    raise InvalidArgument("only the first message may carry a header")
-                await _run(upload.write, message.chunk)
+            await consume_pipelined(request_iterator, write)
             revision = await _run(upload.finish)
         finally:
             await _run(upload.cleanup)
@@ -238,14 +238,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
         check_manifest(manifest, "header")
         staged = StagedFiles(self.r.blobs.staging_dir(), manifest)
+        received = [0]
+
+        def write(message: pb.UploadDatasetRevisionRequest) -> None:
+            if message.HasField("header"):
+                raise InvalidArgument("only the first message may carry a header")
+            staged.write(DATA_FILE, received[0], message.data)
+            received[0] += len(message.data)
+
         try:
-            offset = 0
-            async for message in request_iterator:
-                if not message.data and message.HasField("header"):
-                    raise InvalidArgument("only the first message may carry a header")
-                await _run(staged.write, DATA_FILE, offset, message.data)
-                offset += len(message.data)
-            if offset == 0 and header.size_bytes == 0:
+            await consume_pipelined(request_iterator, write)
+            if received[0] == 0 and header.size_bytes == 0:
                 raise InvalidArgument(
                     "the file is empty", violations=[FieldViolation("data", "empty file")]
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServerSettings
@@ -12,9 +13,18 @@ class RewardSettings(ServerSettings):
 
     model_config = SettingsConfigDict(env_prefix="TLM_REWARD_", extra="ignore")
 
+    # Unset: the server's own address (`tlm up` runs every service in one process).
     registry_address: str | None = None
     rollout_address: str | None = None
-    max_concurrent_requests: int = 64
-    max_samples_per_request: int = 4096
-    cache_entries: int = 100_000
+    # Score/StreamScore calls handled at once; beyond it they get RESOURCE_EXHAUSTED.
+    max_concurrent_requests: int = Field(64, ge=1)
+    max_samples_per_request: int = Field(4096, ge=1)
+    # Deterministic outcomes kept in the LRU cache; 0 disables it.
+    cache_entries: int = Field(100_000, ge=0)
+    # Processes running rule scorers; 0 runs them in a thread of the server process.
+    rule_workers: int = Field(2, ge=0)
+    # Sandboxed code runs at once.
+    sandbox_slots: int = Field(2, ge=1)
+    # Unprivileged uid base for sandboxes (slot i runs as base + i) when the service is root.
+    sandbox_uid_base: int = Field(64000, ge=1000)
     device: str = "cpu"

@@ -30,7 +30,10 @@ def test_store_and_read_back_as_json(registry: Registry) -> None:
     )
     assert rev.revision_id == "r1"
     assert [s.name for s in rev.spec.scorers] == ["format", "correct"]
-    assert json.loads(rev.spec_json)["gates"] == [{"scorer": "format", "reward": -1.0}]
+    # Stored normalised: the reward service's defaults are filled in.
+    assert json.loads(rev.spec_json)["gates"] == [
+        {"scorer": "format", "min_value": 1.0, "reward": -1.0, "on_unscorable": True}
+    ]
     again = registry.stub.CreateEvaluatorRevision(
         pb.CreateEvaluatorRevisionRequest(
             parent=parent, spec_json=json.dumps(SPEC), request_id="x"
@@ -40,7 +43,11 @@ def test_store_and_read_back_as_json(registry: Registry) -> None:
     assert again.name == rev.name
     from_message = registry.stub.CreateEvaluatorRevision(
         pb.CreateEvaluatorRevisionRequest(
-            parent=parent, spec=evaluator_pb2.EvaluatorSpec(description="v2")
+            parent=parent,
+            spec=evaluator_pb2.EvaluatorSpec(
+                description="v2",
+                scorers=[evaluator_pb2.ScorerSpec(name="has-answer", regex={"pattern": "answer"})],
+            ),
         ),
         metadata=A,
     )
@@ -58,7 +65,12 @@ def test_store_and_read_back_as_json(registry: Registry) -> None:
 
 @pytest.mark.parametrize(
     "spec_json",
-    ['{"scorers": [{"name": "x", "nope": {}}]}', "not json", '{"scorers": 3}'],
+    [
+        '{"scorers": [{"name": "x", "nope": {}}]}',
+        "not json",
+        '{"scorers": 3}',
+        '{"scorers": [{"name": "r", "regex": {"pattern": "(a)\\\\1"}}]}',
+    ],
 )
 def test_invalid_specs_are_refused(registry: Registry, spec_json: str) -> None:
     parent = f"evaluators/{unique('bad')}"

@@ -1,0 +1,51 @@
+"""LRU cache of deterministic scorer outcomes, keyed by a content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+
+from services.reward.domain import Outcome, Sample, Status
+from tlm.reward.v1 import evaluator_pb2 as ev
+
+CACHEABLE = {Status.OK, Status.UNSCORABLE}
+
+
+def content_key(scorer: ev.ScorerSpec, sample: Sample) -> str:
+    """Hash of what decides a rule's outcome: its type and parameters and the sample's content.
+    Name, weight and normalisation are left out: they apply after the cache."""
+    kind = scorer.WhichOneof("scorer") or ""
+    digest = hashlib.sha256(kind.encode())
+    digest.update(getattr(scorer, kind).SerializeToString(deterministic=True))
+    digest.update(b"\0" + sample.completion.encode())
+    digest.update(b"\0" + json.dumps(sample.metadata, sort_keys=True, default=str).encode())
+    digest.update(b"\0" + ",".join(map(str, sample.token_ids)).encode())
+    return digest.hexdigest()
+
+
+class OutcomeCache:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, Outcome] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Outcome | None:
+        with self._lock:
+            outcome = self._items.get(key)
+            if outcome is not None:
+                self._items.move_to_end(key)
+            return outcome
+
+    def put(self, key: str, outcome: Outcome) -> None:
+        if outcome.status not in CACHEABLE or self.max_entries <= 0:
+            return
+        with self._lock:
+            self._items[key] = outcome
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,136 @@
+"""The evaluator runtime: runs every scorer of a spec over a batch of samples and combines the
+results. Rule scorers go through the cache and the rule runner; other families are adapters
+behind `AsyncScorer`, looked up in a table by the ScorerSpec oneof name."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from services.reward.aggregate import combine, scorer_result
+from services.reward.cache import OutcomeCache, content_key
+from services.reward.domain import Outcome, Sample, SampleResult, ScorerResult
+from services.reward.metrics import SAMPLES, SCORER_LATENCY, SCORER_RESULTS
+from services.reward.rule_runner import RuleRunner
+from services.reward.rules import RULES
+from services.reward.spec_defaults import DEFAULT_TIMEOUT_S, duration_s
+from tlm.reward.v1 import evaluator_pb2 as ev
+
+log = structlog.get_logger("tlm.reward")
+
+# Time kept back from the caller's deadline to build and send the response.
+DEADLINE_MARGIN_S = 0.05
+# Used when the caller sets no deadline.
+MAX_REQUEST_S = 600.0
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """Per-request facts an adapter needs: who asks, and until when."""
+
+    team: str
+    deadline: float  # time.monotonic() value
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class AsyncScorer(Protocol):
+    """A non-rule scorer family (code, model, human, judge, remote)."""
+
+    async def score(
+        self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
+    ) -> list[Outcome]: ...
+
+
+def scorer_timeout(scorer: ev.ScorerSpec) -> float:
+    return duration_s(scorer.timeout) if scorer.HasField("timeout") else DEFAULT_TIMEOUT_S
+
+
+class Engine:
+    def __init__(
+        self, rules: RuleRunner, cache: OutcomeCache, adapters: Mapping[str, AsyncScorer]
+    ) -> None:
+        self.rules = rules
+        self.cache = cache
+        self.adapters = dict(adapters)
+
+    async def score(
+        self, spec: ev.EvaluatorSpec, samples: Sequence[Sample], ctx: ScoreContext
+    ) -> list[SampleResult]:
+        """Every sample's result, in order. `spec` must be validated and normalised."""
+        per_scorer = await asyncio.gather(*(self._run(s, samples, ctx) for s in spec.scorers))
+        results = []
+        for i, sample in enumerate(samples):
+            row = [column[i] for column in per_scorer]
+            result = combine(spec, sample.sample_id, row)
+            SAMPLES.labels(result.status.name).inc()
+            results.append(result)
+        return results
+
+    async def _run(
+        self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
+    ) -> list[ScorerResult]:
+        kind = scorer.WhichOneof("scorer") or ""
+        start = time.perf_counter()
+        if kind in RULES:
+            results = await self._run_rule(scorer, samples, ctx)
+        else:
+            results = await self._run_adapter(kind, scorer, samples, ctx)
+        SCORER_LATENCY.labels(kind).observe(time.perf_counter() - start)
+        for r in results:
+            SCORER_RESULTS.labels(kind, r.status.name, str(r.cached).lower()).inc()
+        return results
+
+    async def _run_rule(
+        self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
+    ) -> list[ScorerResult]:
+        keys = [content_key(scorer, s) for s in samples]
+        hits = [self.cache.get(k) for k in keys]
+        misses = [i for i, hit in enumerate(hits) if hit is None]
+        fresh: dict[int, tuple[Outcome, float]] = {}
+        if misses:
+            limit = min(scorer_timeout(scorer), ctx.remaining() - DEADLINE_MARGIN_S)
+            try:
+                todo = [samples[i] for i in misses]
+                done = await asyncio.wait_for(self.rules.run(scorer, todo), max(limit, 0.001))
+            except TimeoutError:
+                why = f"no result within {max(limit, 0):.3g}s"
+                done = [(Outcome.timeout(why), max(limit, 0.0))] * len(misses)
+            for i, item in zip(misses, done, strict=True):
+                fresh[i] = item
+                self.cache.put(keys[i], item[0])
+        results = []
+        for i, hit in enumerate(hits):
+            if hit is not None:
+                results.append(scorer_result(scorer, hit, cached=True))
+            else:
+                outcome, latency = fresh[i]
+                results.append(scorer_result(scorer, outcome, latency_s=latency))
+        return results
+
+    async def _run_adapter(
+        self, kind: str, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
+    ) -> list[ScorerResult]:
+        adapter = self.adapters.get(kind)
+        if adapter is None:
+            why = f"{kind} scorers are not available in this deployment"
+            return [scorer_result(scorer, Outcome.error(why)) for _ in samples]
+        start = time.perf_counter()
+        limit = ctx.remaining() - DEADLINE_MARGIN_S
+        try:
+            outcomes = await asyncio.wait_for(
+                adapter.score(scorer, samples, ctx), max(limit, 0.001)
+            )
+        except TimeoutError:
+            outcomes = [Outcome.timeout("the request deadline passed")] * len(samples)
+        except Exception as exc:
+            log.exception("scorer_failed", scorer=scorer.name, kind=kind)
+            outcomes = [Outcome.error(f"{kind} scorer failed: {exc}")] * len(samples)
+        per_sample = (time.perf_counter() - start) / max(len(samples), 1)
+        return [scorer_result(scorer, o, latency_s=per_sample) for o in outcomes]

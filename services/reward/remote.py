@@ -1,0 +1,140 @@
+"""The remote scorer: another RewardService with the same contract, called with a deadline,
+retries with exponential backoff, and a circuit breaker per address."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.client import CHANNEL_OPTIONS, call_metadata
+from services.reward import convert
+from services.reward.domain import Outcome, Sample, Status
+from services.reward.engine import ScoreContext
+from services.reward.spec_defaults import duration_s
+from tlm.reward.v1 import evaluator_pb2 as ev
+from tlm.reward.v1 import reward_service_pb2 as rs
+from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+BACKOFF_S = 0.1
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Breaker:
+    """Opens after `failures` consecutive failures; after `reset_s` lets one trial call through.
+
+    >>> b = Breaker(failures=2, reset_s=10.0)
+    >>> b.record(False, now=0.0); b.allows(now=1.0)
+    True
+    >>> b.record(False, now=1.0); b.allows(now=2.0), b.allows(now=11.5)
+    (False, True)
+    """
+
+    failures: int
+    reset_s: float
+    consecutive: int = 0
+    opened_at: float | None = None
+
+    def allows(self, now: float) -> bool:
+        return self.opened_at is None or now - self.opened_at >= self.reset_s
+
+    def record(self, ok: bool, now: float) -> None:
+        if ok:
+            self.consecutive, self.opened_at = 0, None
+            return
+        self.consecutive += 1
+        if self.consecutive >= self.failures:
+            self.opened_at = now
+
+
+def _channel(address: str, tls: bool) -> grpc.aio.Channel:
+    if tls:
+        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(), CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+
+
+async def probe_address(address: str, tls: bool) -> str | None:
+    """Why `address` does not answer gRPC health checks, or None if it does."""
+    async with _channel(address, tls) as channel:
+        try:
+            stub = health_pb2_grpc.HealthStub(channel)
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return f"{address} does not answer ({exc.code().name}: {exc.details()})"
+    return None
+
+
+class RemoteScorerAdapter:
+    def __init__(self, service_api_key: str | None) -> None:
+        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
+        self._breakers: dict[str, Breaker] = {}
+        self._service_key = service_api_key
+
+    def _stub(self, cfg: ev.RemoteScorer) -> rs_grpc.RewardServiceStub:
+        key = (cfg.address, cfg.tls)
+        if key not in self._channels:
+            self._channels[key] = _channel(cfg.address, cfg.tls)
+        return rs_grpc.RewardServiceStub(self._channels[key])
+
+    def _breaker(self, cfg: ev.RemoteScorer) -> Breaker:
+        reset = duration_s(cfg.breaker_reset) if cfg.HasField("breaker_reset") else 30.0
+        failures = cfg.breaker_failures if cfg.HasField("breaker_failures") else 5
+        return self._breakers.setdefault(cfg.address, Breaker(failures, reset))
+
+    async def score(
+        self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
+    ) -> list[Outcome]:
+        cfg = scorer.remote
+        breaker = self._breaker(cfg)
+        if not breaker.allows(time.monotonic()):
+            return [Outcome.error(f"circuit open: {cfg.address} failed repeatedly")] * len(samples)
+        request = rs.ScoreRequest(samples=[convert.sample_to_proto(s) for s in samples])
+        if cfg.evaluator:
+            request.evaluator = cfg.evaluator
+        else:
+            request.spec.CopyFrom(cfg.spec)
+        try:
+            response = await self._call(cfg, request, ctx)
+        except grpc.aio.AioRpcError as exc:
+            breaker.record(False, time.monotonic())
+            why = f"remote {cfg.address} failed: {exc.code().name}: {exc.details()}"
+            return [Outcome.error(why)] * len(samples)
+        breaker.record(True, time.monotonic())
+        return [_outcome(r) for r in response.results]
+
+    async def _call(
+        self, cfg: ev.RemoteScorer, request: rs.ScoreRequest, ctx: ScoreContext
+    ) -> rs.ScoreResponse:
+        timeout = duration_s(cfg.timeout) if cfg.HasField("timeout") else 10.0
+        retries = cfg.max_retries if cfg.HasField("max_retries") else 2
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        metadata = call_metadata(key or self._service_key, ctx.team if not key else None)
+        for attempt in range(retries + 1):
+            budget = min(timeout, ctx.remaining() - 0.1)
+            try:
+                return await self._stub(cfg).Score(  # type: ignore[misc]
+                    request, timeout=max(budget, 0.01), metadata=metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == retries:
+                    raise
+                await asyncio.sleep(min(BACKOFF_S * 2**attempt, max(ctx.remaining() - 0.2, 0)))
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+
+
+def _outcome(result: rs.SampleResult) -> Outcome:
+    status = Status(result.status) if result.status else Status.ERROR
+    if status == Status.OK:
+        return Outcome.ok(result.reward)
+    return Outcome(status, 0.0, f"remote: {result.reason}")

@@ -1,0 +1,166 @@
+"""The reward service's use cases: resolve an evaluator, score, validate. No gRPC here; the
+servicer converts messages and calls these."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, TlmError
+from services.reward.admission import Admission
+from services.reward.domain import EvaluatorInvalid, Sample, SampleResult
+from services.reward.engine import MAX_REQUEST_S, Engine, ScoreContext
+from services.reward.registry_port import RegistryPort
+from services.reward.spec import Validation, require_valid, validate_json, validate_spec
+from tlm.reward.v1 import evaluator_pb2 as ev
+
+log = structlog.get_logger("tlm.reward")
+
+# Probes an address (remote scorers) and returns why it does not answer, or None.
+AddressProbe = Callable[[str, bool], Awaitable[str | None]]
+
+
+@dataclass
+class RewardCore:
+    engine: Engine
+    admission: Admission
+    max_samples: int
+    registry: RegistryPort | None = None
+    probe: AddressProbe | None = None
+
+    async def resolve(
+        self, name: str | None, inline: ev.EvaluatorSpec | None, team: str
+    ) -> tuple[ev.EvaluatorSpec, str]:
+        """The runnable spec (validated, defaults filled) and the registry revision name."""
+        if inline is not None:
+            return require_valid(inline), ""
+        if not name:
+            raise InvalidArgument("set evaluator (a registry revision name) or spec")
+        if self.registry is None:
+            raise FailedPrecondition("no registry configured for the reward service")
+        spec, revision = await self.registry.evaluator_spec(name, team)
+        return require_valid(spec), revision
+
+    def check_batch(self, samples: Sequence[Sample]) -> None:
+        if len(samples) > self.max_samples:
+            raise InvalidArgument(
+                f"samples: at most {self.max_samples} per request, got {len(samples)}",
+                violations=[FieldViolation("samples", f"at most {self.max_samples}")],
+            )
+        seen: set[str] = set()
+        for i, s in enumerate(samples):
+            if s.sample_id and s.sample_id in seen:
+                raise InvalidArgument(
+                    f"samples[{i}].sample_id: duplicate {s.sample_id!r}",
+                    violations=[FieldViolation(f"samples[{i}].sample_id", "duplicate")],
+                )
+            seen.add(s.sample_id)
+
+    async def score(
+        self, spec: ev.EvaluatorSpec, samples: Sequence[Sample], team: str, remaining: float | None
+    ) -> list[SampleResult]:
+        self.check_batch(samples)
+        with self.admission.slot():
+            return await self.engine.score(spec, samples, _context(team, remaining))
+
+    async def score_stream(
+        self,
+        spec: ev.EvaluatorSpec,
+        samples: AsyncIterator[Sample],
+        team: str,
+        remaining: float | None,
+    ) -> AsyncIterator[SampleResult]:
+        """Scores each sample as it arrives; yields results as they finish."""
+        ctx = _context(team, remaining)
+        done: asyncio.Queue[object] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+        total: list[int] = []
+
+        async def one(sample: Sample) -> None:
+            try:
+                (result,) = await self.engine.score(spec, [sample], ctx)
+                await done.put(result)
+            except Exception as exc:
+                await done.put(exc)
+
+        async def read() -> None:
+            count = 0
+            try:
+                async for sample in samples:
+                    count += 1
+                    if count > self.max_samples:
+                        raise InvalidArgument(f"at most {self.max_samples} samples per stream")
+                    task = asyncio.create_task(one(sample))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except Exception as exc:
+                await done.put(exc)
+            total.append(count)
+            await done.put(_END)
+
+        with self.admission.slot():
+            reader = asyncio.create_task(read())
+            yielded = 0
+            try:
+                while not total or yielded < total[0]:
+                    item = await done.get()
+                    if item is _END:
+                        continue
+                    if isinstance(item, BaseException):
+                        raise item
+                    yielded += 1
+                    yield item  # type: ignore[misc]
+            finally:
+                reader.cancel()
+                for task in list(tasks):
+                    task.cancel()
+
+    async def validate(
+        self, text: str | None, spec: ev.EvaluatorSpec | None, check_refs: bool, team: str
+    ) -> Validation:
+        result = (
+            validate_json(text) if text is not None else validate_spec(spec or ev.EvaluatorSpec())
+        )
+        if result.normalized is not None and check_refs:
+            problems = await self.reference_problems(result.normalized, team)
+            if problems:
+                raise FailedPrecondition(
+                    f"{problems[0].field}: {problems[0].description}", violations=problems
+                )
+        return result
+
+    async def reference_problems(self, spec: ev.EvaluatorSpec, team: str) -> list[FieldViolation]:
+        """Remote addresses that do not answer, model revisions that do not exist."""
+        problems = []
+        for i, scorer in enumerate(spec.scorers):
+            path = f"scorers[{i}]"
+            if scorer.HasField("remote") and self.probe is not None:
+                why = await self.probe(scorer.remote.address, scorer.remote.tls)
+                if why:
+                    problems.append(FieldViolation(f"{path}.remote.address", why))
+            if scorer.HasField("model") and self.registry is not None:
+                try:
+                    await self.registry.model_exists(scorer.model.model_revision, team)
+                except TlmError as exc:
+                    problems.append(FieldViolation(f"{path}.model.model_revision", exc.message))
+        return problems
+
+
+_END = object()
+
+
+def _context(team: str, remaining: float | None) -> ScoreContext:
+    budget = MAX_REQUEST_S if remaining is None else min(remaining, MAX_REQUEST_S)
+    return ScoreContext(team=team, deadline=time.monotonic() + budget)
+
+
+def spec_from_json_text(text: str) -> ev.EvaluatorSpec:
+    """Parse evaluator JSON (for the CLI); raise EvaluatorInvalid with every error."""
+    result = validate_json(text)
+    if result.normalized is None:
+        raise EvaluatorInvalid(result.errors)
+    return result.normalized

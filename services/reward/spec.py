@@ -1,0 +1,357 @@
+"""Evaluator spec validation: every error with its JSON path, and the normalised spec.
+
+`validate_json` (text from users) and `validate_spec` (a message) both collect all problems;
+`require_valid` raises EvaluatorInvalid for callers that only want a runnable spec.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import re2
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from services.common.errors import FieldViolation
+from services.reward.domain import EvaluatorInvalid
+from services.reward.spec_defaults import duration_s, fill_defaults
+from services.reward.spec_json import finite, join, prune_message
+from tlm.reward.v1 import evaluator_pb2 as ev
+
+NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+TAG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+MAX_CODE_TIMEOUT_S = 60.0
+SCORER_TYPES = tuple(f.name for f in ev.ScorerSpec.DESCRIPTOR.oneofs_by_name["scorer"].fields)
+
+Errors = list[FieldViolation]
+
+
+@dataclass
+class Validation:
+    errors: Errors = field(default_factory=list)
+    normalized: ev.EvaluatorSpec | None = None
+
+    @property
+    def valid(self) -> bool:
+        return not self.errors
+
+    @property
+    def normalized_json(self) -> str:
+        if self.normalized is None:
+            return ""
+        return to_json(self.normalized)
+
+
+def to_json(spec: Message) -> str:
+    return json_format.MessageToJson(spec, preserving_proto_field_name=True, indent=2)
+
+
+def validate_json(text: str) -> Validation:
+    """Parse evaluator JSON text; report every structural and semantic error with its path."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Validation([FieldViolation("$", f"not JSON: {exc.msg} at line {exc.lineno}")])
+    errors, cleaned = prune_message(data, ev.EvaluatorSpec.DESCRIPTOR, "")
+    spec = ev.EvaluatorSpec()
+    try:
+        json_format.ParseDict(cleaned, spec)
+    except json_format.ParseError as exc:
+        return Validation([*errors, FieldViolation("$", str(exc))])
+    result = validate_spec(spec)
+    if errors:
+        return Validation([*errors, *result.errors])
+    return result
+
+
+def validate_spec(spec: ev.EvaluatorSpec, path: str = "") -> Validation:
+    """Semantic checks of a parsed spec; the normalised copy (defaults filled) when valid."""
+    errors = check_spec(spec, path)
+    if errors:
+        return Validation(errors)
+    normalized = ev.EvaluatorSpec()
+    normalized.CopyFrom(spec)
+    fill_defaults(normalized)
+    return Validation([], normalized)
+
+
+def require_valid(spec: ev.EvaluatorSpec) -> ev.EvaluatorSpec:
+    result = validate_spec(spec)
+    if result.normalized is None:
+        raise EvaluatorInvalid(result.errors)
+    return result.normalized
+
+
+def check_spec(spec: ev.EvaluatorSpec, path: str = "") -> Errors:
+    errors: Errors = []
+    at = lambda *keys: _path(path, *keys)  # noqa: E731
+    if not spec.scorers:
+        errors.append(FieldViolation(at("scorers"), "at least one scorer is required"))
+    names: dict[str, int] = {}
+    for i, scorer in enumerate(spec.scorers):
+        errors.extend(_check_scorer(scorer, spec, at("scorers", i)))
+        if scorer.name in names:
+            errors.append(
+                FieldViolation(
+                    at("scorers", i, "name"),
+                    f"duplicate scorer name {scorer.name!r} (also scorers[{names[scorer.name]}])",
+                )
+            )
+        names.setdefault(scorer.name, i)
+    for i, scorer in enumerate(spec.scorers):
+        if scorer.fallback and scorer.fallback not in names:
+            errors.append(FieldViolation(at("scorers", i, "fallback"), _unknown(scorer.fallback)))
+        elif scorer.fallback == scorer.name and scorer.name:
+            errors.append(FieldViolation(at("scorers", i, "fallback"), "cannot be itself"))
+    errors.extend(_check_fallback_cycles(spec, at))
+    for i, gate in enumerate(spec.gates):
+        if gate.scorer not in names:
+            errors.append(FieldViolation(at("gates", i, "scorer"), _unknown(gate.scorer)))
+        for key in ("min_value", "reward"):
+            if not finite(getattr(gate, key)):
+                errors.append(FieldViolation(at("gates", i, key), "must be a finite number"))
+    errors.extend(_check_aggregation(spec, at))
+    return errors
+
+
+def _path(base: str, *keys: str | int) -> str:
+    for key in keys:
+        base = join(base, key)
+    return base
+
+
+def _unknown(name: str) -> str:
+    return f"names no scorer in this spec: {name!r}"
+
+
+def _check_scorer(scorer: ev.ScorerSpec, spec: ev.EvaluatorSpec, path: str) -> Errors:
+    errors: Errors = []
+    if not NAME_RE.match(scorer.name):
+        errors.append(FieldViolation(join(path, "name"), "must match [a-z0-9_-]{1,64}"))
+    if scorer.HasField("weight"):
+        if not finite(scorer.weight):
+            errors.append(FieldViolation(join(path, "weight"), "must be a finite number"))
+        elif scorer.weight < 0 and spec.aggregation == ev.WEIGHTED_MEAN:
+            errors.append(
+                FieldViolation(join(path, "weight"), "must be >= 0 with WEIGHTED_MEAN aggregation")
+            )
+    if scorer.HasField("timeout") and duration_s(scorer.timeout) <= 0:
+        errors.append(FieldViolation(join(path, "timeout"), "must be positive"))
+    errors.extend(_check_normalization(scorer.normalization, join(path, "normalization")))
+    kind = scorer.WhichOneof("scorer")
+    if kind is None:
+        errors.append(
+            FieldViolation(path, f"no scorer type; set one of: {', '.join(SCORER_TYPES)}")
+        )
+        return errors
+    errors.extend(TYPE_CHECKS[kind](getattr(scorer, kind), join(path, kind)))
+    return errors
+
+
+def _check_normalization(norm: ev.Normalization, path: str) -> Errors:
+    errors = [
+        FieldViolation(join(path, key), "must be a finite number")
+        for key in ("scale", "offset", "clip_min", "clip_max")
+        if norm.HasField(key) and not finite(getattr(norm, key))
+    ]
+    if norm.HasField("clip_min") and norm.HasField("clip_max") and norm.clip_min > norm.clip_max:
+        errors.append(FieldViolation(join(path, "clip_max"), "must be >= clip_min"))
+    return errors
+
+
+def _check_fallback_cycles(spec: ev.EvaluatorSpec, at: Callable[..., str]) -> Errors:
+    fallback = {s.name: s.fallback for s in spec.scorers if s.fallback}
+    errors: Errors = []
+    for i, scorer in enumerate(spec.scorers):
+        seen, current = {scorer.name}, fallback.get(scorer.name)
+        while current and current in fallback and current != scorer.name:
+            if current in seen:
+                break
+            seen.add(current)
+            current = fallback[current]
+        if current == scorer.name and fallback.get(scorer.name) != scorer.name:
+            errors.append(FieldViolation(at("scorers", i, "fallback"), "fallbacks form a cycle"))
+    return errors
+
+
+def _check_aggregation(spec: ev.EvaluatorSpec, at: Callable[..., str]) -> Errors:
+    aggregated = [s for s in spec.scorers if not s.monitor_only]
+    if spec.scorers and not aggregated:
+        return [FieldViolation(at("scorers"), "every scorer is monitor_only; nothing to aggregate")]
+    if spec.aggregation == ev.WEIGHTED_MEAN:
+        total = sum(s.weight if s.HasField("weight") else 1.0 for s in aggregated)
+        if aggregated and total <= 0:
+            return [FieldViolation(at("aggregation"), "WEIGHTED_MEAN needs weights summing > 0")]
+    return []
+
+
+# Per-type checks -----------------------------------------------------------------------------
+
+
+def _check_regex(msg: ev.RegexScorer, path: str) -> Errors:
+    if not msg.pattern:
+        return [FieldViolation(join(path, "pattern"), "is required")]
+    problem = re2_problem(msg.pattern)
+    return [FieldViolation(join(path, "pattern"), problem)] if problem else []
+
+
+def re2_problem(pattern: str, min_groups: int = 0) -> str | None:
+    """Why RE2 refuses `pattern` (backreferences, lookaround, bad syntax), or None."""
+    try:
+        compiled = re2.compile(pattern)
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        return f"not a valid RE2 pattern ({detail}); backreferences and lookaround are unsupported"
+    if compiled.groups < min_groups:
+        return f"needs at least {min_groups} capturing group(s)"
+    return None
+
+
+def _check_json(msg: ev.JsonScorer, path: str) -> Errors:
+    if not msg.HasField("schema"):
+        return []
+    schema = json_format.MessageToDict(msg.schema)
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = _path(join(path, "schema"), *list(exc.absolute_path))
+        return [FieldViolation(where, f"not a valid JSON Schema: {exc.message}")]
+    return []
+
+
+def _check_length(msg: ev.LengthScorer, path: str) -> Errors:
+    errors: Errors = []
+    if msg.max_length <= 0:
+        errors.append(FieldViolation(join(path, "max_length"), "is required and must be > 0"))
+    if msg.min_length < 0:
+        errors.append(FieldViolation(join(path, "min_length"), "must be >= 0"))
+    elif msg.max_length > 0 and msg.min_length > msg.max_length:
+        errors.append(FieldViolation(join(path, "min_length"), "must be <= max_length"))
+    if msg.HasField("penalty_per_unit") and not (
+        finite(msg.penalty_per_unit) and msg.penalty_per_unit >= 0
+    ):
+        errors.append(FieldViolation(join(path, "penalty_per_unit"), "must be >= 0"))
+    return errors
+
+
+def _check_format(msg: ev.FormatScorer, path: str) -> Errors:
+    if not msg.tags:
+        return [FieldViolation(join(path, "tags"), "at least one tag is required")]
+    return [
+        FieldViolation(join(join(path, "tags"), i), "must be a tag name such as 'answer'")
+        for i, tag in enumerate(msg.tags)
+        if not TAG_RE.match(tag)
+    ]
+
+
+def _check_extraction_tag(msg: Message, path: str) -> Errors:
+    extraction = getattr(msg, "extraction", None)
+    if extraction is not None and extraction.tag and not TAG_RE.match(extraction.tag):
+        return [FieldViolation(join(path, "extraction.tag"), "must be a tag name")]
+    return []
+
+
+def _check_code(msg: ev.CodeScorer, path: str) -> Errors:
+    errors = _check_extraction_tag(msg, path)
+    if msg.HasField("timeout"):
+        seconds = duration_s(msg.timeout)
+        if not 0 < seconds <= MAX_CODE_TIMEOUT_S:
+            errors.append(FieldViolation(join(path, "timeout"), "must be in (0s, 60s]"))
+    minimums = {"cpu_seconds": 1, "memory_mb": 64, "max_processes": 1, "max_file_mb": 0}
+    for key, low in minimums.items():
+        if msg.HasField(key) and getattr(msg, key) < low:  # type: ignore[arg-type]
+            errors.append(FieldViolation(join(path, key), f"must be >= {low}"))
+    return errors
+
+
+def _check_model(msg: ev.ModelScorer, path: str) -> Errors:
+    errors: Errors = []
+    if not msg.model_revision.startswith("models/") or "/revisions/" not in msg.model_revision:
+        errors.append(
+            FieldViolation(
+                join(path, "model_revision"),
+                "is required: a revision such as 'models/rm/revisions/latest'",
+            )
+        )
+    for key in ("max_length", "batch_size"):
+        if msg.HasField(key) and getattr(msg, key) <= 0:
+            errors.append(FieldViolation(join(path, key), "must be > 0"))
+    return errors
+
+
+def _check_human(msg: ev.HumanPreferenceScorer, path: str) -> Errors:
+    low = msg.rating_min if msg.HasField("rating_min") else 1.0
+    high = msg.rating_max if msg.HasField("rating_max") else 5.0
+    if not (finite(low) and finite(high) and low < high):
+        return [FieldViolation(join(path, "rating_max"), "must be greater than rating_min")]
+    return []
+
+
+def _check_judge(msg: ev.JudgeScorer, path: str) -> Errors:
+    errors: Errors = []
+    if not msg.rubric.strip():
+        errors.append(FieldViolation(join(path, "rubric"), "is required"))
+    if msg.score_pattern:
+        problem = re2_problem(msg.score_pattern, min_groups=1)
+        if problem:
+            errors.append(FieldViolation(join(path, "score_pattern"), problem))
+    low = msg.score_min if msg.HasField("score_min") else 0.0
+    high = msg.score_max if msg.HasField("score_max") else 10.0
+    if not low < high:
+        errors.append(FieldViolation(join(path, "score_max"), "must be greater than score_min"))
+    if msg.HasField("max_tokens") and msg.max_tokens <= 0:
+        errors.append(FieldViolation(join(path, "max_tokens"), "must be > 0"))
+    if msg.temperature < 0:
+        errors.append(FieldViolation(join(path, "temperature"), "must be >= 0"))
+    return errors
+
+
+def _check_remote(msg: ev.RemoteScorer, path: str) -> Errors:
+    errors: Errors = []
+    if not msg.address:
+        errors.append(FieldViolation(join(path, "address"), "is required (host:port)"))
+    if bool(msg.evaluator) == msg.HasField("spec"):
+        errors.append(FieldViolation(join(path, "evaluator"), "set exactly one of evaluator, spec"))
+    if msg.HasField("spec"):
+        errors.extend(check_spec(msg.spec, join(path, "spec")))
+    for key in ("timeout", "breaker_reset"):
+        if msg.HasField(key) and duration_s(getattr(msg, key)) <= 0:
+            errors.append(FieldViolation(join(path, key), "must be positive"))
+    if msg.HasField("max_retries") and msg.max_retries < 0:
+        errors.append(FieldViolation(join(path, "max_retries"), "must be >= 0"))
+    if msg.HasField("breaker_failures") and msg.breaker_failures < 1:
+        errors.append(FieldViolation(join(path, "breaker_failures"), "must be >= 1"))
+    return errors
+
+
+def _both(*checks: Callable[[Any, str], Errors]) -> Callable[[Message, str], Errors]:
+    def run(msg: Message, path: str) -> Errors:
+        return [e for check in checks for e in check(msg, path)]
+
+    return run
+
+
+TYPE_CHECKS: dict[str, Callable[[Message, str], Errors]] = {
+    "exact_match": _check_extraction_tag,
+    "contains": _check_extraction_tag,
+    "regex": _both(_check_regex, _check_extraction_tag),
+    "json": _both(_check_json, _check_extraction_tag),
+    "length": _check_length,  # type: ignore[dict-item]
+    "format": _check_format,  # type: ignore[dict-item]
+    "math": _check_extraction_tag,
+    "code": _check_code,  # type: ignore[dict-item]
+    "model": _check_model,  # type: ignore[dict-item]
+    "human": _check_human,  # type: ignore[dict-item]
+    "judge": _check_judge,  # type: ignore[dict-item]
+    "remote": _check_remote,  # type: ignore[dict-item]
+}
+assert set(TYPE_CHECKS) == set(SCORER_TYPES), "every scorer type needs a check entry"
+
+
+def violations_text(errors: Sequence[FieldViolation]) -> str:
+    return "\n".join(f"{e.field}: {e.description}" for e in errors)
