@@ -36,6 +36,8 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/registry_upload.py
+	$(BIN)/python bench/reward_throughput.py
+	$(BIN)/python bench/rollout_throughput.py
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules

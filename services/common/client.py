@@ -11,9 +11,11 @@ from services.common.settings import DEFAULT_PORT
 
 DEFAULT_ADDRESS = f"localhost:{DEFAULT_PORT}"
 SERVICES = ("registry", "reward", "rollout", "trainer")
-CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+CHANNEL_OPTIONS: Sequence[tuple[str, int | str]] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # With a dns:/// address of a headless service, spread calls over every replica.
+    ("grpc.lb_policy_name", "round_robin"),
 )
 
 

@@ -82,6 +82,9 @@ async def start_server(
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            # Clients reconnect (and re-resolve DNS) now and then, so new replicas get traffic.
+            ("grpc.max_connection_age_ms", 30 * 60 * 1000),
+            ("grpc.max_connection_age_grace_ms", 5 * 60 * 1000),
         ],
     )
     health = HealthServicer()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServerSettings
@@ -12,10 +15,12 @@ class RolloutSettings(ServerSettings):
 
     model_config = SettingsConfigDict(env_prefix="TLM_ROLLOUT_", extra="ignore")
 
-    registry_address: str | None = None
-    engine: str = "transformers"
-    device: str = "cpu"
-    max_queue: int = 256
-    max_n: int = 64
-    max_batch_prompts: int = 64
+    registry_address: str | None = None  # default: this server's own address (`tlm up`)
+    engine: str = "transformers"  # "transformers" or "vllm"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    max_queue: int = Field(256, ge=1)  # requests accepted and not finished
+    max_n: int = Field(64, ge=1)
+    max_batch_prompts: int = Field(64, ge=1)  # prompts (each with its n samples) per batch
     model_revision: str | None = None  # loaded at start when set
+    cache_dir: Path | None = None  # downloaded revisions; default <data_dir>/rollout-cache
+    startup_team: str = "dev"  # the team model_revision is loaded for at start

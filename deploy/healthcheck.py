@@ -1,0 +1,71 @@
+"""Container health check: gRPC health of this container's own TLM service.
+
+    python healthcheck.py [SERVICE] [PORT]
+
+SERVICE defaults to the one PID 1 serves (`tlm serve <service>`, read from /proc/1/cmdline);
+PORT to `--port` on that command line, else TLM_<SERVICE>_PORT, else 50051. Exit 0 when the
+service reports SERVING, 1 otherwise. (`tlm health` checks all four services, so it does not
+fit a one-service container; grpc_health_probe is not in the image.)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# Full proto names; tests/deploy checks them against services.cli.health.SERVICE_NAMES.
+SERVICE_NAMES = {
+    "registry": "tlm.registry.v1.RegistryService",
+    "reward": "tlm.reward.v1.RewardService",
+    "rollout": "tlm.rollout.v1.RolloutService",
+    "trainer": "tlm.trainer.v1.TrainerService",
+}
+DEFAULT_PORT = 50051
+
+
+def pid1_args() -> list[str]:
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            return [a.decode() for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def target(argv: list[str], cmdline: list[str], env: dict[str, str]) -> tuple[str, int]:
+    """(service, port) from the arguments, PID 1's command line and the environment."""
+    service = argv[0] if argv else None
+    if service is None and "serve" in cmdline:
+        rest = cmdline[cmdline.index("serve") + 1 :]
+        service = next((a for a in rest if not a.startswith("-")), None)
+    if service not in SERVICE_NAMES:
+        raise SystemExit(f"healthcheck: unknown service {service!r}")
+    if len(argv) > 1:
+        return service, int(argv[1])
+    for i, arg in enumerate(cmdline):
+        if arg.startswith("--port="):
+            return service, int(arg.split("=", 1)[1])
+        if arg == "--port" and i + 1 < len(cmdline):
+            return service, int(cmdline[i + 1])
+    return service, int(env.get(f"TLM_{service.upper()}_PORT") or DEFAULT_PORT)
+
+
+def main() -> int:
+    service, port = target(sys.argv[1:], pid1_args(), dict(os.environ))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), timeout=3
+            )
+        except grpc.RpcError as exc:
+            print(f"{service}: {exc.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{service}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""`tlm generate`: load a model (and adapter) on the rollout service if needed, then generate.
+
+Mounted by services/cli/main.py with `app.command()(generate)`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.common.client import call_metadata, resolve_address, sync_channel
+from tlm.common.v1 import common_pb2
+from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
+from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+
+console = Console()
+err_console = Console(stderr=True)
+FINISH = {rollout_pb2.STOP: "stop", rollout_pb2.LENGTH: "length", rollout_pb2.ABORT: "abort"}
+
+
+def revision_name(spec: str) -> str:
+    """'NAME[@REV]' -> 'models/NAME/revisions/REV' (REV defaults to 'latest').
+
+    >>> revision_name("tiny"), revision_name("tiny@r2")
+    ('models/tiny/revisions/latest', 'models/tiny/revisions/r2')
+    """
+    name, _, rev = spec.partition("@")
+    return f"models/{name}/revisions/{rev or 'latest'}"
+
+
+def _resolve(name: str, address: str | None) -> str:
+    """The registry's resolved name for `name`, or `name` itself if the registry cannot say."""
+    with sync_channel(resolve_address("registry", address)) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        try:
+            request = registry_pb2.GetModelRevisionRequest(name=name)
+            return stub.GetModelRevision(request, metadata=call_metadata(), timeout=10).name
+        except grpc.RpcError:
+            return name
+
+
+def _generate(
+    stub: rollout_pb2_grpc.RolloutServiceStub,
+    model: str,
+    adapter: str | None,
+    request: rollout_pb2.GenerateRequest,
+    address: str | None,
+) -> list[rollout_pb2.Completion]:
+    md = call_metadata()
+    status = stub.GetEngineStatus(rollout_pb2.GetEngineStatusRequest(), metadata=md, timeout=10)
+    wanted = _resolve(revision_name(model), address)
+    if status.model_revision != wanted:
+        load = rollout_pb2.LoadModelRequest(model_revision=wanted)
+        loaded = stub.LoadModel(load, metadata=md, timeout=600)
+        err_console.print(f"loaded [bold]{loaded.policy_version}[/]")
+    if adapter is not None:
+        lora = _resolve(revision_name(adapter), address)
+        if lora not in {a.adapter_revision for a in status.adapters}:
+            load_adapter = rollout_pb2.LoadAdapterRequest(adapter_revision=lora)
+            stub.LoadAdapter(load_adapter, metadata=md, timeout=600)
+            err_console.print(f"loaded adapter [bold]{lora}[/]")
+        request.adapter_revision = lora
+    return [c for r in stub.Generate(request, metadata=md, timeout=600) for c in r.completions]
+
+
+def generate(
+    model: Annotated[str, typer.Option("--model", help="NAME[@REV] of a model in the registry.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt text.")],
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="NAME@REV of a LoRA adapter on that model.")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="Completions per prompt.")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per completion.")] = 64,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same output.")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Rollout address (else TLM_ROLLOUT_ADDRESS, TLM_ADDRESS).")
+    ] = None,
+) -> None:
+    """Generate completions with the rollout service, loading the model first if needed."""
+    sampling = rollout_pb2.SamplingParams(
+        n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
+    )
+    request = rollout_pb2.GenerateRequest(
+        prompts=[common_pb2.Prompt(text=prompt)], sampling=sampling
+    )
+    with sync_channel(resolve_address("rollout", address)) as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        try:
+            completions = _generate(stub, model, adapter, request, address)
+        except grpc.RpcError as exc:
+            err_console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
+            raise typer.Exit(1) from exc
+    table = Table("#", "finish", "tokens", "policy version", "text", show_lines=True)
+    for c in sorted(completions, key=lambda c: c.sample_index):
+        finish = FINISH.get(c.finish_reason, "?")
+        table.add_row(str(c.sample_index), finish, str(len(c.token_ids)), c.policy_version, c.text)
+    console.print(table)

@@ -1,0 +1,86 @@
+"""All protobuf <-> domain conversion of the rollout service, in one place."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from services.rollout.domain import (
+    Completion,
+    EngineStatusInfo,
+    FinishReason,
+    PromptInput,
+    SamplingSpec,
+)
+from tlm.common.v1 import common_pb2
+from tlm.rollout.v1 import rollout_pb2
+
+FINISH_REASONS = {
+    FinishReason.STOP: rollout_pb2.STOP,
+    FinishReason.LENGTH: rollout_pb2.LENGTH,
+    FinishReason.ABORT: rollout_pb2.ABORT,
+}
+DEFAULTS = SamplingSpec()
+
+
+def prompt_from_proto(prompt: common_pb2.Prompt) -> PromptInput:
+    if prompt.HasField("messages"):
+        turns = tuple((m.role, m.content) for m in prompt.messages.messages)
+        return PromptInput(messages=turns)
+    return PromptInput(text=prompt.text)
+
+
+def sampling_from_proto(s: rollout_pb2.SamplingParams) -> SamplingSpec:
+    return SamplingSpec(
+        n=s.n if s.HasField("n") else DEFAULTS.n,
+        temperature=s.temperature if s.HasField("temperature") else DEFAULTS.temperature,
+        top_p=s.top_p if s.HasField("top_p") else DEFAULTS.top_p,
+        top_k=s.top_k,
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else DEFAULTS.max_tokens,
+        stop=tuple(s.stop),
+        seed=s.seed if s.HasField("seed") else None,
+        skip_logprobs=s.skip_logprobs,
+    )
+
+
+def completion_to_proto(c: Completion) -> rollout_pb2.Completion:
+    return rollout_pb2.Completion(
+        prompt_index=c.prompt_index,
+        sample_index=c.sample_index,
+        text=c.text,
+        token_ids=c.token_ids,
+        logprobs=c.logprobs,
+        finish_reason=FINISH_REASONS[c.finish_reason],
+        policy_version=c.policy_version,
+        prompt_token_ids=c.prompt_token_ids,
+    )
+
+
+def response_to_proto(completions: list[Completion]) -> rollout_pb2.GenerateResponse:
+    return rollout_pb2.GenerateResponse(completions=[completion_to_proto(c) for c in completions])
+
+
+def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(unix_s * 1e9))
+    return ts
+
+
+def status_to_proto(s: EngineStatusInfo) -> rollout_pb2.EngineStatus:
+    return rollout_pb2.EngineStatus(
+        engine=s.engine,
+        device=s.device,
+        model_revision=s.model_revision,
+        adapters=[
+            rollout_pb2.LoadedAdapter(
+                adapter_revision=a.revision, load_time=_timestamp(a.load_time)
+            )
+            for a in s.adapters
+        ],
+        queue_depth=s.queue_depth,
+        running=s.running,
+        max_queue=s.max_queue,
+        tokens_per_second=s.tokens_per_second,
+        max_model_len=s.max_model_len,
+        max_n=s.max_n,
+        generated_tokens_total=s.generated_tokens_total,
+    )

@@ -1,0 +1,226 @@
+"""The `vllm` engine (GPU, optional extra): the same contract on vLLM's async engine.
+
+vLLM is imported lazily, so this module imports on machines without it. vLLM batches
+continuously by itself; we submit one vLLM request per prompt (n samples each) and stream each
+prompt's samples when they finish. LoRA adapters ride as LoRARequests; log-probs are vLLM's
+sampled-token log-probs with `logprobs_mode="raw_logprobs"` (raw log-softmax, before
+temperature and top-k/top-p) where the installed vLLM has that option.
+
+NOTE: written against vLLM's documented AsyncLLMEngine (= v1 AsyncLLM) API; it has never run
+in this repository's CI (no GPU there). Its tests are marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.rollout.domain import Completion, FinishReason, NoModelLoaded, PromptInput, QueueFull
+from services.rollout.engine import EngineConfig, EngineRequest
+from services.rollout.hf_weights import DTYPES, encode_prompt
+from services.rollout.sampling import derive_seed
+from services.rollout.scheduler import Throughput
+
+FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+MAX_LORA_RANK = 64
+
+
+@dataclass(eq=False)
+class _Lora:
+    version: str
+    request: Any  # vllm.lora.request.LoRARequest
+    users: int = 0
+    retired: bool = False
+
+
+def completion_from_output(
+    output: Any, prompt_index: int, version: str, prompt_ids: list[int], request: EngineRequest
+) -> Completion:
+    """One vLLM CompletionOutput -> Completion (logprobs: one {token_id: Logprob} per token)."""
+    token_ids = list(output.token_ids)
+    logprobs = []
+    if not request.sampling.skip_logprobs and output.logprobs is not None:
+        logprobs = [
+            float(step[t].logprob) for step, t in zip(output.logprobs, token_ids, strict=True)
+        ]
+    return Completion(
+        prompt_index=prompt_index,
+        sample_index=int(output.index),
+        text=output.text,
+        token_ids=token_ids,
+        logprobs=logprobs,
+        finish_reason=FINISH.get(output.finish_reason or "abort", FinishReason.ABORT),
+        policy_version=version,
+        prompt_token_ids=prompt_ids if request.return_prompt_ids else [],
+    )
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.device = config.device if config.device != "cpu" else "cuda"
+        self.max_queue = config.max_queue
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._version = ""
+        self._max_model_len = 0
+        self._loras: dict[str, _Lora] = {}
+        self._lora_ids = itertools.count(1)
+        self._in_flight = 0
+        self._meter = Throughput()
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def queue_depth(self) -> int:
+        return 0  # vLLM queues internally; every accepted request counts as running
+
+    @property
+    def running(self) -> int:
+        return self._in_flight
+
+    @property
+    def generated_tokens_total(self) -> int:
+        return self._meter.total
+
+    def tokens_per_second(self) -> float:
+        return self._meter.rate()
+
+    async def load_model(
+        self, path: Path, version: str, dtype: str, max_model_len: int | None
+    ) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        from services.rollout.domain import invalid
+
+        if dtype not in DTYPES:
+            raise invalid("dtype", f"expected one of {sorted(DTYPES)}, got {dtype!r}")
+        options: dict[str, Any] = {
+            "model": str(path),
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "enable_lora": True,
+            "max_lora_rank": MAX_LORA_RANK,
+        }
+        if "logprobs_mode" in {f.name for f in dataclasses.fields(AsyncEngineArgs)}:
+            options["logprobs_mode"] = "raw_logprobs"
+        while self._in_flight:  # one engine fits the GPU: let running requests finish
+            await asyncio.sleep(0.05)
+        if self._engine is not None:
+            self._engine.shutdown()
+        self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**options))
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._version, self._loras = version, {}
+        model_config = await self._engine.get_model_config()
+        self._max_model_len = int(model_config.max_model_len)
+
+    async def load_adapter(self, path: Path, version: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if self._engine is None:
+            raise NoModelLoaded("no model is loaded; call LoadModel first")
+        if version not in self._loras:
+            request = LoRARequest(version, next(self._lora_ids), str(path))
+            await self._engine.add_lora(request)
+            self._loras[version] = _Lora(version, request)
+
+    async def unload_adapter(self, version: str) -> None:
+        lora = self._loras.pop(version, None)
+        if lora is not None:
+            lora.retired = True
+            await self._collect(lora)
+
+    async def _collect(self, lora: _Lora) -> None:
+        if lora.retired and lora.users == 0 and self._engine is not None:
+            await self._engine.remove_lora(lora.request.lora_int_id)
+
+    def encode(self, prompts: Sequence[PromptInput]) -> list[list[int]]:
+        if self._tokenizer is None:
+            raise NoModelLoaded("no model is loaded; call LoadModel first")
+        return [encode_prompt(self._tokenizer, p) for p in prompts]
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[Completion]]:
+        if self._engine is None:
+            raise NoModelLoaded("no model is loaded; call LoadModel first")
+        if self._in_flight >= self.max_queue:
+            raise QueueFull(f"the rollout queue is full ({self.max_queue} requests)")
+        lora = self._loras.get(request.adapter_version or "")
+        if request.adapter_version and lora is None:
+            raise NoModelLoaded(f"adapter {request.adapter_version} is not loaded")
+        version = lora.version if lora else self._version
+        self._in_flight += 1
+        if lora:
+            lora.users += 1
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._one_prompt(request, i, lora, version, out))
+            for i in range(len(request.prompt_ids))
+        ]
+        try:
+            for _ in tasks:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()  # closing vLLM's generator aborts its request
+            self._in_flight -= 1
+            if lora:
+                lora.users -= 1
+                await self._collect(lora)
+
+    async def _one_prompt(
+        self, request: EngineRequest, index: int, lora: _Lora | None, version: str, out: Any
+    ) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        seed = secrets.randbits(63) if s.seed is None else derive_seed(s.seed, index, 0)
+        params = SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,  # vLLM: -1 disables (0 in newer releases too)
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            seed=seed,
+            logprobs=None if s.skip_logprobs else 0,  # 0: only the sampled token's log-prob
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        prompt_ids = request.prompt_ids[index]
+        try:
+            final = None
+            async for partial in self._engine.generate(
+                {"prompt_token_ids": prompt_ids},
+                params,
+                request_id=uuid.uuid4().hex,
+                lora_request=lora.request if lora else None,
+            ):
+                final = partial  # FINAL_ONLY: one output, when every sample is done
+            assert final is not None
+            done = [
+                completion_from_output(o, index, version, prompt_ids, request)
+                for o in final.outputs
+            ]
+            self._meter.add(sum(len(c.token_ids) for c in done))
+            out.put_nowait(done)
+        except Exception as exc:
+            out.put_nowait(exc)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

@@ -1,0 +1,44 @@
+"""`tlm generate` against the embedded services: load on first use, then generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from services.cli.rollout_cmds import generate, revision_name
+from services.devtools.server_thread import ServerThread
+from services.registry.client import RegistryClient
+from tlm.registry.v1 import registry_pb2
+
+
+def test_revision_name() -> None:
+    assert revision_name("tiny") == "models/tiny/revisions/latest"
+    assert revision_name("tiny@r2") == "models/tiny/revisions/r2"
+
+
+async def test_generate_loads_the_model_then_prints(
+    embedded: ServerThread, tiny_model_dir: Path
+) -> None:
+    registry = RegistryClient(embedded.address)
+    try:
+        await registry.stub.CreateModel(
+            registry_pb2.CreateModelRequest(model_id="rollout-cli-tiny")
+        )
+        revision = await registry.upload_model_revision("models/rollout-cli-tiny", tiny_model_dir)
+    finally:
+        await registry.close()
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("unused")(lambda: None)  # two commands: `generate` is then a subcommand
+    args = ["generate", "--model", "rollout-cli-tiny", "--prompt", "The red cat", "-n", "2"]
+    args += ["--max-tokens", "5", "--seed", "1", "--address", embedded.address]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "loaded" in result.output and revision.name in result.output
+    again = CliRunner().invoke(app, args, terminal_width=200)  # already loaded: no reload
+    assert again.exit_code == 0 and "loaded" not in again.output
+    assert again.stdout == result.stdout  # same seed, same table
+    bad = CliRunner().invoke(app, [*args[:-2], "--temperature", "-1", *args[-2:]])
+    assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output

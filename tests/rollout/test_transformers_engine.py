@@ -1,0 +1,127 @@
+"""The transformers engine on a local folder: seeds, log-probs, stops, batching, adapters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from services.rollout.domain import Completion, FinishReason, PromptInput, SamplingSpec
+from services.rollout.engine import EngineConfig, EngineRequest
+from services.rollout.transformers_engine import TransformersEngine
+
+VERSION = "models/tiny/revisions/r1"
+
+
+@pytest.fixture
+async def engine(tiny_model_dir: Path) -> AsyncIterator[TransformersEngine]:
+    engine = TransformersEngine(EngineConfig())
+    await engine.load_model(tiny_model_dir, VERSION, "auto", None)
+    yield engine
+    await engine.close()
+
+
+async def run(
+    engine: TransformersEngine, texts: list[str], adapter: str | None = None, **sampling: object
+) -> list[Completion]:
+    ids = engine.encode([PromptInput(text=t) for t in texts])
+    request = EngineRequest(ids, SamplingSpec(**sampling), adapter)  # type: ignore[arg-type]
+    out = [c async for batch in engine.generate(request) for c in batch]
+    return sorted(out, key=lambda c: (c.prompt_index, c.sample_index))
+
+
+def tokens(completions: list[Completion]) -> list[list[int]]:
+    return [c.token_ids for c in completions]
+
+
+async def test_same_seed_same_output_even_when_batched(engine: TransformersEngine) -> None:
+    alone = await run(engine, ["The red cat", "What is 2 + 3?"], n=3, max_tokens=12, seed=5)
+    # The same request batched together with a different one gives the same tokens.
+    together = await asyncio.gather(
+        run(engine, ["The red cat", "What is 2 + 3?"], n=3, max_tokens=12, seed=5),
+        run(engine, ["Anna likes the big dog and more words"], n=2, max_tokens=20, seed=9),
+    )
+    assert tokens(together[0]) == tokens(alone)
+    other_seed = await run(engine, ["The red cat", "What is 2 + 3?"], n=3, max_tokens=12, seed=6)
+    assert tokens(other_seed) != tokens(alone)
+    # n samples of one prompt differ from each other (each has its own generator).
+    assert len({tuple(t) for t in tokens(alone)[:3]}) == 3
+    assert [(c.prompt_index, c.sample_index) for c in alone] == [
+        (p, s) for p in range(2) for s in range(3)
+    ]
+    assert all(c.policy_version == VERSION for c in alone)
+
+
+async def test_logprobs_equal_a_full_forward_pass(
+    engine: TransformersEngine, tiny_model_dir: Path
+) -> None:
+    # Temperature and filters change what is sampled, never the reported (raw) log-probs.
+    texts = ["The red cat", "What is 12 * 7? <think>"]
+    out = await run(engine, texts, n=2, max_tokens=16, seed=1, temperature=0.7, top_k=20, top_p=0.9)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = engine.encode([PromptInput(text=t) for t in texts])
+    for c in out:
+        prompt = prompts[c.prompt_index]
+        full = torch.tensor([prompt + c.token_ids])  # (1, P + T)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=full).logits[0].float(), dim=-1)  # (P+T, V)
+        steps = torch.arange(len(c.token_ids)) + len(prompt) - 1  # positions predicting tokens
+        expected = logp[steps, torch.tensor(c.token_ids)]
+        assert len(c.logprobs) == len(c.token_ids) > 0
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+
+
+async def test_greedy_matches_hf_generate(engine: TransformersEngine, tiny_model_dir: Path) -> None:
+    out = await run(engine, ["The red cat"], max_tokens=10, temperature=0.0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt = torch.tensor(engine.encode([PromptInput(text="The red cat")]))
+    ref = model.generate(prompt, max_new_tokens=10, do_sample=False)[0, prompt.shape[1] :]
+    eos = {1, 3}  # <|endoftext|>, <|im_end|>
+    expected = ref.tolist()
+    for i, t in enumerate(expected):
+        if t in eos:
+            expected = expected[: i + 1]
+            break
+    assert out[0].token_ids == expected
+
+
+async def test_length_stop_strings_and_skip_logprobs(engine: TransformersEngine) -> None:
+    (free,) = await run(engine, ["The red cat"], max_tokens=24, seed=3)
+    assert free.finish_reason is FinishReason.LENGTH and len(free.token_ids) == 24
+    stop = free.text[5:7]  # a string known to appear in the free-running text
+    (stopped,) = await run(engine, ["The red cat"], max_tokens=24, seed=3, stop=(stop,))
+    assert stopped.finish_reason is FinishReason.STOP
+    assert stop not in stopped.text and free.text.startswith(stopped.text)
+    assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+    (bare,) = await run(engine, ["The red cat"], max_tokens=4, seed=3, skip_logprobs=True)
+    assert bare.logprobs == [] and bare.token_ids == free.token_ids[:4]
+
+
+async def test_chat_prompts_use_the_template(engine: TransformersEngine) -> None:
+    (ids,) = engine.encode([PromptInput(messages=(("user", "hi"),))])
+    tokenizer = engine._model().tokenizer
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith("assistant\n")
+
+
+async def test_adapters_change_outputs_and_versions(
+    engine: TransformersEngine, lora_dirs: list[Path]
+) -> None:
+    base = await run(engine, ["The red cat"], n=2, max_tokens=12, seed=4)
+    await engine.load_adapter(lora_dirs[0], "models/lora/revisions/r1")
+    await engine.load_adapter(lora_dirs[1], "models/lora/revisions/r2")
+    one = await run(engine, ["The red cat"], "models/lora/revisions/r1", n=2, max_tokens=12, seed=4)
+    two = await run(engine, ["The red cat"], "models/lora/revisions/r2", n=2, max_tokens=12, seed=4)
+    assert len({str(tokens(base)), str(tokens(one)), str(tokens(two))}) == 3
+    assert {c.policy_version for c in two} == {"models/lora/revisions/r2"}
+    # Unloading r1 leaves r2 and the base untouched.
+    await engine.unload_adapter("models/lora/revisions/r1")
+    assert tokens(await run(engine, ["The red cat"], n=2, max_tokens=12, seed=4)) == tokens(base)
+    again = await run(
+        engine, ["The red cat"], "models/lora/revisions/r2", n=2, max_tokens=12, seed=4
+    )
+    assert tokens(again) == tokens(two)
