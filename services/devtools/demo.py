@@ -70,6 +70,50 @@ def main() -> None:
             )
             _run("datasets", "push", "arith", str(prompts), "--kind", "prompt", env=env)
             _run("datasets", "head", "arith", "-n", "3", env=env)
+            spec = data_dir / "math.json"
+            spec.write_text(_run("evaluators", "init", "--template", "math", env=env))
+            _run("evaluators", "push", "math", str(spec), env=env)
+            samples = data_dir / "samples.jsonl"
+            samples.write_text(
+                "".join(
+                    json.dumps(
+                        {
+                            "sample_id": sid,
+                            "prompt": "What is 2 + 2?",
+                            "completion": text,
+                            "metadata": {"reference": "4"},
+                        }
+                    )
+                    + "\n"
+                    for sid, text in [
+                        ("right", "<think>2 plus 2</think><answer>4</answer>"),
+                        ("wrong", "<think>hmm</think><answer>5</answer>"),
+                        ("no-format", "4"),
+                    ]
+                )
+            )
+            _run(
+                "score",
+                "--evaluator",
+                "evaluators/math/revisions/latest",
+                "--input",
+                str(samples),
+                env=env,
+            )
+            _run(
+                "generate",
+                "--model",
+                "tiny",
+                "--prompt",
+                "What is 2 + 2?",
+                "-n",
+                "2",
+                "--max-tokens",
+                "16",
+                "--seed",
+                "0",
+                env=env,
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
