@@ -40,7 +40,8 @@ class Authenticator:
     def team_for(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
         if method.startswith(OPEN_PREFIXES):
             return None
-        headers = {k.lower(): v if isinstance(v, str) else v.decode() for k, v in metadata}
+        # Binary ("-bin") headers such as tracing contexts are not ours to read.
+        headers = {k.lower(): v for k, v in metadata if isinstance(v, str)}
         key = _api_key(headers)
         if not self.api_keys and self.insecure_dev:
             return headers.get(TEAM_HEADER) or DEV_TEAM

@@ -119,6 +119,16 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
+# google.rpc details travel in trailing metadata, which gRPC caps (16 KiB by default).
+MAX_MESSAGE = 1024
+MAX_DESCRIPTION = 256
+MAX_VIOLATIONS = 20
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def to_rpc_status(exc: BaseException, method: str = "") -> status_pb2.Status:
     """The google.rpc.Status for an exception. Unexpected errors get a generic message only."""
     code = status_code_for(exc)
@@ -130,6 +140,11 @@ def to_rpc_status(exc: BaseException, method: str = "") -> status_pb2.Status:
         reason, metadata, violations = common_pb2.NOT_IMPLEMENTED, {"method": method}, []
     else:
         message, reason, metadata, violations = "internal error", 0, {}, []
+    message = _clip(message, MAX_MESSAGE)
+    metadata = {k: _clip(v, MAX_DESCRIPTION) for k, v in metadata.items()}
+    if len(violations) > MAX_VIOLATIONS:
+        omitted = len(violations) - MAX_VIOLATIONS
+        violations = [*violations[:MAX_VIOLATIONS], FieldViolation("", f"{omitted} more omitted")]
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     if reason:
         info = error_details_pb2.ErrorInfo(
@@ -142,7 +157,8 @@ def to_rpc_status(exc: BaseException, method: str = "") -> status_pb2.Status:
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_clip(v.field, MAX_DESCRIPTION),
+                    description=_clip(v.description, MAX_DESCRIPTION),
                 )
                 for v in violations
             ]

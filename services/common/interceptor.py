@@ -71,6 +71,7 @@ class _Rpc:
         self.metadata = metadata
         self.auth = auth
         self.service, self.short = split_method(method)
+        self._pending_abort: grpc.Status | None = None
 
     def _begin(self, context: grpc.aio.ServicerContext) -> float:
         structlog.contextvars.clear_contextvars()
@@ -124,7 +125,9 @@ class _Rpc:
                 code = await self._fail(context, exc)
             finally:
                 self._finish(context, start, code)
-            await _abort(context, self._pending_abort)
+            if self._pending_abort is not None:
+                await _abort(context, self._pending_abort)
+            return None
 
         return wrapped
 
@@ -150,7 +153,7 @@ class _Rpc:
                 code = await self._fail(context, exc)
             finally:
                 self._finish(context, start, code)
-            if code != grpc.StatusCode.OK:
+            if self._pending_abort is not None:
                 await _abort(context, self._pending_abort)
 
         return wrapped

@@ -16,23 +16,36 @@ async def consume_pipelined(
     """Call `handle(item)` in a worker thread for each item, receiving ahead up to `depth`."""
     queue: asyncio.Queue[T | None] = asyncio.Queue(maxsize=depth)
 
+    current: list[asyncio.Future[object]] = []
+
     async def worker() -> None:
         while (item := await queue.get()) is not None:
-            await asyncio.to_thread(handle, item)
+            current[:] = [asyncio.ensure_future(asyncio.to_thread(handle, item))]
+            await current[0]
+
+    async def put(item: T | None) -> bool:
+        """Queue `item` unless the worker has stopped; True if it was queued."""
+        putting = asyncio.ensure_future(queue.put(item))
+        await asyncio.wait({putting, task}, return_when=asyncio.FIRST_COMPLETED)
+        if putting.done():
+            return True
+        putting.cancel()
+        return False
 
     task = asyncio.create_task(worker())
     try:
         async for item in source:
-            put = asyncio.ensure_future(queue.put(item))
-            await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                put.cancel()
+            if not await put(item):
                 break
         else:
-            await queue.put(None)
+            await put(None)
         await task  # re-raises the worker's error, if any
     finally:
         task.cancel()
+        # A write already running in its thread cannot be interrupted: let it finish before
+        # the caller cleans up what it writes to.
+        if current:
+            await asyncio.gather(asyncio.shield(current[0]), return_exceptions=True)
 
 
 async def produce_prefetched(blocks: Iterator[T]) -> AsyncIterator[T]:

@@ -6,6 +6,7 @@ Uploads are staged in a local file, verified, then `put`; nothing is visible bef
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -13,6 +14,11 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+import structlog
+
+from services.common.errors import NotFound, Unavailable
+
+log = structlog.get_logger("tlm.registry.blobs")
 READ_CHUNK = 1024 * 1024
 
 
@@ -28,6 +34,10 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def read(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...
+
+    def local_copy(self, key: str) -> Path:
+        """A local, seekable file holding the blob (the blob itself when stored locally)."""
+        ...
 
     def delete(self, key: str) -> None: ...
 
@@ -51,6 +61,8 @@ class LocalBlobStore:
             staged.unlink(missing_ok=True)
             return
         target.parent.mkdir(parents=True, exist_ok=True)
+        with staged.open("rb") as f:
+            os.fsync(f.fileno())  # a crash must not leave a truncated file under its key
         os.replace(staged, target)
 
     def exists(self, key: str) -> bool:
@@ -60,6 +72,9 @@ class LocalBlobStore:
         with self._path(key).open("rb") as f:
             while block := f.read(chunk_size):
                 yield block
+
+    def local_copy(self, key: str) -> Path:
+        return self._path(key)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -86,7 +101,8 @@ class S3BlobStore:
     def put(self, staged: Path, key: str) -> None:
         try:
             if not self.exists(key):
-                self.client.upload_file(str(staged), self.bucket, self._key(key))
+                with _s3_errors(key):
+                    self.client.upload_file(str(staged), self.bucket, self._key(key))
         finally:
             staged.unlink(missing_ok=True)
 
@@ -98,18 +114,49 @@ class S3BlobStore:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise
+            with _s3_errors(key):
+                raise
         return True
 
     def read(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
-        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        try:
-            yield from body.iter_chunks(chunk_size)
-        finally:
-            body.close()
+        with _s3_errors(key):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            try:
+                yield from body.iter_chunks(chunk_size)
+            finally:
+                body.close()
+
+    def local_copy(self, key: str) -> Path:
+        """Downloaded once into a local cache (blobs are immutable, so the copy never staled)."""
+        cached = self._staging / "cache" / key
+        if not cached.exists():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".partial")
+            with _s3_errors(key):
+                self.client.download_file(self.bucket, self._key(key), str(tmp))
+            os.replace(tmp, cached)
+        return cached
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with _s3_errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+@contextlib.contextmanager
+def _s3_errors(key: str) -> Iterator[None]:
+    """S3 outages are retryable (UNAVAILABLE); a missing object is a NotFound, logged."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            log.error("blob_missing", key=key)
+            raise NotFound(f"blob {key} is missing from the store") from exc
+        raise Unavailable(f"blob store error {code}; retry") from exc
+    except BotoCoreError as exc:
+        raise Unavailable(f"blob store unreachable: {type(exc).__name__}; retry") from exc
 
 
 def open_blob_store(url: str, staging: Path, endpoint_url: str | None = None) -> BlobStore:

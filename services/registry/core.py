@@ -3,28 +3,60 @@ blob store. Synchronous and free of gRPC; the servicer runs it in worker threads
 
 from __future__ import annotations
 
-import contextlib
+import array
+import itertools
 import json
-import random
+import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from google.protobuf import json_format
 
-from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from services.common.errors import (
+    Aborted,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
 from services.registry import models
 from services.registry.blobs import BlobStore, remove_tree
 from services.registry.datasets import validate_file
 from services.registry.names import Collection, parse_resource, parse_revision
-from services.registry.store import MetadataStore, Resource, Revision, raise_if_referenced
+from services.registry.store import (
+    MetadataStore,
+    Resource,
+    Revision,
+    StaleBase,
+    raise_if_referenced,
+)
 from services.registry.uploads import StagedFiles, check_manifest
 from tlm.registry.v1 import registry_pb2
 from tlm.reward.v1 import evaluator_pb2
 
 DATA_FILE = "data.jsonl"
+APPEND_RETRIES = 20
 SpecValidator = Callable[[str], evaluator_pb2.EvaluatorSpec]
+
+
+def _lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines of a stream of byte blocks, without their newlines."""
+    rest = b""
+    for block in blocks:
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def temp_file(folder: Path, prefix: str) -> Path:
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix)
+    os.close(fd)  # only the name is wanted; an open descriptor would leak
+    return Path(name)
 
 
 def _to_json(message: Any) -> dict[str, Any]:
@@ -65,8 +97,8 @@ class Registry:
         r = parse_resource(name, coll)
         return self.store.get_resource(team, coll, r.resource_id)
 
-    def get_revision(self, team: str, name: str, coll: Collection) -> Revision:
-        r = parse_revision(name, coll)
+    def get_revision(self, team: str, name: str, coll: Collection, field: str = "name") -> Revision:
+        r = parse_revision(name, coll, field)
         return self.store.get_revision(team, coll, r.parent.resource_id, r.revision)
 
     def delete(self, team: str, name: str, coll: Collection) -> None:
@@ -106,7 +138,12 @@ class Registry:
         lineage = registry_pb2.Lineage()
         lineage.CopyFrom(header.lineage)
         if header.lineage.base_model_revision:
-            base = self.get_revision(team, header.lineage.base_model_revision, Collection.MODELS)
+            base = self.get_revision(
+                team,
+                header.lineage.base_model_revision,
+                Collection.MODELS,
+                "header.lineage.base_model_revision",
+            )
             lineage.base_model_revision = base.name  # aliases resolved: lineage is immutable
             if (
                 header.format == registry_pb2.LORA_ADAPTER
@@ -124,7 +161,10 @@ class Registry:
                 violations=[FieldViolation("header.lineage.base_model_revision", "required")],
             )
         for i, ds in enumerate(header.lineage.dataset_revisions):
-            lineage.dataset_revisions[i] = self.get_revision(team, ds, Collection.DATASETS).name
+            field = f"header.lineage.dataset_revisions[{i}]"
+            lineage.dataset_revisions[i] = self.get_revision(
+                team, ds, Collection.DATASETS, field
+            ).name
         return ModelUpload(self, team, parent.resource_id, header, lineage)
 
     # Datasets -------------------------------------------------------------------------------
@@ -162,17 +202,24 @@ class Registry:
             )
         return existing.dataset_kind
 
+    def check_dataset_header(
+        self, team: str, header: registry_pb2.DatasetRevisionHeader
+    ) -> tuple[Any, int]:
+        """The parent and kind an upload targets; checked before any bytes are received."""
+        parent = parse_resource(header.parent, Collection.DATASETS, "header.parent")
+        return parent, self._dataset_kind(team, parent.resource_id, header.kind, "header.kind")
+
     def upload_dataset(
         self,
         team: str,
         header: registry_pb2.DatasetRevisionHeader,
         staged: Path,
         base: Revision | None = None,
+        expect_seq: int | None = None,
     ) -> Revision:
         """Validate the staged file and store it as a revision (or return the earlier one for
         a known request_id). With `base`, the new rows extend that revision's rows."""
-        parent = parse_resource(header.parent, Collection.DATASETS, "header.parent")
-        kind = self._dataset_kind(team, parent.resource_id, header.kind, "header.kind")
+        parent, kind = self.check_dataset_header(team, header)
         done = self.store.find_request(
             team, Collection.DATASETS, parent.resource_id, header.request_id
         )
@@ -180,7 +227,7 @@ class Registry:
             return done
         fmt = header.format or registry_pb2.JSONL
         staging = self.blobs.staging_dir()
-        temps = [Path(tempfile.mkstemp(dir=staging, prefix="ds-")[1]) for _ in range(3)]
+        temps = [temp_file(staging, "ds-") for _ in range(3)]
         out, new_rows, combined = temps
         limits = {"max_row_bytes": self.max_row_bytes, "max_errors": self.max_row_errors}
         try:
@@ -193,7 +240,10 @@ class Registry:
                     for block in self.blobs.read(base.body["sha256"]):
                         f.write(block)
                     f.write(new_rows.read_bytes())
-                facts = validate_file(combined, registry_pb2.JSONL, kind, out, **limits)
+                # The base's rows were validated when stored; only re-derive the facts.
+                facts = validate_file(
+                    combined, registry_pb2.JSONL, kind, out, max_row_bytes=2**62, max_errors=1
+                )
             self.blobs.put(out, facts.sha256)
             body = registry_pb2.DatasetRevision(
                 kind=kind,  # type: ignore[arg-type]
@@ -213,6 +263,7 @@ class Registry:
                 request_id=header.request_id,
                 body=lambda _rid: _to_json(body),
                 blobs=[facts.sha256],
+                expect_seq=expect_seq,
                 create_parent=lambda: self.store.create_resource(
                     team,
                     Collection.DATASETS,
@@ -229,27 +280,40 @@ class Registry:
     def append_rows(
         self, team: str, parent_name: str, kind: int, rows: list[dict[str, Any]], request_id: str
     ) -> Revision:
-        parent = parse_resource(parent_name, Collection.DATASETS, "parent")
+        """A new revision: the latest one's rows plus `rows`. Concurrent appends each rebuild on
+        the newest revision (optimistic retry), so no append loses another's rows."""
+        parse_resource(parent_name, Collection.DATASETS, "parent")
         if not rows:
             raise InvalidArgument(
                 "rows must not be empty", violations=[FieldViolation("rows", "empty")]
             )
-        base = None
-        with contextlib.suppress(NotFound):
-            base = self.store.get_revision(team, Collection.DATASETS, parent.resource_id, "latest")
-        staging = self.blobs.staging_dir()
-        staged = Path(tempfile.mkstemp(dir=staging, prefix="append-")[1])
+        header = registry_pb2.DatasetRevisionHeader(
+            parent=parent_name,
+            kind=kind,  # type: ignore[arg-type]
+            format=registry_pb2.JSONL,
+            request_id=request_id,
+        )
+        staged = temp_file(self.blobs.staging_dir(), "append-")
         try:
             staged.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            header = registry_pb2.DatasetRevisionHeader(
-                parent=parent_name,
-                kind=kind,  # type: ignore[arg-type]
-                format=registry_pb2.JSONL,
-                request_id=request_id,
-            )
-            return self.upload_dataset(team, header, staged, base)
+            for _attempt in range(APPEND_RETRIES):
+                base = self._latest(team, parent_name)
+                try:
+                    return self.upload_dataset(
+                        team, header, staged, base, expect_seq=base.seq if base else 0
+                    )
+                except StaleBase:
+                    continue
+            raise Aborted(f"{parent_name} is changing too fast; retry the append")
         finally:
             staged.unlink(missing_ok=True)
+
+    def _latest(self, team: str, parent_name: str) -> Revision | None:
+        rid = parse_resource(parent_name, Collection.DATASETS, "parent").resource_id
+        try:
+            return self.store.get_revision(team, Collection.DATASETS, rid, "latest")
+        except NotFound:
+            return None
 
     def read_rows(
         self, team: str, request: registry_pb2.ReadDatasetRowsRequest
@@ -269,15 +333,29 @@ class Registry:
     def _shard_rows(
         self, revision: Revision, request: registry_pb2.ReadDatasetRowsRequest, count: int
     ) -> Iterator[tuple[int, bytes]]:
-        lines = b"".join(self.blobs.read(revision.body["sha256"])).splitlines()
-        order = list(range(len(lines)))
-        if request.shuffle:
-            random.Random(request.shuffle_seed).shuffle(order)  # same order on every shard
-        mine = order[request.shard_index :: count][request.offset :]
-        if request.limit:
-            mine = mine[: request.limit]
-        for index in mine:
-            yield index, lines[index]
+        """This shard's rows, streamed: never the whole file in memory."""
+        key = revision.body["sha256"]
+        stop = request.offset + request.limit if request.limit else None
+        if not request.shuffle:
+            mine = (
+                (i, line)
+                for i, line in enumerate(_lines(self.blobs.read(key)))
+                if i % count == request.shard_index
+            )
+            yield from itertools.islice(mine, request.offset, stop)
+            return
+        # A seeded permutation every shard computes alike, then seeks to each of its rows.
+        path = self.blobs.local_copy(key)
+        offsets = array.array("Q", [0])
+        with path.open("rb") as f:
+            for line in f:
+                offsets.append(offsets[-1] + len(line))
+        rows = len(offsets) - 1
+        order = np.random.default_rng(request.shuffle_seed).permutation(rows)
+        with path.open("rb") as f:
+            for index in order[request.shard_index :: count][request.offset : stop]:
+                f.seek(offsets[index])
+                yield int(index), f.read(offsets[index + 1] - offsets[index]).rstrip(b"\n")
 
     # Evaluators -----------------------------------------------------------------------------
 

@@ -4,20 +4,21 @@ worker thread, and converts the result back. Errors are raised, never set on the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
 from services.common.auth import current_team
-from services.common.errors import FieldViolation, InvalidArgument
+from services.common.errors import FieldViolation, InvalidArgument, field_error
 from services.common.pagination import decode_token, encode_token, page_size
 from services.common.streams import consume_pipelined, produce_prefetched
 from services.registry import convert
 from services.registry.core import DATA_FILE, Registry
 from services.registry.names import Collection, check_id
-from services.registry.uploads import StagedFiles, UploadIncomplete
+from services.registry.uploads import SHA256, StagedFiles, UploadIncomplete
 from tlm.registry.v1 import registry_pb2 as pb
 from tlm.registry.v1 import registry_pb2_grpc
 
@@ -40,6 +41,34 @@ def _chunk_size(requested: int) -> int:
     return requested or DEFAULT_CHUNK
 
 
+def _check_file_header(header: pb.DatasetRevisionHeader) -> None:
+    violations = []
+    if header.size_bytes < 0:
+        violations.append(FieldViolation("header.size_bytes", "must be >= 0"))
+    if not SHA256.fullmatch(header.sha256):
+        violations.append(FieldViolation("header.sha256", "must be 64 lowercase hex digits"))
+    if violations:
+        raise InvalidArgument(
+            f"{violations[0].field}: {violations[0].description}", violations=violations
+        )
+
+
+def _row_batches(
+    rows: Iterator[tuple[int, bytes]], batch_size: int
+) -> Iterator[pb.ReadDatasetRowsResponse]:
+    batch = pb.ReadDatasetRowsResponse()
+    for index, line in rows:
+        row = struct_pb2.Struct()
+        row.update(json.loads(line))
+        batch.rows.append(row)
+        batch.row_indices.append(index)
+        if len(batch.rows) >= batch_size:
+            yield batch
+            batch = pb.ReadDatasetRowsResponse()
+    if batch.rows:
+        yield batch
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, registry: Registry) -> None:
         self.r = registry
@@ -55,6 +84,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         }
         size = page_size(request.page_size)
         after = decode_token(request.page_token, query)
+        if after is not None and not isinstance(after, str):
+            raise field_error("page_token", "not a token returned by this list method")
         rows = await _run(
             lambda: self.r.store.list_resources(
                 current_team(),
@@ -75,6 +106,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         parent = parse_resource(request.parent, coll, "parent")
         size = page_size(request.page_size)
         before = decode_token(request.page_token, {"parent": request.parent})
+        if before is not None and (not isinstance(before, int) or before < 1):
+            raise field_error("page_token", "not a token returned by this list method")
         rows = await _run(
             lambda: self.r.store.list_revisions(
                 current_team(), coll, parent.resource_id, before=before, limit=size
@@ -234,9 +267,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 pb.ArtifactFile(path=DATA_FILE, size_bytes=header.size_bytes, sha256=header.sha256)
             ]
         )
-        from services.registry.uploads import check_manifest
-
-        check_manifest(manifest, "header")
+        await _run(self.r.check_dataset_header, team, header)  # before any bytes arrive
+        _check_file_header(header)
         staged = StagedFiles(self.r.blobs.staging_dir(), manifest)
         received = [0]
 
@@ -291,24 +323,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ReadDatasetRows(
         self, request: pb.ReadDatasetRowsRequest, context: Ctx
     ) -> AsyncIterator[pb.ReadDatasetRowsResponse]:
-        import json
-
         batch_size = request.batch_size or 256
         if batch_size < 0:
             raise InvalidArgument(
-                "batch_size must be >= 0", violations=[FieldViolation("batch_size", "must be >= 0")]
+                "batch_size must be >= 0",
+                violations=[FieldViolation("batch_size", "must be >= 0")],
             )
         _rev, rows = await _run(self.r.read_rows, current_team(), request)
-        batch = pb.ReadDatasetRowsResponse()
-        for index, line in rows:
-            row = struct_pb2.Struct()
-            row.update(json.loads(line))
-            batch.rows.append(row)
-            batch.row_indices.append(index)
-            if len(batch.rows) >= batch_size:
-                yield batch
-                batch = pb.ReadDatasetRowsResponse()
-        if batch.rows:
+        # Reading, parsing and building batches happen in a worker thread, one batch ahead.
+        async for batch in produce_prefetched(_row_batches(rows, batch_size)):
             yield batch
 
     async def DownloadDatasetRevision(

@@ -16,10 +16,11 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, field_error
-from services.registry.names import LATEST, Collection, is_revision_id, revision_id
+from services.registry.names import LATEST, Collection, check_id, is_revision_id, revision_id
 from services.registry.tables import ResourceRow, RevisionRow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -61,6 +62,10 @@ class Revision:
     @property
     def name(self) -> str:
         return f"{self.parent.name}/revisions/{self.revision_id}"
+
+
+class StaleBase(Aborted):
+    """A revision built on the newest one lost a race with another writer; rebuild and retry."""
 
 
 def _now() -> datetime:
@@ -117,17 +122,42 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn: Any) -> None:
+            # Writers take the lock up front (no deadlocking lock upgrades); readers use WAL.
+            write = conn.get_execution_options().get("tlm_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10)
+
+
+class _Transaction:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __enter__(self) -> Session:
+        self.session.begin()
+        return self.session
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.session.commit()
+            else:
+                self.session.rollback()
+        finally:
+            self.session.close()
 
 
 class MetadataStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+
+    def _write(self) -> Any:
+        """A session in a write transaction (on SQLite: BEGIN IMMEDIATE)."""
+        session = Session(self.engine.execution_options(tlm_write=True))
+        return _Transaction(session)
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration (idempotent)."""
@@ -168,20 +198,25 @@ class MetadataStore:
         dataset_kind: int = 0,
         exist_ok: bool = False,
     ) -> Resource:
-        with Session(self.engine) as s, s.begin():
-            existing = s.scalars(
-                select(ResourceRow).where(
-                    ResourceRow.team == team,
-                    ResourceRow.collection == coll.value,
-                    ResourceRow.resource_id == rid,
-                )
-            ).first()
-            if existing is not None:
-                if exist_ok:
-                    return _resource(existing)
-                raise AlreadyExists(
-                    f"{coll}/{rid} already exists", metadata={"resource": f"{coll}/{rid}"}
-                )
+        try:
+            return self._insert_resource(team, coll, rid, description, labels, dataset_kind)
+        except IntegrityError:  # it exists, or a concurrent create won the race
+            if exist_ok:
+                return self.get_resource(team, coll, rid)
+            raise AlreadyExists(
+                f"{coll}/{rid} already exists", metadata={"resource": f"{coll}/{rid}"}
+            ) from None
+
+    def _insert_resource(
+        self,
+        team: str,
+        coll: Collection,
+        rid: str,
+        description: str,
+        labels: Mapping[str, str] | None,
+        dataset_kind: int,
+    ) -> Resource:
+        with self._write() as s:
             now = _now()
             row = ResourceRow(
                 team=team,
@@ -238,24 +273,27 @@ class MetadataStore:
 
     def delete_resource(self, team: str, coll: Collection, rid: str) -> list[str]:
         """Delete a resource and its revisions; returns the blob keys they referenced."""
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             row = self._row(s, team, coll, rid, lock=True)
-            blobs = [
-                b
-                for r in s.scalars(select(RevisionRow).where(RevisionRow.resource_pk == row.pk))
-                for b in r.blobs
-            ]
-            s.delete(row)
-            for rev in s.scalars(select(RevisionRow).where(RevisionRow.resource_pk == row.pk)):
+            revisions = list(
+                s.scalars(select(RevisionRow).where(RevisionRow.resource_pk == row.pk))
+            )
+            blobs = [b for rev in revisions for b in rev.blobs]
+            for rev in revisions:
                 s.delete(rev)
+            s.flush()
+            s.delete(row)
             return blobs
 
     def set_alias(
         self, team: str, coll: Collection, rid: str, alias: str, target: str, etag: str
     ) -> Resource:
+        check_id(alias, "alias")
         if alias == LATEST or is_revision_id(alias):
             raise field_error("alias", f"{alias!r} is reserved; pick a name such as 'prod'")
-        with Session(self.engine) as s, s.begin():
+        if target and not is_revision_id(target):
+            raise field_error("revision_id", f"{target[:80]!r} is not a revision id such as 'r3'")
+        with self._write() as s:
             row = self._row(s, team, coll, rid, lock=True)
             if etag and etag != row.etag:
                 raise Aborted(
@@ -264,7 +302,7 @@ class MetadataStore:
                 )
             aliases = dict(row.aliases or {})
             if target:
-                if not is_revision_id(target) or int(target[1:]) > row.last_seq:
+                if int(target[1:]) > row.last_seq:
                     raise NotFound(f"{coll}/{rid}/revisions/{target} not found")
                 aliases[alias] = target
             elif alias not in aliases:
@@ -289,15 +327,17 @@ class MetadataStore:
         body: Callable[[str], dict[str, Any]],
         blobs: list[str],
         create_parent: Callable[[], Resource] | None = None,
+        expect_seq: int | None = None,
     ) -> tuple[Revision, bool]:
         """Append a revision atomically. `body(revision_id)` builds its facts. Returns it and
-        whether it is new; a known request_id returns the earlier revision unchanged."""
+        whether it is new; a known request_id returns the earlier revision unchanged. With
+        `expect_seq`, raise StaleBase unless the newest revision is still that one."""
         if create_parent is not None:
             try:
                 self.get_resource(team, coll, rid)
             except NotFound:
                 create_parent()
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             row = self._row(s, team, coll, rid, lock=True)
             if request_id:
                 earlier = s.scalars(
@@ -307,6 +347,8 @@ class MetadataStore:
                 ).first()
                 if earlier is not None:
                     return _revision(earlier, _resource(row)), False
+            if expect_seq is not None and row.last_seq != expect_seq:
+                raise StaleBase(f"{coll}/{rid} gained a revision meanwhile")
             seq = row.last_seq + 1
             now = _now()
             rev = RevisionRow(
@@ -352,7 +394,7 @@ class MetadataStore:
             elif not is_revision_id(ref):
                 target = (row.aliases or {}).get(ref, "")
             rev = None
-            if target:
+            if target and int(target[1:]) <= row.last_seq:
                 rev = s.scalars(
                     select(RevisionRow).where(
                         RevisionRow.resource_pk == row.pk, RevisionRow.seq == int(target[1:])

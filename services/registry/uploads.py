@@ -30,17 +30,28 @@ def check_manifest(manifest: registry_pb2.Manifest, field: str) -> None:
     """Every path relative, '/'-separated, without '..'; sizes >= 0; sha256 hex; no repeats."""
     violations: list[FieldViolation] = []
     seen: set[str] = set()
+    paths = {f.path for f in manifest.files}
     if not manifest.files:
         violations.append(FieldViolation(f"{field}.files", "must list at least one file"))
     for i, f in enumerate(manifest.files):
-        p = PurePosixPath(f.path)
-        if not f.path or p.is_absolute() or ".." in p.parts or "\\" in f.path or "\0" in f.path:
+        at = f"{field}.files[{i}].path"
+        parts = f.path.split("/")
+        # Only canonical paths: "a/./b", "a/" or "./a" would alias another entry's file.
+        if (
+            not f.path
+            or PurePosixPath(f.path).is_absolute()
+            or "\\" in f.path
+            or "\0" in f.path
+            or any(part in ("", ".", "..") for part in parts)
+        ):
             violations.append(
-                FieldViolation(f"{field}.files[{i}].path", f"{f.path!r} must be relative, no '..'")
+                FieldViolation(at, f"{f.path[:80]!r} must be a relative a/b path without '.', '..'")
             )
-        if f.path in seen:
-            violations.append(FieldViolation(f"{field}.files[{i}].path", "listed twice"))
-        seen.add(f.path)
+        if f.path.casefold() in seen:
+            violations.append(FieldViolation(at, "listed twice"))
+        seen.add(f.path.casefold())
+        if any("/".join(parts[:k]) in paths for k in range(1, len(parts))):
+            violations.append(FieldViolation(at, "a folder of this path is also listed as a file"))
         if f.size_bytes < 0:
             violations.append(FieldViolation(f"{field}.files[{i}].size_bytes", "must be >= 0"))
         if not SHA256.fullmatch(f.sha256):
@@ -84,7 +95,7 @@ class StagedFiles:
             )
         if f.handle is None:
             f.path.parent.mkdir(parents=True, exist_ok=True)
-            f.handle = f.path.open("wb")
+            f.handle = f.path.open("xb")  # never overwrite another entry's bytes
         f.handle.write(data)
         f.digest.update(data)
         f.written += len(data)

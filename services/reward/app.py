@@ -6,8 +6,12 @@ from services.common.server import ServiceBinding
 from services.reward.admission import Admission
 from services.reward.cache import OutcomeCache
 from services.reward.engine import AsyncScorer, Engine
+from services.reward.judge import JudgeScorerAdapter
+from services.reward.model_scorer import ModelScorerAdapter
 from services.reward.registry_port import RegistryPort
 from services.reward.remote import RemoteScorerAdapter, probe_address
+from services.reward.review_queue import ReviewQueue
+from services.reward.review_store import ReviewStore
 from services.reward.rule_runner import RuleRunner
 from services.reward.sandbox import CodeScorerAdapter, Sandbox
 from services.reward.service import RewardCore
@@ -22,25 +26,42 @@ def binding(settings: RewardSettings) -> ServiceBinding:
     rules = RuleRunner(settings.rule_workers)
     sandbox = Sandbox(settings.sandbox_slots, settings.sandbox_uid_base)
     remote = RemoteScorerAdapter(settings.service_api_key)
-    adapters: dict[str, AsyncScorer] = {"code": CodeScorerAdapter(sandbox), "remote": remote}
+    models = ModelScorerAdapter(settings.device, settings.loaded_models)
+    judge = JudgeScorerAdapter(settings.service_api_key)
+    (settings.data_dir / "reward").mkdir(parents=True, exist_ok=True)
+    store = ReviewStore(f"sqlite:///{settings.data_dir / 'reward' / 'reviews.db'}")
+    reviews = ReviewQueue(store)
+    adapters: dict[str, AsyncScorer] = {
+        "code": CodeScorerAdapter(sandbox),
+        "remote": remote,
+        "model": models,
+        "human": reviews,
+        "judge": judge,
+    }
     engine = Engine(rules, OutcomeCache(settings.cache_entries), adapters)
     core = RewardCore(
         engine,
         Admission(settings.max_concurrent_requests),
         settings.max_samples_per_request,
         probe=probe_address,
+        model_check=models.problem,
     )
-    servicer = RewardServicer(core)  # type: ignore[abstract]  # reviews: not yet
+    servicer = RewardServicer(core, reviews)
 
     async def on_start(address: str) -> None:
+        # Unset addresses mean the server's own (`tlm up` runs every service in one process).
         registry_address = settings.registry_address or address
         cache_root = settings.data_dir / "reward" / "models"
         core.registry = RegistryPort(registry_address, settings.service_api_key, cache_root)
+        models.registry = reviews.registry = core.registry
+        judge.default_address = settings.rollout_address or address
         await rules.warm_up()
 
     async def on_stop() -> None:
         rules.close()
         await remote.close()
+        await judge.close()
+        store.close()
         if core.registry is not None:
             await core.registry.close()
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 
 from services.reward.domain import Prompt, Sample, SampleResult, ScorerResult
+from services.reward.reviews import Answer, Review
 from services.reward.spec import Validation
 from tlm.common.v1 import common_pb2
 from tlm.reward.v1 import reward_service_pb2 as rs
@@ -95,3 +96,50 @@ def validation_to_proto(v: Validation) -> rs.ValidateEvaluatorResponse:
         response.normalized.CopyFrom(v.normalized)
         response.normalized_json = v.normalized_json
     return response
+
+
+def _timestamp(t: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if t is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(t)
+    return ts
+
+
+def answer_from_proto(msg: rs.ReviewAnswer) -> Answer:
+    which = msg.WhichOneof("answer")
+    return Answer(
+        rating=msg.rating if which == "rating" else None,
+        chosen_index=msg.chosen_index if which == "chosen_index" else None,
+        reviewer=msg.reviewer,
+        comment=msg.comment,
+    )
+
+
+def answer_to_proto(a: Answer) -> rs.ReviewAnswer:
+    msg = rs.ReviewAnswer(reviewer=a.reviewer, comment=a.comment)
+    if a.rating is not None:
+        msg.rating = a.rating
+    if a.chosen_index is not None:
+        msg.chosen_index = a.chosen_index
+    return msg
+
+
+def review_to_proto(r: Review) -> rs.Review:
+    return rs.Review(
+        name=r.name,
+        kind=r.kind,  # type: ignore[arg-type]
+        state=int(r.state),  # type: ignore[arg-type]  # ReviewState mirrors Review.State
+        prompt=prompt_to_proto(r.prompt),
+        candidates=[
+            rs.Candidate(sample_id=c.sample_id, completion=c.completion) for c in r.candidates
+        ],
+        instructions=r.instructions,
+        rating_min=r.rating_min,
+        rating_max=r.rating_max,
+        answer=answer_to_proto(r.answer) if r.answer is not None else None,
+        scorer=r.scorer,
+        create_time=_timestamp(r.create_time),
+        answer_time=_timestamp(r.answer_time),
+        dataset_revision=r.dataset_revision,
+    )

@@ -52,10 +52,6 @@ class RegistryPort:
         async with mapped_errors(name):
             return await self.models.get(name, team)
 
-    async def model_exists(self, name: str, team: str) -> None:
-        async with mapped_errors(name):
-            await self.client.get_model_revision(name, team)
-
     async def append_preferences(
         self, dataset: str, rows: Iterable[Mapping[str, Any]], request_id: str, team: str
     ) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, TlmError
+from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from services.reward.admission import Admission
 from services.reward.domain import EvaluatorInvalid, Sample, SampleResult
 from services.reward.engine import MAX_REQUEST_S, Engine, ScoreContext
@@ -22,6 +22,8 @@ log = structlog.get_logger("tlm.reward")
 
 # Probes an address (remote scorers) and returns why it does not answer, or None.
 AddressProbe = Callable[[str, bool], Awaitable[str | None]]
+# Why a model revision cannot serve as a reward model for a team (missing, wrong kind), or None.
+ModelCheck = Callable[[str, str], Awaitable[str | None]]
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RewardCore:
     max_samples: int
     registry: RegistryPort | None = None
     probe: AddressProbe | None = None
+    model_check: ModelCheck | None = None
 
     async def resolve(
         self, name: str | None, inline: ev.EvaluatorSpec | None, team: str
@@ -134,7 +137,8 @@ class RewardCore:
         return result
 
     async def reference_problems(self, spec: ev.EvaluatorSpec, team: str) -> list[FieldViolation]:
-        """Remote addresses that do not answer, model revisions that do not exist."""
+        """Remote addresses that do not answer, model revisions that do not exist or are not
+        reward models."""
         problems = []
         for i, scorer in enumerate(spec.scorers):
             path = f"scorers[{i}]"
@@ -142,11 +146,10 @@ class RewardCore:
                 why = await self.probe(scorer.remote.address, scorer.remote.tls)
                 if why:
                     problems.append(FieldViolation(f"{path}.remote.address", why))
-            if scorer.HasField("model") and self.registry is not None:
-                try:
-                    await self.registry.model_exists(scorer.model.model_revision, team)
-                except TlmError as exc:
-                    problems.append(FieldViolation(f"{path}.model.model_revision", exc.message))
+            if scorer.HasField("model") and self.model_check is not None:
+                why = await self.model_check(scorer.model.model_revision, team)
+                if why:
+                    problems.append(FieldViolation(f"{path}.model.model_revision", why))
         return problems
 
 

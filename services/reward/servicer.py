@@ -11,6 +11,7 @@ from services.common.errors import InvalidArgument
 from services.reward import convert
 from services.reward.catalog import scorer_types
 from services.reward.domain import Sample
+from services.reward.review_queue import ReviewQueue
 from services.reward.service import RewardCore
 from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
@@ -21,10 +22,9 @@ def _remaining(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class RewardServicer(rs_grpc.RewardServiceServicer):
-    """ListReviews, GetReview and SubmitReview answer UNIMPLEMENTED (base class) for now."""
-
-    def __init__(self, core: RewardCore) -> None:
+    def __init__(self, core: RewardCore, reviews: ReviewQueue) -> None:
         self.core = core
+        self.reviews = reviews
 
     async def Score(
         self, request: rs.ScoreRequest, context: grpc.aio.ServicerContext
@@ -70,3 +70,24 @@ class RewardServicer(rs_grpc.RewardServiceServicer):
         self, request: rs.ListScorerTypesRequest, context: grpc.aio.ServicerContext
     ) -> rs.ListScorerTypesResponse:
         return scorer_types()
+
+    async def ListReviews(
+        self, request: rs.ListReviewsRequest, context: grpc.aio.ServicerContext
+    ) -> rs.ListReviewsResponse:
+        page, token = await self.reviews.list(
+            current_team(), request.state, request.page_size, request.page_token
+        )
+        reviews = [convert.review_to_proto(r) for r in page]
+        return rs.ListReviewsResponse(reviews=reviews, next_page_token=token)
+
+    async def GetReview(
+        self, request: rs.GetReviewRequest, context: grpc.aio.ServicerContext
+    ) -> rs.Review:
+        return convert.review_to_proto(await self.reviews.get(current_team(), request.name))
+
+    async def SubmitReview(
+        self, request: rs.SubmitReviewRequest, context: grpc.aio.ServicerContext
+    ) -> rs.Review:
+        answer = convert.answer_from_proto(request.answer)
+        review = await self.reviews.submit(current_team(), request.name, answer)
+        return convert.review_to_proto(review)

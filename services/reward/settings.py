@@ -27,4 +27,6 @@ class RewardSettings(ServerSettings):
     sandbox_slots: int = Field(2, ge=1)
     # Unprivileged uid base for sandboxes (slot i runs as base + i) when the service is root.
     sandbox_uid_base: int = Field(64000, ge=1000)
+    # Reward models (model scorers) kept loaded, least recently used evicted; on `device`.
+    loaded_models: int = Field(2, ge=1)
     device: str = "cpu"

@@ -7,9 +7,19 @@ from types import ModuleType
 
 import pytest
 
-from services.reward import aggregate, remote, rules, sandbox, spec_json, text
+from services.reward import (
+    aggregate,
+    judge,
+    model_scorer,
+    remote,
+    reviews,
+    rules,
+    sandbox,
+    spec_json,
+    text,
+)
 
-MODULES = [aggregate, remote, rules, sandbox, spec_json, text]
+MODULES = [aggregate, judge, model_scorer, remote, reviews, rules, sandbox, spec_json, text]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

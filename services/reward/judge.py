@@ -1,0 +1,133 @@
+"""The judge scorer: a rubric prompt sent to a model served by the rollout service (Generate,
+greedy by default), the score parsed with an RE2 pattern and mapped to [0, 1]."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import grpc
+import re2
+
+from services.common.client import CHANNEL_OPTIONS, call_metadata
+from services.reward.domain import Outcome, Sample
+from services.reward.engine import ScoreContext, scorer_timeout
+from tlm.common.v1 import common_pb2
+from tlm.reward.v1 import evaluator_pb2 as ev
+from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+
+# Prompts per Generate call.
+CHUNK = 64
+
+
+def fill_rubric(rubric: str, sample: Sample) -> str:
+    """The rubric with {prompt}, {completion} and {reference} replaced (other braces are kept,
+    so rubrics may show JSON).
+
+    >>> s = Sample("a", "4", metadata={"reference": 4})
+    >>> fill_rubric('Q: {prompt} A: {completion} Ref: {reference} {"score": N}', s)
+    'Q:  A: 4 Ref: 4 {"score": N}'
+    """
+    reference = sample.metadata.get("reference", "")
+    return (
+        rubric.replace("{prompt}", sample.prompt.as_text())
+        .replace("{completion}", sample.completion)
+        .replace("{reference}", "" if reference is None else str(reference))
+    )
+
+
+def parse_score(text: str, pattern: str, low: float, high: float) -> Outcome:
+    """The first group of the first match of `pattern`, mapped from [low, high] to [0, 1].
+
+    >>> parse_score("Reasoning... Score: 7", r"(?i)score\\s*[:=]\\s*(-?[0-9.]+)", 0, 10)
+    Outcome(status=<Status.OK: 1>, raw=0.7, reason='', review='')
+    >>> parse_score("Score: 12", r"Score: (\\d+)", 0, 10).reason
+    'judge score 12 is outside [0, 10]'
+    >>> parse_score("no idea", r"Score: (\\d+)", 0, 10).status.name
+    'UNSCORABLE'
+    """
+    match = re2.search(pattern, text)
+    if match is None or match.group(1) is None:
+        return Outcome.unscorable(f"judge answer has no score matching {pattern!r}: {text[:80]!r}")
+    found = match.group(1)
+    try:
+        score = float(found)
+    except ValueError:
+        return Outcome.unscorable(f"judge score {found[:40]!r} is not a number")
+    if not math.isfinite(score) or not low <= score <= high:
+        return Outcome.unscorable(f"judge score {found} is outside [{low:g}, {high:g}]")
+    return Outcome.ok((score - low) / (high - low))
+
+
+def judge_request(cfg: ev.JudgeScorer, samples: Sequence[Sample]) -> rollout_pb2.GenerateRequest:
+    """One chat turn per sample (the judge is served as a chat model), greedy by default."""
+    prompts = [
+        common_pb2.Prompt(
+            messages=common_pb2.Conversation(
+                messages=[common_pb2.ChatMessage(role="user", content=fill_rubric(cfg.rubric, s))]
+            )
+        )
+        for s in samples
+    ]
+    sampling = rollout_pb2.SamplingParams(
+        n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, skip_logprobs=True
+    )
+    return rollout_pb2.GenerateRequest(
+        prompts=prompts, sampling=sampling, adapter_revision=cfg.adapter_revision
+    )
+
+
+class JudgeScorerAdapter:
+    """`default_address` (the configured rollout address, else the server's own) is set at
+    start, as the registry address is."""
+
+    def __init__(self, service_api_key: str | None, default_address: str = "") -> None:
+        self.default_address = default_address
+        self._service_key = service_api_key
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> rollout_pb2_grpc.RolloutServiceStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, options=list(CHANNEL_OPTIONS)
+            )
+        return rollout_pb2_grpc.RolloutServiceStub(self._channels[address])
+
+    async def score(
+        self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
+    ) -> list[Outcome]:
+        cfg = scorer.judge
+        address = cfg.rollout_address or self.default_address
+        texts: list[str] = []
+        for start in range(0, len(samples), CHUNK):
+            chunk = samples[start : start + CHUNK]
+            try:
+                texts.extend(await self._generate(address, cfg, chunk, scorer, ctx))
+            except grpc.aio.AioRpcError as exc:
+                why = f"rollout {address} failed: {exc.code().name}: {exc.details()}"
+                return [Outcome.error(why)] * len(samples)
+        low, high = cfg.score_min, cfg.score_max
+        return [parse_score(text, cfg.score_pattern, low, high) for text in texts]
+
+    async def _generate(
+        self,
+        address: str,
+        cfg: ev.JudgeScorer,
+        samples: Sequence[Sample],
+        scorer: ev.ScorerSpec,
+        ctx: ScoreContext,
+    ) -> list[str]:
+        request = judge_request(cfg, samples)
+        budget = min(scorer_timeout(scorer), ctx.remaining() - 0.1)
+        texts = [""] * len(samples)
+        stream = self._stub(address).Generate(
+            request, timeout=max(budget, 0.01), metadata=call_metadata(self._service_key, ctx.team)
+        )
+        async for response in stream:  # type: ignore[attr-defined]
+            for completion in response.completions:
+                texts[completion.prompt_index] = completion.text
+        return texts
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
