@@ -188,7 +188,10 @@ class Completion(_message.Message):
     """The policy that produced it: the model or adapter revision name loaded at the time."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The sampled token ids (end-of-sequence included when generated)."""
+        """The sampled token ids (end-of-sequence included when generated). When a stop string ends the
+        completion, token_ids and logprobs run through the token that completed it, while text is
+        cut before the stop string: they are what was sampled, which the trainer's loss needs.
+        """
 
     @_builtins.property
     def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
