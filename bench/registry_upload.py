@@ -13,15 +13,15 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from services.devtools.server_thread import ServerThread
-from services.registry.app import binding
 from services.registry.client import RegistryClient
 from services.registry.datasets import validate_file
-from services.registry.settings import RegistrySettings
 from tlm.registry.v1 import registry_pb2
 
 
@@ -64,6 +64,37 @@ async def _service(address: str, src: Path, out: Path) -> tuple[float, float]:
     return upload, download
 
 
+def _start_registry(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    ready = root / "address"
+    env = {
+        **os.environ,
+        "TLM_REGISTRY_DATA_DIR": str(root / "data"),
+        "TLM_LOG_LEVEL": "warning",
+        "TLM_REGISTRY_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "serve",
+            "registry",
+            "--port",
+            "0",
+            "--insecure-dev",
+            "--ready-file",
+            str(ready),
+        ],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise SystemExit("the registry did not start")
+        time.sleep(0.1)
+    return proc, ready.read_text()
+
+
 def _rows(path: Path, n: int) -> None:
     with path.open("w") as f:
         for i in range(n):
@@ -86,12 +117,13 @@ def main() -> None:
         size_mb = sum(p.stat().st_size for p in src.rglob("*")) / 2**20
         kernel_s = _kernel_copy(src, root / "kcopy")
         user_s = _userspace_copy(src, root / "ucopy")
-        settings = RegistrySettings(port=0, data_dir=root / "data", insecure_dev=True)
-        server = ServerThread(lambda: [binding(settings)], settings).start()
+        # The service runs in its own process, as deployed: client and server share no GIL.
+        server, address = _start_registry(root)
         try:
-            up_s, down_s = asyncio.run(_service(server.address, src, root / "down"))
+            up_s, down_s = asyncio.run(_service(address, src, root / "down"))
         finally:
-            server.stop()
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
         kernel, user = size_mb / kernel_s, size_mb / user_s
         up, down = size_mb / up_s, size_mb / down_s
         print(f"artifact: {size_mb:.0f} MB (target ratio >= 0.5)")
