@@ -20,6 +20,7 @@ from services.cli.reward_cmds import push as evaluators_push
 from services.cli.reward_cmds import score
 from services.cli.reward_cmds import validate as evaluators_validate
 from services.cli.rollout_cmds import generate
+from services.cli.trainer_cmds import jobs_app
 from services.common.client import SERVICES, resolve_address
 from services.common.logs import configure_logging
 
@@ -39,6 +40,7 @@ evaluators_app.command("push")(evaluators_push)
 app.add_typer(evaluators_app, name="evaluators")
 app.command("score")(score)
 app.command("generate")(generate)
+app.add_typer(jobs_app, name="jobs")
 console = Console()
 err_console = Console(stderr=True)
 

@@ -1,5 +1,8 @@
 """`tlm generate`: load a model (and adapter) on the rollout service if needed, then generate.
 
+Revisions are resolved with the registry (--registry-address, TLM_REGISTRY_ADDRESS, TLM_ADDRESS).
+A different model already served is replaced only with --load.
+
 Mounted by services/cli/main.py with `app.command()(generate)`.
 """
 
@@ -32,15 +35,18 @@ def revision_name(spec: str) -> str:
     return f"models/{name}/revisions/{rev or 'latest'}"
 
 
-def _resolve(name: str, address: str | None) -> str:
-    """The registry's resolved name for `name`, or `name` itself if the registry cannot say."""
-    with sync_channel(resolve_address("registry", address)) as channel:
+def _resolve(name: str, registry_address: str | None) -> str:
+    """The registry's resolved name for `name`; `name` itself if the registry does not know it
+    (the rollout service then reports it)."""
+    with sync_channel(resolve_address("registry", registry_address)) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         try:
             request = registry_pb2.GetModelRevisionRequest(name=name)
             return stub.GetModelRevision(request, metadata=call_metadata(), timeout=10).name
-        except grpc.RpcError:
-            return name
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return name
+            raise
 
 
 def _generate(
@@ -48,17 +54,24 @@ def _generate(
     model: str,
     adapter: str | None,
     request: rollout_pb2.GenerateRequest,
-    address: str | None,
+    registry_address: str | None,
+    load: bool,
 ) -> list[rollout_pb2.Completion]:
     md = call_metadata()
     status = stub.GetEngineStatus(rollout_pb2.GetEngineStatusRequest(), metadata=md, timeout=10)
-    wanted = _resolve(revision_name(model), address)
+    wanted = _resolve(revision_name(model), registry_address)
+    if status.model_revision and status.model_revision != wanted and not load:
+        err_console.print(
+            f"the rollout service serves [bold]{status.model_revision}[/], not {wanted}; "
+            "pass --load to replace it"
+        )
+        raise typer.Exit(1)
     if status.model_revision != wanted:
-        load = rollout_pb2.LoadModelRequest(model_revision=wanted)
-        loaded = stub.LoadModel(load, metadata=md, timeout=600)
+        load_model = rollout_pb2.LoadModelRequest(model_revision=wanted)
+        loaded = stub.LoadModel(load_model, metadata=md, timeout=600)
         err_console.print(f"loaded [bold]{loaded.policy_version}[/]")
     if adapter is not None:
-        lora = _resolve(revision_name(adapter), address)
+        lora = _resolve(revision_name(adapter), registry_address)
         if lora not in {a.adapter_revision for a in status.adapters}:
             load_adapter = rollout_pb2.LoadAdapterRequest(adapter_revision=lora)
             stub.LoadAdapter(load_adapter, metadata=md, timeout=600)
@@ -73,6 +86,9 @@ def generate(
     adapter: Annotated[
         str | None, typer.Option("--adapter", help="NAME@REV of a LoRA adapter on that model.")
     ] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Send the prompt as a user turn (chat template).")
+    ] = False,
     n: Annotated[int, typer.Option("-n", help="Completions per prompt.")] = 1,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="New tokens per completion.")] = 64,
@@ -80,18 +96,24 @@ def generate(
     address: Annotated[
         str | None, typer.Option(help="Rollout address (else TLM_ROLLOUT_ADDRESS, TLM_ADDRESS).")
     ] = None,
+    registry_address: Annotated[
+        str | None,
+        typer.Option(help="Registry address (else TLM_REGISTRY_ADDRESS, TLM_ADDRESS)."),
+    ] = None,
+    load: Annotated[
+        bool, typer.Option("--load", help="Replace the model the service serves if it differs.")
+    ] = False,
 ) -> None:
-    """Generate completions with the rollout service, loading the model first if needed."""
+    """Generate completions with the rollout service, loading the model first if none is
+    served (or, with --load, if another one is)."""
     sampling = rollout_pb2.SamplingParams(
         n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
     )
-    request = rollout_pb2.GenerateRequest(
-        prompts=[common_pb2.Prompt(text=prompt)], sampling=sampling
-    )
+    request = rollout_pb2.GenerateRequest(prompts=[_prompt(prompt, chat)], sampling=sampling)
     with sync_channel(resolve_address("rollout", address)) as channel:
         stub = rollout_pb2_grpc.RolloutServiceStub(channel)
         try:
-            completions = _generate(stub, model, adapter, request, address)
+            completions = _generate(stub, model, adapter, request, registry_address, load)
         except grpc.RpcError as exc:
             err_console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
             raise typer.Exit(1) from exc
@@ -100,3 +122,10 @@ def generate(
         finish = FINISH.get(c.finish_reason, "?")
         table.add_row(str(c.sample_index), finish, str(len(c.token_ids)), c.policy_version, c.text)
     console.print(table)
+
+
+def _prompt(text: str, chat: bool) -> common_pb2.Prompt:
+    if not chat:
+        return common_pb2.Prompt(text=text)
+    turn = common_pb2.ChatMessage(role="user", content=text)
+    return common_pb2.Prompt(messages=common_pb2.Conversation(messages=[turn]))

@@ -114,6 +114,31 @@ def main() -> None:
                 "0",
                 env=env,
             )
+            # The main job: SFT of the tiny model on chat rows, followed to the end.
+            chat = data_dir / "chat.jsonl"
+            chat.write_text(
+                "".join(
+                    json.dumps(
+                        {
+                            "messages": [
+                                {"role": "user", "content": f"What is {a} + {b}?"},
+                                {"role": "assistant", "content": f"<answer>{a + b}</answer>"},
+                            ]
+                        }
+                    )
+                    + "\n"
+                    for a in range(1, 9)
+                    for b in range(1, 9)
+                )
+            )
+            _run("datasets", "push", "chat", str(chat), "--kind", "sft", env=env)
+            job = ["jobs", "create", "--method", "sft", "--base-model", "tiny", "--dataset", "chat"]
+            job += ["--full", "--max-steps", "160", "--learning-rate", "0.003"]
+            _run(*job, "--output-model", "models/tiny-sft", "--watch", env=env)
+            _run("models", "show", "tiny-sft@latest", env=env)
+            # Serve the trained revision and ask it the question in its chat format.
+            ask = ["generate", "--model", "tiny-sft", "--load", "--chat", "--temperature", "0"]
+            _run(*ask, "--prompt", "What is 2 + 2?", "--max-tokens", "16", env=env)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)

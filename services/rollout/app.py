@@ -29,7 +29,7 @@ def binding(settings: RolloutSettings, weights: WeightSource | None = None) -> S
         async def resolve(self, name: str, team: str) -> str:
             return await (weights or holder["registry"]).resolve(name, team)
 
-    core = RolloutCore(engine, _LateWeights(), settings.max_n)
+    core = RolloutCore(engine, _LateWeights(), settings.max_n, settings.takeover_idle_s)
     servicer = RolloutServicer(core)
 
     async def on_start(address: str) -> None:

@@ -1,9 +1,15 @@
 """The rollout core: which weights are served (and for which team), request validation, and
-the adapter table. Engine-agnostic; the servicer converts protobufs and calls this."""
+the adapter table. Engine-agnostic; the servicer converts protobufs and calls this.
+
+Ownership: the loaded model belongs to the team that loaded it. Another team may replace it
+only while the replica is idle: nothing running or queued, and no request from the owner for
+`takeover_idle_s` seconds. The owner may always replace its own model.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -11,13 +17,16 @@ from dataclasses import dataclass, field
 import structlog
 
 from services.rollout.domain import (
+    DTYPE_NAMES,
     MAX_PROMPTS,
     AdapterIncompatible,
     Completion,
     EngineStatusInfo,
     LoadedAdapterInfo,
+    ModelOwnedByAnotherTeam,
     NoModelLoaded,
     PromptInput,
+    PromptRejected,
     SamplingSpec,
     check_prompt_lengths,
     invalid,
@@ -41,13 +50,17 @@ def adapter_model(revision: str) -> str:
 
 
 class RolloutCore:
-    def __init__(self, engine: Engine, weights: WeightSource, max_n: int) -> None:
+    def __init__(
+        self, engine: Engine, weights: WeightSource, max_n: int, takeover_idle_s: float = 300.0
+    ) -> None:
         self.engine = engine
         self.weights = weights
         self.max_n = max_n
+        self.takeover_idle_s = takeover_idle_s
         self._team: str | None = None
         self._model = ""
         self._adapters: dict[str, _Adapter] = {}  # adapter model -> its loaded revision
+        self._last_used = 0.0  # time.monotonic() of the owner's last request
         self._lock = asyncio.Lock()
 
     async def _fetch(self, name: str, team: str, field_path: str) -> ResolvedRevision:
@@ -60,23 +73,47 @@ class RolloutCore:
 
     def _require_model(self, team: str) -> str:
         if not self._model or self._team != team:
-            raise NoModelLoaded("no model is loaded; call LoadModel first")
+            raise NoModelLoaded("no model is loaded for your team; call LoadModel first")
         return self._model
+
+    def _check_takeover(self, team: str) -> None:
+        """Another team's model may be replaced only while the replica is idle."""
+        if not self._model or self._team == team:
+            return
+        idle_s = time.monotonic() - self._last_used
+        busy = self.engine.running or self.engine.queue_depth
+        if busy or idle_s < self.takeover_idle_s:
+            raise ModelOwnedByAnotherTeam(
+                "this replica serves another team's model; it can be replaced once it has "
+                f"been idle for {self.takeover_idle_s:g} s",
+                metadata={"takeover_idle_s": f"{self.takeover_idle_s:g}"},
+            )
 
     # Weights -----------------------------------------------------------------------------------
 
     async def load_model(self, name: str, team: str, dtype: str, max_model_len: int) -> str:
+        dtype = dtype or "auto"
+        if dtype not in DTYPE_NAMES:  # checked before any download
+            raise invalid("dtype", f"expected one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+        if max_model_len < 0:
+            raise invalid("max_model_len", "must be >= 0 (0: the model's own)")
+        self._check_takeover(team)
         revision = await self._fetch(name, team, "model_revision")
         if revision.format is not WeightFormat.FULL:
             raise invalid("model_revision", "is a LoRA adapter; load it with LoadAdapter")
-        if max_model_len < 0:
-            raise invalid("max_model_len", "must be >= 0 (0: the model's own)")
         async with self._lock:
-            await self.engine.load_model(
-                revision.path, revision.name, dtype or "auto", max_model_len or None
-            )
+            self._check_takeover(team)  # requests may have arrived during the download
+            try:
+                await self.engine.load_model(
+                    revision.path, revision.name, dtype, max_model_len or None
+                )
+            except BaseException:
+                if not self.engine.max_model_len:  # the engine lost its old model too
+                    self._team, self._model, self._adapters = None, "", {}
+                raise
             self._team, self._model, self._adapters = team, revision.name, {}
-        log.info("model_loaded", revision=revision.name, engine=self.engine.name)
+            self._last_used = time.monotonic()
+        log.info("model_loaded", revision=revision.name, engine=self.engine.name, team=team)
         return revision.name
 
     async def load_adapter(self, name: str, team: str) -> str:
@@ -140,25 +177,55 @@ class RolloutCore:
                 raise invalid(f"prompts[{i}]", "is empty")
         sampling.validate(self.max_n, self.engine.max_model_len)
         adapter_version = self._find_adapter(adapter)[1].revision if adapter else None
-        prompt_ids = self.engine.encode(prompts)
+        prompt_ids = [self._encode(i, p) for i, p in enumerate(prompts)]
         check_prompt_lengths(prompt_ids, sampling.max_tokens, self.engine.max_model_len)
         request = EngineRequest(prompt_ids, sampling, adapter_version, return_prompt_ids)
-        return self.engine.generate(request)
+        self._last_used = time.monotonic()
+        return self._tracked(self.engine.generate(request))
+
+    def _encode(self, index: int, prompt: PromptInput) -> list[int]:
+        try:
+            return self.engine.encode([prompt])[0]
+        except PromptRejected as exc:
+            raise invalid(f"prompts[{index}]", exc.message) from exc
+
+    async def _tracked(
+        self, stream: AsyncIterator[list[Completion]]
+    ) -> AsyncIterator[list[Completion]]:
+        """The engine's stream; its end counts as the owner's last use (see _check_takeover)."""
+        try:
+            async for completions in stream:
+                yield completions
+        finally:
+            self._last_used = time.monotonic()
+            await stream.aclose()  # type: ignore[attr-defined]
 
     def status(self, team: str) -> EngineStatusInfo:
-        mine = bool(self._model) and self._team == team
-        adapters = [LoadedAdapterInfo(a.revision, a.load_time) for a in self._adapters.values()]
+        """The owner sees everything; other teams see the engine, device and limits only."""
         engine = self.engine
-        return EngineStatusInfo(
+        limits = EngineStatusInfo(
             engine=engine.name,
             device=engine.device,
-            model_revision=self._model if mine else "",
-            adapters=adapters if mine else [],
+            model_revision="",
+            adapters=[],
+            queue_depth=0,
+            running=0,
+            max_queue=engine.max_queue,
+            tokens_per_second=0.0,
+            max_model_len=0,
+            max_n=self.max_n,
+            generated_tokens_total=0,
+        )
+        if not self._model or self._team != team:
+            return limits
+        adapters = [LoadedAdapterInfo(a.revision, a.load_time) for a in self._adapters.values()]
+        return dataclasses.replace(
+            limits,
+            model_revision=self._model,
+            adapters=adapters,
             queue_depth=engine.queue_depth,
             running=engine.running,
-            max_queue=engine.max_queue,
             tokens_per_second=engine.tokens_per_second(),
-            max_model_len=engine.max_model_len if mine else 0,
-            max_n=self.max_n,
+            max_model_len=engine.max_model_len,
             generated_tokens_total=engine.generated_tokens_total,
         )

@@ -19,6 +19,10 @@ from services.common.errors import (
 from tlm.common.v1 import common_pb2
 
 MAX_PROMPTS = 1024  # the contract's bound on GenerateRequest.prompts
+# Both engines sample at temperatures in [0, MAX_TEMPERATURE] (the OpenAI API's bound);
+# above it the distribution is close to uniform over the vocabulary.
+MAX_TEMPERATURE = 2.0
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # LoadModelRequest.dtype
 
 
 class FinishReason(enum.Enum):
@@ -37,6 +41,14 @@ class AdapterIncompatible(FailedPrecondition):
 
 class QueueFull(ResourceExhausted):
     """The bounded queue is full; the caller retries with backoff."""
+
+
+class ModelOwnedByAnotherTeam(FailedPrecondition):
+    """LoadModel from a team while another team's model is loaded and in use."""
+
+
+class PromptRejected(InvalidArgument):
+    """The tokenizer could not render a prompt (no chat template, a role it refuses)."""
 
 
 def invalid(field_path: str, description: str) -> InvalidArgument:
@@ -63,8 +75,17 @@ class SamplingSpec:
         bad: list[FieldViolation] = []
         if not 1 <= self.n <= max_n:
             bad.append(FieldViolation("sampling.n", f"must be in [1, {max_n}], got {self.n}"))
-        if not self.temperature >= 0:  # also catches NaN
-            bad.append(FieldViolation("sampling.temperature", "must be >= 0"))
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also catches NaN and inf
+            bad.append(
+                FieldViolation("sampling.temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
+            )
+        elif self.temperature == 0 and 1 < self.n <= max_n:
+            bad.append(
+                FieldViolation(
+                    "sampling.n",
+                    "must be 1 with temperature 0 (greedy decoding gives n identical completions)",
+                )
+            )
         if not 0 < self.top_p <= 1:
             bad.append(FieldViolation("sampling.top_p", "must be in (0, 1]"))
         if self.top_k < 0:

@@ -4,11 +4,13 @@ Batches hold a reference to the `LoadedModel` they were accepted on, so LoadMode
 new object and running batches finish on the old weights. Adapters live side by side in one
 PeftModel under unique internal names; each decode step selects its batch's adapter under a
 lock, so loading a new adapter revision never changes what a running batch computes. A retired
-adapter is deleted once no accepted request uses it.
+adapter is deleted once no accepted request uses it: before the next step, or by `purge` when
+no batch is decoding.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Sequence
@@ -16,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from services.common.errors import FailedPrecondition
-from services.rollout.domain import PromptInput, invalid
+from services.rollout.domain import DTYPE_NAMES, PromptInput, PromptRejected, invalid
 
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,  # float32 on CPU, the checkpoint's dtype on GPU
@@ -28,6 +31,7 @@ DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+assert tuple(DTYPES) == DTYPE_NAMES
 
 
 @dataclass(eq=False)
@@ -52,9 +56,23 @@ def encode_prompt(tokenizer: Any, prompt: PromptInput) -> list[int]:
         messages = [{"role": r, "content": c} for r, c in prompt.messages]
         if not messages:
             return []
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except (ValueError, jinja2.TemplateError) as exc:  # no template; a role it refuses
+            raise PromptRejected(f"the model's chat template cannot render it: {exc}") from exc
         return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(prompt.text)) if prompt.text else []
+
+
+def check_load_args(path: Path, dtype: str, max_model_len: int | None) -> None:
+    """Reject a bad dtype or context length from config.json alone, before loading weights."""
+    if dtype not in DTYPES:
+        raise invalid("dtype", f"expected one of {sorted(DTYPES)}, got {dtype!r}")
+    limit = int(AutoConfig.from_pretrained(path).max_position_embeddings)
+    if max_model_len is not None and not 0 < max_model_len <= limit:
+        raise invalid("max_model_len", f"must be in [1, {limit}] for this model")
 
 
 class LoadedModel:
@@ -81,7 +99,9 @@ class LoadedModel:
         self._peft: Any = None
         self._counter = 0
         self._selected: str | bool | None = False  # False: nothing selected yet
-        self._dead: list[str] = []  # internal names to delete
+        # Internal names to delete. Appended on the event loop, drained under _lock by the
+        # decode thread; deque append/popleft are atomic, so no name is lost in between.
+        self._dead: collections.deque[str] = collections.deque()
 
     # Tokens --------------------------------------------------------------------------------
 
@@ -133,17 +153,34 @@ class LoadedModel:
         if handle.retired and handle.users == 0:
             self._dead.append(handle.internal_name)  # deleted under the lock, before a step
 
+    def _delete_dead(self, keep: str | None) -> None:
+        """Delete retired adapters except `keep` (a cancelled batch may take one more step on
+        it). Call with _lock held."""
+        kept = []
+        while self._dead:
+            name = self._dead.popleft()
+            if name == keep:
+                kept.append(name)
+            else:
+                self._peft.delete_adapter(name)
+                self._selected = False
+        self._dead.extend(kept)
+
+    @property
+    def has_dead(self) -> bool:
+        return bool(self._dead)
+
+    def purge(self) -> None:
+        """Delete retired adapters now; only while no batch decodes on this model."""
+        with self._lock:
+            self._delete_dead(keep=None)
+
     # Forward ---------------------------------------------------------------------------------
 
     def forward(self, adapter: str | None, **inputs: Any) -> Any:
         """One model call with `adapter` (internal name) selected, or the bare base model."""
         with self._lock:
-            if any(name != adapter for name in self._dead):
-                for name in self._dead:
-                    if name != adapter:  # a cancelled batch may take one more step on it
-                        self._peft.delete_adapter(name)
-                self._dead = [name for name in self._dead if name == adapter]
-                self._selected = False
+            self._delete_dead(keep=adapter)
             if self._peft is not None and self._selected != adapter:
                 tuner = self._peft.base_model
                 if adapter is None:

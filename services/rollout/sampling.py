@@ -40,26 +40,30 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def filtered_probs(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Sampling distribution after temperature, top-k (0 = off) and top-p (1 = off).
 
-    logits (B, V) float; temperature, top_p (B,) float; top_k (B,) long. Returns probs (B, V),
-    sorted descending when filtering was needed, with the sort order (B, V) (else None).
-    Top-p keeps the smallest prefix whose mass reaches p: a token stays while the mass before
-    it is < p (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration").
+    logits (B, V) float; temperature, top_p (B,) float; top_k (B,) long -> probs (B, V), always
+    in vocabulary order, so a row's distribution (and its draw) never depends on its batch mates.
+    Top-p keeps the smallest prefix of the sorted tokens whose mass reaches p: a token stays while
+    the mass before it is < p (Holtzman et al. 2020, "The Curious Case of Neural Text
+    Degeneration"). Rows with top_p = 1 skip that cut: float32 rounding can make the mass before
+    a tail token reach 1.0, which would drop it.
     """
     scaled = logits / temperature.clamp_min(1e-6).unsqueeze(1)  # (B, V)
     vocab = logits.shape[-1]
-    if not bool((top_k > 0).any()) and not bool((top_p < 1).any()):
-        return torch.softmax(scaled, dim=-1), None
+    use_p = top_p < 1  # (B,)
+    if not bool((top_k > 0).any()) and not bool(use_p.any()):
+        return torch.softmax(scaled, dim=-1)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (B, V)
     rank = torch.arange(vocab, device=logits.device).unsqueeze(0)  # (1, V)
     k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)  # (B, 1)
-    drop = rank >= k  # (B, V)
+    drop = rank >= k  # (B, V), sorted order
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # (B, V)
-    drop |= mass_before >= top_p.unsqueeze(1)
-    return torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1), order
+    drop |= (mass_before >= top_p.unsqueeze(1)) & use_p.unsqueeze(1)
+    drop_in_vocab = torch.zeros_like(drop).scatter(1, order, drop)  # (B, V), vocabulary order
+    return torch.softmax(scaled.masked_fill(drop_in_vocab, float("-inf")), dim=-1)
 
 
 def next_tokens(
@@ -73,10 +77,7 @@ def next_tokens(
 
     logits (B, V) float; temperature, top_p, uniforms (B,); top_k (B,) long -> (B,) long.
     """
-    probs, order = filtered_probs(logits, temperature, top_k, top_p)
-    choice = inverse_cdf(probs, uniforms)  # (B,)
-    if order is not None:
-        choice = order.gather(1, choice.unsqueeze(1)).squeeze(1)
+    choice = inverse_cdf(filtered_probs(logits, temperature, top_k, top_p), uniforms)  # (B,)
     return torch.where(temperature == 0, logits.argmax(dim=-1), choice)
 
 

@@ -24,3 +24,5 @@ class RolloutSettings(ServerSettings):
     model_revision: str | None = None  # loaded at start when set
     cache_dir: Path | None = None  # downloaded revisions; default <data_dir>/rollout-cache
     startup_team: str = "dev"  # the team model_revision is loaded for at start
+    # Another team may replace the loaded model only after it has been idle this long.
+    takeover_idle_s: float = Field(300.0, ge=0)

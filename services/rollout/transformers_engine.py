@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from services.rollout.decoding import DecodeContext, Row, decode
 from services.rollout.domain import Completion, NoModelLoaded, PromptInput
 from services.rollout.engine import EngineConfig, EngineRequest
-from services.rollout.hf_weights import AdapterHandle, LoadedModel
+from services.rollout.hf_weights import AdapterHandle, LoadedModel, check_load_args
 from services.rollout.sampling import row_generator
 from services.rollout.scheduler import END, Chunk, Job, Scheduler, Throughput
 
@@ -24,6 +25,7 @@ class TransformersEngine:
         self.max_queue = config.max_queue
         self._loaded: LoadedModel | None = None
         self._meter = Throughput()
+        self._decoding = False  # a batch is in the decode thread
         self._scheduler = Scheduler(
             self._run_batch, self._release, config.max_queue, config.max_batch_prompts
         )
@@ -56,13 +58,22 @@ class TransformersEngine:
             raise NoModelLoaded("no model is loaded; call LoadModel first")
         return self._loaded
 
+    def _idle(self) -> bool:
+        return not (self._decoding or self._scheduler.running or self._scheduler.queue_depth)
+
     async def load_model(
         self, path: Path, version: str, dtype: str, max_model_len: int | None
     ) -> None:
-        loaded = await asyncio.to_thread(
+        """Batches already accepted keep the old object. With none, the old model is dropped
+        before the new one loads (half the peak memory); if that load then fails, none is
+        loaded."""
+        await asyncio.to_thread(check_load_args, path, dtype, max_model_len)
+        if self._idle() and self._loaded is not None:
+            self._loaded = None
+            await asyncio.to_thread(gc.collect)  # peft and hooks keep reference cycles
+        self._loaded = await asyncio.to_thread(
             LoadedModel, path, version, dtype, max_model_len, self.device
         )
-        self._loaded = loaded  # batches already accepted keep the old object
 
     async def load_adapter(self, path: Path, version: str) -> None:
         model = self._model()
@@ -70,7 +81,10 @@ class TransformersEngine:
             await asyncio.to_thread(model.add_adapter, path, version)
 
     async def unload_adapter(self, version: str) -> None:
-        self._model().retire(version)
+        model = self._model()
+        model.retire(version)
+        if not self._decoding:  # else the decode thread deletes it before its next step
+            await asyncio.to_thread(model.purge)
 
     # Generation ------------------------------------------------------------------------------
 
@@ -156,7 +170,15 @@ class TransformersEngine:
             on_finish=on_finish,
             on_tokens=self._meter.add,
         )
-        await asyncio.to_thread(decode, rows, ctx)
+        self._decoding = True
+        try:
+            await asyncio.to_thread(decode, rows, ctx)
+        finally:
+            self._decoding = False
+        # The batch's deliveries ran before this point (released handles included): adapters
+        # retired meanwhile are deleted now rather than at the next batch's first step.
+        if model.has_dead:
+            await asyncio.to_thread(model.purge)
 
     async def close(self) -> None:
         await self._scheduler.close()

@@ -4,7 +4,8 @@ vLLM is imported lazily, so this module imports on machines without it. vLLM bat
 continuously by itself; we submit one vLLM request per prompt (n samples each) and stream each
 prompt's samples when they finish. LoRA adapters ride as LoRARequests; log-probs are vLLM's
 sampled-token log-probs with `logprobs_mode="raw_logprobs"` (raw log-softmax, before
-temperature and top-k/top-p) where the installed vLLM has that option.
+temperature and top-k/top-p); a vLLM without that option is refused at LoadModel, since the
+contract needs raw log-probs.
 
 NOTE: written against vLLM's documented AsyncLLMEngine (= v1 AsyncLLM) API; it has never run
 in this repository's CI (no GPU there). Its tests are marked `gpu`.
@@ -22,14 +23,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.rollout.domain import Completion, FinishReason, NoModelLoaded, PromptInput, QueueFull
+import structlog
+
+from services.common.errors import FailedPrecondition, Unavailable
+from services.rollout.domain import (
+    Completion,
+    FinishReason,
+    NoModelLoaded,
+    PromptInput,
+    QueueFull,
+    invalid,
+)
 from services.rollout.engine import EngineConfig, EngineRequest
 from services.rollout.hf_weights import DTYPES, encode_prompt
 from services.rollout.sampling import derive_seed
 from services.rollout.scheduler import Throughput
 
+log = structlog.get_logger("tlm.rollout.vllm")
+
 FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 MAX_LORA_RANK = 64
+MAX_LORAS = 2  # a new adapter revision loads while requests still run on the old one
 
 
 @dataclass(eq=False)
@@ -75,6 +89,8 @@ class VllmEngine:
         self._loras: dict[str, _Lora] = {}
         self._lora_ids = itertools.count(1)
         self._in_flight = 0
+        self._draining = False  # a LoadModel waits for running requests: accept no new ones
+        self._options: dict[str, Any] = {}  # the running engine's arguments (to restore it)
         self._meter = Throughput()
 
     @property
@@ -99,31 +115,75 @@ class VllmEngine:
     async def load_model(
         self, path: Path, version: str, dtype: str, max_model_len: int | None
     ) -> None:
-        from transformers import AutoTokenizer
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-
-        from services.rollout.domain import invalid
+        """Drain, shut the old engine down (one engine fits the GPU), start the new one; if it
+        fails to start, start the old one again (its adapters too) and re-raise."""
+        from vllm import AsyncEngineArgs
 
         if dtype not in DTYPES:
             raise invalid("dtype", f"expected one of {sorted(DTYPES)}, got {dtype!r}")
+        if "logprobs_mode" not in {f.name for f in dataclasses.fields(AsyncEngineArgs)}:
+            raise FailedPrecondition(
+                "the installed vLLM has no logprobs_mode option, and the contract needs raw "
+                "log-probs: install a vLLM release that has EngineArgs.logprobs_mode"
+            )
         options: dict[str, Any] = {
             "model": str(path),
             "dtype": dtype,
             "max_model_len": max_model_len,
             "enable_lora": True,
             "max_lora_rank": MAX_LORA_RANK,
+            "max_loras": MAX_LORAS,
+            "logprobs_mode": "raw_logprobs",
         }
-        if "logprobs_mode" in {f.name for f in dataclasses.fields(AsyncEngineArgs)}:
-            options["logprobs_mode"] = "raw_logprobs"
-        while self._in_flight:  # one engine fits the GPU: let running requests finish
-            await asyncio.sleep(0.05)
-        if self._engine is not None:
-            self._engine.shutdown()
-        self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**options))
-        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._draining = True
+        try:
+            while self._in_flight:
+                await asyncio.sleep(0.05)
+            old = (self._options, self._version, list(self._loras.values()))
+            await self._shutdown()
+            try:
+                await self._start(options, version)
+            except BaseException:
+                if old[0]:
+                    await self._restore(*old)
+                raise
+        finally:
+            self._draining = False
+
+    async def _start(self, options: dict[str, Any], version: str) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        args = AsyncEngineArgs(**options)
+        engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args)
+        try:
+            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, options["model"])
+            config = getattr(engine, "model_config", None)  # v1 AsyncLLM: an attribute
+            if config is None:
+                config = await engine.get_model_config()  # older AsyncLLMEngine
+        except BaseException:
+            await asyncio.to_thread(engine.shutdown)
+            raise
+        self._engine, self._tokenizer, self._options = engine, tokenizer, options
         self._version, self._loras = version, {}
-        model_config = await self._engine.get_model_config()
-        self._max_model_len = int(model_config.max_model_len)
+        self._max_model_len = int(config.max_model_len)
+
+    async def _restore(self, options: dict[str, Any], version: str, loras: list[_Lora]) -> None:
+        try:
+            await self._start(options, version)
+            for lora in loras:
+                await self._engine.add_lora(lora.request)
+                self._loras[lora.version] = _Lora(lora.version, lora.request)
+        except Exception as exc:
+            log.error("vllm_restore_failed", model=options.get("model"), exc_info=exc)
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        engine, self._engine = self._engine, None
+        self._tokenizer, self._options, self._version = None, {}, ""
+        self._loras, self._max_model_len = {}, 0
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
 
     async def load_adapter(self, path: Path, version: str) -> None:
         from vllm.lora.request import LoRARequest
@@ -151,6 +211,8 @@ class VllmEngine:
         return [encode_prompt(self._tokenizer, p) for p in prompts]
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[Completion]]:
+        if self._draining:
+            raise Unavailable("a model is being loaded on this replica; retry shortly")
         if self._engine is None:
             raise NoModelLoaded("no model is loaded; call LoadModel first")
         if self._in_flight >= self.max_queue:
@@ -184,32 +246,21 @@ class VllmEngine:
     async def _one_prompt(
         self, request: EngineRequest, index: int, lora: _Lora | None, version: str, out: Any
     ) -> None:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        s = request.sampling
-        seed = secrets.randbits(63) if s.seed is None else derive_seed(s.seed, index, 0)
-        params = SamplingParams(
-            n=s.n,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k if s.top_k > 0 else -1,  # vLLM: -1 disables (0 in newer releases too)
-            max_tokens=s.max_tokens,
-            stop=list(s.stop) or None,
-            seed=seed,
-            logprobs=None if s.skip_logprobs else 0,  # 0: only the sampled token's log-prob
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        """Always puts exactly one item on `out`: the prompt's completions or an error."""
         prompt_ids = request.prompt_ids[index]
         try:
+            params = _sampling_params(request, index)
             final = None
-            async for partial in self._engine.generate(
-                {"prompt_token_ids": prompt_ids},
-                params,
-                request_id=uuid.uuid4().hex,
-                lora_request=lora.request if lora else None,
-            ):
-                final = partial  # FINAL_ONLY: one output, when every sample is done
+            try:
+                async for partial in self._engine.generate(
+                    {"prompt_token_ids": prompt_ids},
+                    params,
+                    request_id=uuid.uuid4().hex,
+                    lora_request=lora.request if lora else None,
+                ):
+                    final = partial  # FINAL_ONLY: one output, when every sample is done
+            except ValueError as exc:  # vLLM's request validation (length, token ids, ...)
+                raise invalid(f"prompts[{index}]", f"rejected by vLLM: {exc}") from exc
             assert final is not None
             done = [
                 completion_from_output(o, index, version, prompt_ids, request)
@@ -221,6 +272,27 @@ class VllmEngine:
             out.put_nowait(exc)
 
     async def close(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+        await self._shutdown()
+
+
+def _sampling_params(request: EngineRequest, index: int) -> Any:
+    """vLLM SamplingParams for one prompt; its validation errors become INVALID_ARGUMENT."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    s = request.sampling
+    seed = secrets.randbits(63) if s.seed is None else derive_seed(s.seed, index, 0)
+    try:
+        return SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,  # vLLM: -1 disables (0 in newer releases too)
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            seed=seed,
+            logprobs=None if s.skip_logprobs else 0,  # 0: only the sampled token's log-prob
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+    except (ValueError, TypeError) as exc:
+        raise invalid("sampling", f"rejected by vLLM: {exc}") from exc

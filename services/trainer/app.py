@@ -1,23 +1,64 @@
-"""Wiring of the trainer service: its servicer mounted on the shared server bootstrap."""
+"""Wiring of the trainer service: store + supervisor + core behind the thin servicer."""
 
 from __future__ import annotations
 
+import os
+
 from services.common.server import ServiceBinding
+from services.trainer.core import Changes, TrainerCore
+from services.trainer.registry_port import RegistryPort
+from services.trainer.resources import detect_devices
+from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
+from services.trainer.store import JobStore
+from services.trainer.supervisor import DEFAULT_WORKER, Supervisor, WorkerConfig
 from tlm.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
-class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    """Every RPC answers UNIMPLEMENTED until the trainer issue lands."""
+def binding(
+    settings: TrainerSettings, worker_module: str = DEFAULT_WORKER, cancel_grace_s: float = 30.0
+) -> ServiceBinding:
+    """`worker_module` is the worker entry point (tests swap in one that crashes); a cancelled
+    worker that has not exited after `cancel_grace_s` is killed."""
+    work_dir = settings.data_dir / "trainer"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(f"sqlite:///{work_dir / 'jobs.db'}")
+    changes = Changes()
+    holder: dict[str, Supervisor] = {}
+    core = TrainerCore(store, None, changes, detect_devices())  # type: ignore[arg-type]
+    servicer = TrainerServicer(core)
 
+    async def on_start(address: str) -> None:
+        # Unset addresses mean the server's own (`tlm up` runs every service in one process).
+        config = WorkerConfig(
+            root=work_dir / "jobs",
+            max_running=settings.max_running_jobs,
+            module=worker_module,
+            cancel_grace_s=cancel_grace_s,
+            torch_threads=max(1, (os.cpu_count() or 1) // settings.max_running_jobs),
+            api_key=settings.service_api_key,
+            registry_address=settings.registry_address or address,
+            rollout_address=settings.rollout_address or address,
+            reward_address=settings.reward_address or address,
+        )
+        core.registry = RegistryPort(config.registry_address, settings.service_api_key)
+        core.supervisor = holder["supervisor"] = Supervisor(store, config, changes.notify)
+        holder["supervisor"].recover()
 
-def binding(settings: TrainerSettings) -> ServiceBinding:
-    servicer = TrainerServiceServicer()  # type: ignore[abstract]  # stubs until implemented
+    async def on_stop() -> None:
+        if "supervisor" in holder:
+            await holder["supervisor"].stop()
+        if core.registry is not None:
+            await core.registry.close()
+        store.close()
+
     return ServiceBinding(
         name=SERVICE_NAME,
         register=lambda server: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
             servicer, server
         ),
+        on_start=on_start,
+        on_stop=on_stop,
     )

@@ -1,7 +1,11 @@
-"""Runtime settings of the trainer service, from `TLM_TRAINER_...` environment variables."""
+"""Runtime settings of the trainer service, from `TLM_TRAINER_...` environment variables.
+
+Jobs keep their folders (worker logs, checkpoints, the model cache) and the SQLite job store
+under `<data_dir>/trainer`."""
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServerSettings
@@ -12,7 +16,9 @@ class TrainerSettings(ServerSettings):
 
     model_config = SettingsConfigDict(env_prefix="TLM_TRAINER_", extra="ignore")
 
+    # Other services; unset means this server's own address (`tlm up`).
     registry_address: str | None = None
     reward_address: str | None = None
     rollout_address: str | None = None
-    max_running_jobs: int = 1
+    # Workers running at once; more jobs wait PENDING.
+    max_running_jobs: int = Field(1, ge=1)

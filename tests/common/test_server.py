@@ -92,7 +92,7 @@ def test_one_structured_log_line_per_rpc(secured: ServerThread) -> None:
         "/tlm.trainer.v1.TrainerService/GetTrainingJob",
     ]
     trainer_line = lines[1]
-    assert trainer_line["code"] == "UNIMPLEMENTED"
+    assert trainer_line["code"] == "NOT_FOUND"
     assert trainer_line["team"] == "team-a"
     assert trainer_line["latency_ms"] >= 0 and trainer_line["peer"].startswith("ipv4:127.0.0.1")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +19,13 @@ OTHER_MODEL = "models/other/revisions/r1"
 LORA_R1 = "models/tiny-lora/revisions/r1"
 LORA_R2 = "models/tiny-lora/revisions/r2"
 FOREIGN_LORA = "models/other-lora/revisions/r1"
+NO_CHAT_MODEL = "models/no-chat/revisions/r1"  # the tiny model without a chat template
+STRICT_CHAT_MODEL = "models/strict-chat/revisions/r1"  # a template that refuses "system"
+STRICT_TEMPLATE = (
+    "{%- for m in messages %}{%- if m['role'] not in ['user', 'assistant'] %}"
+    "{{ raise_exception('only user and assistant roles') }}{%- endif %}"
+    "{{- m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor %}"
+)
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
@@ -44,8 +52,25 @@ def lora_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def local_weights(tiny_model_dir: Path, lora_dirs: list[Path]) -> LocalWeights:
+def chat_variant_dirs(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """Copies of the tiny model: one without a chat template, one with a strict template."""
+    root = tmp_path_factory.mktemp("chat-variants")
+    no_chat = Path(shutil.copytree(tiny_model_dir, root / "no-chat"))
+    (no_chat / "chat_template.jinja").unlink()
+    strict = Path(shutil.copytree(tiny_model_dir, root / "strict"))
+    (strict / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    return no_chat, strict
+
+
+@pytest.fixture(scope="session")
+def local_weights(
+    tiny_model_dir: Path, lora_dirs: list[Path], chat_variant_dirs: tuple[Path, Path]
+) -> LocalWeights:
     weights = LocalWeights()
+    weights.add(ResolvedRevision(NO_CHAT_MODEL, WeightFormat.FULL, chat_variant_dirs[0]))
+    weights.add(ResolvedRevision(STRICT_CHAT_MODEL, WeightFormat.FULL, chat_variant_dirs[1]))
     weights.add(ResolvedRevision(MODEL, WeightFormat.FULL, tiny_model_dir), "models/tiny")
     weights.add(ResolvedRevision(OTHER_MODEL, WeightFormat.FULL, tiny_model_dir))
     lora = WeightFormat.LORA

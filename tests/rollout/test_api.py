@@ -17,7 +17,9 @@ from tests.rollout.conftest import (
     LORA_R1,
     LORA_R2,
     MODEL,
+    NO_CHAT_MODEL,
     OTHER_MODEL,
+    STRICT_CHAT_MODEL,
     RolloutServerFactory,
 )
 from tlm.common.v1 import common_pb2
@@ -112,6 +114,10 @@ def test_load_generate_and_status(stub: rollout_pb2_grpc.RolloutServiceStub) -> 
         (request("hi", n=65), "sampling.n"),
         (request("hi", max_tokens=600), "sampling.max_tokens"),
         (request("hi", temperature=-1.0), "sampling.temperature"),
+        (request("hi", temperature=float("inf")), "sampling.temperature"),
+        (request("hi", temperature=float("nan")), "sampling.temperature"),
+        (request("hi", temperature=2.5), "sampling.temperature"),
+        (request("hi", n=2, temperature=0.0), "sampling.n"),
         (request("hi", top_p=0.0), "sampling.top_p"),
         (request("hi", top_p=1.01), "sampling.top_p"),
         (request("a", "b", "c", ""), "prompts[3]"),
@@ -248,3 +254,77 @@ def test_requests_arriving_together_stream_as_they_finish(
     early = request("The red cat", n=8, max_tokens=60, seed=8, stop=["e"])
     messages = list(stub.Generate(early, timeout=60))
     assert sum(len(m.completions) for m in messages) == 8
+
+
+def chat(*turns: tuple[str, str], max_tokens: int = 4) -> rollout_pb2.GenerateRequest:
+    messages = [common_pb2.ChatMessage(role=r, content=c) for r, c in turns]
+    return rollout_pb2.GenerateRequest(
+        prompts=[
+            common_pb2.Prompt(text="hi"),
+            common_pb2.Prompt(messages=common_pb2.Conversation(messages=messages)),
+        ],
+        sampling=Sampling(max_tokens=max_tokens),
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "role"), [(NO_CHAT_MODEL, "user"), (STRICT_CHAT_MODEL, "system")]
+)
+def test_chat_prompts_the_template_cannot_render_are_invalid(
+    stub: rollout_pb2_grpc.RolloutServiceStub, model: str, role: str
+) -> None:
+    stub.LoadModel(rollout_pb2.LoadModelRequest(model_revision=model), timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(chat((role, "be brief"), ("user", "hi")), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(err.value) == ["prompts[1]"]
+    if model == STRICT_CHAT_MODEL:  # roles it accepts still render
+        assert len(collect(stub.Generate(chat(("user", "hi")), timeout=60))) == 2
+
+
+def team(name: str) -> tuple[tuple[str, str], ...]:
+    return (("x-tlm-team", name),)  # insecure_dev servers take the team from this header
+
+
+def test_another_teams_model_is_kept_while_in_use(rollout_server: RolloutServerFactory) -> None:
+    stub = stub_for(rollout_server().address)  # takeover after 300 s idle (the default)
+    a, b = team("team-a"), team("team-b")
+    stub.LoadModel(rollout_pb2.LoadModelRequest(model_revision=MODEL), metadata=a, timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.LoadModel(
+            rollout_pb2.LoadModelRequest(model_revision=OTHER_MODEL), metadata=b, timeout=60
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another team's model" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request("hi", max_tokens=2), metadata=b, timeout=10))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no model is loaded for your team" in (err.value.details() or "")
+    (mine,) = collect(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=60))
+    assert mine.policy_version == MODEL
+    get = rollout_pb2.GetEngineStatusRequest()
+    theirs = stub.GetEngineStatus(get, metadata=b, timeout=10)
+    assert (theirs.engine, theirs.device, theirs.max_queue, theirs.max_n) == (
+        "transformers",
+        "cpu",
+        256,
+        64,
+    )
+    assert theirs.model_revision == "" and theirs.generated_tokens_total == 0
+    assert theirs.max_model_len == 0 and not theirs.adapters
+    owner = stub.GetEngineStatus(get, metadata=a, timeout=10)
+    assert owner.model_revision == MODEL and owner.generated_tokens_total > 0
+
+
+def test_another_team_may_replace_an_idle_model(rollout_server: RolloutServerFactory) -> None:
+    stub = stub_for(rollout_server(takeover_idle_s=0).address)
+    a, b = team("team-a"), team("team-b")
+    stub.LoadModel(rollout_pb2.LoadModelRequest(model_revision=MODEL), metadata=a, timeout=60)
+    collect(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=60))
+    loaded = stub.LoadModel(
+        rollout_pb2.LoadModelRequest(model_revision=OTHER_MODEL), metadata=b, timeout=60
+    )
+    assert loaded.policy_version == OTHER_MODEL
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=10))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -27,18 +27,40 @@ async def test_generate_loads_the_model_then_prints(
             registry_pb2.CreateModelRequest(model_id="rollout-cli-tiny")
         )
         revision = await registry.upload_model_revision("models/rollout-cli-tiny", tiny_model_dir)
+        newer = await registry.upload_model_revision("models/rollout-cli-tiny", tiny_model_dir)
     finally:
         await registry.close()
     app = typer.Typer()
     app.command()(generate)
     app.command("unused")(lambda: None)  # two commands: `generate` is then a subcommand
-    args = ["generate", "--model", "rollout-cli-tiny", "--prompt", "The red cat", "-n", "2"]
-    args += ["--max-tokens", "5", "--seed", "1", "--address", embedded.address]
-    result = CliRunner().invoke(app, args, terminal_width=200)
+    model = f"rollout-cli-tiny@{revision.name.rsplit('/', 1)[1]}"
+    addresses = ["--address", embedded.address, "--registry-address", embedded.address]
+    args = ["generate", "--model", model, "--prompt", "The red cat", "-n", "2"]
+    args += ["--max-tokens", "5", "--seed", "1", *addresses]
+    # --load: another test may have left a model on this shared server.
+    result = CliRunner().invoke(app, [*args, "--load"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "loaded" in result.output and revision.name in result.output
     again = CliRunner().invoke(app, args, terminal_width=200)  # already loaded: no reload
     assert again.exit_code == 0 and "loaded" not in again.output
     assert again.stdout == result.stdout  # same seed, same table
-    bad = CliRunner().invoke(app, [*args[:-2], "--temperature", "-1", *args[-2:]])
+    bad = CliRunner().invoke(app, [*args, "--temperature", "-1"])
     assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output
+
+    # Another revision replaces the served one only with --load.
+    latest = [a if a != model else "rollout-cli-tiny" for a in args]
+    refused = CliRunner().invoke(app, latest, terminal_width=200)
+    assert refused.exit_code == 1 and "--load" in refused.output
+    assert revision.name in refused.output
+    replaced = CliRunner().invoke(app, [*latest, "--load"], terminal_width=200)
+    assert replaced.exit_code == 0 and newer.name in replaced.output
+
+
+def test_generate_reports_an_unreachable_registry(embedded: ServerThread) -> None:
+    app = typer.Typer()
+    app.command()(generate)
+    app.command("unused")(lambda: None)
+    args = ["generate", "--model", "rollout-cli-tiny", "--prompt", "hi"]
+    args += ["--address", embedded.address, "--registry-address", "127.0.0.1:1"]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 1 and "UNAVAILABLE" in result.output

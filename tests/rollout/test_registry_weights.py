@@ -63,4 +63,10 @@ async def test_load_model_and_adapter_from_the_registry(
         unknown = rollout_pb2.LoadModelRequest(model_revision="models/rollout-tiny/revisions/r99")
         await rollout.LoadModel(unknown, metadata=TEAM_A)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Nor can it replace team-a's model while team-a is using it.
+    with pytest.raises(grpc.RpcError) as err:
+        mine = rollout_pb2.LoadModelRequest(model_revision="models/b-tiny/revisions/latest")
+        await rollout.LoadModel(mine, metadata=TEAM_B)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another team's model" in (err.value.details() or "")
     await channel.close()

@@ -9,7 +9,13 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.rollout.domain import SamplingSpec, check_prompt_lengths
-from services.rollout.sampling import derive_seed, find_stop, inverse_cdf, next_tokens
+from services.rollout.sampling import (
+    derive_seed,
+    filtered_probs,
+    find_stop,
+    inverse_cdf,
+    next_tokens,
+)
 
 
 def _logits(*probs: float) -> torch.Tensor:
@@ -58,6 +64,33 @@ def test_top_k_and_greedy() -> None:
     assert _pick(logits, 0.99, temperature=0.0) == 1
 
 
+def test_a_row_draws_the_same_token_whatever_its_batch_mates() -> None:
+    # Row 0: probs [0.2, 0.5, 0.3], no filter; in vocabulary order cdf [0.2, 0.7, 1.0], so
+    # u = 0.1 -> token 0. A top-k row next to it must not make it walk the sorted order
+    # [1, 2, 0] (cdf [0.5, 0.8, 1.0], which would give token 1).
+    logits = _logits(0.2, 0.5, 0.3)
+    assert _pick(logits, 0.1) == 0
+    batch = next_tokens(
+        torch.cat([logits, _logits(0.6, 0.3, 0.1)]),
+        torch.tensor([1.0, 1.0]),
+        torch.tensor([0, 2]),
+        torch.tensor([1.0, 0.9]),
+        torch.tensor([0.1, 0.1]),
+    )
+    assert batch.tolist() == [0, 0]
+
+
+def test_top_p_one_keeps_the_whole_distribution_next_to_a_filtered_row() -> None:
+    # probs [0.5, 0.5, 1e-9]: in float32 the mass before the tail token rounds to 1.0, which a
+    # top-p cut at 1.0 would drop. Row 0 (top_p = 1) must keep its exact softmax.
+    logits = torch.cat([_logits(0.5, 0.5, 1e-9), _logits(0.5, 0.3, 0.2)])
+    probs = filtered_probs(
+        logits, torch.tensor([1.0, 1.0]), torch.tensor([0, 1]), torch.tensor([1.0, 1.0])
+    )
+    assert torch.equal(probs[0], torch.softmax(logits[0], dim=-1)) and probs[0, 2] > 0
+    assert probs[1].tolist() == [1.0, 0.0, 0.0]  # top_k = 1 keeps the most likely token
+
+
 def test_temperature_sharpens() -> None:
     # probs [0.5, 0.5, ~0] stay equal at any temperature: u=0.49 -> 0, u=0.51 -> 1.
     logits = torch.tensor([[0.0, 0.0, -100.0]])
@@ -86,6 +119,10 @@ def test_find_stop_takes_the_earliest_match() -> None:
         (SamplingSpec(n=0), "sampling.n"),
         (SamplingSpec(n=65), "sampling.n"),
         (SamplingSpec(temperature=-0.1), "sampling.temperature"),
+        (SamplingSpec(temperature=math.inf), "sampling.temperature"),
+        (SamplingSpec(temperature=2.01), "sampling.temperature"),
+        (SamplingSpec(n=2, temperature=0.0), "sampling.n"),
+        (SamplingSpec(n=65, temperature=0.0), "sampling.n"),
         (SamplingSpec(top_p=0.0), "sampling.top_p"),
         (SamplingSpec(top_p=1.5), "sampling.top_p"),
         (SamplingSpec(top_k=-1), "sampling.top_k"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.rollout import transformers_engine
 from services.rollout.domain import Completion, FinishReason, PromptInput, SamplingSpec
 from services.rollout.engine import EngineConfig, EngineRequest
 from services.rollout.transformers_engine import TransformersEngine
@@ -125,3 +128,51 @@ async def test_adapters_change_outputs_and_versions(
         engine, ["The red cat"], "models/lora/revisions/r2", n=2, max_tokens=12, seed=4
     )
     assert tokens(again) == tokens(two)
+
+
+async def test_a_seeded_request_ignores_a_top_k_batch_mate(engine: TransformersEngine) -> None:
+    # With a top-k row in the batch, an unfiltered row must still draw in vocabulary order.
+    alone = await run(engine, ["The red cat"], n=4, max_tokens=16, seed=21)
+    together = await asyncio.gather(
+        run(engine, ["The red cat"], n=4, max_tokens=16, seed=21),
+        run(engine, ["Anna likes the big dog"], n=2, max_tokens=16, seed=9, top_k=50),
+    )
+    assert tokens(together[0]) == tokens(alone)
+
+
+async def test_an_idle_retired_adapter_is_deleted_at_once(
+    engine: TransformersEngine, lora_dirs: list[Path]
+) -> None:
+    await engine.load_adapter(lora_dirs[0], "models/lora/revisions/r1")
+    await run(engine, ["The red cat"], "models/lora/revisions/r1", max_tokens=4, seed=1)
+    model = engine._model()
+    name = model.adapters["models/lora/revisions/r1"].internal_name
+    assert name in model._peft.peft_config
+    await engine.unload_adapter("models/lora/revisions/r1")
+    # Deleted now, or as the finished batch's thread returns; not kept until a later forward.
+    for _ in range(500):
+        if name not in model._peft.peft_config:
+            break
+        await asyncio.sleep(0.01)
+    assert name not in model._peft.peft_config
+
+
+async def test_a_replaced_model_is_freed_and_dropped_before_the_load(
+    engine: TransformersEngine, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await run(engine, ["The red cat"], n=2, max_tokens=4, seed=1)
+    old = weakref.ref(engine._model())
+    seen: list[object] = []
+    real = transformers_engine.LoadedModel
+
+    def loaded_model(*args: object) -> object:
+        seen.append(engine._loaded)  # what the engine still held while loading
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transformers_engine, "LoadedModel", loaded_model)
+    await engine.load_model(tiny_model_dir, "models/tiny/revisions/r2", "auto", None)
+    gc.collect()
+    assert seen == [None] and old() is None
+    assert {c.policy_version for c in await run(engine, ["hi"], max_tokens=2)} == {
+        "models/tiny/revisions/r2"
+    }

@@ -1,16 +1,23 @@
-"""The vllm engine: output conversion everywhere; real generation only on CUDA with vllm."""
+"""The vllm engine: output conversion and the engine's own logic against a fake `vllm` module
+everywhere; real generation only on CUDA with vllm."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
 
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.rollout.domain import FinishReason, PromptInput, SamplingSpec
 from services.rollout.engine import EngineConfig, EngineRequest, make_engine
-from services.rollout.vllm_engine import completion_from_output
+from services.rollout.vllm_engine import VllmEngine, completion_from_output
 
 
 def test_completion_from_a_vllm_output() -> None:
@@ -49,3 +56,133 @@ async def test_vllm_generates_with_raw_logprobs(tiny_model_dir: Path) -> None:
         assert [c.token_ids for c in out] == [c.token_ids for c in again]
     finally:
         await engine.close()
+
+
+# A fake `vllm` module: enough of AsyncLLM's surface to run the engine's own logic on CPU.
+
+
+@dataclasses.dataclass
+class FakeArgs:
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    logprobs_mode: str = "raw_logprobs"
+
+
+@dataclasses.dataclass
+class OldFakeArgs:  # a vLLM release without logprobs_mode
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 1
+
+
+class FakeParams:
+    def __init__(self, **kw: object) -> None:
+        if kw["n"] != 1 and kw["temperature"] == 0:
+            raise ValueError("n must be 1 when using greedy sampling")
+        self.kw = kw
+
+
+class FakeLLM:
+    fail_on: ClassVar[set[str]] = set()
+    release = asyncio.Event()
+
+    def __init__(self, args: FakeArgs) -> None:
+        self.args = args
+        self.model_config = SimpleNamespace(max_model_len=args.max_model_len or 512)
+        self.stopped = False
+
+    @classmethod
+    def from_engine_args(cls, args: FakeArgs) -> FakeLLM:
+        if args.model in cls.fail_on:
+            raise RuntimeError("CUDA out of memory")
+        return cls(args)
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+    async def generate(self, prompt, params, request_id, lora_request):  # type: ignore[no-untyped-def]
+        if len(prompt["prompt_token_ids"]) > 3:
+            raise ValueError("the prompt is longer than the maximum model length")
+        if prompt["prompt_token_ids"] == [0]:
+            await FakeLLM.release.wait()
+        step = SimpleNamespace(logprob=-1.0)
+        output = SimpleNamespace(
+            index=0, text="x", token_ids=[5], logprobs=[{5: step}], finish_reason="length"
+        )
+        yield SimpleNamespace(outputs=[output])
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    vllm = types.ModuleType("vllm")
+    vllm.AsyncEngineArgs = FakeArgs  # type: ignore[attr-defined]
+    vllm.AsyncLLMEngine = FakeLLM  # type: ignore[attr-defined]
+    vllm.SamplingParams = FakeParams  # type: ignore[attr-defined]
+    sampling = types.ModuleType("vllm.sampling_params")
+    sampling.RequestOutputKind = SimpleNamespace(FINAL_ONLY=2)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    monkeypatch.setattr(FakeLLM, "fail_on", set())
+    monkeypatch.setattr(FakeLLM, "release", asyncio.Event())
+    return vllm
+
+
+async def _collect(engine: VllmEngine, ids: list[list[int]], **sampling: object) -> list[object]:
+    request = EngineRequest(ids, SamplingSpec(**sampling), None)  # type: ignore[arg-type]
+    return [c async for batch in engine.generate(request) for c in batch]
+
+
+async def test_vllm_rejections_are_invalid_argument_and_free_the_slot(
+    fake_vllm: types.ModuleType, tiny_model_dir: Path
+) -> None:
+    engine = VllmEngine(EngineConfig(device="cuda"))
+    await engine.load_model(tiny_model_dir, "models/tiny/revisions/r1", "auto", None)
+    assert engine.max_model_len == 512  # read from the model_config attribute
+    with pytest.raises(InvalidArgument) as err:  # SamplingParams refuses it
+        await asyncio.wait_for(_collect(engine, [[1, 2]], n=2, temperature=0.0), 5)
+    assert [v.field for v in err.value.violations] == ["sampling"]
+    with pytest.raises(InvalidArgument) as err:  # the engine refuses the request
+        await asyncio.wait_for(_collect(engine, [[1, 2], [1, 2, 3, 4]]), 5)
+    assert [v.field for v in err.value.violations] == ["prompts[1]"]
+    assert engine.running == 0 and len(await _collect(engine, [[1, 2]])) == 1
+    await engine.close()
+
+
+async def test_vllm_load_drains_and_restores_the_old_engine_on_failure(
+    fake_vllm: types.ModuleType, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    engine = VllmEngine(EngineConfig(device="cuda"))
+    await engine.load_model(tiny_model_dir, "models/tiny/revisions/r1", "auto", 256)
+    first = engine._engine
+    running = asyncio.create_task(_collect(engine, [[0]]))  # waits for FakeLLM.release
+    await asyncio.sleep(0.01)
+    FakeLLM.fail_on.add(str(tmp_path))
+    load = asyncio.create_task(engine.load_model(tmp_path, "models/big/revisions/r1", "auto", None))
+    await asyncio.sleep(0.1)
+    with pytest.raises(Unavailable):  # draining: the load is not starved by new requests
+        await _collect(engine, [[1, 2]])
+    FakeLLM.release.set()
+    assert len(await running) == 1
+    with pytest.raises(RuntimeError, match="out of memory"):
+        await load
+    assert first.stopped and engine._engine is not first  # the old model runs again
+    assert engine._engine.args.model == str(tiny_model_dir) and engine.max_model_len == 256
+    assert engine._engine.args.max_loras == 2 and engine._engine.args.logprobs_mode
+    assert len(await _collect(engine, [[1, 2]])) == 1
+    await engine.close()
+
+
+async def test_vllm_without_raw_logprobs_is_refused(
+    fake_vllm: types.ModuleType, tiny_model_dir: Path
+) -> None:
+    fake_vllm.AsyncEngineArgs = OldFakeArgs  # type: ignore[attr-defined]
+    engine = VllmEngine(EngineConfig(device="cuda"))
+    with pytest.raises(FailedPrecondition, match="logprobs_mode"):
+        await engine.load_model(tiny_model_dir, "models/tiny/revisions/r1", "auto", None)

@@ -1,0 +1,171 @@
+"""EstimateResources: the device plan a job gets and a rough memory budget per device.
+
+The budget follows the usual accounting (Rajbhandari et al., 2020, ZeRO, section 3):
+weights at the training precision, fp32 gradients and two fp32 Adam moments for the trainable
+parameters (plus an fp32 master copy when full weights train in 16 bits), activations per
+Korthikanti et al., 2022 (about 34 bytes per token per hidden unit per layer in 16 bits,
+fused attention assumed; layer inputs only with gradient checkpointing) plus fp32 logits, and
+a frozen reference copy for DPO/KTO/GRPO/PPO when full weights train (LoRA disables its adapters
+for the reference instead).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from services.common.errors import FailedPrecondition, FieldViolation
+from services.trainer.domain import NEEDS_REFERENCE, Method
+from services.trainer.spec import ALL_LINEAR, DevicePlan, JobSpec
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Devices:
+    """What this trainer host has."""
+
+    cuda_count: int
+    cuda_memory_bytes: int
+    cpu_memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    plan: DevicePlan
+    parameter_count: int
+    trainable_parameter_count: int
+    memory_per_device_bytes: int
+    breakdown: dict[str, int]
+    fits: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def detect_devices() -> Devices:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda_memory = torch.cuda.get_device_properties(0).total_memory if count else 0
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return Devices(count, int(cuda_memory), int(pages))
+
+
+def resolve_plan(spec: JobSpec, devices: Devices) -> tuple[DevicePlan, list[str]]:
+    """The plan a job runs with; FailedPrecondition when an explicit plan cannot run here."""
+    plan, notes = spec.resources, []
+    at = "spec.resources.explicit"
+    device = plan.device_type
+    if device == "auto":
+        device = "cuda" if devices.cuda_count else "cpu"
+        notes.append("no CUDA device: planning CPU" if device == "cpu" else "planning CUDA")
+    if device == "cuda" and not devices.cuda_count:
+        raise _plan_error(f"{at}.device_type", "CUDA was asked for but this trainer has no GPU")
+    wanted = plan.devices_per_node * plan.num_nodes if spec.explicit_resources else 1
+    if wanted > 1:
+        raise _plan_error(
+            f"{at}.devices_per_node",
+            "multi-device training (torchrun DDP/FSDP) is not implemented yet; use one device",
+        )
+    if not spec.explicit_resources and device == "cuda" and devices.cuda_count > 1:
+        notes.append("multi-device training is not implemented yet: using one GPU")
+    precision = plan.precision or ("bf16" if device == "cuda" else "fp32")
+    if device == "cpu" and precision != "fp32":
+        raise _plan_error(f"{at}.precision", f"{precision} needs CUDA; CPU trains in fp32")
+    resolved = replace(
+        plan,
+        device_type=device,
+        devices_per_node=1,
+        num_nodes=1,
+        strategy="single",
+        precision=precision,
+    )
+    return resolved, notes
+
+
+def _plan_error(path: str, message: str) -> FailedPrecondition:
+    return FailedPrecondition(f"{path}: {message}", violations=[FieldViolation(path, message)])
+
+
+def lora_trainable(config: dict[str, Any], r: int, targets: tuple[str, ...]) -> int | None:
+    """LoRA parameters, r * (in + out) per adapted linear layer (Hu et al., 2021, section 4).
+
+    >>> cfg = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    ...        "num_key_value_heads": 2, "intermediate_size": 128}
+    >>> lora_trainable(cfg, 4, ("q_proj", "v_proj"))  # 2 * 4 * ((64 + 64) + (64 + 32))
+    1792
+    """
+    try:
+        d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or d // heads)
+        ff = int(config["intermediate_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    shapes = {
+        "q_proj": (d, heads * head_dim),
+        "k_proj": (d, kv_heads * head_dim),
+        "v_proj": (d, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, d),
+        "gate_proj": (d, ff),
+        "up_proj": (d, ff),
+        "down_proj": (ff, d),
+    }
+    names = LINEAR_MODULES if ALL_LINEAR in targets else targets
+    return layers * r * sum(sum(shapes[n]) for n in names if n in shapes)
+
+
+def activation_bytes(config: dict[str, Any], spec: JobSpec, precision: str) -> int | None:
+    try:
+        d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+        vocab = int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    t = spec.training
+    sequences = t.per_device_batch_size * (2 if spec.method is Method.DPO else 1)
+    tokens = sequences * t.max_length
+    scale = BYTES[precision] / 2  # the 34 bytes are for 16-bit activations
+    per_layer = 2 * BYTES[precision] if spec.resources.gradient_checkpointing else 34 * scale
+    return int(tokens * d * layers * per_layer + tokens * vocab * 4)
+
+
+def estimate(spec: JobSpec, parameters: int, config: dict[str, Any], devices: Devices) -> Estimate:
+    plan, notes = resolve_plan(spec, devices)
+    width = BYTES[plan.precision]
+    trainable = parameters
+    if spec.lora is not None:
+        lora = lora_trainable(config, spec.lora.r, spec.lora.target_modules)
+        if lora is None:
+            lora = parameters // 200
+            notes.append("config.json unreadable: LoRA parameters guessed as 0.5% of the model")
+        trainable = lora
+    if spec.method is Method.EVALUATE:
+        trainable = 0
+        notes.append("EVALUATE trains nothing; generation runs on the rollout service")
+    breakdown = {
+        "weights": parameters * width,
+        "gradients": trainable * 4,
+        "optimizer": trainable * 8 + (trainable * 4 if width < 4 and spec.lora is None else 0),
+        "activations": 0,
+        "reference_model": 0,
+    }
+    if spec.method is not Method.EVALUATE:
+        act = activation_bytes(config, spec, plan.precision)
+        if act is None:
+            notes.append("config.json unreadable: activations not estimated")
+        breakdown["activations"] = act or 0
+    if spec.method in NEEDS_REFERENCE:
+        if spec.lora is None:
+            breakdown["reference_model"] = parameters * width
+        else:
+            notes.append("LoRA: the reference policy is the base with adapters off (no copy)")
+    total = sum(breakdown.values())
+    available = (
+        devices.cuda_memory_bytes if plan.device_type == "cuda" else devices.cpu_memory_bytes
+    )
+    fits = total <= available
+    if not fits:
+        notes.append("does not fit: try LoRA, gradient checkpointing or a smaller batch/max_length")
+    return Estimate(plan, parameters, trainable, total, breakdown, fits, notes)

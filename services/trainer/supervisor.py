@@ -1,0 +1,273 @@
+"""Runs jobs in worker processes: a FIFO of pending jobs, at most `max_running` workers, each
+watched by a task that tails its events file into the store and decides how the job ended.
+
+A worker is `python -m services.trainer.worker <job folder>` in its own session, so a crash,
+an OOM kill or a segfault ends that job (FAILED) and never the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from services.trainer.domain import EventKind, JobError, JobState
+from services.trainer.store import JobStore
+from services.trainer.worker_protocol import (
+    API_KEY_ENV,
+    EVENTS_FILE,
+    LOG_FILE,
+    EventTailer,
+    WorkerJob,
+    clean_metrics,
+)
+
+log = structlog.get_logger("tlm.trainer.supervisor")
+Key = tuple[str, str]  # (team, job_id)
+DEFAULT_WORKER = "services.trainer.worker"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    root: Path
+    max_running: int
+    module: str = DEFAULT_WORKER
+    cancel_grace_s: float = 30.0
+    poll_s: float = 0.2
+    torch_threads: int = 0  # per worker; 0: torch's default
+    api_key: str | None = None
+    registry_address: str = ""
+    rollout_address: str = ""
+    reward_address: str = ""
+
+
+@dataclass
+class _Outcome:
+    """What the worker reported, folded as its events arrive."""
+
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+    cancelled: bool = False
+    last_log: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, store: JobStore, config: WorkerConfig, notify: Callable[[Key], None]):
+        self.store = store
+        self.config = config
+        self.notify = notify
+        self._queue: deque[Key] = deque()
+        self._procs: dict[Key, subprocess.Popen[bytes]] = {}
+        self._tasks: dict[Key, asyncio.Task[None]] = {}
+        self._cancel_deadline: dict[Key, float] = {}
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """At start: jobs left RUNNING by a previous process resume from their last checkpoint
+        or fail; CANCELLING ones are CANCELLED; PENDING ones are queued again."""
+        for job in self.store.jobs_in([JobState.CANCELLING, JobState.RUNNING, JobState.PENDING]):
+            key = (job.team, job.job_id)
+            if job.state is JobState.CANCELLING:
+                self.store.transition(*key, JobState.CANCELLED, "the trainer restarted")
+            elif job.state is JobState.RUNNING and job.checkpoint_step > 0:
+                message = f"the trainer restarted; resuming from step {job.checkpoint_step}"
+                self.store.transition(*key, JobState.PENDING, message)
+                self._queue.append(key)
+            elif job.state is JobState.RUNNING:
+                error = JobError(
+                    "ABORTED", "the trainer restarted while the job ran, before any checkpoint"
+                )
+                self.store.transition(*key, JobState.FAILED, error.message, error=error)
+            else:
+                self._queue.append(key)
+        self._kick()
+
+    async def stop(self) -> None:
+        """Stop every worker (jobs stay RUNNING: the next start resumes or fails them)."""
+        for proc in self._procs.values():
+            _signal(proc, signal.SIGKILL)
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    # Scheduling ----------------------------------------------------------------------------
+
+    def submit(self, team: str, job_id: str) -> None:
+        self._queue.append((team, job_id))
+        self._kick()
+
+    def withdraw(self, team: str, job_id: str) -> bool:
+        """Remove a pending job from the queue; False when it is not queued."""
+        try:
+            self._queue.remove((team, job_id))
+        except ValueError:
+            return False
+        return True
+
+    def cancel(self, team: str, job_id: str) -> None:
+        """Ask a running worker to stop (SIGTERM); it is killed after cancel_grace_s."""
+        key = (team, job_id)
+        proc = self._procs.get(key)
+        if proc is not None:
+            _signal(proc, signal.SIGTERM)
+            self._cancel_deadline[key] = time.monotonic() + self.config.cancel_grace_s
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    def _kick(self) -> None:
+        while self._queue and len(self._tasks) < self.config.max_running:
+            key = self._queue.popleft()
+            self._tasks[key] = asyncio.get_running_loop().create_task(self._run(key))
+
+    # One job -------------------------------------------------------------------------------
+
+    async def _run(self, key: Key) -> None:
+        try:
+            if self.store.get(*key).state is not JobState.PENDING:
+                # Cancelled between leaving the queue and starting: nothing to run.
+                self._end(key, JobState.CANCELLED, "cancelled before it started")
+                return
+            proc, tailer = self._spawn(key)
+            outcome = await self._watch(key, proc, tailer)
+            self._finish(key, proc.returncode, outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the supervisor itself failed: the job must not hang
+            log.error("job_supervision_failed", job=key[1], exc_info=exc)
+            error = JobError("INTERNAL", "the trainer could not run this job's worker")
+            self._end(key, JobState.FAILED, error.message, error=error)
+        finally:
+            self._procs.pop(key, None)
+            self._tasks.pop(key, None)
+            self._cancel_deadline.pop(key, None)
+            self.notify(key)
+            self._kick()
+
+    def _spawn(self, key: Key) -> tuple[subprocess.Popen[bytes], EventTailer]:
+        team, job_id = key
+        job = self.store.get(team, job_id)
+        folder = self.config.root / team / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / EVENTS_FILE).exists():  # a resumed job: its old events are recorded
+            shutil.move(folder / EVENTS_FILE, folder / f"events.{int(time.time())}.jsonl")
+        WorkerJob(
+            name=job.name,
+            team=team,
+            spec=job.spec,
+            device_plan=job.device_plan,
+            registry_address=self.config.registry_address,
+            rollout_address=self.config.rollout_address,
+            reward_address=self.config.reward_address,
+            cache_dir=str(self.config.root / "cache"),
+            torch_threads=self.config.torch_threads,
+        ).write(folder)
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        if self.config.api_key:
+            env[API_KEY_ENV] = self.config.api_key
+        with (folder / LOG_FILE).open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", self.config.module, str(folder)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self._procs[key] = proc
+        self.store.transition(team, job_id, JobState.RUNNING, f"worker started (pid {proc.pid})")
+        log.info("job_started", job=job_id, team=team, method=job.method.name, pid=proc.pid)
+        self.notify(key)
+        return proc, EventTailer(folder)
+
+    async def _watch(
+        self, key: Key, proc: subprocess.Popen[bytes], tailer: EventTailer
+    ) -> _Outcome:
+        outcome = _Outcome()
+        while True:
+            exited = proc.poll() is not None
+            for event in tailer.read_new():
+                self._record(key, event, outcome)
+            if exited:
+                return outcome
+            deadline = self._cancel_deadline.get(key)
+            if deadline is not None and time.monotonic() > deadline:
+                _signal(proc, signal.SIGKILL)
+            await asyncio.sleep(self.config.poll_s)
+
+    def _record(self, key: Key, event: dict[str, Any], outcome: _Outcome) -> None:
+        kind = event.get("kind")
+        if kind == "started":
+            self.store.update(*key, total_steps=int(event.get("total_steps", 0)))
+            message = f"training started: {event.get('total_steps', 0)} steps"
+            self.store.append(*key, EventKind.LOG, {"level": "info", "message": message})
+        elif kind == "metrics":
+            data = {
+                "step": int(event["step"]),
+                "epoch": float(event.get("epoch", 0.0)),
+                "values": clean_metrics(event.get("values", {})),
+            }
+            self.store.append(*key, EventKind.METRICS, data)
+        elif kind == "checkpoint":
+            data = {"step": int(event["step"]), "policy_revision": event.get("policy_revision", "")}
+            self.store.append(*key, EventKind.CHECKPOINT, data)
+        elif kind == "log":
+            data = {"level": event.get("level", "info"), "message": str(event.get("message", ""))}
+            self.store.append(*key, EventKind.LOG, data)
+        elif kind == "result":
+            outcome.result = {
+                "output_model_revision": event.get("output_model_revision", ""),
+                "metrics": clean_metrics(event.get("metrics", {})),
+            }
+        elif kind == "error":
+            outcome.error = JobError(event.get("code", "INTERNAL"), str(event.get("message", "")))
+        elif kind == "cancelled":
+            outcome.cancelled = True
+        self.notify(key)
+
+    def _finish(self, key: Key, returncode: int | None, outcome: _Outcome) -> None:
+        job = self.store.get(*key)
+        if outcome.result is not None and outcome.error is None:
+            result = outcome.result
+            self.store.append(*key, EventKind.RESULT, result)
+            self._end(
+                key,
+                JobState.SUCCEEDED,
+                "finished",
+                output_model_revision=result["output_model_revision"],
+                final_metrics=result["metrics"],
+            )
+        elif job.cancel_requested:
+            self._end(key, JobState.CANCELLED, "cancelled; the worker has exited")
+        else:
+            error = outcome.error or JobError(
+                "INTERNAL", f"the worker process died (exit code {returncode}); see its log"
+            )
+            self._end(key, JobState.FAILED, error.message, error=error)
+
+    def _end(self, key: Key, state: JobState, message: str, **fields: Any) -> None:
+        job = self.store.get(*key)
+        if job.state.terminal:
+            return
+        self.store.transition(*key, state, message, **fields)
+        log.info("job_ended", job=key[1], team=key[0], state=state.name, message=message)
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)  # the worker's whole session (dataloader processes too)

@@ -1,0 +1,292 @@
+"""Offline methods on TRL: SFT, DPO, KTO and reward-model training, one recipe per method.
+
+A run is setup (download, shape rows, build config and trainer) / train / save / upload. TRL
+and torch are imported here only, so the service process never loads them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    TrainerCallback,
+)
+from trl import (
+    DPOConfig,
+    DPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
+
+from services.trainer.domain import Method
+from services.trainer.spec import ALL_LINEAR, JobSpec
+from services.trainer.worker_io import Cancelled, WorkerContext
+from services.trainer.worker_protocol import CHECKPOINTS
+
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# TRL's end-of-run summary; reported in the result, not as a step.
+SUMMARY_KEYS = ("train_runtime", "train_loss", "train_samples_per_second")
+
+
+class EventsCallback(TrainerCallback):
+    """Reports progress to the service and stops training when the worker is cancelled."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.summary: dict[str, float] = {}
+        self._tokens: tuple[float, float] | None = None  # (num_tokens, time) at the last log
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.ctx.events.emit("started", total_steps=state.max_steps)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.ctx.stop.is_set():
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.ctx.events.emit("checkpoint", step=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        logs = dict(logs or {})
+        if any(key in logs for key in SUMMARY_KEYS):
+            self.summary = {k: v for k, v in logs.items() if isinstance(v, int | float)}
+            return
+        values = {k: v for k, v in logs.items() if k not in ("epoch", "step")}
+        now = time.monotonic()
+        if "num_tokens" in logs:
+            tokens = float(logs["num_tokens"])
+            if self._tokens is not None and now > self._tokens[1]:
+                rate = (tokens - self._tokens[0]) / (now - self._tokens[1])
+                values["tokens_per_second"] = rate
+            self._tokens = (tokens, now)
+        self.ctx.events.emit(
+            "metrics", step=state.global_step, epoch=state.epoch or 0.0, values=values
+        )
+
+
+# Row shaping: registry rows -> the columns TRL reads ------------------------------------------
+
+
+def _as_messages(value: Any, role: str) -> Any:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def sft_row(row: dict[str, Any]) -> dict[str, Any]:
+    if "messages" in row:
+        return {"messages": row["messages"]}
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list):  # a chat prompt needs a chat completion
+        completion = _as_messages(completion, "assistant")
+    return {"prompt": prompt, "completion": completion}
+
+
+def uniform_sft(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An sft dataset may mix chat and prompt/completion rows; TRL needs one format."""
+    if len({"messages" in r for r in rows}) < 2:
+        return rows
+    return [
+        r
+        if "messages" in r
+        else {
+            "messages": [
+                *_as_messages(r["prompt"], "user"),
+                *_as_messages(r["completion"], "assistant"),
+            ]
+        }
+        for r in rows
+    ]
+
+
+def preference_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
+def unpaired_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])}
+
+
+# Recipes -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config_cls: type
+    trainer_cls: type
+    shape: Callable[[dict[str, Any]], dict[str, Any]]
+    params: Callable[[Any], dict[str, Any]]  # method params -> TRL config kwargs
+    sequence_classification: bool = False
+
+
+RECIPES: dict[Method, Recipe] = {
+    Method.SFT: Recipe(
+        SFTConfig,
+        SFTTrainer,
+        sft_row,
+        lambda p: {"completion_only_loss": p.completion_only_loss, "packing": p.packing},
+    ),
+    Method.DPO: Recipe(
+        DPOConfig,
+        DPOTrainer,
+        preference_row,
+        lambda p: {
+            "beta": p.beta,
+            "loss_type": [p.loss_type],
+            "label_smoothing": p.label_smoothing,
+        },
+    ),
+    Method.KTO: Recipe(
+        KTOConfig,
+        KTOTrainer,
+        unpaired_row,
+        lambda p: {
+            "beta": p.beta,
+            "desirable_weight": p.desirable_weight,
+            "undesirable_weight": p.undesirable_weight,
+        },
+    ),
+    Method.REWARD_MODEL: Recipe(
+        RewardConfig,
+        RewardTrainer,
+        preference_row,
+        lambda p: {"center_rewards_coefficient": p.center_rewards_coefficient or None},
+        sequence_classification=True,
+    ),
+}
+
+
+def trl_config(spec: JobSpec, plan: dict[str, Any], folder: Path, recipe: Recipe, evals: bool):
+    t = spec.training
+    strategy = ("steps" if t.eval_every else "no") if evals else "no"
+    return recipe.config_cls(
+        output_dir=str(folder / CHECKPOINTS),
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=SCHEDULERS[t.lr_scheduler],
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        logging_steps=t.log_every,
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or 500,
+        save_total_limit=2,
+        eval_strategy=strategy,
+        eval_steps=t.eval_every or None,
+        max_length=t.max_length,
+        use_cpu=plan["device_type"] == "cpu",
+        bf16=plan["precision"] == "bf16",
+        fp16=plan["precision"] == "fp16",
+        gradient_checkpointing=plan.get("gradient_checkpointing", False),
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **recipe.params(spec.params),
+    )
+
+
+def peft_config(spec: JobSpec, recipe: Recipe) -> LoraConfig | None:
+    lora = spec.lora
+    if lora is None:
+        return None
+    targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="SEQ_CLS" if recipe.sequence_classification else "CAUSAL_LM",
+    )
+
+
+def load_model(path: Path, recipe: Recipe, precision: str, pad_id: int | None) -> PreTrainedModel:
+    if recipe.sequence_classification:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[precision]
+        )
+        model.config.pad_token_id = pad_id
+        return model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision])
+
+
+def truncate_prompts(rows: list[dict[str, Any]], tokenizer: Any, limit: int) -> None:
+    """DPO's max_prompt_length: keep a text prompt's last `limit` tokens (chat prompts as is)."""
+    for row in rows:
+        if isinstance(row["prompt"], str):
+            ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            if len(ids) > limit:
+                row["prompt"] = tokenizer.decode(ids[-limit:])
+
+
+async def run(ctx: WorkerContext) -> dict[str, Any]:
+    spec, recipe = ctx.spec, RECIPES[ctx.spec.method]
+    base = await ctx.base_model()
+    rows = [recipe.shape(r) for r in await ctx.rows(spec.train_dataset)]
+    eval_rows = (
+        [recipe.shape(r) for r in await ctx.rows(spec.eval_dataset)] if spec.eval_dataset else []
+    )
+    if spec.method is Method.SFT:
+        rows, eval_rows = uniform_sft(rows), uniform_sft(eval_rows)
+    ctx.log(f"read {len(rows)} training rows, {len(eval_rows)} eval rows")
+    ctx.check_stop()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if spec.method is Method.DPO:
+        truncate_prompts(rows, tokenizer, spec.params.max_prompt_length)
+    plan = ctx.job.device_plan
+    model = load_model(base, recipe, plan["precision"], tokenizer.pad_token_id)
+    callback = EventsCallback(ctx)
+    trainer = recipe.trainer_cls(
+        model=model,
+        args=trl_config(spec, plan, ctx.folder, recipe, bool(eval_rows)),
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(spec, recipe),
+        callbacks=[callback],
+    )
+    checkpoints = list((ctx.folder / CHECKPOINTS).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if checkpoints else None)
+    ctx.check_stop()
+    metrics = dict(callback.summary)
+    if eval_rows:
+        metrics |= trainer.evaluate()
+    return {
+        "output_model_revision": await _save(ctx, trainer, tokenizer, recipe),
+        "metrics": metrics,
+    }
+
+
+async def _save(ctx: WorkerContext, trainer: Any, tokenizer: Any, recipe: Recipe) -> str:
+    """LoRA causal LMs become adapter revisions; reward models are merged to full weights,
+    since their score head is new and the base is a causal LM."""
+    out = ctx.folder / "output"
+    model = trainer.model
+    adapter = ctx.spec.lora is not None and not recipe.sequence_classification
+    if ctx.spec.lora is not None and recipe.sequence_classification:
+        model = model.merge_and_unload()
+    if not adapter:
+        tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    if ctx.stop.is_set():
+        raise Cancelled()
+    ctx.log("uploading the result to the registry")
+    return await ctx.upload(out, adapter)

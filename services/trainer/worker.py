@@ -1,0 +1,102 @@
+"""A job's worker process: `python -m services.trainer.worker <job folder>`.
+
+Reads job.json, runs the method's runner, reports through events.jsonl and exits. Any error
+becomes an `error` event (the job FAILS); SIGTERM asks it to stop at the next step (the job
+is CANCELLED). It dies with the service process (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.common.errors import NotImplementedYet, TlmError, status_code_for
+from services.registry.client import RegistryClient
+from services.trainer.domain import Method
+from services.trainer.spec import JobSpec
+from services.trainer.worker_io import Cancelled, WorkerContext
+from services.trainer.worker_protocol import API_KEY_ENV, EventWriter, WorkerJob
+
+Runner = Callable[[WorkerContext], Awaitable[dict[str, Any]]]
+# Module holding each method's `run`, imported lazily: EVALUATE never loads TRL.
+RUNNERS: dict[Method, str] = {
+    Method.SFT: "services.trainer.trl_methods",
+    Method.DPO: "services.trainer.trl_methods",
+    Method.KTO: "services.trainer.trl_methods",
+    Method.REWARD_MODEL: "services.trainer.trl_methods",
+    Method.EVALUATE: "services.trainer.evaluate",
+}
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Not Linux: no such call, and an orphan runs on until it ends.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def _run(
+    job: WorkerJob, folder: Path, events: EventWriter, stop: threading.Event
+) -> dict[str, Any]:
+    spec = JobSpec.from_dict(job.spec)
+    module = RUNNERS.get(spec.method)
+    if module is None:
+        raise NotImplementedYet(f"{spec.method.name} is not implemented yet")
+    runner: Runner = importlib.import_module(module).run
+    # The channel is made here, on the loop that uses it.
+    registry = RegistryClient(job.registry_address, api_key=os.environ.get(API_KEY_ENV) or None)
+    try:
+        return await runner(WorkerContext(job, spec, folder, events, stop, registry))
+    finally:
+        await registry.close()
+
+
+def _status(exc: Exception) -> tuple[str, str]:
+    """(grpc status code name, message) for an error that ends the job."""
+    if isinstance(exc, TlmError):
+        return status_code_for(exc).name, exc.message
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().name, f"{exc.code().name} from a service: {exc.details()}"
+    return "INTERNAL", f"{type(exc).__name__}: {exc}"
+
+
+def main(folder: Path) -> int:
+    _die_with_parent()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    job = WorkerJob.read(folder)
+    events = EventWriter(folder)
+    if job.torch_threads:
+        import torch
+
+        torch.set_num_threads(job.torch_threads)
+    try:
+        result = asyncio.run(_run(job, folder, events, stop))
+        if stop.is_set():
+            raise Cancelled()
+        events.emit("result", **result)
+    except Cancelled:
+        events.emit("cancelled")
+    except Exception as exc:
+        traceback.print_exc()
+        code, message = _status(exc)
+        events.emit("error", code=code, message=message)
+    finally:
+        events.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

@@ -1,0 +1,103 @@
+"""What a worker process and the service exchange, through files in the job's folder:
+
+- `job.json` (service -> worker): the job name, team, spec, device plan and service addresses;
+  the API key travels in the environment (`TLM_TRAINER_WORKER_API_KEY`), never on disk.
+- `events.jsonl` (worker -> service): one JSON object per line, appended and flushed; the
+  service tails it. Kinds: started, metrics, checkpoint, log, result, error, cancelled.
+- `worker.log`: the worker's stdout and stderr.
+- `checkpoints/`: TRL checkpoints, for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+JOB_FILE = "job.json"
+EVENTS_FILE = "events.jsonl"
+LOG_FILE = "worker.log"
+CHECKPOINTS = "checkpoints"
+API_KEY_ENV = "TLM_TRAINER_WORKER_API_KEY"
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """The contents of job.json."""
+
+    name: str
+    team: str
+    spec: dict[str, Any]
+    device_plan: dict[str, Any]
+    registry_address: str
+    rollout_address: str
+    reward_address: str
+    cache_dir: str
+    torch_threads: int = 0
+
+    def write(self, folder: Path) -> None:
+        (folder / JOB_FILE).write_text(json.dumps(self.__dict__, indent=1))
+
+    @staticmethod
+    def read(folder: Path) -> WorkerJob:
+        return WorkerJob(**json.loads((folder / JOB_FILE).read_text()))
+
+
+class EventWriter:
+    """Worker side: append one event per line, flushed so the service sees it at once."""
+
+    def __init__(self, folder: Path) -> None:
+        self._file = (folder / EVENTS_FILE).open("a", encoding="utf-8")
+
+    def emit(self, kind: str, **data: Any) -> None:
+        line = json.dumps({"kind": kind, "time": time.time(), **data}, default=_number)
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class EventTailer:
+    """Service side: the complete lines appended since the last read."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / EVENTS_FILE
+        self.offset = 0
+
+    def read_new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a partly written last line waits for the next read
+        self.offset += end
+        events = []
+        for line in data[:end].splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue  # a torn line from a crash: skip it
+        return events
+
+
+def clean_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """Finite numbers only (TRL logs strings and NaNs now and then)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def _number(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)

@@ -1,0 +1,177 @@
+"""Trainer fixtures: the four services in one server (trainer with two worker slots), a tiny
+model and one dataset of every kind pushed to its registry, and helpers to follow jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common.settings import ServerSettings
+from services.devtools.server_thread import ServerThread
+from services.registry.client import RegistryClient
+from services.trainer import app as trainer_app
+from services.trainer.settings import TrainerSettings
+from tlm.registry.v1 import registry_pb2
+from tlm.trainer.v1 import trainer_pb2 as pb
+from tlm.trainer.v1 import trainer_pb2_grpc
+
+TERMINAL = {pb.TrainingJob.SUCCEEDED, pb.TrainingJob.FAILED, pb.TrainingJob.CANCELLED}
+EVALUATOR = {"scorers": [{"name": "has_digit", "regex": {"pattern": "[0-9]"}}]}
+
+
+def start_stack(data_dir: Path, **trainer: object) -> ServerThread:
+    """registry + reward + rollout as `tlm up` wires them, and a trainer with `trainer` settings."""
+    from services.embedded import bindings_for
+
+    shared = ServerSettings(host="127.0.0.1", port=0, data_dir=data_dir, insecure_dev=True)
+    values: dict[str, object] = {"data_dir": data_dir, "insecure_dev": True, "max_running_jobs": 2}
+    settings = TrainerSettings.model_validate(values | trainer)
+
+    def make():  # type: ignore[no-untyped-def]
+        return [
+            *bindings_for(("registry", "reward", "rollout"), shared),
+            trainer_app.binding(settings),
+        ]
+
+    return ServerThread(make, shared).start()
+
+
+def start_trainer(data_dir: Path, registry_address: str, worker_module: str) -> ServerThread:
+    """A trainer alone, using another server's registry, with its own worker entry point."""
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "data_dir": data_dir,
+        "insecure_dev": True,
+        "registry_address": registry_address,
+    }
+    settings = TrainerSettings.model_validate(values)
+    return ServerThread(lambda: [trainer_app.binding(settings, worker_module)], settings).start()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    server = start_stack(tmp_path_factory.mktemp("trainer-stack"))
+    yield server
+    server.stop()
+
+
+@dataclass(frozen=True)
+class Inputs:
+    base: str  # resolved base model revision
+    sft: str
+    chat: str
+    preference: str
+    unpaired: str
+    prompts: str
+    evaluator: str
+
+
+ROWS = {
+    "sft": [{"prompt": f"What is {i} + 1?", "completion": f" {i + 1}"} for i in range(8)],
+    "chat": [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {i}"},
+                {"role": "assistant", "content": f"{i}"},
+            ]
+        }
+        for i in range(8)
+    ],
+    "preference": [
+        {"prompt": f"What is {i} + 1?", "chosen": f" {i + 1}", "rejected": " cat"} for i in range(8)
+    ],
+    "unpaired": [
+        {
+            "prompt": f"What is {i} + 1?",
+            "completion": f" {i + 1}" if i % 2 else " dog",
+            "label": bool(i % 2),
+        }
+        for i in range(8)
+    ],
+    "prompts": [{"prompt": f"What is {i} + 2?", "reference": str(i + 2)} for i in range(4)],
+}
+KINDS = {
+    "sft": registry_pb2.SFT,
+    "chat": registry_pb2.SFT,
+    "preference": registry_pb2.PREFERENCE,
+    "unpaired": registry_pb2.UNPAIRED_PREFERENCE,
+    "prompts": registry_pb2.PROMPT,
+}
+
+
+@pytest.fixture(scope="session")
+async def inputs(
+    stack: ServerThread, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Inputs:
+    folder = tmp_path_factory.mktemp("datasets")
+    registry = RegistryClient(stack.address)
+    try:
+        await registry.stub.CreateModel(
+            registry_pb2.CreateModelRequest(model_id="tiny"), metadata=registry.metadata()
+        )
+        base = await registry.upload_model_revision("models/tiny", tiny_model_dir)
+        names = {}
+        for name, rows in ROWS.items():
+            path = folder / f"{name}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            revision = await registry.upload_dataset_file(f"datasets/{name}", path, KINDS[name])
+            names[name] = revision.name
+        evaluator = await registry.create_evaluator_revision(
+            "evaluators/digits", json.dumps(EVALUATOR)
+        )
+    finally:
+        await registry.close()
+    return Inputs(base=base.name, evaluator=evaluator.name, **names)
+
+
+@pytest.fixture(scope="session")
+async def trainer(stack: ServerThread) -> AsyncIterator[trainer_pb2_grpc.TrainerServiceStub]:
+    channel = grpc.aio.insecure_channel(stack.address)
+    yield trainer_pb2_grpc.TrainerServiceStub(channel)
+    await channel.close()
+
+
+def spec(method: int, base: str, dataset: str, **fields: object) -> pb.TrainingJobSpec:
+    """A tiny, fast spec: a few steps, short sequences, checkpoints off unless asked."""
+    training = pb.TrainingParams(
+        max_steps=3,
+        per_device_batch_size=2,
+        max_length=32,
+        log_every=1,
+        save_every=0,
+        learning_rate=1e-3,
+    )
+    return pb.TrainingJobSpec(
+        method=method,  # type: ignore[arg-type]
+        base_model=base,
+        train_dataset=dataset,
+        training=fields.pop("training", training),  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def wait_for(
+    stub: trainer_pb2_grpc.TrainerServiceStub, name: str, timeout: float = 120.0
+) -> pb.TrainingJob:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await stub.GetTrainingJob(pb.GetTrainingJobRequest(name=name))
+        if job.state in TERMINAL:
+            return job
+        assert time.monotonic() < deadline, f"{name} still {pb.TrainingJob.State.Name(job.state)}"
+        await asyncio.sleep(0.3)
+
+
+async def watch(
+    stub: trainer_pb2_grpc.TrainerServiceStub, name: str, start: int = 0
+) -> list[pb.JobEvent]:
+    request = pb.WatchTrainingJobRequest(name=name, from_sequence=start)
+    return [event async for event in stub.WatchTrainingJob(request, timeout=180)]

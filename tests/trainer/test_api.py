@@ -1,0 +1,174 @@
+"""The trainer API's refusals and reads on a real server: every bad input is named, nothing is
+created for it, and EstimateResources works out the budget from registry metadata."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from tests.trainer.conftest import Inputs, spec
+from tlm.trainer.v1 import trainer_pb2 as pb
+from tlm.trainer.v1 import trainer_pb2_grpc
+
+Stub = trainer_pb2_grpc.TrainerServiceStub
+
+
+async def refused(
+    stub: Stub, job_spec: pb.TrainingJobSpec
+) -> tuple[grpc.aio.AioRpcError, list[str], str]:
+    """Create must fail: (error, violated fields, ErrorInfo reason)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(spec=job_spec))
+    status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
+    fields, reason = [], ""
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = [v.field for v in bad.field_violations]
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+    return err.value, fields, reason
+
+
+async def test_bad_hyperparameters_are_invalid_argument_per_field(
+    trainer: Stub, inputs: Inputs
+) -> None:
+    job_spec = spec(pb.SFT, inputs.base, inputs.sft)
+    job_spec.training.learning_rate = -1
+    job_spec.training.lr_scheduler = "wavy"
+    job_spec.tuning.lora.r = 0
+    err, fields, _ = await refused(trainer, job_spec)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(fields) == {
+        "spec.training.learning_rate",
+        "spec.training.lr_scheduler",
+        "spec.tuning.lora.r",
+    }
+
+
+async def test_params_of_another_method_are_refused(trainer: Stub, inputs: Inputs) -> None:
+    job_spec = spec(pb.SFT, inputs.base, inputs.sft, dpo=pb.DpoParams(beta=0.1))
+    err, fields, _ = await refused(trainer, job_spec)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and fields == ["spec.method_params"]
+
+
+async def test_a_dataset_of_the_wrong_kind_says_what_the_method_needs(
+    trainer: Stub, inputs: Inputs
+) -> None:
+    err, fields, reason = await refused(trainer, spec(pb.DPO, inputs.base, inputs.sft))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details() == (
+        "DPO needs a preference dataset (prompt, chosen, rejected); datasets/sft is sft"
+    )
+    assert fields == ["spec.train_dataset"] and reason == "DATASET_KIND_MISMATCH"
+    err, _, _ = await refused(trainer, spec(pb.KTO, inputs.base, inputs.preference))
+    assert "unpaired_preference dataset" in err.details()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("base_model", "models/nope/revisions/r1"), ("train_dataset", "datasets/nope")],
+)
+async def test_unknown_inputs_are_not_found_naming_the_field(
+    trainer: Stub, inputs: Inputs, field: str, value: str
+) -> None:
+    job_spec = spec(pb.SFT, inputs.base, inputs.sft)
+    setattr(job_spec, field, value)
+    err, fields, _ = await refused(trainer, job_spec)
+    assert err.code() == grpc.StatusCode.NOT_FOUND and fields == [f"spec.{field}"]
+
+
+async def test_missing_and_malformed_names(trainer: Stub, inputs: Inputs) -> None:
+    err, fields, _ = await refused(trainer, spec(pb.SFT, "tiny", ""))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields == ["spec.base_model", "spec.train_dataset"]
+    err, fields, _ = await refused(trainer, spec(pb.METHOD_UNSPECIFIED, inputs.base, inputs.sft))
+    assert fields == ["spec.method"]
+    job_spec = spec(pb.EVALUATE, inputs.base, "", eval_dataset=inputs.prompts)
+    err, fields, _ = await refused(trainer, job_spec)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and fields == ["spec.evaluator"]
+
+
+async def test_online_rl_is_not_implemented_yet(trainer: Stub, inputs: Inputs) -> None:
+    job_spec = spec(pb.GRPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator)
+    err, _, reason = await refused(trainer, job_spec)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not implemented yet" in err.details() and reason == "NOT_IMPLEMENTED"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only host")
+async def test_an_explicit_gpu_plan_without_a_gpu(trainer: Stub, inputs: Inputs) -> None:
+    plan = pb.DevicePlan(device_type=pb.CUDA)
+    job_spec = spec(pb.SFT, inputs.base, inputs.sft, resources=pb.Resources(explicit=plan))
+    err, fields, _ = await refused(trainer, job_spec)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert fields == ["spec.resources.explicit.device_type"]
+
+
+async def test_validate_only_fills_defaults_and_creates_nothing(
+    trainer: Stub, inputs: Inputs
+) -> None:
+    job_spec = pb.TrainingJobSpec(
+        method=pb.SFT, base_model="models/tiny", train_dataset="datasets/sft"
+    )
+    request = pb.CreateTrainingJobRequest(spec=job_spec, validate_only=True, request_id="v-1")
+    job = await trainer.CreateTrainingJob(request)
+    s = job.spec
+    assert s.base_model == inputs.base and s.train_dataset == inputs.sft  # aliases resolved
+    assert s.tuning.lora.r == 16 and s.tuning.lora.alpha == 32
+    assert s.tuning.lora.dropout == pytest.approx(0.05)
+    assert s.training.learning_rate == pytest.approx(2e-4)  # the LoRA default
+    assert (s.training.per_device_batch_size, s.training.max_length) == (8, 1024)
+    assert s.training.lr_scheduler == "cosine" and s.training.save_every == 500
+    assert s.sft.completion_only_loss and s.output_model == "models/tiny-sft"
+    assert job.state == pb.TrainingJob.PENDING and job.device_plan.precision in ("fp32", "bf16")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=job.name))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_get_and_cancel_unknown_or_malformed(trainer: Stub) -> None:
+    for name, code in (
+        ("jobs/j-nope", grpc.StatusCode.NOT_FOUND),
+        ("x/y/z", grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=name))
+        assert err.value.code() == code
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name))
+        assert err.value.code() == code
+
+
+async def test_estimate_resources_for_lora_and_full_dpo(trainer: Stub, inputs: Inputs) -> None:
+    # The tiny model: hidden 64, 2 layers, 4 heads (2 kv, head_dim 16), MLP 128, vocab 512.
+    lora = await trainer.EstimateResources(
+        pb.EstimateResourcesRequest(spec=spec(pb.SFT, inputs.base, inputs.sft))
+    )
+    assert lora.parameter_count > 100_000
+    # r=16 * 2 layers * (q 128 + k 96 + v 96 + o 128 + gate 192 + up 192 + down 192)
+    assert lora.trainable_parameter_count == 16 * 2 * 1024
+    b = lora.memory_breakdown_bytes
+    assert b["weights"] == lora.parameter_count * 4  # fp32 on CPU
+    assert b["gradients"] == 32768 * 4 and b["optimizer"] == 32768 * 8
+    assert b["reference_model"] == 0 and b["activations"] > 0
+    assert lora.memory_per_device_bytes == sum(b.values()) and lora.fits
+    if not torch.cuda.is_available():
+        assert lora.plan.device_type == pb.CPU and lora.plan.precision == "fp32"
+    full = pb.Tuning(full=pb.FullTuning())
+    dpo = await trainer.EstimateResources(
+        pb.EstimateResourcesRequest(spec=spec(pb.DPO, inputs.base, inputs.preference, tuning=full))
+    )
+    assert dpo.trainable_parameter_count == dpo.parameter_count
+    assert dpo.memory_breakdown_bytes["reference_model"] == dpo.memory_breakdown_bytes["weights"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await trainer.EstimateResources(
+            pb.EstimateResourcesRequest(spec=spec(pb.DPO, inputs.base, inputs.sft))
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

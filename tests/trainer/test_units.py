@@ -1,0 +1,197 @@
+"""Pure pieces of the trainer: spec defaults and validation, conversion, the resource
+estimate, the job store and the evaluation summary (doctests included)."""
+
+from __future__ import annotations
+
+import dataclasses
+import doctest
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.trainer import convert, evaluate, resources
+from services.trainer.domain import EventKind, Job, JobState, Method, Progress
+from services.trainer.resources import Devices, estimate, lora_trainable
+from services.trainer.spec import (
+    DpoParams,
+    JobSpec,
+    LoraParams,
+    TrainingParams,
+    complete,
+    default_output_model,
+    validate,
+)
+from services.trainer.store import JobStore
+
+BASE = "models/tiny/revisions/r1"
+DATA = "datasets/d/revisions/r1"
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 512,
+}
+
+
+@pytest.mark.parametrize("module", [evaluate, resources])
+def test_doctests(module: object) -> None:
+    assert doctest.testmod(module).failed == 0  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("method", "lora", "lr"),
+    [
+        (Method.SFT, True, 2e-4),
+        (Method.SFT, False, 2e-5),
+        (Method.DPO, True, 2e-4),
+        (Method.GRPO, True, 1e-5),
+        (Method.PPO, False, 1e-6),
+    ],
+)
+def test_learning_rate_defaults_follow_the_proto_table(
+    method: Method, lora: bool, lr: float
+) -> None:
+    spec = JobSpec(method, BASE, DATA, lora=LoraParams() if lora else None)
+    assert complete(spec).training.learning_rate == lr
+
+
+def test_defaults_and_output_model() -> None:
+    spec = validate(JobSpec(Method.DPO, BASE, DATA))
+    assert spec.params == DpoParams(beta=0.1, loss_type="sigmoid", max_prompt_length=512)
+    assert spec.output_model == "models/tiny-dpo" and spec.lora == LoraParams(16, 32, 0.05)
+    assert default_output_model("models/" + "x" * 63 + "/revisions/r1", Method.REWARD_MODEL) == (
+        "models/" + "x" * 50 + "-reward-model"
+    )
+    assert validate(JobSpec(Method.EVALUATE, BASE, "", eval_dataset=DATA)).output_model == ""
+
+
+def test_validation_lists_every_bad_field() -> None:
+    spec = JobSpec(
+        Method.SFT,
+        BASE,
+        DATA,
+        lora=LoraParams(dropout=1.5),
+        training=TrainingParams(epochs=0, warmup_ratio=1.0, log_every=0),
+        output_model="models/Bad Name",
+    )
+    with pytest.raises(InvalidArgument) as err:
+        validate(spec)
+    assert [v.field for v in err.value.violations] == [
+        "spec.output_model",
+        "spec.tuning.lora.dropout",
+        "spec.training.epochs",
+        "spec.training.warmup_ratio",
+        "spec.training.log_every",
+    ]
+
+
+def test_spec_survives_dict_and_proto_round_trips() -> None:
+    spec = validate(JobSpec(Method.KTO, BASE, DATA, lora=None))
+    assert JobSpec.from_dict(spec.to_dict()) == spec
+    message = convert.spec_to_proto(spec.to_dict())
+    assert message.tuning.WhichOneof("mode") == "full" and message.kto.beta == pytest.approx(0.1)
+    assert validate(convert.spec_from_proto(message)) == spec
+    evaluation = validate(JobSpec(Method.EVALUATE, BASE, "", eval_dataset=DATA))
+    back = convert.spec_from_proto(convert.spec_to_proto(evaluation.to_dict()))
+    assert validate(back) == evaluation
+
+
+def test_lora_count_matches_peft(tiny_model_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_trainable(TINY, 8, ("all-linear",)) == trainable
+
+
+def test_estimate_breakdown_by_hand() -> None:
+    devices = Devices(cuda_count=0, cuda_memory_bytes=0, cpu_memory_bytes=10**9)
+    training = TrainingParams(per_device_batch_size=2, max_length=10)
+    spec = complete(JobSpec(Method.DPO, BASE, DATA, lora=None, training=training))
+    e = estimate(spec, 1000, TINY, devices)
+    # DPO: 2 sequences (chosen, rejected) per example -> 4 x 10 = 40 tokens.
+    activations = 40 * 64 * 2 * 34 * 2 + 40 * 512 * 4  # fp32 doubles the 16-bit 34 bytes
+    assert e.breakdown == {
+        "weights": 4000,
+        "gradients": 4000,
+        "optimizer": 8000,
+        "activations": activations,
+        "reference_model": 4000,
+    }
+    assert e.plan.device_type == "cpu" and e.plan.precision == "fp32" and e.fits
+    tiny_box = dataclasses.replace(devices, cpu_memory_bytes=100)
+    assert not estimate(spec, 1000, TINY, tiny_box).fits
+
+
+def _job(team: str, request_id: str = "") -> Job:
+    from services.trainer.store import new_job_id
+
+    spec = validate(JobSpec(Method.SFT, BASE, DATA)).to_dict()
+    return Job(
+        new_job_id(),
+        team,
+        spec,
+        JobState.PENDING,
+        {},
+        Progress(),
+        datetime.now(UTC),
+        request_id=request_id,
+    )
+
+
+def test_store_idempotency_transitions_events_and_pages(tmp_path: Path) -> None:
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    first, created = store.create(_job("a", "r-1"))
+    again, created_again = store.create(_job("a", "r-1"))
+    assert created and not created_again and again.job_id == first.job_id
+    other, _ = store.create(_job("b", "r-1"))  # request ids are per team
+    assert other.job_id != first.job_id
+    store.transition("a", first.job_id, JobState.RUNNING, "go")
+    store.append(
+        "a", first.job_id, EventKind.METRICS, {"step": 3, "epoch": 0.5, "values": {"loss": 1.0}}
+    )
+    job = store.transition("a", first.job_id, JobState.SUCCEEDED, "done", final_metrics={"x": 1.0})
+    assert job.progress.step == 3 and job.final_metrics == {"x": 1.0} and job.end_time
+    with pytest.raises(ValueError):
+        store.transition("a", first.job_id, JobState.RUNNING, "again")
+    kinds = [(e.sequence, e.kind) for e in store.events("a", first.job_id, 0)]
+    assert kinds == [
+        (0, EventKind.STATE),
+        (1, EventKind.STATE),
+        (2, EventKind.METRICS),
+        (3, EventKind.STATE),
+    ]
+    for _ in range(3):
+        store.create(_job("a"))
+    page, more = store.page("a", 2, None, 0, 0)
+    rest, end = store.page("a", 2, more, 0, 0)
+    assert more is not None and end is None and len(page) + len(rest) == 4
+    assert [j.job_id for j in store.page("a", 10, None, int(JobState.SUCCEEDED), 0)[0]] == [
+        first.job_id
+    ]
+    store.close()
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_final(tmp_path: Path) -> None:
+    from services.common.errors import FailedPrecondition
+    from services.trainer.core import Changes, TrainerCore
+    from services.trainer.resources import Devices
+    from services.trainer.supervisor import Supervisor, WorkerConfig
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    changes = Changes()
+    no_slots = Supervisor(store, WorkerConfig(root=tmp_path, max_running=0), changes.notify)
+    core = TrainerCore(store, no_slots, changes, Devices(0, 0, 10**9))
+    job, _ = store.create(_job("a"))
+    no_slots.submit("a", job.job_id)
+    assert core.cancel("a", job.job_id).state is JobState.CANCELLED
+    assert not no_slots.withdraw("a", job.job_id)  # it left the queue
+    with pytest.raises(FailedPrecondition):
+        core.cancel("a", job.job_id)
+    store.close()
