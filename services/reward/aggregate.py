@@ -82,6 +82,9 @@ def effective(
     return current
 
 
+UNDECIDED = {Status.ERROR, Status.TIMEOUT, Status.PENDING}
+
+
 def _gate_fires(gate: ev.Gate, result: ScorerResult) -> bool:
     """Gates compare the raw value (1.0 is a full pass for rule scorers)."""
     if result.status == Status.UNSCORABLE:
@@ -97,6 +100,10 @@ def combine(
     by_name = {r.scorer: r for r in results}
     for gate in spec.gates:
         watched = effective(by_name, spec, gate.scorer)
+        if watched.status in UNDECIDED:
+            # The gate might have fired: no reward rather than one it would have replaced.
+            reason = f"gate {gate.scorer!r} is {watched.status.name}: {watched.reason}"
+            return SampleResult(sample_id, watched.status, None, results, reason=reason)
         if _gate_fires(gate, watched):
             return SampleResult(sample_id, Status.OK, gate.reward, results, gate=gate.scorer)
     counted = [

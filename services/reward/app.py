@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.common.errors import FieldViolation
 from services.common.server import ServiceBinding
 from services.reward.admission import Admission
 from services.reward.cache import OutcomeCache
@@ -13,21 +14,46 @@ from services.reward.remote import RemoteScorerAdapter, probe_address
 from services.reward.review_queue import ReviewQueue
 from services.reward.review_store import ReviewStore
 from services.reward.rule_runner import RuleRunner
-from services.reward.sandbox import CodeScorerAdapter, Sandbox
+from services.reward.sandbox import CodeScorerAdapter, Limits, Sandbox
 from services.reward.service import RewardCore
 from services.reward.servicer import RewardServicer
 from services.reward.settings import RewardSettings
+from services.reward.spec import MAX_CODE_TIMEOUT_S
+from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2, reward_service_pb2_grpc
+
+
+def deployment_problems(
+    spec: ev.EvaluatorSpec, remote: RemoteScorerAdapter, judge: JudgeScorerAdapter
+) -> list[FieldViolation]:
+    """What this deployment's operator does not allow: credentials and addresses."""
+    problems = []
+    for i, scorer in enumerate(spec.scorers):
+        if scorer.HasField("remote") and (why := remote.problem(scorer.remote)):
+            problems.append(FieldViolation(f"scorers[{i}].remote.api_key_env", why))
+        if scorer.HasField("judge") and (why := judge.problem(scorer.judge)):
+            problems.append(FieldViolation(f"scorers[{i}].judge.rollout_address", why))
+    return problems
+
 
 SERVICE_NAME = reward_service_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
 def binding(settings: RewardSettings) -> ServiceBinding:
     rules = RuleRunner(settings.rule_workers)
-    sandbox = Sandbox(settings.sandbox_slots, settings.sandbox_uid_base)
-    remote = RemoteScorerAdapter(settings.service_api_key)
+    caps = Limits(
+        wall_s=MAX_CODE_TIMEOUT_S,
+        cpu_seconds=settings.sandbox_max_cpu_seconds,
+        memory_mb=settings.sandbox_max_memory_mb,
+        max_processes=settings.sandbox_max_processes,
+        max_file_mb=settings.sandbox_max_file_mb,
+    )
+    sandbox = Sandbox(settings.sandbox_slots, settings.sandbox_uid_base, caps)
+    remote = RemoteScorerAdapter(settings.remote_keys)
     models = ModelScorerAdapter(settings.device, settings.loaded_models)
-    judge = JudgeScorerAdapter(settings.service_api_key)
+    judge = JudgeScorerAdapter(
+        settings.service_api_key, allowed_addresses=settings.judge_rollout_addresses
+    )
     (settings.data_dir / "reward").mkdir(parents=True, exist_ok=True)
     store = ReviewStore(f"sqlite:///{settings.data_dir / 'reward' / 'reviews.db'}")
     reviews = ReviewQueue(store)
@@ -45,6 +71,7 @@ def binding(settings: RewardSettings) -> ServiceBinding:
         settings.max_samples_per_request,
         probe=probe_address,
         model_check=models.problem,
+        policy=lambda spec: deployment_problems(spec, remote, judge),
     )
     servicer = RewardServicer(core, reviews)
 

@@ -4,6 +4,7 @@ greedy by default), the score parsed with an RE2 pattern and mapped to [0, 1].""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import grpc
@@ -18,6 +19,7 @@ from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
 # Prompts per Generate call.
 CHUNK = 64
+PLACEHOLDER = re.compile(r"\{(prompt|completion|reference)\}")
 
 
 def fill_rubric(rubric: str, sample: Sample) -> str:
@@ -27,13 +29,18 @@ def fill_rubric(rubric: str, sample: Sample) -> str:
     >>> s = Sample("a", "4", metadata={"reference": 4})
     >>> fill_rubric('Q: {prompt} A: {completion} Ref: {reference} {"score": N}', s)
     'Q:  A: 4 Ref: 4 {"score": N}'
+    >>> injected = Sample("b", "{reference}", metadata={"reference": 4})
+    >>> fill_rubric("A: {completion} Ref: {reference}", injected)
+    'A: {reference} Ref: 4'
     """
     reference = sample.metadata.get("reference", "")
-    return (
-        rubric.replace("{prompt}", sample.prompt.as_text())
-        .replace("{completion}", sample.completion)
-        .replace("{reference}", "" if reference is None else str(reference))
-    )
+    values = {
+        "prompt": sample.prompt.as_text(),
+        "completion": sample.completion,
+        "reference": "" if reference is None else str(reference),
+    }
+    # One pass: a completion containing "{reference}" stays literal text.
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], rubric)
 
 
 def parse_score(text: str, pattern: str, low: float, high: float) -> Outcome:
@@ -79,12 +86,26 @@ def judge_request(cfg: ev.JudgeScorer, samples: Sequence[Sample]) -> rollout_pb2
 
 class JudgeScorerAdapter:
     """`default_address` (the configured rollout address, else the server's own) is set at
-    start, as the registry address is."""
+    start, as the registry address is. The service key (it acts for any team) goes only to
+    that address or to one the operator listed in `allowed_addresses`."""
 
-    def __init__(self, service_api_key: str | None, default_address: str = "") -> None:
+    def __init__(
+        self,
+        service_api_key: str | None,
+        default_address: str = "",
+        allowed_addresses: Sequence[str] = (),
+    ) -> None:
         self.default_address = default_address
+        self.allowed_addresses = set(allowed_addresses)
         self._service_key = service_api_key
         self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def problem(self, cfg: ev.JudgeScorer) -> str | None:
+        """Why this deployment refuses the scorer's rollout address, or None."""
+        address = cfg.rollout_address
+        if not address or address == self.default_address or address in self.allowed_addresses:
+            return None
+        return "not the configured rollout address (TLM_REWARD_JUDGE_ROLLOUT_ADDRESSES)"
 
     def _stub(self, address: str) -> rollout_pb2_grpc.RolloutServiceStub:
         if address not in self._channels:
@@ -97,6 +118,9 @@ class JudgeScorerAdapter:
         self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
     ) -> list[Outcome]:
         cfg = scorer.judge
+        refused = self.problem(cfg)
+        if refused:
+            return [Outcome.error(f"rollout_address: {refused}")] * len(samples)
         address = cfg.rollout_address or self.default_address
         texts: list[str] = []
         for start in range(0, len(samples), CHUNK):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,36 +22,55 @@ from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# Only these say the remote is unwell; other codes are the caller's own mistake.
+BREAKER_CODES = RETRYABLE | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 BACKOFF_S = 0.1
 PROBE_TIMEOUT_S = 2.0
+# Operator bounds on what a spec may ask of its breaker.
+BREAKER_FAILURES = (1, 20)
+BREAKER_RESET_S = (1.0, 300.0)
 
 
 @dataclass
 class Breaker:
-    """Opens after `failures` consecutive failures; after `reset_s` lets one trial call through.
+    """Opens after `failures` consecutive failures; after `reset_s` lets a single trial call
+    through (half-open), whose result closes or reopens it.
 
     >>> b = Breaker(failures=2, reset_s=10.0)
     >>> b.record(False, now=0.0); b.allows(now=1.0)
     True
-    >>> b.record(False, now=1.0); b.allows(now=2.0), b.allows(now=11.5)
-    (False, True)
+    >>> b.record(False, now=1.0); b.allows(now=2.0), b.allows(now=11.5), b.allows(now=11.6)
+    (False, True, False)
+    >>> b.record(True, now=12.0); b.allows(now=12.1)
+    True
     """
 
     failures: int
     reset_s: float
     consecutive: int = 0
     opened_at: float | None = None
+    trial: bool = False
 
     def allows(self, now: float) -> bool:
-        return self.opened_at is None or now - self.opened_at >= self.reset_s
+        if self.opened_at is None:
+            return True
+        if self.trial or now - self.opened_at < self.reset_s:
+            return False
+        self.trial = True
+        return True
 
     def record(self, ok: bool, now: float) -> None:
+        self.trial = False
         if ok:
             self.consecutive, self.opened_at = 0, None
             return
         self.consecutive += 1
         if self.consecutive >= self.failures:
             self.opened_at = now
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(value, bounds[0]), bounds[1])
 
 
 def _channel(address: str, tls: bool) -> grpc.aio.Channel:
@@ -72,10 +91,19 @@ async def probe_address(address: str, tls: bool) -> str | None:
 
 
 class RemoteScorerAdapter:
-    def __init__(self, service_api_key: str | None) -> None:
+    """`remote_keys` ({address: env var}, set by the operator) lists the only credentials sent
+    anywhere; the service's own key (which acts for any team) never goes to a spec's address."""
+
+    def __init__(self, remote_keys: Mapping[str, str] | None = None) -> None:
         self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
-        self._breakers: dict[str, Breaker] = {}
-        self._service_key = service_api_key
+        self._breakers: dict[tuple[str, bool, str], Breaker] = {}
+        self.remote_keys = dict(remote_keys or {})
+
+    def problem(self, cfg: ev.RemoteScorer) -> str | None:
+        """Why this deployment refuses the scorer's credentials, or None."""
+        if cfg.api_key_env and self.remote_keys.get(cfg.address) != cfg.api_key_env:
+            return f"not an API key the operator allows for {cfg.address} (TLM_REWARD_REMOTE_KEYS)"
+        return None
 
     def _stub(self, cfg: ev.RemoteScorer) -> rs_grpc.RewardServiceStub:
         key = (cfg.address, cfg.tls)
@@ -83,19 +111,26 @@ class RemoteScorerAdapter:
             self._channels[key] = _channel(cfg.address, cfg.tls)
         return rs_grpc.RewardServiceStub(self._channels[key])
 
-    def _breaker(self, cfg: ev.RemoteScorer) -> Breaker:
+    def _breaker(self, cfg: ev.RemoteScorer, team: str) -> Breaker:
+        """One per (address, tls, team): a team's failures and settings affect only itself."""
         reset = duration_s(cfg.breaker_reset) if cfg.HasField("breaker_reset") else 30.0
         failures = cfg.breaker_failures if cfg.HasField("breaker_failures") else 5
-        return self._breakers.setdefault(cfg.address, Breaker(failures, reset))
+        breaker = Breaker(int(_clamp(failures, BREAKER_FAILURES)), _clamp(reset, BREAKER_RESET_S))
+        return self._breakers.setdefault((cfg.address, cfg.tls, team), breaker)
 
     async def score(
         self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
     ) -> list[Outcome]:
         cfg = scorer.remote
-        breaker = self._breaker(cfg)
+        refused = self.problem(cfg)
+        if refused:
+            return [Outcome.error(f"api_key_env: {refused}")] * len(samples)
+        breaker = self._breaker(cfg, ctx.team)
         if not breaker.allows(time.monotonic()):
             return [Outcome.error(f"circuit open: {cfg.address} failed repeatedly")] * len(samples)
         request = rs.ScoreRequest(samples=[convert.sample_to_proto(s) for s in samples])
+        for i, msg in enumerate(request.samples):
+            msg.sample_id = str(i)  # ours to match answers on; the caller's ids stay here
         if cfg.evaluator:
             request.evaluator = cfg.evaluator
         else:
@@ -103,11 +138,18 @@ class RemoteScorerAdapter:
         try:
             response = await self._call(cfg, request, ctx)
         except grpc.aio.AioRpcError as exc:
-            breaker.record(False, time.monotonic())
+            breaker.record(exc.code() not in BREAKER_CODES, time.monotonic())
             why = f"remote {cfg.address} failed: {exc.code().name}: {exc.details()}"
             return [Outcome.error(why)] * len(samples)
+        except BaseException:
+            breaker.trial = False  # a cancelled trial decides nothing
+            raise
         breaker.record(True, time.monotonic())
-        return [_outcome(r) for r in response.results]
+        by_id = {r.sample_id: r for r in response.results}
+        missing = Outcome.error(f"remote {cfg.address} returned no result for the sample")
+        return [
+            _outcome(by_id[str(i)]) if str(i) in by_id else missing for i in range(len(samples))
+        ]
 
     async def _call(
         self, cfg: ev.RemoteScorer, request: rs.ScoreRequest, ctx: ScoreContext
@@ -115,7 +157,7 @@ class RemoteScorerAdapter:
         timeout = duration_s(cfg.timeout) if cfg.HasField("timeout") else 10.0
         retries = cfg.max_retries if cfg.HasField("max_retries") else 2
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        metadata = call_metadata(key or self._service_key, ctx.team if not key else None)
+        metadata = call_metadata(key, None) if key else ()
         for attempt in range(retries + 1):
             budget = min(timeout, ctx.remaining() - 0.1)
             try:

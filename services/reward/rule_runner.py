@@ -8,10 +8,15 @@ import multiprocessing
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import structlog
 
 from services.reward.domain import Outcome, Sample
 from services.reward.rules import score_rule
 from tlm.reward.v1 import evaluator_pb2 as ev
+
+log = structlog.get_logger("tlm.reward.rules")
 
 CHUNK = 64
 
@@ -35,11 +40,15 @@ def _warm() -> bool:
 
 class RuleRunner:
     def __init__(self, workers: int) -> None:
-        self._executor: Executor | None = None
-        if workers > 0:
-            # spawn, not fork: the server process runs gRPC threads.
-            context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(workers, mp_context=context)
+        self._workers = workers
+        self._executor: Executor | None = self._pool()
+
+    def _pool(self) -> Executor | None:
+        if self._workers <= 0:
+            return None
+        # spawn, not fork: the server process runs gRPC threads.
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(self._workers, mp_context=context)
 
     async def warm_up(self) -> None:
         if self._executor is not None:
@@ -49,11 +58,28 @@ class RuleRunner:
     async def run(
         self, scorer: ev.ScorerSpec, samples: Sequence[Sample]
     ) -> list[tuple[Outcome, float]]:
+        """A worker that died (OOM killer, SIGKILL) breaks the pool: rebuild it and retry once;
+        a chunk that kills its worker twice is ERROR."""
+        for attempt in range(2):
+            executor = self._executor
+            try:
+                return await self._run(executor, scorer, samples)
+            except BrokenProcessPool:
+                log.warning("rule_pool_broken", scorer=scorer.name, attempt=attempt)
+                if self._executor is executor:  # concurrent callers rebuild it once
+                    if executor is not None:
+                        executor.shutdown(wait=False, cancel_futures=True)
+                    self._executor = self._pool()
+        return [(Outcome.error("rule worker crashed"), 0.0)] * len(samples)
+
+    async def _run(
+        self, executor: Executor | None, scorer: ev.ScorerSpec, samples: Sequence[Sample]
+    ) -> list[tuple[Outcome, float]]:
         payload = scorer.SerializeToString()
         chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
         loop = asyncio.get_running_loop()
         parts = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, run_chunk, payload, c) for c in chunks)
+            *(loop.run_in_executor(executor, run_chunk, payload, c) for c in chunks)
         )
         return [item for part in parts for item in part]
 

@@ -178,11 +178,12 @@ def math_value(answer: str, reference: str) -> float | None:
     # math-verify's timeouts use signal.alarm, which only works in a process's main thread;
     # elsewhere the caller's deadline is the only guard.
     limit = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = parse(str(reference), parsing_timeout=limit)  # type: ignore[arg-type]
-    pred = parse(answer, parsing_timeout=limit)  # type: ignore[arg-type]
+    # raise_on_error: a timeout must not read as "no answer" or "not equal" (a cached 0.0).
+    gold = parse(str(reference), parsing_timeout=limit, raise_on_error=True)  # type: ignore[arg-type]
+    pred = parse(answer, parsing_timeout=limit, raise_on_error=True)  # type: ignore[arg-type]
     if not pred:
         return None
-    return 1.0 if verify(gold, pred, timeout_seconds=limit) else 0.0
+    return 1.0 if verify(gold, pred, timeout_seconds=limit, raise_on_error=True) else 0.0
 
 
 # Adapters from spec messages -----------------------------------------------------------------
@@ -284,7 +285,14 @@ def score_math(cfg: ev.MathScorer, sample: Sample) -> Outcome:
     text = _extracted(sample, cfg.extraction)
     if text is None:
         return _missing_part(cfg.extraction)
-    value = math_value(text, str(reference))
+    from math_verify.errors import TimeoutException
+
+    try:
+        value = math_value(text, str(reference))
+    except TimeoutException:
+        return Outcome.timeout("math-verify timed out")
+    except Exception as exc:
+        return Outcome.error(f"math-verify failed: {type(exc).__name__}: {exc}"[:300])
     if value is None:
         return Outcome.unscorable("no mathematical answer found in the completion")
     return Outcome.ok(value)

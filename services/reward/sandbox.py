@@ -1,9 +1,14 @@
 """The code scorer: runs a completion's code against the row's tests in a sandbox.
 
 Isolation (see sandbox_launcher.py): new mount/network/PID/IPC/UTS namespaces, a read-only
-minimal root with only the scratch directory writable, an unprivileged uid per slot when the
-service runs as root, rlimits (CPU, address space, processes, file size, open files), an empty
-environment and a wall-clock limit that kills the whole process group.
+minimal root entered with pivot_root, a size-limited tmpfs scratch, no capabilities, an
+unprivileged uid per slot when the service runs as root, rlimits (CPU, address space,
+processes, file size, open files), an empty environment and a wall-clock limit.
+
+Outcomes come only from facts the program cannot forge: the launcher's status file (wait4
+status and rusage, processes left, largest file) and the service's own wall clock. Exit codes
+and output the program controls never decide TIMEOUT or ERROR; a pass also needs the runner's
+nonce-tagged verdict and a clean exit.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -35,13 +42,11 @@ log = structlog.get_logger("tlm.reward.sandbox")
 HERE = Path(__file__).parent
 LAUNCHER = HERE / "sandbox_launcher.py"
 RUNNER = HERE / "sandbox_runner.py"
-UNAVAILABLE = 90
 OUTPUT_TAIL = 64 * 1024
-LIMIT_REASONS = {
-    "memory": "memory limit reached",
-    "file_size": "file size limit reached",
-    "processes": "process limit reached",
-}
+MIB = 1024 * 1024
+# Peak RSS at or above this share of the address-space limit counts as hitting it.
+MEMORY_SHARE = 0.75
+SCRATCH_INODES = 1024
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,21 @@ class Limits:
     memory_mb: int = 512
     max_processes: int = 16
     max_file_mb: int = 10
-    partial_credit: bool = False
+
+    @property
+    def scratch_mb(self) -> int:
+        """The whole scratch tmpfs: one file at the limit plus room for the sources."""
+        return self.max_file_mb + 16
+
+    def capped(self, caps: Limits) -> Limits:
+        """Each limit no higher than the operator's cap."""
+        return Limits(
+            wall_s=min(self.wall_s, caps.wall_s),
+            cpu_seconds=min(self.cpu_seconds, caps.cpu_seconds),
+            memory_mb=min(self.memory_mb, caps.memory_mb),
+            max_processes=min(self.max_processes, caps.max_processes),
+            max_file_mb=min(self.max_file_mb, caps.max_file_mb),
+        )
 
 
 def read_only_binds() -> list[str]:
@@ -61,29 +80,56 @@ def read_only_binds() -> list[str]:
     return [p for p in paths if os.path.lexists(p)]
 
 
-def value_of(result: dict[str, object], partial: bool) -> float:
-    """1.0 when every test statement passed; with partial credit, the share that passed.
+def classify(
+    report: Mapping[str, Any] | None, verdict: Mapping[str, Any] | None, limits: Limits
+) -> Outcome:
+    """The outcome from the launcher's report (trusted) and the runner's verdict (needed for a
+    pass, never enough to turn a failure into TIMEOUT or ERROR).
 
-    >>> value_of({"passed": 2, "total": 4, "ran": True}, False)
-    0.0
-    >>> value_of({"passed": 2, "total": 4, "ran": True}, True)
-    0.5
-    >>> value_of({"passed": 0, "total": 0, "ran": True}, False)
+    >>> ok = {"exit": 0, "signal": None, "cpu_s": 0.1, "maxrss_kb": 9000, "lingering": 0,
+    ...       "largest_file": 0, "scratch_full": False}
+    >>> classify(ok, {"ran": True, "passed": True}, Limits()).raw
     1.0
+    >>> classify(ok | {"exit": 137}, None, Limits()).status.name  # exits 137 by itself
+    'OK'
+    >>> classify(ok | {"signal": 24, "cpu_s": 5.0}, None, Limits()).status.name
+    'TIMEOUT'
+    >>> classify(ok | {"signal": 9, "cpu_s": 0.2}, None, Limits()).reason
+    'the program ended before the tests finished (signal 9)'
+    >>> classify({"unavailable": "unshare: EPERM"}, None, Limits()).status.name
+    'ERROR'
     """
-    passed, total = int(result["passed"]), int(result["total"])  # type: ignore[call-overload]
-    if total == 0:
-        return 1.0 if result["ran"] else 0.0
-    if partial:
-        return passed / total
-    return 1.0 if passed == total else 0.0
+    if report is None or "unavailable" in report:
+        why = (report or {}).get("unavailable", "the launcher reported nothing")
+        log.error("sandbox_unavailable", reason=why)
+        return Outcome.error(f"sandbox unavailable: {why}")
+    if verdict is not None and verdict.get("passed") and report["exit"] == 0:
+        return Outcome.ok(1.0)
+    if report["cpu_s"] >= limits.cpu_seconds * 0.95:
+        return Outcome.timeout(f"CPU time limit of {limits.cpu_seconds}s reached")
+    if report["maxrss_kb"] * 1024 >= MEMORY_SHARE * limits.memory_mb * MIB:
+        return Outcome.error("memory limit reached")
+    if report["largest_file"] >= max(limits.max_file_mb * MIB, 1):
+        return Outcome.error("file size limit reached")
+    if report["scratch_full"]:
+        return Outcome.error("scratch space limit reached")
+    if limits.max_processes > 1 and report["lingering"] >= limits.max_processes - 1:
+        return Outcome.error("process limit reached")
+    if verdict is None:
+        how = f"exit {report['exit']}" if report["signal"] is None else f"signal {report['signal']}"
+        return Outcome(Status.OK, 0.0, f"the program ended before the tests finished ({how})")
+    if not verdict.get("ran"):
+        return Outcome(Status.OK, 0.0, "the code raised an exception")
+    return Outcome(Status.OK, 0.0, "the tests failed")
 
 
 class Sandbox:
-    def __init__(self, slots: int, uid_base: int) -> None:
+    def __init__(self, slots: int, uid_base: int, caps: Limits | None = None) -> None:
         self._free: asyncio.Queue[int] | None = None
         self._slots = slots
         self._uid_base = uid_base
+        self.caps = caps or Limits(wall_s=60.0, cpu_seconds=60, memory_mb=4096,
+                                   max_processes=64, max_file_mb=100)  # fmt: skip
         self.binds = read_only_binds()
 
     def _queue(self) -> asyncio.Queue[int]:
@@ -93,10 +139,19 @@ class Sandbox:
                 self._free.put_nowait(i)
         return self._free
 
-    async def run(self, code: str, tests: str, limits: Limits) -> Outcome:
+    async def run(
+        self, code: str, tests: str, limits: Limits, deadline: float | None = None
+    ) -> Outcome:
+        """`deadline` (time.monotonic()) bounds the wall clock from when a slot is free."""
         free = self._queue()
         slot = await free.get()
         try:
+            limits = limits.capped(self.caps)
+            if deadline is not None:
+                wall = min(limits.wall_s, deadline - time.monotonic() - 0.1)
+                if wall <= 0:
+                    return Outcome.timeout("no sandbox slot was free before the deadline")
+                limits = replace(limits, wall_s=wall)
             return await self._run_in_slot(slot, code, tests, limits)
         finally:
             free.put_nowait(slot)
@@ -105,35 +160,19 @@ class Sandbox:
         uid = self._uid_base + slot
         base = Path(tempfile.mkdtemp(prefix="tlm-sandbox-"))
         try:
-            scratch = base / "scratch"
-            (base / "root").mkdir()
-            scratch.mkdir()
-            (scratch / "solution.py").write_text(code)
-            (scratch / "tests.py").write_text(tests)
-            shutil.copy(RUNNER, scratch / "runner.py")
-            if os.geteuid() == 0:
-                for path in [scratch, *scratch.iterdir()]:
-                    os.chown(path, uid, uid)
             nonce = secrets.token_hex(16)
-            config = {
-                "root": str(base / "root"),
-                "scratch": str(scratch),
-                "binds": self.binds,
-                "python": os.path.realpath(sys.executable),
-                "argv": ["runner.py", nonce, "1" if limits.partial_credit else "0"],
-                "uid": uid,
-                "cpu_seconds": limits.cpu_seconds,
-                "memory_mb": limits.memory_mb,
-                "max_processes": limits.max_processes,
-                "max_file_mb": limits.max_file_mb,
-            }
-            code_or_timeout = await self._execute(base, config, limits.wall_s)
-            return _interpret(code_or_timeout, base, nonce, limits)
+            config = prepare(base, code, tests, limits, self.binds, uid, nonce)
+            timed_out = await self._execute(base, config, limits.wall_s)
+            if timed_out:
+                return Outcome.timeout(f"wall-clock limit of {limits.wall_s:g}s reached")
+            return classify(read_report(base), read_verdict(base, nonce), limits)
         finally:
-            shutil.rmtree(base, ignore_errors=True)
+            if os.geteuid() == 0:
+                await asyncio.to_thread(kill_uid, uid)
+            await asyncio.to_thread(shutil.rmtree, base, True)
 
-    async def _execute(self, base: Path, config: dict[str, object], wall_s: float) -> int | None:
-        """The launcher's exit code, or None when the wall-clock limit killed it."""
+    async def _execute(self, base: Path, config: dict[str, object], wall_s: float) -> bool:
+        """Runs the launcher; True when the wall-clock limit killed it."""
         with (base / "stdout").open("wb") as out, (base / "stderr").open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(config),
@@ -141,57 +180,85 @@ class Sandbox:
                 start_new_session=True, env={},
             )  # fmt: skip
             try:
-                return await asyncio.wait_for(proc.wait(), wall_s)
-            except (TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(proc.wait(), wall_s)
+                return False
+            except TimeoutError:
                 _kill_group(proc.pid)
                 await proc.wait()
-                return None
+                return True
+            except asyncio.CancelledError:
+                _kill_group(proc.pid)
+                await asyncio.shield(proc.wait())
+                raise
+
+
+def prepare(
+    base: Path, code: str, tests: str, limits: Limits, binds: Sequence[str], uid: int, nonce: str
+) -> dict[str, object]:
+    """Writes the program's sources under `base` and returns the launcher's config."""
+    src = base / "src"
+    (base / "root").mkdir()
+    src.mkdir()
+    (src / "solution.py").write_text(code)
+    (src / "tests.py").write_text(tests)
+    shutil.copy(RUNNER, src / "runner.py")
+    return {
+        "root": str(base / "root"),
+        "src": str(src),
+        "status": str(base / "status"),
+        "binds": list(binds),
+        "python": os.path.realpath(sys.executable),
+        "uid": uid,
+        "nonce": nonce,
+        "cpu_seconds": limits.cpu_seconds,
+        "memory_mb": limits.memory_mb,
+        "max_processes": limits.max_processes,
+        "max_file_mb": limits.max_file_mb,
+        "scratch_mb": limits.scratch_mb,
+        "scratch_inodes": SCRATCH_INODES,
+    }
+
+
+def read_report(base: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        report = json.loads((base / "status").read_text().splitlines()[0])
+        return report if isinstance(report, dict) else None
+    return None
+
+
+def read_verdict(base: Path, nonce: str) -> dict[str, Any] | None:
+    for line in reversed(_tail(base / "stdout").splitlines()):
+        if line.startswith(nonce):
+            with contextlib.suppress(ValueError):
+                verdict = json.loads(line[len(nonce) :])
+                return verdict if isinstance(verdict, dict) else None
+    return None
+
+
+def kill_uid(uid: int) -> None:
+    """Backstop: SIGKILL every process of a slot's uid (it belongs to that slot alone)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status = (entry / "status").read_text()
+            real = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            if int(real.split()[1]) == uid:
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _kill_group(pid: int) -> None:
-    # The launcher leads its own session; killing it also kills the namespace's PID 1
-    # (PDEATHSIG), which takes every process in the namespace with it.
+    # The launcher leads its own session; its init dies with it (PR_SET_PDEATHSIG), and the
+    # kernel kills everything in a PID namespace whose init is gone.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
 
 
 def _tail(path: Path) -> str:
-    with path.open("rb") as f:
+    with contextlib.suppress(OSError), path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - OUTPUT_TAIL))
         return f.read().decode(errors="replace")
-
-
-def _last_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[-1][:300] if lines else "no output"
-
-
-def _interpret(exit_code: int | None, base: Path, nonce: str, limits: Limits) -> Outcome:
-    if exit_code is None:
-        return Outcome.timeout(f"wall-clock limit of {limits.wall_s:g}s reached")
-    stderr = _tail(base / "stderr")
-    if exit_code == UNAVAILABLE and "sandbox unavailable" in stderr:
-        log.error("sandbox_unavailable", stderr=stderr[-500:])
-        return Outcome.error(stderr.strip().splitlines()[-1])
-    if exit_code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL):
-        return Outcome.timeout(f"CPU time limit of {limits.cpu_seconds}s reached")
-    if exit_code == 128 + signal.SIGXFSZ:
-        return Outcome.error(LIMIT_REASONS["file_size"])
-    for line in reversed(_tail(base / "stdout").splitlines()):
-        if line.startswith(nonce):
-            result = json.loads(line[len(nonce) :])
-            if result["limit"]:
-                return Outcome.error(LIMIT_REASONS[result["limit"]])
-            value = value_of(result, limits.partial_credit)
-            why = "" if value == 1.0 else f"{result['passed']}/{result['total']} tests passed"
-            if not result["ran"]:
-                why = f"the code raised: {_last_line(stderr)}"
-            return Outcome(Status.OK, value, why)
-    if "MemoryError" in stderr or "Cannot allocate memory" in stderr:
-        return Outcome.error(LIMIT_REASONS["memory"])
-    return Outcome(
-        Status.OK, 0.0, f"the program ended before the tests finished (exit {exit_code})"
-    )
+    return ""
 
 
 class CodeScorerAdapter:
@@ -217,13 +284,13 @@ class CodeScorerAdapter:
             return Outcome.unscorable("the completion has no code to run")
         own = duration_s(cfg.timeout) if cfg.HasField("timeout") else 10.0
         limits = Limits(
-            wall_s=max(0.01, min(own, scorer_timeout(scorer), ctx.remaining() - 0.1)),
+            wall_s=min(own, scorer_timeout(scorer)),
             cpu_seconds=cfg.cpu_seconds if cfg.HasField("cpu_seconds") else 5,
             memory_mb=cfg.memory_mb if cfg.HasField("memory_mb") else 512,
             max_processes=cfg.max_processes if cfg.HasField("max_processes") else 16,
             max_file_mb=cfg.max_file_mb if cfg.HasField("max_file_mb") else 10,
         )
-        return await self.sandbox.run(code, tests, limits)
+        return await self.sandbox.run(code, tests, limits, deadline=ctx.deadline)
 
 
 def _code_of(completion: str, extraction: ev.Extraction) -> str | None:

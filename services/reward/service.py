@@ -24,6 +24,8 @@ log = structlog.get_logger("tlm.reward")
 AddressProbe = Callable[[str, bool], Awaitable[str | None]]
 # Why a model revision cannot serve as a reward model for a team (missing, wrong kind), or None.
 ModelCheck = Callable[[str, str], Awaitable[str | None]]
+# What the deployment refuses in a valid spec (credentials, addresses), as JSON-path errors.
+Policy = Callable[[ev.EvaluatorSpec], list[FieldViolation]]
 
 
 @dataclass
@@ -34,19 +36,26 @@ class RewardCore:
     registry: RegistryPort | None = None
     probe: AddressProbe | None = None
     model_check: ModelCheck | None = None
+    policy: Policy | None = None
+
+    def _allowed(self, spec: ev.EvaluatorSpec) -> ev.EvaluatorSpec:
+        problems = self.policy(spec) if self.policy is not None else []
+        if problems:
+            raise EvaluatorInvalid(problems)
+        return spec
 
     async def resolve(
         self, name: str | None, inline: ev.EvaluatorSpec | None, team: str
     ) -> tuple[ev.EvaluatorSpec, str]:
         """The runnable spec (validated, defaults filled) and the registry revision name."""
         if inline is not None:
-            return require_valid(inline), ""
+            return self._allowed(require_valid(inline)), ""
         if not name:
             raise InvalidArgument("set evaluator (a registry revision name) or spec")
         if self.registry is None:
             raise FailedPrecondition("no registry configured for the reward service")
         spec, revision = await self.registry.evaluator_spec(name, team)
-        return require_valid(spec), revision
+        return self._allowed(require_valid(spec)), revision
 
     def check_batch(self, samples: Sequence[Sample]) -> None:
         if len(samples) > self.max_samples:
@@ -128,6 +137,10 @@ class RewardCore:
         result = (
             validate_json(text) if text is not None else validate_spec(spec or ev.EvaluatorSpec())
         )
+        if result.normalized is not None and self.policy is not None:
+            problems = self.policy(result.normalized)
+            if problems:
+                return Validation(errors=problems)
         if result.normalized is not None and check_refs:
             problems = await self.reference_problems(result.normalized, team)
             if problems:

@@ -30,3 +30,15 @@ class RewardSettings(ServerSettings):
     # Reward models (model scorers) kept loaded, least recently used evicted; on `device`.
     loaded_models: int = Field(2, ge=1)
     device: str = "cpu"
+    # Operator caps on the code scorer's limits; a spec asking for more gets the cap.
+    sandbox_max_cpu_seconds: int = Field(60, ge=1)
+    sandbox_max_memory_mb: int = Field(4096, ge=64)
+    sandbox_max_processes: int = Field(64, ge=1)
+    sandbox_max_file_mb: int = Field(100, ge=0)
+    # Remote scorers: the only credentials ever sent to another address, as JSON
+    # {"host:port": "ENV_VAR_NAME"}. A spec's `api_key_env` must name the entry for its own
+    # address; the service's own API key is never sent to an address a spec chose.
+    remote_keys: dict[str, str] = Field(default_factory=dict)
+    # Judge scorers: rollout addresses a spec may name besides `rollout_address` (the service
+    # key, which acts for any team, is sent to the rollout service).
+    judge_rollout_addresses: list[str] = Field(default_factory=list)

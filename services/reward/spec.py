@@ -26,6 +26,13 @@ from tlm.reward.v1 import evaluator_pb2 as ev
 NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 TAG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 MAX_CODE_TIMEOUT_S = 60.0
+# Inclusive bounds of the code scorer's limits (the operator may cap them lower).
+CODE_LIMITS = {
+    "cpu_seconds": (1, 60),
+    "memory_mb": (64, 4096),
+    "max_processes": (1, 64),
+    "max_file_mb": (0, 100),
+}
 SCORER_TYPES = tuple(f.name for f in ev.ScorerSpec.DESCRIPTOR.oneofs_by_name["scorer"].fields)
 
 Errors = list[FieldViolation]
@@ -262,10 +269,9 @@ def _check_code(msg: ev.CodeScorer, path: str) -> Errors:
         seconds = duration_s(msg.timeout)
         if not 0 < seconds <= MAX_CODE_TIMEOUT_S:
             errors.append(FieldViolation(join(path, "timeout"), "must be in (0s, 60s]"))
-    minimums = {"cpu_seconds": 1, "memory_mb": 64, "max_processes": 1, "max_file_mb": 0}
-    for key, low in minimums.items():
-        if msg.HasField(key) and getattr(msg, key) < low:  # type: ignore[arg-type]
-            errors.append(FieldViolation(join(path, key), f"must be >= {low}"))
+    for key, (low, high) in CODE_LIMITS.items():
+        if msg.HasField(key) and not low <= getattr(msg, key) <= high:  # type: ignore[arg-type]
+            errors.append(FieldViolation(join(path, key), f"must be in [{low}, {high}]"))
     return errors
 
 

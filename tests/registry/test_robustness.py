@@ -62,10 +62,12 @@ def test_manifest_paths_must_be_canonical(registry, tiny_model_dir, alias_path: 
     extra = manifest.files.add()
     extra.CopyFrom(manifest.files[0])
     extra.path = alias_path
-    with pytest.raises(grpc.RpcError) as err:
+    header = pb.ModelRevisionHeader(
+        parent=f"models/{unique('alias')}", format=pb.FULL_WEIGHTS, manifest=manifest
+    )
+    with pytest.raises(grpc.RpcError) as err:  # refused on the header alone
         registry.stub.UploadModelRevision(
-            upload_requests(f"models/{unique('alias')}", tiny_model_dir, manifest=manifest),
-            metadata=A,
+            iter([pb.UploadModelRevisionRequest(header=header)]), metadata=A
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details(err.value)[1][0][0] == f"header.manifest.files[{len(manifest.files) - 1}].path"
@@ -76,10 +78,12 @@ def test_file_and_folder_of_the_same_path(registry, tiny_model_dir) -> None:  # 
     extra = manifest.files.add()
     extra.CopyFrom(manifest.files[0])
     extra.path = f"{manifest.files[0].path}/inner"
+    header = pb.ModelRevisionHeader(
+        parent=f"models/{unique('dir')}", format=pb.FULL_WEIGHTS, manifest=manifest
+    )
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.UploadModelRevision(
-            upload_requests(f"models/{unique('dir')}", tiny_model_dir, manifest=manifest),
-            metadata=A,
+            iter([pb.UploadModelRevisionRequest(header=header)]), metadata=A
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 

@@ -89,3 +89,12 @@ def test_non_finite_value_is_an_error() -> None:
     sp = spec(s("a"))
     out = combine(sp, "x", results(sp, Outcome.ok(float("nan"))))
     assert out.status == Status.ERROR
+
+
+def test_a_gate_that_cannot_be_decided_withholds_the_reward() -> None:
+    """A gate whose scorer is ERROR/TIMEOUT/PENDING might have fired: no reward."""
+    sp = spec(s("g", monitor_only=True), s("v"), gates=(ev.Gate(scorer="g", reward=-1.0),))
+    for bad in (Outcome.error("boom"), Outcome.timeout("slow"), Outcome(Status.PENDING)):
+        result = combine(sp, "x", results(sp, bad, Outcome.ok(1.0)))
+        assert (result.status, result.reward) == (bad.status, None), result
+        assert "gate" in result.reason

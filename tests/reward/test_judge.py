@@ -10,29 +10,47 @@ score is then always parsable, and which digit comes out is read from a direct G
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import torch
+from google.protobuf import json_format
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
 from services.reward import convert
 from services.reward.domain import Sample, Status
-from services.reward.judge import fill_rubric, judge_request, parse_score
+from services.reward.engine import ScoreContext
+from services.reward.judge import JudgeScorerAdapter, fill_rubric, judge_request, parse_score
 from services.reward.spec import require_valid
 from tests.reward.helpers import sample, spec
 from tests.reward.test_remote import dead_address
 from tlm.registry.v1 import registry_pb2
+from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
 TEAM = "judge-team"
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """Services of its own: the judge model this module loads for its team must not hold the
+    shared server's rollout replica (another team may only replace an idle model)."""
+    from tests.conftest import start_embedded
+
+    server = start_embedded(tmp_path_factory.mktemp("judge"), insecure_dev=True)
+    yield server
+    server.stop()
+
+
 MD = (("x-tlm-team", TEAM),)
 RUBRIC = "Rate 0-9.\nQ: {prompt}\nA: {completion}\nReference: {reference}\nScore:"
 
@@ -68,6 +86,13 @@ def test_unparsable_or_out_of_range_is_unscorable(text: str, pattern: str, why: 
 def test_rubric_placeholders() -> None:
     s = Sample("a", "x = 4", metadata={"reference": "4"})
     assert fill_rubric("{completion} vs {reference}; {{}}", s) == "x = 4 vs 4; {{}}"
+
+
+def test_a_completion_cannot_inject_the_reference() -> None:
+    s = Sample("a", "my answer: {reference}", metadata={"reference": "SECRET"})
+    assert fill_rubric("A: {completion}\nRef: {reference}", s) == (
+        "A: my answer: {reference}\nRef: SECRET"
+    )
 
 
 def digit_judge(source: Path, out: Path) -> Path:
@@ -144,14 +169,60 @@ def test_judge_through_rollout(embedded: ServerThread, judge_loaded: str) -> Non
         assert narrow.status == rs.UNSCORABLE and "outside [0, 2]" in narrow.reason
 
 
-def test_judge_errors_when_rollout_is_unavailable(embedded: ServerThread) -> None:
-    down = judge_scorer("judge", rollout_address=dead_address())
-    no_model = judge_scorer("judge")
+def test_judge_errors_when_no_model_is_loaded(embedded: ServerThread) -> None:
     with grpc.insecure_channel(embedded.address) as channel:
         reward = rs_grpc.RewardServiceStub(channel)
-        for scorer, code in [(down, "UNAVAILABLE"), (no_model, "FAILED_PRECONDITION")]:
-            request = rs.ScoreRequest(spec=spec({"scorers": [scorer]}), samples=[sample("a", "2")])
-            metadata = (("x-tlm-team", "team-without-a-judge"),)
-            result = reward.Score(request, metadata=metadata, timeout=60).results[0]
-            assert result.status == rs.ERROR
-            assert result.scorers[0].reason.startswith("rollout ") and code in result.reason
+        evaluator = spec({"scorers": [judge_scorer("judge")]})
+        request = rs.ScoreRequest(spec=evaluator, samples=[sample("a", "2")])
+        metadata = (("x-tlm-team", "team-without-a-judge"),)
+        result = reward.Score(request, metadata=metadata, timeout=60).results[0]
+        assert result.status == rs.ERROR
+        assert result.scorers[0].reason.startswith("rollout ")
+        assert "FAILED_PRECONDITION" in result.reason
+
+
+def test_a_spec_chosen_rollout_address_is_refused(embedded: ServerThread) -> None:
+    """The service key acts for any team: it goes only to the configured rollout address."""
+    down = spec({"scorers": [judge_scorer("judge", rollout_address=dead_address())]})
+    with grpc.insecure_channel(embedded.address) as channel:
+        reward = rs_grpc.RewardServiceStub(channel)
+        request = rs.ScoreRequest(spec=down, samples=[sample("a", "2")])
+        with pytest.raises(grpc.RpcError) as err:
+            reward.Score(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "scorers[0].judge.rollout_address" in (err.value.details() or "")
+
+
+def test_judge_adapter_sends_no_key_to_an_unlisted_address() -> None:
+    calls: list[dict[str, str]] = []
+
+    class Rollout(rollout_pb2_grpc.RolloutServiceServicer):
+        async def Generate(self, request: Any, context: Any) -> Any:
+            calls.append(dict(context.invocation_metadata()))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "fake")
+            yield rollout_pb2.GenerateResponse()
+
+    async def body() -> list[Any]:
+        server = grpc.aio.server()
+        rollout_pb2_grpc.add_RolloutServiceServicer_to_server(Rollout(), server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            ctx = ScoreContext(team="t", deadline=time.monotonic() + 10)
+            scorer = json_format.ParseDict(
+                judge_scorer("j", rollout_address=address), ev.ScorerSpec()
+            )
+            refused = await JudgeScorerAdapter("SERVICE-KEY", "127.0.0.1:1").score(
+                scorer, [Sample("a", "x")], ctx
+            )
+            listed = JudgeScorerAdapter("SERVICE-KEY", "127.0.0.1:1", [address])
+            allowed = await listed.score(scorer, [Sample("a", "x")], ctx)
+            await listed.close()
+            return refused + allowed
+        finally:
+            await server.stop(None)
+
+    refused, allowed = asyncio.run(body())
+    assert refused.status == Status.ERROR and "rollout_address" in refused.reason
+    assert allowed.status == Status.ERROR and "UNAVAILABLE" in allowed.reason
+    assert [c.get("authorization") for c in calls] == ["Bearer SERVICE-KEY"]

@@ -3,11 +3,19 @@ and the service keeps serving afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from services.reward.domain import Status
+from services.reward.sandbox import LAUNCHER, Limits, Sandbox, prepare, read_report
 from tests.reward.helpers import code_spec, sample
 from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
@@ -115,3 +123,119 @@ def test_missing_or_broken_tests_are_unscorable(reward: Stub, tests: str | None)
 
 def test_service_keeps_serving_after_escapes(reward: Stub) -> None:
     assert run(reward, "def f():\n    return 1", "assert f() == 1").value == 1.0
+
+
+def test_exit_codes_and_output_do_not_fake_limits(reward: Stub) -> None:
+    """What the program controls (exit code, stderr) never makes it TIMEOUT or ERROR."""
+    for code in [
+        "import os\nos._exit(137)",
+        "import os\nos._exit(153)",
+        "import sys\nprint('MemoryError Cannot allocate memory', file=sys.stderr)\nsys.exit(1)",
+        "import os\nprint('sandbox unavailable: fake', flush=True)\nos._exit(90)",
+    ]:
+        result = run(reward, code, "assert True")
+        assert (result.status, result.value) == (rs.OK, 0.0), (code, result.reason)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # The nonce used to be argv[1]: print a passing verdict with it and leave.
+        "import sys, os, json\nfor a in sys.argv:\n"
+        "    os.write(1, ('\\n' + a + json.dumps({'ran': True, 'passed': True})).encode())\n"
+        "os._exit(0)",
+        "import builtins\nbuiltins.exec = lambda *a, **k: None",
+        "import builtins\nbuiltins.compile = lambda *a, **k: compile('pass', 'x', 'exec')",
+    ],
+)
+def test_forged_verdicts_do_not_pass(reward: Stub, code: str) -> None:
+    result = run(reward, code, "assert False, 'the tests must fail'")
+    assert (result.status, result.value) == (rs.OK, 0.0), result.reason
+
+
+def test_scratch_space_is_bounded(reward: Stub) -> None:
+    code = "for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * 900_000)"
+    result = run(reward, code, "assert True")
+    assert result.status == rs.ERROR and "scratch" in result.reason, result.reason
+
+
+def _uid_processes(uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        if int(uids.split()[1]) == uid:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="slot uids exist only when the service is root")
+def test_no_process_outlives_its_run() -> None:
+    """setsid + fork + sleep past the wall clock; the next run in the slot can still fork."""
+    sandbox, uid = Sandbox(1, 64900), 64900
+    lingering = "import os, time\nos.setsid()\nfor _ in range(3):\n    os.fork()\ntime.sleep(60)"
+    forks = "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)"
+    limits = Limits(wall_s=1.0, max_processes=8)
+
+    async def both() -> tuple[Status, list[int], float]:
+        first = await sandbox.run(lingering, "", limits)
+        left = _uid_processes(uid)
+        second = await sandbox.run(forks, "assert True", Limits(wall_s=5.0, max_processes=2))
+        return first.status, left, second.raw
+
+    status, left, value = asyncio.run(both())
+    assert (status, left, value) == (Status.TIMEOUT, [], 1.0)
+
+
+ESCAPE = """
+import json, os
+try:
+    os.mkdir("esc")
+    os.chroot("esc")
+    for _ in range(50):
+        os.chdir("..")
+    os.chroot(".")
+except OSError as exc:
+    print("refused", exc)
+print("ROOT " + json.dumps(sorted(os.listdir("/"))))
+"""
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory another uid can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="tlm-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_non_root_sandbox_cannot_climb_out_of_a_chroot(open_dir: Path) -> None:
+    """User-namespace mode (service not root): uid 0 inside with no capabilities, pivot_root
+    instead of chroot, so the classic chroot escape sees only the sandbox root."""
+    python = shutil.which("python3.11", path="/usr/bin") if os.geteuid() == 0 else None
+    if os.geteuid() == 0 and python is None:
+        pytest.skip("needs a system python a non-root uid can run")
+    base = open_dir / "box"
+    base.mkdir()
+    binds = ["/usr", "/bin", "/lib", "/lib64"]
+    config = prepare(base, ESCAPE, "", Limits(), binds, 0, "n" * 32)
+    if os.geteuid() == 0:
+        config["python"] = python
+        for path in [base, *base.rglob("*")]:
+            os.chown(path, 65534, 65534)
+    as_nobody: dict[str, object] = (
+        {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+    )
+    done = subprocess.run(
+        [str(config["python"]), "-I", "-S", str(LAUNCHER), json.dumps(config)],
+        capture_output=True, text=True, timeout=30, cwd="/", **as_nobody,  # type: ignore[call-overload]
+    )  # fmt: skip
+    report = read_report(base)
+    assert report is not None and "unavailable" not in report, (report, done.stderr)
+    listing = next(line for line in done.stdout.splitlines() if line.startswith("ROOT "))
+    assert set(json.loads(listing[5:])) <= {"bin", "lib", "lib64", "scratch", "usr"}, listing
+    assert "refused" in done.stdout, done.stdout

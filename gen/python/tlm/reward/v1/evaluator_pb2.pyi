@@ -744,7 +744,7 @@ Global___MathScorer: _TypeAlias = MathScorer  # noqa: Y015
 class CodeScorer(_message.Message):
     """Runs the completion's code with the row's tests appended, in a sandbox: CPU time, memory,
     process-count and file-size limits, a scratch directory, no network, an empty environment.
-    1.0 when the program exits 0; with partial_credit, the share of test lines that passed.
+    1.0 when every test passes and the program exits cleanly, else 0.0 (all or nothing).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -930,7 +930,9 @@ class JudgeScorer(_message.Message):
     score_max: _builtins.float
     """Highest score the rubric allows (default 10)."""
     rollout_address: _builtins.str
-    """Rollout service address; empty uses the one configured for the reward service."""
+    """Rollout service address; empty uses the one configured for the reward service. Any other
+    must be listed by the operator (TLM_REWARD_JUDGE_ROLLOUT_ADDRESSES).
+    """
     adapter_revision: _builtins.str
     """The judge's adapter revision, if the judge is a LoRA adapter on the served model."""
     max_tokens: _builtins.int
@@ -994,7 +996,9 @@ class RemoteScorer(_message.Message):
     tls: _builtins.bool
     """Use TLS."""
     api_key_env: _builtins.str
-    """Name of the environment variable holding the remote API key (never the key itself)."""
+    """Name of the environment variable holding the remote API key (never the key itself); must
+    be the one the operator allows for `address` (TLM_REWARD_REMOTE_KEYS).
+    """
     @_builtins.property
     def spec(self) -> Global___EvaluatorSpec:
         """An inline spec to send instead of a name."""

@@ -1,0 +1,51 @@
+"""Rule scorers beyond their doctests: failure modes of the libraries they call."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.reward.domain import Sample, Status
+from tlm.reward.v1 import evaluator_pb2 as ev
+
+
+def test_math_timeout_is_timeout_not_a_cached_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    from services.reward.rules import score_math
+
+    def slow(*args: object, **kwargs: object) -> bool:
+        if not kwargs.get("raise_on_error"):
+            return False  # what math-verify does on a timeout without raise_on_error
+        raise TimeoutException("too slow")
+
+    monkeypatch.setattr(math_verify, "verify", slow)
+    cfg = ev.MathScorer()
+    outcome = score_math(cfg, Sample("a", "$x^2$", metadata={"reference": "x^2"}))
+    assert outcome.status == Status.TIMEOUT and "timed out" in outcome.reason
+
+
+def test_rule_pool_recovers_after_a_worker_is_killed() -> None:
+    import asyncio
+    import os
+    import signal
+
+    from services.reward.rule_runner import RuleRunner
+
+    scorer = ev.ScorerSpec(name="c", contains=ev.ContainsScorer(substrings=["yes"]))
+
+    async def body() -> list[float]:
+        runner = RuleRunner(1)
+        try:
+            await runner.warm_up()
+            pool = runner._executor
+            for pid in list(pool._processes):  # type: ignore[union-attr]
+                os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            first = await runner.run(scorer, [Sample("a", "yes")])
+            second = await runner.run(scorer, [Sample("a", "no")])
+            return [first[0][0].raw, second[0][0].raw]
+        finally:
+            runner.close()
+
+    assert asyncio.run(body()) == [1.0, 0.0]
