@@ -251,16 +251,19 @@ class ModelCache:
         lock = self._locks.setdefault(str(folder), asyncio.Lock())
         async with lock:
             if not (folder / ".complete").exists():
-                tmp = Path(
-                    tempfile.mkdtemp(dir=self.root.as_posix() if self.root.exists() else None)
-                )
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".partial-"))
                 try:
                     await self.client.download_model_revision(revision.name, tmp, team)
                     (tmp / ".complete").write_text(json.dumps({"name": revision.name}))
                     folder.parent.mkdir(parents=True, exist_ok=True)
-                    if folder.exists():
-                        shutil.rmtree(folder)
-                    os.replace(tmp, folder)
+                    try:
+                        os.replace(tmp, folder)  # atomic: readers see nothing or everything
+                    except OSError:
+                        # Another process (a second worker) placed the same immutable revision
+                        # first; never remove a folder someone may be loading from.
+                        if not (folder / ".complete").exists():
+                            raise
                 finally:
                     if tmp.exists():
                         shutil.rmtree(tmp, ignore_errors=True)

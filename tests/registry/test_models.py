@@ -279,3 +279,28 @@ def test_tenancy_and_names(registry: Registry, tiny_model_dir: Path) -> None:
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.GetModel(pb.GetModelRequest(name=created.name), metadata=A)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_two_caches_fetching_one_revision_share_the_folder(
+    registry: Registry, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two workers (separate caches, as separate processes have) download the same revision at
+    once: both get the complete folder, and neither removes it from under the other."""
+    import asyncio
+
+    from services.registry.client import ModelCache, RegistryClient
+
+    rev = push(registry, tiny_model_dir)
+
+    async def fetch_twice() -> list[Path]:
+        clients = [RegistryClient(registry.server.address, api_key="key-a") for _ in range(2)]
+        caches = [ModelCache(c, tmp_path / "cache") for c in clients]
+        results = await asyncio.gather(*(c.get(rev.name) for c in caches))
+        for c in clients:
+            await c.close()
+        return [folder for _rev, folder in results]
+
+    first, second = asyncio.run(fetch_twice())
+    assert first == second and (first / ".complete").exists()
+    assert _sha(first / "model.safetensors") == _sha(tiny_model_dir / "model.safetensors")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial-")]
