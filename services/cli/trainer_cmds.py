@@ -55,7 +55,7 @@ def show_json(message: object) -> None:
 
 @jobs_app.command("create")
 def create(
-    method: Annotated[str, typer.Option(help="sft, dpo, kto, reward_model, evaluate (grpo, ppo)")],
+    method: Annotated[str, typer.Option(help="sft, dpo, kto, reward_model, grpo, evaluate")],
     base_model: Annotated[str, typer.Option(help="NAME[@REV] of the base model")],
     dataset: Annotated[str, typer.Option(help="NAME[@REV] of the training (or eval) dataset")],
     eval_dataset: Annotated[str | None, typer.Option(help="NAME[@REV] of held-out data")] = None,
@@ -68,6 +68,12 @@ def create(
     batch_size: Annotated[int | None, typer.Option(help="Examples per device per step")] = None,
     max_length: Annotated[int | None, typer.Option(help="Longest tokenised example")] = None,
     output_model: Annotated[str | None, typer.Option(help="models/NAME for the result")] = None,
+    num_generations: Annotated[
+        int | None, typer.Option(help="GRPO: completions per prompt, G (default 8)")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="GRPO/evaluate: new tokens per completion (default 64)")
+    ] = None,
     request_id: Annotated[str, typer.Option(help="Idempotency key")] = "",
     display_name: Annotated[str, typer.Option(help="Free text")] = "",
     validate_only: Annotated[bool, typer.Option(help="Check and fill defaults only")] = False,
@@ -104,6 +110,14 @@ def create(
     )
     if method_value == pb.EVALUATE and not eval_dataset:
         spec.eval_dataset, spec.train_dataset = spec.train_dataset, ""
+    if method_value == pb.GRPO:
+        spec.grpo.SetInParent()
+        if num_generations is not None:
+            spec.grpo.num_generations = num_generations
+        if max_tokens is not None:
+            spec.grpo.sampling.max_tokens = max_tokens
+    elif method_value == pb.EVALUATE and max_tokens is not None:
+        spec.evaluate.sampling.max_tokens = max_tokens
     request = pb.CreateTrainingJobRequest(
         spec=spec, request_id=request_id, display_name=display_name, validate_only=validate_only
     )

@@ -18,6 +18,7 @@ from services.trainer.spec import (
     DevicePlan,
     DpoParams,
     EvaluateParams,
+    GrpoParams,
     JobSpec,
     KtoParams,
     LoraParams,
@@ -80,7 +81,10 @@ def _params_from_proto(spec: pb.TrainingJobSpec) -> Any:
     if which == "evaluate":
         values = _set(message, "max_samples")
         return EvaluateParams(sampling=sampling_from_proto(message.sampling), **values)
-    if which in ("grpo", "ppo"):
+    if which == "grpo":
+        names = [f for f in _fields(GrpoParams) if f != "sampling"]
+        return GrpoParams(sampling=sampling_from_proto(message.sampling), **_set(message, *names))
+    if which == "ppo":
         return OnlineRlParams()
     cls = {"sft": SftParams, "dpo": DpoParams, "kto": KtoParams, "reward_model": RewardModelParams}
     return cls[which](**_set(message, *_fields(cls[which])))

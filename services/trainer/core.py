@@ -15,6 +15,7 @@ from services.common.errors import FailedPrecondition, FieldViolation
 from services.common.pagination import decode_token, encode_token, page_size
 from services.trainer.domain import (
     DATASET_NEEDS,
+    EVALUATOR_NEEDS,
     KIND_NAMES,
     NEEDS_EVALUATOR,
     NOT_IMPLEMENTED,
@@ -115,7 +116,7 @@ class TrainerCore:
         if spec.method in NOT_IMPLEMENTED:
             raise MethodNotImplemented(
                 f"spec.method: {spec.method.name} is not implemented yet; "
-                "available: SFT, DPO, KTO, REWARD_MODEL, EVALUATE",
+                "available: SFT, DPO, KTO, REWARD_MODEL, GRPO, EVALUATE",
                 violations=[FieldViolation("spec.method", "method not implemented yet")],
             )
         assert self.registry is not None
@@ -132,8 +133,10 @@ class TrainerCore:
                 resolved[path] = await self._dataset(team, spec.method, f"spec.{path}", name)
         if spec.method in NEEDS_EVALUATOR:
             if not spec.evaluator:
+                needs = EVALUATOR_NEEDS[spec.method]
                 raise FailedPrecondition(
-                    f"spec.evaluator: {spec.method.name} needs an evaluator",
+                    f"spec.evaluator: {spec.method.name} needs an evaluator {needs}, "
+                    "e.g. evaluators/{e}/revisions/{revision}",
                     violations=[FieldViolation("spec.evaluator", "is required for this method")],
                 )
             resolved["evaluator"] = await self.registry.evaluator(

@@ -50,9 +50,15 @@ DATASET_NEEDS: dict[Method, tuple[DatasetKind, str]] = {
     Method.EVALUATE: (DatasetKind.PROMPT, "a prompt dataset (prompt, optional reference)"),
 }
 NEEDS_EVALUATOR = frozenset({Method.GRPO, Method.PPO, Method.EVALUATE})
+# Why, in the words of the FAILED_PRECONDITION answer when spec.evaluator is missing.
+EVALUATOR_NEEDS: dict[Method, str] = {
+    Method.GRPO: "to reward its rollouts (G completions per prompt of a prompt dataset)",
+    Method.PPO: "to reward its rollouts",
+    Method.EVALUATE: "to score the generations",
+}
 # Methods whose loss needs a frozen reference policy (a second model copy when tuning fully).
 NEEDS_REFERENCE = frozenset({Method.DPO, Method.KTO, Method.GRPO, Method.PPO})
-NOT_IMPLEMENTED = frozenset({Method.GRPO, Method.PPO})
+NOT_IMPLEMENTED = frozenset({Method.PPO})
 KIND_NAMES = {
     DatasetKind.SFT: "sft",
     DatasetKind.PREFERENCE: "preference",

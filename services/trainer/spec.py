@@ -162,7 +162,9 @@ class Sampling:
         return _checks(
             at,
             (self.n >= 1, "n", "must be >= 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
+            # The same bounds the rollout service enforces, refused here at job creation.
+            (0 <= self.temperature <= 2, "temperature", "must be in [0, 2]"),
+            (self.temperature > 0 or self.n == 1, "n", "must be 1 with temperature 0 (greedy)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be >= 0"),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
@@ -180,15 +182,61 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class GrpoParams:
+    """GRPO (Shao et al., 2024). `sampling.n` is always num_generations (set by `complete`)."""
+
+    num_generations: int = 8
+    sampling: Sampling = field(default_factory=Sampling)
+    beta: float = 0.04
+    epsilon: float = 0.2
+    num_iterations: int = 1
+    scale_rewards: bool = True
+    sync_every: int = 1
+    loss_type: str = "grpo"
+
+    def violations(self, at: str) -> list[FieldViolation]:
+        own = _checks(
+            at,
+            (
+                self.num_generations >= 2,
+                "num_generations",
+                "must be >= 2 (group advantages compare samples of one prompt)",
+            ),
+            (math.isfinite(self.beta) and self.beta >= 0, "beta", "must be >= 0 (0: no KL)"),
+            (0 < self.epsilon < 1, "epsilon", "must be in (0, 1)"),
+            (self.num_iterations >= 1, "num_iterations", "must be >= 1"),
+            (self.sync_every >= 1, "sync_every", "must be >= 1"),
+            (
+                self.loss_type in GRPO_LOSSES,
+                "loss_type",
+                f"must be one of {', '.join(GRPO_LOSSES)}",
+            ),
+            (
+                self.sampling.temperature > 0,
+                "sampling.temperature",
+                "must be > 0: greedy samples of one prompt are all the same",
+            ),
+        )
+        sampling = dataclasses.replace(self.sampling, n=max(self.num_generations, 1))
+        return own + sampling.violations(f"{at}.sampling")
+
+
+@dataclass(frozen=True)
 class OnlineRlParams:
-    """GRPO/PPO settings are accepted by the contract but not run yet (see README)."""
+    """PPO settings are accepted by the contract but not run yet (see README)."""
 
     def violations(self, at: str) -> list[FieldViolation]:
         return []
 
 
 MethodParams = (
-    SftParams | DpoParams | KtoParams | RewardModelParams | EvaluateParams | OnlineRlParams
+    SftParams
+    | DpoParams
+    | KtoParams
+    | RewardModelParams
+    | EvaluateParams
+    | GrpoParams
+    | OnlineRlParams
 )
 # The params class of each method, and its field name in TrainingJobSpec's oneof.
 PARAMS_FOR: dict[Method, tuple[str, type]] = {
@@ -196,7 +244,7 @@ PARAMS_FOR: dict[Method, tuple[str, type]] = {
     Method.DPO: ("dpo", DpoParams),
     Method.KTO: ("kto", KtoParams),
     Method.REWARD_MODEL: ("reward_model", RewardModelParams),
-    Method.GRPO: ("grpo", OnlineRlParams),
+    Method.GRPO: ("grpo", GrpoParams),
     Method.PPO: ("ppo", OnlineRlParams),
     Method.EVALUATE: ("evaluate", EvaluateParams),
 }
@@ -299,6 +347,9 @@ def complete(spec: JobSpec) -> JobSpec:
     output = spec.output_model or default_output_model(spec.base_model, spec.method)
     if spec.method is Method.EVALUATE:
         output = ""  # evaluation produces metrics, no model
+    if isinstance(params, GrpoParams):  # the group size is the rollout's n
+        sampling = dataclasses.replace(params.sampling, n=params.num_generations)
+        params = dataclasses.replace(params, sampling=sampling)
     return dataclasses.replace(spec, training=training, params=params, output_model=output)
 
 

@@ -30,12 +30,13 @@ from services.trainer.worker_io import Cancelled, WorkerContext
 from services.trainer.worker_protocol import API_KEY_ENV, EventWriter, WorkerJob
 
 Runner = Callable[[WorkerContext], Awaitable[dict[str, Any]]]
-# Module holding each method's `run`, imported lazily: EVALUATE never loads TRL.
+# Module holding each method's `run`, imported lazily: EVALUATE and GRPO never load TRL.
 RUNNERS: dict[Method, str] = {
     Method.SFT: "services.trainer.trl_methods",
     Method.DPO: "services.trainer.trl_methods",
     Method.KTO: "services.trainer.trl_methods",
     Method.REWARD_MODEL: "services.trainer.trl_methods",
+    Method.GRPO: "services.trainer.grpo",
     Method.EVALUATE: "services.trainer.evaluate",
 }
 PR_SET_PDEATHSIG = 1

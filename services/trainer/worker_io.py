@@ -58,8 +58,9 @@ class WorkerContext:
         options: dict[str, Any] = {"limit": limit} if limit else {}
         return [row async for row in self.registry.read_dataset_rows(name, self.team, **options)]
 
-    async def upload(self, folder: Path, adapter: bool) -> str:
-        """Push `folder` as a new revision of the output model (created if missing)."""
+    async def upload(self, folder: Path, adapter: bool, request_id: str = "") -> str:
+        """Push `folder` as a new revision of the output model (created if missing); the
+        request id (default: the job's output) makes a retried upload store one revision."""
         spec = self.spec
         model_id = spec.output_model.removeprefix("models/")
         try:
@@ -83,7 +84,7 @@ class WorkerContext:
             folder,
             format=registry_pb2.LORA_ADAPTER if adapter else registry_pb2.FULL_WEIGHTS,
             lineage=lineage,
-            request_id=f"{self.job.name.removeprefix('jobs/')}-output",
+            request_id=request_id or f"{self.job.name.removeprefix('jobs/')}-output",
             description=f"{spec.method.name} by {self.job.name}",
             team=self.team,
         )

@@ -95,8 +95,8 @@ async def test_missing_and_malformed_names(trainer: Stub, inputs: Inputs) -> Non
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and fields == ["spec.evaluator"]
 
 
-async def test_online_rl_is_not_implemented_yet(trainer: Stub, inputs: Inputs) -> None:
-    job_spec = spec(pb.GRPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator)
+async def test_ppo_is_not_implemented_yet(trainer: Stub, inputs: Inputs) -> None:
+    job_spec = spec(pb.PPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator)
     err, _, reason = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "not implemented yet" in err.details() and reason == "NOT_IMPLEMENTED"

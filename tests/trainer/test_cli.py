@@ -51,3 +51,18 @@ def test_jobs_create_watch_list_show_cancel(stack: ServerThread, inputs: Inputs)
     assert shown["state"] == "SUCCEEDED" and "pass_rate" in shown["final_metrics"]
     cancelled = runner.invoke(jobs_app, ["cancel", name, *address])
     assert cancelled.exit_code == 1 and "already ended" in cancelled.output
+
+
+def test_jobs_create_grpo_with_an_evaluator(stack: ServerThread, inputs: Inputs) -> None:
+    args = ["create", "--method", "grpo", "--base-model", "tiny", "--dataset", "prompts"]
+    address = ["--address", stack.address]
+    out = runner.invoke(
+        jobs_app,
+        [*args, "--evaluator", "digits", "--num-generations", "4", "--validate-only", *address],
+    )
+    assert out.exit_code == 0, out.output
+    spec = json.loads(out.output)["spec"]
+    assert spec["evaluator"] == inputs.evaluator and spec["method"] == "GRPO"
+    assert spec["grpo"]["num_generations"] == 4 and spec["grpo"]["sampling"]["n"] == 4
+    missing = runner.invoke(jobs_app, [*args, *address])
+    assert missing.exit_code == 1 and "needs an evaluator" in missing.output

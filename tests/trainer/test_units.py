@@ -195,3 +195,18 @@ def test_cancel_of_a_queued_job_is_immediate_and_final(tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition):
         core.cancel("a", job.job_id)
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": 3.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 0.0, "n": 4}, "n"),
+    ],
+)
+def test_sampling_bounds_match_the_rollout_service(kwargs: dict[str, float], field: str) -> None:
+    from services.trainer.spec import Sampling
+
+    assert [v.field for v in Sampling(**kwargs).violations("s")] == [f"s.{field}"]  # type: ignore[arg-type]
+    assert Sampling(temperature=0.0, n=1).violations("s") == []
