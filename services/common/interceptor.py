@@ -72,8 +72,12 @@ class _Rpc:
         self.auth = auth
         self.service, self.short = split_method(method)
         self._pending_abort: grpc.Status | None = None
+        self.peer = ""
 
     def _begin(self, context: grpc.aio.ServicerContext) -> float:
+        # Read the peer now: after a cancelled call ends, context.peer() touches a freed call
+        # object in grpc.aio (seen as a segfault).
+        self.peer = context.peer()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(rpc=self.short)
         self.team: str | None = None
@@ -93,7 +97,7 @@ class _Rpc:
             method=self.method,
             code=code.name,
             latency_ms=round(latency * 1000, 3),
-            peer=context.peer(),
+            peer=self.peer,
             team=getattr(self, "team", None),
         )
 
