@@ -122,15 +122,54 @@ class Engine:
             why = f"{kind} scorers are not available in this deployment"
             return [scorer_result(scorer, Outcome.error(why)) for _ in samples]
         start = time.perf_counter()
-        limit = ctx.remaining() - DEADLINE_MARGIN_S
-        try:
-            outcomes = await asyncio.wait_for(
-                adapter.score(scorer, samples, ctx), max(limit, 0.001)
-            )
-        except TimeoutError:
-            outcomes = [Outcome.timeout("the request deadline passed")] * len(samples)
-        except Exception as exc:
-            log.exception("scorer_failed", scorer=scorer.name, kind=kind)
-            outcomes = [Outcome.error(f"{kind} scorer failed: {exc}")] * len(samples)
+        limit = max(ctx.remaining() - DEADLINE_MARGIN_S, 0.001)
+        if getattr(adapter, "per_sample", False):
+            outcomes = await _each_by_deadline(adapter, kind, scorer, samples, ctx, limit)
+        else:
+            outcomes = await _all_by_deadline(adapter, kind, scorer, samples, ctx, limit)
         per_sample = (time.perf_counter() - start) / max(len(samples), 1)
         return [scorer_result(scorer, o, latency_s=per_sample) for o in outcomes]
+
+
+async def _all_by_deadline(
+    adapter: AsyncScorer,
+    kind: str,
+    scorer: ev.ScorerSpec,
+    samples: Sequence[Sample],
+    ctx: ScoreContext,
+    limit: float,
+) -> list[Outcome]:
+    """Batched families (model, judge, remote, human): one call for the whole batch."""
+    try:
+        return await asyncio.wait_for(adapter.score(scorer, samples, ctx), limit)
+    except TimeoutError:
+        return [Outcome.timeout("the request deadline passed")] * len(samples)
+    except Exception as exc:
+        log.exception("scorer_failed", scorer=scorer.name, kind=kind)
+        return [Outcome.error(f"{kind} scorer failed: {exc}")] * len(samples)
+
+
+async def _each_by_deadline(
+    adapter: AsyncScorer,
+    kind: str,
+    scorer: ev.ScorerSpec,
+    samples: Sequence[Sample],
+    ctx: ScoreContext,
+    limit: float,
+) -> list[Outcome]:
+    """Per-sample families (code): at the deadline only the unfinished samples time out."""
+    tasks = [asyncio.ensure_future(adapter.score(scorer, [s], ctx)) for s in samples]
+    _done, pending = await asyncio.wait(tasks, timeout=limit)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)  # let them clean up (kill sandboxes)
+    outcomes = []
+    for task in tasks:
+        if task in pending or task.cancelled():
+            outcomes.append(Outcome.timeout("the request deadline passed"))
+        elif (exc := task.exception()) is not None:
+            log.error("scorer_failed", scorer=scorer.name, kind=kind, exc_info=exc)
+            outcomes.append(Outcome.error(f"{kind} scorer failed: {exc}"))
+        else:
+            outcomes.append(task.result()[0])
+    return outcomes

@@ -262,6 +262,9 @@ def _tail(path: Path) -> str:
 
 
 class CodeScorerAdapter:
+    # Samples run independently: the engine times each out alone, keeping finished results.
+    per_sample = True
+
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
 

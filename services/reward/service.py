@@ -91,6 +91,8 @@ class RewardCore:
         done: asyncio.Queue[object] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
         total: list[int] = []
+        # Samples scored or waiting to be read back; a slow reader stops the intake.
+        in_flight = asyncio.Semaphore(STREAM_IN_FLIGHT)
 
         async def one(sample: Sample) -> None:
             try:
@@ -106,6 +108,7 @@ class RewardCore:
                     count += 1
                     if count > self.max_samples:
                         raise InvalidArgument(f"at most {self.max_samples} samples per stream")
+                    await in_flight.acquire()
                     task = asyncio.create_task(one(sample))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -126,6 +129,7 @@ class RewardCore:
                         raise item
                     yielded += 1
                     yield item  # type: ignore[misc]
+                    in_flight.release()
             finally:
                 reader.cancel()
                 for task in list(tasks):
@@ -167,6 +171,9 @@ class RewardCore:
 
 
 _END = object()
+
+
+STREAM_IN_FLIGHT = 64
 
 
 def _context(team: str, remaining: float | None) -> ScoreContext:

@@ -115,6 +115,15 @@ def check_spec(spec: ev.EvaluatorSpec, path: str = "") -> Errors:
             errors.append(FieldViolation(at("scorers", i, "fallback"), _unknown(scorer.fallback)))
         elif scorer.fallback == scorer.name and scorer.name:
             errors.append(FieldViolation(at("scorers", i, "fallback"), "cannot be itself"))
+        elif scorer.fallback and not spec.scorers[names[scorer.fallback]].monitor_only:
+            # A counted fallback would count twice (for itself and as the stand-in), so the
+            # reward's scale would jump whenever the primary fails.
+            errors.append(
+                FieldViolation(
+                    at("scorers", i, "fallback"),
+                    f"the fallback {scorer.fallback!r} must be monitor_only",
+                )
+            )
     errors.extend(_check_fallback_cycles(spec, at))
     for i, gate in enumerate(spec.gates):
         if gate.scorer not in names:

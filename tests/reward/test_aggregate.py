@@ -98,3 +98,36 @@ def test_a_gate_that_cannot_be_decided_withholds_the_reward() -> None:
         result = combine(sp, "x", results(sp, bad, Outcome.ok(1.0)))
         assert (result.status, result.reward) == (bad.status, None), result
         assert "gate" in result.reason
+
+
+def test_a_deadline_keeps_the_per_sample_results_that_finished() -> None:
+    """Three code-like samples taking 0.0 s, 0.1 s and 5 s; the deadline passes at 0.5 s: the
+    first two keep their values, only the slow one is TIMEOUT."""
+    import asyncio
+    import time
+
+    from services.reward.cache import OutcomeCache
+    from services.reward.domain import Outcome, Sample
+    from services.reward.engine import Engine, ScoreContext
+    from services.reward.rule_runner import RuleRunner
+    from tlm.reward.v1 import evaluator_pb2 as ev
+
+    class Slow:
+        per_sample = True
+
+        async def score(self, scorer, samples, ctx):  # type: ignore[no-untyped-def]
+            delay = float(samples[0].completion)
+            await asyncio.sleep(delay)
+            return [Outcome.ok(1.0)]
+
+    spec = ev.EvaluatorSpec(scorers=[ev.ScorerSpec(name="c", weight=1.0, code=ev.CodeScorer())])
+    engine = Engine(RuleRunner(0), OutcomeCache(0), {"code": Slow()})
+    samples = [Sample(sample_id=str(i), completion=d) for i, d in enumerate(["0", "0.1", "5"])]
+
+    async def go():  # type: ignore[no-untyped-def]
+        return await engine.score(spec, samples, ScoreContext("t", time.monotonic() + 0.55))
+
+    start = time.monotonic()
+    results = asyncio.run(go())
+    assert time.monotonic() - start < 2
+    assert [r.status.name for r in results] == ["OK", "OK", "TIMEOUT"]

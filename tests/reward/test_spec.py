@@ -133,3 +133,17 @@ def test_remote_inline_spec_is_validated_with_nested_paths() -> None:
         }
     )
     assert "scorers[0].remote.spec.scorers[0]" in errors
+
+
+def test_a_fallback_must_be_monitor_only() -> None:
+    """A counted fallback would count twice when it stands in, so the spec is refused."""
+    scorers = [
+        {"name": "judge", "regex": {"pattern": "x"}, "fallback": "rule"},
+        {"name": "rule", "regex": {"pattern": "y"}},
+    ]
+    result = validate_json(json.dumps({"scorers": scorers}))
+    assert [(e.field, e.description) for e in result.errors] == [
+        ("scorers[0].fallback", "the fallback 'rule' must be monitor_only")
+    ]
+    scorers[1]["monitor_only"] = True
+    assert validate_json(json.dumps({"scorers": scorers})).valid
