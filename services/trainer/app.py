@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from pathlib import Path
+from typing import IO
 
 from services.common.server import ServiceBinding
 from services.trainer.core import Changes, TrainerCore
@@ -24,6 +27,7 @@ def binding(
     worker that has not exited after `cancel_grace_s` is killed."""
     work_dir = settings.data_dir / "trainer"
     work_dir.mkdir(parents=True, exist_ok=True)
+    lock = owner_lock(work_dir)
     store = JobStore(f"sqlite:///{work_dir / 'jobs.db'}")
     changes = Changes()
     holder: dict[str, Supervisor] = {}
@@ -53,6 +57,7 @@ def binding(
         if core.registry is not None:
             await core.registry.close()
         store.close()
+        lock.close()
 
     return ServiceBinding(
         name=SERVICE_NAME,
@@ -62,3 +67,19 @@ def binding(
         on_start=on_start,
         on_stop=on_stop,
     )
+
+
+def owner_lock(work_dir: Path) -> IO[bytes]:
+    """One trainer owns a data directory's jobs (it runs and recovers them): an exclusive
+    lock on `trainer/LOCK`, held while the returned file is open."""
+    path = work_dir / "LOCK"
+    lock = path.open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(
+            f"another trainer is using {work_dir} (it holds {path}); "
+            "give each trainer its own TLM_TRAINER_DATA_DIR"
+        ) from None
+    return lock

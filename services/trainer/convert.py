@@ -10,6 +10,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import code_pb2, status_pb2
 
+from services.common.errors import field_error
 from services.trainer.domain import Event, EventKind, Job, Method
 from services.trainer.resources import Estimate
 from services.trainer.spec import (
@@ -102,9 +103,10 @@ def _plan_from_proto(resources: pb.Resources) -> tuple[DevicePlan, bool]:
     if resources.WhichOneof("plan") != "explicit":
         return DevicePlan(max_devices=resources.auto.max_devices), False
     e = resources.explicit
+    at = "spec.resources.explicit"
     plan = DevicePlan(
-        device_type=DEVICE_TYPES[e.device_type],
-        strategy=STRATEGIES[e.strategy],
+        device_type=_lookup(DEVICE_TYPES, e.device_type, f"{at}.device_type"),
+        strategy=_lookup(STRATEGIES, e.strategy, f"{at}.strategy"),
         precision=e.precision,
         gradient_checkpointing=e.gradient_checkpointing,
         **_set(e, "devices_per_node", "num_nodes"),
@@ -116,7 +118,7 @@ def spec_from_proto(spec: pb.TrainingJobSpec) -> JobSpec:
     plan, explicit = _plan_from_proto(spec.resources)
     training = TrainingParams(**_set(spec.training, *_fields(TrainingParams)))
     return JobSpec(
-        method=Method(spec.method) if spec.method else _unspecified_method(),
+        method=_method(spec.method),
         base_model=revision_ref(spec.base_model, "models"),
         train_dataset=revision_ref(spec.train_dataset, "datasets"),
         lora=_lora_from_proto(spec.tuning),
@@ -130,10 +132,19 @@ def spec_from_proto(spec: pb.TrainingJobSpec) -> JobSpec:
     )
 
 
-def _unspecified_method() -> Method:
-    from services.common.errors import field_error
+def _method(value: int) -> Method:
+    if value in Method.__members__.values():
+        return Method(value)
+    known = ", ".join(m.name for m in Method)
+    described = "is required" if not value else f"{value} is not a method"
+    raise field_error("spec.method", f"{described} ({known})")
 
-    raise field_error("spec.method", "is required (SFT, DPO, KTO, REWARD_MODEL, EVALUATE, ...)")
+
+def _lookup(table: dict[Any, str], value: int, path: str) -> str:
+    """An enum number the proto may not know yet (proto3 enums are open)."""
+    if value not in table:
+        raise field_error(path, f"{value} is not a known value")
+    return table[value]
 
 
 # Domain -> proto ---------------------------------------------------------------------------
@@ -268,8 +279,6 @@ def estimate_to_proto(e: Estimate) -> pb.EstimateResourcesResponse:
 
 def job_id_from_name(name: str) -> str:
     """'jobs/{id}' -> id; anything else is INVALID_ARGUMENT on `name`."""
-    from services.common.errors import field_error
-
     prefix, _, job_id = name.partition("/")
     if prefix != "jobs" or not job_id or "/" in job_id or len(job_id) > 64:
         raise field_error("name", "must look like jobs/{job}")

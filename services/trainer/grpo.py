@@ -38,8 +38,8 @@ from services.trainer.rl_roles import (
     adapter_missing,
 )
 from services.trainer.spec import ALL_LINEAR, GrpoParams, JobSpec
-from services.trainer.worker_io import Cancelled, WorkerContext
-from services.trainer.worker_protocol import CHECKPOINTS
+from services.trainer.worker_io import Cancelled, WorkerContext, check_lora_targets
+from services.trainer.worker_protocol import CHECKPOINTS, POLICY
 from tlm.reward.v1 import reward_service_pb2 as rs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,6 +118,7 @@ def build_policy(path: Any, spec: JobSpec, precision: str, device: str) -> Polic
     torch.manual_seed(spec.training.seed)  # LoRA's A matrices
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision])
     model = model.to(torch.device(device))
+    check_lora_targets(spec, model)
     params: GrpoParams = spec.params
     if spec.lora is None:
         reference = copy.deepcopy(model).eval().requires_grad_(False) if params.beta else None
@@ -307,7 +308,7 @@ class GrpoRun:
         """Save the policy, upload it as a revision of the output model, have the rollout
         service load it, and record the resume point."""
         ctx = self.ctx
-        folder = ctx.folder / "policy"
+        folder = ctx.folder / POLICY
         shutil.rmtree(folder, ignore_errors=True)
         self.policy.model.save_pretrained(folder)
         if not self.policy.lora:

@@ -49,7 +49,16 @@ async def field_errors(path: str, value: str) -> AsyncIterator[None]:
             raise cls(f"{path}: {value}: {exc.details()}", violations=violation) from exc
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             raise FailedPrecondition(f"{path}: {exc.details()}", violations=violation) from exc
-        raise Unavailable(f"registry unavailable while resolving {path}: {exc.details()}") from exc
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            message = f"registry unavailable while resolving {path}: {exc.details()}"
+            raise Unavailable(message) from exc
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # Not the caller's doing and not worth a retry: the trainer's service key.
+            raise FailedPrecondition(
+                f"the registry refused the trainer's service key ({code.name}) while resolving "
+                f"{path}; check TLM_TRAINER_SERVICE_API_KEY and the registry's API keys"
+            ) from exc
+        raise  # anything else is unexpected: INTERNAL, logged with its traceback
 
 
 class RegistryPort:

@@ -1,8 +1,9 @@
 """EstimateResources: the device plan a job gets and a rough memory budget per device.
 
 The budget follows the usual accounting (Rajbhandari et al., 2020, ZeRO, section 3):
-weights at the training precision, fp32 gradients and two fp32 Adam moments for the trainable
-parameters (plus an fp32 master copy when full weights train in 16 bits), activations per
+weights at the training precision (fp32 when TRL tunes full weights: it autocasts to 16 bits
+and keeps fp32 weights, which are then the master copy), fp32 gradients and two fp32 Adam
+moments for the trainable parameters, activations per
 Korthikanti et al., 2022 (about 34 bytes per token per hidden unit per layer in 16 bits,
 fused attention assumed; layer inputs only with gradient checkpointing) plus fp32 logits, and
 a frozen reference copy for DPO/KTO/GRPO/PPO when full weights train (LoRA disables its adapters
@@ -20,6 +21,8 @@ from services.trainer.domain import NEEDS_REFERENCE, Method
 from services.trainer.spec import ALL_LINEAR, DevicePlan, JobSpec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Full tuning on TRL loads fp32 weights and autocasts (trl_methods.load_model).
+FP32_FULL_TUNING = frozenset({Method.SFT, Method.DPO, Method.KTO, Method.REWARD_MODEL})
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -95,6 +98,8 @@ def lora_trainable(config: dict[str, Any], r: int, targets: tuple[str, ...]) -> 
     ...        "num_key_value_heads": 2, "intermediate_size": 128}
     >>> lora_trainable(cfg, 4, ("q_proj", "v_proj"))  # 2 * 4 * ((64 + 64) + (64 + 32))
     1792
+    >>> lora_trainable(cfg, 4, ("qkv_proj",)) is None  # a name we cannot size
+    True
     """
     try:
         d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
@@ -114,6 +119,8 @@ def lora_trainable(config: dict[str, Any], r: int, targets: tuple[str, ...]) -> 
         "down_proj": (ff, d),
     }
     names = LINEAR_MODULES if ALL_LINEAR in targets else targets
+    if any(n not in shapes for n in names):
+        return None
     return layers * r * sum(sum(shapes[n]) for n in names if n in shapes)
 
 
@@ -134,24 +141,29 @@ def activation_bytes(config: dict[str, Any], spec: JobSpec, precision: str) -> i
 def estimate(spec: JobSpec, parameters: int, config: dict[str, Any], devices: Devices) -> Estimate:
     plan, notes = resolve_plan(spec, devices)
     width = BYTES[plan.precision]
+    if spec.lora is None and spec.method in FP32_FULL_TUNING:
+        width = 4
+    if not parameters:
+        notes.append("the base has no parameter_count in the registry: weights not estimated")
     trainable = parameters
     if spec.lora is not None:
         lora = lora_trainable(config, spec.lora.r, spec.lora.target_modules)
         if lora is None:
             lora = parameters // 200
-            notes.append("config.json unreadable: LoRA parameters guessed as 0.5% of the model")
+            notes.append("LoRA shapes unknown: LoRA parameters guessed as 0.5% of the model")
         trainable = lora
-    if spec.method is Method.EVALUATE:
+    evaluate = spec.method is Method.EVALUATE
+    if evaluate:
         trainable = 0
         notes.append("EVALUATE trains nothing; generation runs on the rollout service")
     breakdown = {
-        "weights": parameters * width,
+        "weights": 0 if evaluate else parameters * width,
         "gradients": trainable * 4,
-        "optimizer": trainable * 8 + (trainable * 4 if width < 4 and spec.lora is None else 0),
+        "optimizer": trainable * 8,
         "activations": 0,
         "reference_model": 0,
     }
-    if spec.method is not Method.EVALUATE:
+    if not evaluate:
         act = activation_bytes(config, spec, plan.precision)
         if act is None:
             notes.append("config.json unreadable: activations not estimated")

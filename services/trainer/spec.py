@@ -360,6 +360,11 @@ def validate(spec: JobSpec) -> JobSpec:
     if spec.lora is not None:
         problems += spec.lora.violations("spec.tuning.lora")
     problems += spec.training.violations("spec.training")
+    if spec.method is Method.KTO and spec.training.per_device_batch_size == 1:
+        # KTO's KL baseline pairs each prompt with another row's completion in the batch.
+        problems.append(
+            FieldViolation("spec.training.per_device_batch_size", "must be >= 2 for KTO")
+        )
     field_name, params_cls = PARAMS_FOR[spec.method]
     if spec.params is not None and not isinstance(spec.params, params_cls):
         problems.append(

@@ -22,7 +22,9 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from services.trainer.domain import (
@@ -43,7 +45,17 @@ class Base(DeclarativeBase):
 
 class JobRow(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_team_request", "team", "request_id"),)
+    # request_id is unique per team where it is set (a partial index, also on PostgreSQL).
+    __table_args__ = (
+        Index(
+            "ux_jobs_team_request",
+            "team",
+            "request_id",
+            unique=True,
+            sqlite_where=text("request_id != ''"),
+            postgresql_where=text("request_id != ''"),
+        ),
+    )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -119,6 +131,8 @@ class JobStore:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        for index in Base.metadata.tables["jobs"].indexes:  # stores older than the index
+            index.create(self.engine, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -127,6 +141,15 @@ class JobStore:
 
     def create(self, job: Job) -> tuple[Job, bool]:
         """Insert `job` (its first event: PENDING) unless its request_id exists; (job, created)."""
+        try:
+            return self._create(job)
+        except IntegrityError:  # a concurrent create with the same request_id won
+            existing = self.find_request(job.team, job.request_id) if job.request_id else None
+            if existing is None:
+                raise
+            return existing, False
+
+    def _create(self, job: Job) -> tuple[Job, bool]:
         with Session(self.engine) as s, s.begin():
             if job.request_id:
                 existing = s.scalar(

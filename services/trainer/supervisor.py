@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from services.trainer.worker_protocol import (
     API_KEY_ENV,
     EVENTS_FILE,
     LOG_FILE,
+    SCRATCH,
     EventTailer,
     WorkerJob,
     clean_metrics,
@@ -37,6 +38,18 @@ from services.trainer.worker_protocol import (
 log = structlog.get_logger("tlm.trainer.supervisor")
 Key = tuple[str, str]  # (team, job_id)
 DEFAULT_WORKER = "services.trainer.worker"
+# What a worker inherits from the service's environment: never the services' API keys.
+WORKER_ENV = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "VIRTUAL_ENV"})
+WORKER_ENV_PREFIXES = (
+    "CUDA_",
+    "NVIDIA_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "OMP_",
+    "MKL_",
+    "PYTHON",
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,9 @@ class Supervisor:
         self._procs: dict[Key, subprocess.Popen[bytes]] = {}
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._cancel_deadline: dict[Key, float] = {}
+        self._stopping = False
+        # A resumed job redoes the steps after its checkpoint; their metrics are recorded.
+        self._recorded_step: dict[Key, int] = {}
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -96,12 +112,16 @@ class Supervisor:
         self._kick()
 
     async def stop(self) -> None:
-        """Stop every worker (jobs stay RUNNING: the next start resumes or fails them)."""
-        for proc in self._procs.values():
+        """Stop every worker (jobs stay RUNNING: the next start resumes or fails them) and
+        start no queued job: those stay PENDING for the next start."""
+        self._stopping = True
+        procs = list(self._procs.values())
+        for proc in procs:
             _signal(proc, signal.SIGKILL)
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*(asyncio.to_thread(proc.wait) for proc in procs))
 
     # Scheduling ----------------------------------------------------------------------------
 
@@ -130,7 +150,7 @@ class Supervisor:
         return len(self._tasks)
 
     def _kick(self) -> None:
-        while self._queue and len(self._tasks) < self.config.max_running:
+        while not self._stopping and self._queue and len(self._tasks) < self.config.max_running:
             key = self._queue.popleft()
             self._tasks[key] = asyncio.get_running_loop().create_task(self._run(key))
 
@@ -145,6 +165,7 @@ class Supervisor:
             proc, tailer = self._spawn(key)
             outcome = await self._watch(key, proc, tailer)
             self._finish(key, proc.returncode, outcome)
+            self._clean(key)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the supervisor itself failed: the job must not hang
@@ -152,9 +173,14 @@ class Supervisor:
             error = JobError("INTERNAL", "the trainer could not run this job's worker")
             self._end(key, JobState.FAILED, error.message, error=error)
         finally:
-            self._procs.pop(key, None)
+            orphan = self._procs.pop(key, None)
+            if orphan is not None and orphan.poll() is None:  # supervision failed or stopped
+                _signal(orphan, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    orphan.wait(timeout=5)
             self._tasks.pop(key, None)
             self._cancel_deadline.pop(key, None)
+            self._recorded_step.pop(key, None)
             self.notify(key)
             self._kick()
 
@@ -175,10 +201,9 @@ class Supervisor:
             reward_address=self.config.reward_address,
             cache_dir=str(self.config.root / "cache"),
             torch_threads=self.config.torch_threads,
+            resume_step=job.checkpoint_step,
         ).write(folder)
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-        if self.config.api_key:
-            env[API_KEY_ENV] = self.config.api_key
+        env = worker_env(os.environ, self.config.api_key)
         with (folder / LOG_FILE).open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", self.config.module, str(folder)],
@@ -189,6 +214,7 @@ class Supervisor:
                 start_new_session=True,
             )
         self._procs[key] = proc
+        self._recorded_step[key] = job.progress.step if job.checkpoint_step else 0
         self.store.transition(team, job_id, JobState.RUNNING, f"worker started (pid {proc.pid})")
         log.info("job_started", job=job_id, team=team, method=job.method.name, pid=proc.pid)
         self.notify(key)
@@ -216,6 +242,8 @@ class Supervisor:
             message = f"training started: {event.get('total_steps', 0)} steps"
             self.store.append(*key, EventKind.LOG, {"level": "info", "message": message})
         elif kind == "metrics":
+            if int(event["step"]) <= self._recorded_step.get(key, 0):
+                return
             data = {
                 "step": int(event["step"]),
                 "epoch": float(event.get("epoch", 0.0)),
@@ -259,6 +287,14 @@ class Supervisor:
             )
             self._end(key, JobState.FAILED, error.message, error=error)
 
+    def _clean(self, key: Key) -> None:
+        """A job that SUCCEEDED (its result is in the registry) or was CANCELLED needs neither
+        its checkpoints nor its output copy; a FAILED one keeps them for inspection."""
+        if self.store.get(*key).state in (JobState.SUCCEEDED, JobState.CANCELLED):
+            folder = self.config.root / key[0] / key[1]
+            for name in SCRATCH:
+                shutil.rmtree(folder / name, ignore_errors=True)
+
     def _end(self, key: Key, state: JobState, message: str, **fields: Any) -> None:
         job = self.store.get(*key)
         if job.state.terminal:
@@ -271,3 +307,18 @@ def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)  # the worker's whole session (dataloader processes too)
+
+
+def worker_env(environ: Mapping[str, str], api_key: str | None) -> dict[str, str]:
+    """The allowlisted part of `environ`, plus the worker's own service key.
+
+    >>> env = worker_env({"PATH": "/bin", "HF_HOME": "/h", "TLM_REGISTRY_API_KEYS": "k"}, "s")
+    >>> sorted(env.items())  # doctest: +NORMALIZE_WHITESPACE
+    [('HF_HOME', '/h'), ('PATH', '/bin'), ('PYTHONUNBUFFERED', '1'),
+     ('TLM_TRAINER_WORKER_API_KEY', 's'), ('TOKENIZERS_PARALLELISM', 'false')]
+    """
+    env = {k: v for k, v in environ.items() if k in WORKER_ENV or k.startswith(WORKER_ENV_PREFIXES)}
+    env |= {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if api_key:
+        env[API_KEY_ENV] = api_key
+    return env

@@ -6,6 +6,7 @@ and torch are imported here only, so the service process never loads them.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    PreTrainedModel,
     TrainerCallback,
 )
 from trl import (
@@ -35,8 +35,8 @@ from trl import (
 
 from services.trainer.domain import Method
 from services.trainer.spec import ALL_LINEAR, JobSpec
-from services.trainer.worker_io import Cancelled, WorkerContext
-from services.trainer.worker_protocol import CHECKPOINTS
+from services.trainer.worker_io import WorkerContext, check_lora_targets
+from services.trainer.worker_protocol import CHECKPOINTS, OUTPUT
 
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,30 +87,21 @@ def _as_messages(value: Any, role: str) -> Any:
     return [{"role": role, "content": value}] if isinstance(value, str) else value
 
 
+def _split_chat(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chat as a conversational prompt/completion pair, so TRL's completion_only_loss masks
+    the prompt: the completion is the last assistant turn, the prompt every turn before it.
+    Earlier assistant turns are context only (not trained); turns after the last are dropped."""
+    last = max(
+        (i for i, m in enumerate(messages) if m.get("role") == "assistant"),
+        default=len(messages) - 1,
+    )
+    return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
 def sft_row(row: dict[str, Any]) -> dict[str, Any]:
     if "messages" in row:
-        return {"messages": row["messages"]}
-    prompt, completion = row["prompt"], row["completion"]
-    if isinstance(prompt, list):  # a chat prompt needs a chat completion
-        completion = _as_messages(completion, "assistant")
-    return {"prompt": prompt, "completion": completion}
-
-
-def uniform_sft(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """An sft dataset may mix chat and prompt/completion rows; TRL needs one format."""
-    if len({"messages" in r for r in rows}) < 2:
-        return rows
-    return [
-        r
-        if "messages" in r
-        else {
-            "messages": [
-                *_as_messages(r["prompt"], "user"),
-                *_as_messages(r["completion"], "assistant"),
-            ]
-        }
-        for r in rows
-    ]
+        return _split_chat(row["messages"])
+    return {"prompt": row["prompt"], "completion": row["completion"]}
 
 
 def preference_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +110,17 @@ def preference_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def unpaired_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])}
+
+
+def uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """TRL reads a dataset as text or as chat from its first row, so one chat row makes every
+    row chat: text prompts become a user turn, text answers an assistant turn."""
+    if not any(isinstance(v, list) for r in rows for v in r.values()):
+        return rows
+    return [
+        {k: _as_messages(v, "user" if k == "prompt" else "assistant") for k, v in r.items()}
+        for r in rows
+    ]
 
 
 # Recipes -----------------------------------------------------------------------------------
@@ -218,14 +220,27 @@ def peft_config(spec: JobSpec, recipe: Recipe) -> LoraConfig | None:
     )
 
 
-def load_model(path: Path, recipe: Recipe, precision: str, pad_id: int | None) -> PreTrainedModel:
+def load_model(path: Path, recipe: Recipe, spec: JobSpec, precision: str, pad_id: int | None):
+    """LoRA loads the frozen base in the plan's precision; full tuning loads fp32 weights and
+    trains them under bf16/fp16 autocast, since 16-bit weights round small updates away (and
+    fp16's GradScaler refuses fp16 parameters)."""
+    dtype = DTYPES[precision] if spec.lora is not None else torch.float32
     if recipe.sequence_classification:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[precision]
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         model.config.pad_token_id = pad_id
         return model
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision])
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def resume_checkpoint(checkpoints: Path, step: int) -> str | None:
+    """The checkpoint of the last save the service recorded (it is told after the save
+    completed); later folders may be half-written by a crash and are deleted first."""
+    for folder in checkpoints.glob("checkpoint-*"):
+        number = folder.name.removeprefix("checkpoint-")
+        if not number.isdigit() or int(number) > step:
+            shutil.rmtree(folder, ignore_errors=True)
+    chosen = checkpoints / f"checkpoint-{step}"
+    return str(chosen) if step > 0 and chosen.is_dir() else None
 
 
 def truncate_prompts(rows: list[dict[str, Any]], tokenizer: Any, limit: int) -> None:
@@ -244,27 +259,18 @@ async def run(ctx: WorkerContext) -> dict[str, Any]:
     eval_rows = (
         [recipe.shape(r) for r in await ctx.rows(spec.eval_dataset)] if spec.eval_dataset else []
     )
-    if spec.method is Method.SFT:
-        rows, eval_rows = uniform_sft(rows), uniform_sft(eval_rows)
+    rows, eval_rows = uniform(rows), uniform(eval_rows)
     ctx.log(f"read {len(rows)} training rows, {len(eval_rows)} eval rows")
     ctx.check_stop()
     tokenizer = AutoTokenizer.from_pretrained(base)
     if spec.method is Method.DPO:
-        truncate_prompts(rows, tokenizer, spec.params.max_prompt_length)
-    plan = ctx.job.device_plan
-    model = load_model(base, recipe, plan["precision"], tokenizer.pad_token_id)
+        truncate_prompts(rows + eval_rows, tokenizer, spec.params.max_prompt_length)
     callback = EventsCallback(ctx)
-    trainer = recipe.trainer_cls(
-        model=model,
-        args=trl_config(spec, plan, ctx.folder, recipe, bool(eval_rows)),
-        train_dataset=Dataset.from_list(rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        peft_config=peft_config(spec, recipe),
-        callbacks=[callback],
-    )
-    checkpoints = list((ctx.folder / CHECKPOINTS).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if checkpoints else None)
+    trainer = _trainer(ctx, base, tokenizer, rows, eval_rows, callback)
+    resume = resume_checkpoint(ctx.folder / CHECKPOINTS, ctx.job.resume_step)
+    if ctx.job.resume_step and resume is None:
+        ctx.log(f"checkpoint-{ctx.job.resume_step} is missing: starting over", level="warning")
+    trainer.train(resume_from_checkpoint=resume)
     ctx.check_stop()
     metrics = dict(callback.summary)
     if eval_rows:
@@ -275,10 +281,32 @@ async def run(ctx: WorkerContext) -> dict[str, Any]:
     }
 
 
+def _trainer(
+    ctx: WorkerContext,
+    base: Path,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    callback: EventsCallback,
+) -> Any:
+    spec, recipe, plan = ctx.spec, RECIPES[ctx.spec.method], ctx.job.device_plan
+    model = load_model(base, recipe, spec, plan["precision"], tokenizer.pad_token_id)
+    check_lora_targets(spec, model)
+    return recipe.trainer_cls(
+        model=model,
+        args=trl_config(spec, plan, ctx.folder, recipe, bool(eval_rows)),
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(spec, recipe),
+        callbacks=[callback],
+    )
+
+
 async def _save(ctx: WorkerContext, trainer: Any, tokenizer: Any, recipe: Recipe) -> str:
     """LoRA causal LMs become adapter revisions; reward models are merged to full weights,
     since their score head is new and the base is a causal LM."""
-    out = ctx.folder / "output"
+    out = ctx.folder / OUTPUT
     model = trainer.model
     adapter = ctx.spec.lora is not None and not recipe.sequence_classification
     if ctx.spec.lora is not None and recipe.sequence_classification:
@@ -286,7 +314,6 @@ async def _save(ctx: WorkerContext, trainer: Any, tokenizer: Any, recipe: Recipe
     if not adapter:
         tokenizer.save_pretrained(out)
     model.save_pretrained(out)
-    if ctx.stop.is_set():
-        raise Cancelled()
+    ctx.check_stop()  # the last cut-off: once the upload starts, the job ends with its result
     ctx.log("uploading the result to the registry")
     return await ctx.upload(out, adapter)

@@ -84,9 +84,9 @@ def main(folder: Path) -> int:
 
         torch.set_num_threads(job.torch_threads)
     try:
+        # No stop check here: runners check at their cut-off points (never after an upload
+        # started), and a result that exists has been committed to the registry.
         result = asyncio.run(_run(job, folder, events, stop))
-        if stop.is_set():
-            raise Cancelled()
         events.emit("result", **result)
     except Cancelled:
         events.emit("cancelled")

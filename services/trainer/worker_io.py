@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from services.common.errors import field_error
 from services.registry.client import ModelCache, RegistryClient
-from services.trainer.spec import JobSpec
+from services.trainer.spec import ALL_LINEAR, JobSpec
 from services.trainer.worker_protocol import API_KEY_ENV, EventWriter, WorkerJob
 from tlm.registry.v1 import registry_pb2
+
+# Upload attempts and the wait before each retry (seconds): the registry restarting, a
+# dropped connection. Request ids are derived from the job, so a retry stores one revision.
+UPLOAD_BACKOFF_S = (1.0, 4.0, 15.0)
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class Cancelled(Exception):
@@ -60,7 +68,11 @@ class WorkerContext:
 
     async def upload(self, folder: Path, adapter: bool, request_id: str = "") -> str:
         """Push `folder` as a new revision of the output model (created if missing); the
-        request id (default: the job's output) makes a retried upload store one revision."""
+        request id (default: the job's output) makes a retried upload store one revision, so
+        UNAVAILABLE and DEADLINE_EXCEEDED are retried with backoff."""
+        return await retrying(lambda: self._upload(folder, adapter, request_id), self.log)
+
+    async def _upload(self, folder: Path, adapter: bool, request_id: str) -> str:
         spec = self.spec
         model_id = spec.output_model.removeprefix("models/")
         try:
@@ -89,3 +101,39 @@ class WorkerContext:
             team=self.team,
         )
         return revision.name
+
+
+async def retrying(
+    call: Callable[[], Awaitable[str]],
+    log: Callable[[str, str], None],
+    backoff_s: tuple[float, ...] | None = None,
+) -> str:
+    """`call()`, again after each wait of `backoff_s` while it fails with a retryable code."""
+    waits = list(UPLOAD_BACKOFF_S if backoff_s is None else backoff_s)
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE or not waits:
+                raise
+            wait = waits.pop(0)
+            log(f"registry {exc.code().name} during upload; retrying in {wait:g} s", "warning")
+            await asyncio.sleep(wait)
+
+
+def check_lora_targets(spec: JobSpec, model: Any) -> None:
+    """Each named LoRA target must match a module of the base (peft matches a full name or
+    its last components); a typo is the user's INVALID_ARGUMENT, not an internal error."""
+    if spec.lora is None or ALL_LINEAR in spec.lora.target_modules:
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [
+        t for t in spec.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)
+    ]
+    if missing:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names if "." in n})
+        raise field_error(
+            "spec.tuning.lora.target_modules",
+            f"{', '.join(missing)} not found in the base model; its modules include "
+            f"{', '.join(suffixes[:20])}",
+        )

@@ -5,7 +5,8 @@
 - `events.jsonl` (worker -> service): one JSON object per line, appended and flushed; the
   service tails it. Kinds: started, metrics, checkpoint, log, result, error, cancelled.
 - `worker.log`: the worker's stdout and stderr.
-- `checkpoints/`: TRL checkpoints, for resuming.
+- `checkpoints/`: TRL checkpoints, for resuming; `output/`: the result before its upload.
+  Both are deleted when the job SUCCEEDS or is CANCELLED, kept when it FAILS.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ JOB_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
 LOG_FILE = "worker.log"
 CHECKPOINTS = "checkpoints"
+OUTPUT = "output"
+POLICY = "policy"  # GRPO's policy before each sync upload
+# Deleted when a job SUCCEEDS or is CANCELLED; a FAILED job keeps them for inspection.
+SCRATCH = (CHECKPOINTS, OUTPUT, POLICY)
 API_KEY_ENV = "TLM_TRAINER_WORKER_API_KEY"
 
 
@@ -37,6 +42,7 @@ class WorkerJob:
     reward_address: str
     cache_dir: str
     torch_threads: int = 0
+    resume_step: int = 0  # the job's checkpoint_step: resume from checkpoints/checkpoint-{step}
 
     def write(self, folder: Path) -> None:
         (folder / JOB_FILE).write_text(json.dumps(self.__dict__, indent=1))

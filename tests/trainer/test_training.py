@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from google.rpc import code_pb2
 from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
@@ -204,7 +205,32 @@ async def test_a_worker_error_fails_the_job_with_a_status(
 ) -> None:
     job = await wait_for(trainer, jobs["bad_modules"], timeout=240)
     assert job.state == pb.TrainingJob.FAILED
-    assert job.error.code != 0 and "no_such_proj" in job.error.message
+    assert job.error.code == code_pb2.INVALID_ARGUMENT  # the user's typo, not INTERNAL
+    assert "spec.tuning.lora.target_modules" in job.error.message
+    assert "no_such_proj" in job.error.message
+
+
+async def test_another_team_cannot_see_or_touch_a_job(trainer: Stub, jobs: dict[str, str]) -> None:
+    name = jobs["sft_full"]
+    other = (("x-tlm-team", "other-team"),)
+    calls = (
+        trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=name), metadata=other),
+        trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name), metadata=other),
+        watch_as(trainer, name, other),
+    )
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = await trainer.ListTrainingJobs(pb.ListTrainingJobsRequest(), metadata=other)
+    assert name not in [j.name for j in listed.jobs]
+    assert (await trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=name))).name == name
+
+
+async def watch_as(trainer: Stub, name: str, metadata: tuple[tuple[str, str], ...]) -> None:
+    request = pb.WatchTrainingJobRequest(name=name)
+    async for _ in trainer.WatchTrainingJob(request, metadata=metadata, timeout=30):
+        pass
 
 
 async def test_list_filters_and_pages(trainer: Stub, jobs: dict[str, str]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.trainer import convert, evaluate, resources
+from services.trainer import convert, evaluate, resources, supervisor
 from services.trainer.domain import EventKind, Job, JobState, Method, Progress
 from services.trainer.resources import Devices, estimate, lora_trainable
 from services.trainer.spec import (
@@ -37,7 +37,7 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("module", [evaluate, resources])
+@pytest.mark.parametrize("module", [evaluate, resources, supervisor])
 def test_doctests(module: object) -> None:
     assert doctest.testmod(module).failed == 0  # type: ignore[arg-type]
 
@@ -210,3 +210,114 @@ def test_sampling_bounds_match_the_rollout_service(kwargs: dict[str, float], fie
 
     assert [v.field for v in Sampling(**kwargs).violations("s")] == [f"s.{field}"]  # type: ignore[arg-type]
     assert Sampling(temperature=0.0, n=1).violations("s") == []
+
+
+def test_unknown_enum_numbers_are_invalid_argument_naming_the_field() -> None:
+    from tlm.trainer.v1 import trainer_pb2 as pb
+
+    message = convert.spec_to_proto(validate(JobSpec(Method.SFT, BASE, DATA)).to_dict())
+    message.method = 99  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument) as err:
+        convert.spec_from_proto(message)
+    assert [v.field for v in err.value.violations] == ["spec.method"]
+    message.method = pb.SFT
+    message.resources.explicit.device_type = 7  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument) as err:
+        convert.spec_from_proto(message)
+    assert [v.field for v in err.value.violations] == ["spec.resources.explicit.device_type"]
+    message.resources.explicit.device_type = pb.CPU
+    message.resources.explicit.strategy = 9  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument) as err:
+        convert.spec_from_proto(message)
+    assert [v.field for v in err.value.violations] == ["spec.resources.explicit.strategy"]
+
+
+def test_kto_needs_two_rows_per_batch() -> None:
+    spec = JobSpec(Method.KTO, BASE, DATA, training=TrainingParams(per_device_batch_size=1))
+    with pytest.raises(InvalidArgument) as err:
+        validate(spec)
+    assert [v.field for v in err.value.violations] == ["spec.training.per_device_batch_size"]
+    validate(dataclasses.replace(spec, method=Method.SFT))
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("UNAVAILABLE", "UNAVAILABLE"),
+        ("DEADLINE_EXCEEDED", "UNAVAILABLE"),
+        ("UNAUTHENTICATED", "FAILED_PRECONDITION"),
+        ("PERMISSION_DENIED", "FAILED_PRECONDITION"),
+        ("RESOURCE_EXHAUSTED", "INTERNAL"),
+        ("NOT_FOUND", "NOT_FOUND"),
+    ],
+)
+async def test_registry_errors_at_creation_keep_their_meaning(code: str, expected: str) -> None:
+    import grpc
+
+    from services.common.errors import status_code_for
+    from services.trainer.registry_port import field_errors
+
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode[code], grpc.aio.Metadata(), grpc.aio.Metadata(), "x"
+    )
+    with pytest.raises(Exception) as err:
+        async with field_errors("spec.base_model", BASE):
+            raise error
+    assert status_code_for(err.value).name == expected
+
+
+def test_full_tuning_on_cuda_counts_fp32_weights_and_no_master_copy() -> None:
+    devices = Devices(cuda_count=1, cuda_memory_bytes=10**12, cpu_memory_bytes=10**9)
+    full = complete(JobSpec(Method.SFT, BASE, DATA, lora=None))
+    e = estimate(full, 1000, TINY, devices)
+    assert e.plan.precision == "bf16"
+    assert (e.breakdown["weights"], e.breakdown["optimizer"]) == (4000, 8000)
+    lora = complete(JobSpec(Method.SFT, BASE, DATA, lora=LoraParams(r=4)))
+    assert estimate(lora, 1000, TINY, devices).breakdown["weights"] == 2000  # frozen, 16 bits
+
+
+def test_estimate_notes_for_evaluate_unknown_targets_and_missing_counts() -> None:
+    devices = Devices(cuda_count=0, cuda_memory_bytes=0, cpu_memory_bytes=10**9)
+    evaluation = complete(JobSpec(Method.EVALUATE, BASE, "", eval_dataset=DATA))
+    assert sum(estimate(evaluation, 1000, TINY, devices).breakdown.values()) == 0
+    lora = LoraParams(r=4, target_modules=("qkv_proj",))
+    e = estimate(complete(JobSpec(Method.SFT, BASE, DATA, lora=lora)), 10_000, TINY, devices)
+    assert e.trainable_parameter_count == 50  # the 0.5% guess, not 0
+    e = estimate(complete(JobSpec(Method.SFT, BASE, DATA)), 0, TINY, devices)
+    assert any("parameter_count" in note for note in e.notes)
+
+
+def test_request_ids_are_unique_per_team_in_the_database(tmp_path: Path) -> None:
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.orm import Session
+
+    from services.trainer.store import JobRow
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    first, _ = store.create(_job("a", "r-1"))
+    store.create(_job("a"))
+    store.create(_job("a"))  # empty request ids do not collide
+    with pytest.raises(IntegrityError), Session(store.engine) as s, s.begin():
+        row = JobRow(
+            job_id="j-dup", team="a", request_id="r-1", method=1, spec={}, state=1,
+            create_time=datetime.now(UTC),
+        )  # fmt: skip
+        s.add(row)
+
+    def lost_race(job: Job) -> tuple[Job, bool]:  # another create inserted after the lookup
+        raise IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed"))
+
+    store._create = lost_race  # type: ignore[method-assign]
+    again, created = store.create(_job("a", "r-1"))
+    assert not created and again.job_id == first.job_id
+    store.close()
+
+
+def test_a_second_trainer_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    from services.trainer.app import owner_lock
+
+    lock = owner_lock(tmp_path)
+    with pytest.raises(RuntimeError, match="another trainer"):
+        owner_lock(tmp_path)
+    lock.close()
+    owner_lock(tmp_path).close()
