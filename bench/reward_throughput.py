@@ -82,9 +82,23 @@ def in_process(samples: list[rs.Sample]) -> float:
 def over_grpc(stub: rs_grpc.RewardServiceStub, samples: list[rs.Sample]) -> float:
     evaluator = spec(MATH_SPEC)
     start = time.perf_counter()
+    statuses: set[int] = set()
     for i in range(0, len(samples), BATCH):
-        stub.Score(rs.ScoreRequest(spec=evaluator, samples=samples[i : i + BATCH]), timeout=120)
-    return len(samples) / (time.perf_counter() - start)
+        request = rs.ScoreRequest(spec=evaluator, samples=samples[i : i + BATCH])
+        response = stub.Score(request, timeout=120)
+        statuses |= {r.status for r in response.results}
+    rate = len(samples) / (time.perf_counter() - start)
+    if statuses != {rs.OK}:  # a fast stream of errors is not throughput
+        raise SystemExit(f"unexpected statuses {statuses}")
+    return rate
+
+
+def serve(workers: int) -> ServerThread:
+    settings = RewardSettings(
+        host="127.0.0.1", port=0, insecure_dev=True, rule_workers=workers,
+        cache_entries=0, data_dir=Path(tempfile.mkdtemp()),
+    )  # fmt: skip
+    return ServerThread(lambda: [app.binding(settings)], settings).start()
 
 
 def latency(stub: rs_grpc.RewardServiceStub, clients: int, calls: int) -> list[float]:
@@ -109,13 +123,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="rule worker processes")
     args = parser.parse_args()
     configure_logging(json=True, level="warning")
-    settings = RewardSettings(
-        host="127.0.0.1", port=0, insecure_dev=True, rule_workers=args.workers,
-        cache_entries=0, data_dir=Path(tempfile.mkdtemp()),
-    )  # fmt: skip
     in_process(make_samples(64, 5_000_000))  # warm sympy / math-verify
     local = in_process(make_samples(args.samples, 0))
-    server = ServerThread(lambda: [app.binding(settings)], settings).start()
+    # Like for like: the server scores in one thread too (rule_workers=0).
+    server = serve(0)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = rs_grpc.RewardServiceStub(channel)
+            over_grpc(stub, make_samples(BATCH, 7_000_000))
+            same = over_grpc(stub, make_samples(args.samples, 2_000_000))
+    finally:
+        server.stop()
+    server = serve(args.workers)
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = rs_grpc.RewardServiceStub(channel)
@@ -127,8 +146,9 @@ def main() -> None:
     p50 = statistics.median(times)
     p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
     print(f"in-process (1 thread): {local:8.0f} samples/s")
+    print(f"gRPC Score (batch {BATCH}, rules in 1 thread): {same:8.0f} samples/s")
+    print(f"ratio gRPC / in-process, like for like: {same / local:.2f}  (target >= 0.8)")
     print(f"gRPC Score (batch {BATCH}, {args.workers} rule workers): {remote:8.0f} samples/s")
-    print(f"ratio gRPC / in-process: {remote / local:.2f}  (target >= 0.8)")
     print(f"16 clients x 16-sample calls: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
 
 
