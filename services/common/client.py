@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
@@ -43,9 +44,29 @@ def call_metadata(
     return tuple(md)
 
 
+def tls_credentials() -> grpc.ChannelCredentials | None:
+    """TLS for outgoing calls when TLM_TLS_CA_FILE names the CA that signed the servers'
+    certificates (plus TLM_TLS_CERT_FILE / TLM_TLS_KEY_FILE for mutual TLS); else plaintext."""
+    ca = os.environ.get("TLM_TLS_CA_FILE")
+    if not ca:
+        return None
+    cert, key = os.environ.get("TLM_TLS_CERT_FILE"), os.environ.get("TLM_TLS_KEY_FILE")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+
+
 def aio_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+    credentials = tls_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+    return grpc.aio.secure_channel(address, credentials, options=list(CHANNEL_OPTIONS))
 
 
 def sync_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+    credentials = tls_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+    return grpc.secure_channel(address, credentials, options=list(CHANNEL_OPTIONS))

@@ -70,6 +70,20 @@ def _check_auth_config(settings: ServerSettings) -> Authenticator:
     return Authenticator(dict(settings.api_keys), settings.insecure_dev)
 
 
+def _add_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
+    target = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return server.add_insecure_port(target)
+    ca = settings.tls_client_ca_file
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=ca.read_bytes() if ca else None,
+        require_client_auth=ca is not None,
+    )
+    log.info("tls_enabled", mutual=ca is not None)
+    return server.add_secure_port(target, credentials)
+
+
 async def start_server(
     bindings: Sequence[ServiceBinding], settings: ServerSettings
 ) -> RunningServer:
@@ -100,7 +114,7 @@ async def start_server(
         ],
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = _add_port(server, settings)
     if port == 0:
         raise SystemExit(f"could not bind {settings.host}:{settings.port}")
     address = f"{settings.host}:{port}"

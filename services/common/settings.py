@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 50051
@@ -23,12 +23,25 @@ class ServerSettings(BaseSettings):
     insecure_dev: bool = False
     # Key this service sends (with the caller's team in x-tlm-team) when it calls other services.
     service_api_key: str | None = None
+    # TLS: serve with this certificate chain and key (PEM files); with a client CA as well,
+    # callers must present a certificate it signed (mutual TLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     metrics_port: int | None = Field(None, ge=0, le=65535)
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 5.0
     data_dir: Path = Path("~/.local/share/tlm").expanduser()
     log_json: bool | None = None  # None: JSON when stderr is not a terminal.
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file are set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
 
     @field_validator("api_keys")
     @classmethod

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import grpc
 import re2
 
-from services.common.client import CHANNEL_OPTIONS, call_metadata
+from services.common.client import aio_channel, call_metadata
 from services.reward.domain import Outcome, Sample
 from services.reward.engine import ScoreContext, scorer_timeout
 from tlm.common.v1 import common_pb2
@@ -109,9 +109,7 @@ class JudgeScorerAdapter:
 
     def _stub(self, address: str) -> rollout_pb2_grpc.RolloutServiceStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(
-                address, options=list(CHANNEL_OPTIONS)
-            )
+            self._channels[address] = aio_channel(address)  # TLS when TLM_TLS_CA_FILE is set
         return rollout_pb2_grpc.RolloutServiceStub(self._channels[address])
 
     async def score(
