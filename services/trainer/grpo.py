@@ -13,6 +13,7 @@ are the old policy's. Dropout is off (eval mode) so the two compute the same fun
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import shutil
@@ -47,6 +48,10 @@ SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with
 STATE_FILE = "grpo-state.pt"  # under checkpoints/: the resume point, written at each sync
 
 
+class PolicyLost(FailedPrecondition):
+    """The rollout service no longer serves the policy the trainer is training."""
+
+
 @dataclass
 class Batch:
     """One step's sequences: prompt + completion, right-padded."""
@@ -59,7 +64,17 @@ class Batch:
     mask: torch.Tensor  # (N, T) real completion tokens of samples with a reward
 
 
-def make_batch(rollouts: list[Rollout], valid: torch.Tensor, pad_id: int) -> Batch:
+def make_batch(
+    rollouts: list[Rollout], valid: torch.Tensor, pad_id: int, device: str | torch.device = "cpu"
+) -> Batch:
+    """Right-padded prompt + completion on the policy's device. Right padding keeps every real
+    token at positions 0..len-1, so the model's default position ids are the rollout's."""
+    for i, r in enumerate(rollouts):
+        if len(r.logprobs) != len(r.completion_ids):  # padding would misalign log pi_old
+            raise RuntimeError(
+                f"rollout sample {i} has {len(r.logprobs)} log-probs for "
+                f"{len(r.completion_ids)} tokens"
+            )
     seqs = [torch.tensor(r.prompt_ids + r.completion_ids) for r in rollouts]
     input_ids = pad_sequence(seqs, batch_first=True, padding_value=pad_id)  # (N, L)
     attention = pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True)  # (N, L)
@@ -67,12 +82,12 @@ def make_batch(rollouts: list[Rollout], valid: torch.Tensor, pad_id: int) -> Bat
     old_logp = pad_sequence(old, batch_first=True)  # (N, T)
     present = pad_sequence([torch.ones(len(r.completion_ids)) for r in rollouts], batch_first=True)
     return Batch(
-        input_ids=input_ids,
-        attention_mask=attention,
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
         prompt_lens=[len(r.prompt_ids) for r in rollouts],
         completion_lens=[len(r.completion_ids) for r in rollouts],
-        old_logp=old_logp,
-        mask=present * valid.unsqueeze(1).float(),  # (N, T)
+        old_logp=old_logp.to(device),
+        mask=(present * valid.unsqueeze(1).float()).to(device),  # (N, T)
     )
 
 
@@ -94,35 +109,56 @@ def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
 @dataclass
 class Policy:
     """The trained model and how to get its reference: the base with the LoRA adapter off, or
-    a frozen copy of the base for full tuning (None when beta is 0)."""
+    a frozen copy of the base for full tuning (None when beta is 0). `autocast` is the 16-bit
+    compute dtype (None: fp32): the trained weights stay fp32 masters under it."""
 
     model: Any
     reference: Any | None
     lora: bool
+    autocast: torch.dtype | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _compute(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
-        return completion_logprobs(self.model, batch)
+        with self._compute():
+            return completion_logprobs(self.model, batch)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
-        if self.lora:
-            with self.model.disable_adapter():
-                return completion_logprobs(self.model, batch)
-        return completion_logprobs(self.reference, batch)
+        with self._compute():
+            if self.lora:
+                with self.model.disable_adapter():
+                    return completion_logprobs(self.model, batch)
+            return completion_logprobs(self.reference, batch)
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
 
 def build_policy(path: Any, spec: JobSpec, precision: str, device: str) -> Policy:
+    """LoRA loads the frozen base in `precision` (peft keeps the adapters fp32); full tuning
+    loads fp32 weights and autocasts to a 16-bit precision, since 16-bit weights round small
+    updates (lr 1e-6 x Adam's ~1 step) away. The frozen reference needs no master copy."""
     torch.manual_seed(spec.training.seed)  # LoRA's A matrices
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision])
+    compute = DTYPES[precision]
+    autocast = compute if compute != torch.float32 else None
+    weights = compute if spec.lora is not None else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=weights)
     model = model.to(torch.device(device))
     check_lora_targets(spec, model)
     params: GrpoParams = spec.params
     if spec.lora is None:
-        reference = copy.deepcopy(model).eval().requires_grad_(False) if params.beta else None
-        return Policy(model.eval(), reference, lora=False)
+        reference = None
+        if params.beta:
+            reference = copy.deepcopy(model).to(compute).eval().requires_grad_(False)
+        return Policy(model.eval(), reference, lora=False, autocast=autocast)
     lora = spec.lora
     targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
     config = LoraConfig(
@@ -132,7 +168,7 @@ def build_policy(path: Any, spec: JobSpec, precision: str, device: str) -> Polic
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return Policy(get_peft_model(model, config).eval(), None, lora=True)
+    return Policy(get_peft_model(model, config).eval(), None, lora=True, autocast=autocast)
 
 
 class GrpoRun:
@@ -170,6 +206,10 @@ class GrpoRun:
             trainable, lr=t.learning_rate or 0.0, weight_decay=t.weight_decay
         )
         updates = self.total_steps * self.params.num_iterations
+        # fp16 autocast needs loss scaling or small gradients underflow (bf16 has fp32's range).
+        self.scaler = torch.amp.GradScaler(
+            self.policy.device.type, enabled=plan["precision"] == "fp16"
+        )
         self.scheduler = get_scheduler(
             SCHEDULERS[t.lr_scheduler],
             self.optimizer,
@@ -190,6 +230,8 @@ class GrpoRun:
         self.policy.model.load_state_dict(state["trainable"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.start_step, self.policy_revision = state["step"], state["policy_revision"]
         self.ctx.log(f"resumed at step {self.start_step} from {self.policy_revision}")
 
@@ -228,8 +270,8 @@ class GrpoRun:
         advantages = rl_math.group_advantages(
             rewards, valid, self.params.num_generations, self.params.scale_rewards
         )
-        batch = make_batch(rollouts, valid, self.pad_id)
-        update = self.update(batch, advantages)
+        batch = make_batch(rollouts, valid, self.pad_id, self.policy.device)
+        update = self.update(batch, advantages.to(batch.mask.device))
         t3 = time.monotonic()
         tokens = sum(batch.completion_lens)
         ok = rewards[valid]
@@ -253,13 +295,29 @@ class GrpoRun:
         adapter = self.policy_revision if self.policy.lora else ""
         request_id = f"{self.ctx.job.name}-s{step}"
         try:
-            return await self.rollout.generate(rows, sampling, adapter, request_id)
-        except grpc.aio.AioRpcError as exc:
-            if not (self.policy_revision and adapter_missing(exc)):
-                raise
+            return await self._generate_once(rows, sampling, adapter, request_id)
+        except PolicyLost:
             self.ctx.log("the rollout service lost the policy; loading it again", "warning")
             await self._serve()
-            return await self.rollout.generate(rows, sampling, adapter, request_id)
+            return await self._generate_once(rows, sampling, adapter, request_id)
+
+    async def _generate_once(
+        self, rows: list[dict[str, Any]], sampling: Any, adapter: str, request_id: str
+    ) -> list[Rollout]:
+        """Completions made by the current policy only: their log-probs are log pi_old. A full
+        model is served without an adapter name, so a base that another job of the team
+        reloaded would go unnoticed but for each completion's `policy_version`."""
+        try:
+            rollouts = await self.rollout.generate(rows, sampling, adapter, request_id)
+        except grpc.aio.AioRpcError as exc:
+            if self.policy_revision and adapter_missing(exc):
+                raise PolicyLost(f"the rollout service lost {self.policy_revision}") from exc
+            raise
+        expected = self.policy_revision or self.spec.base_model
+        stale = sorted({r.policy_version for r in rollouts} - {expected})
+        if stale:
+            raise PolicyLost(f"the rollout service generated with {stale}, not {expected}")
+        return rollouts
 
     def update(self, batch: Batch, advantages: torch.Tensor) -> dict[str, float]:
         """mu = num_iterations optimizer steps on one generation batch."""
@@ -284,10 +342,12 @@ class GrpoRun:
                 max_len=p.sampling.max_tokens,
             )
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            self.scaler.scale(out.loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient
             params = [q for q in self.policy.model.parameters() if q.requires_grad]
             norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+            self.scaler.update()
             self.scheduler.step()
             losses.append(float(out.loss.detach()))
             kls.append(out.kl)
@@ -335,6 +395,7 @@ class GrpoRun:
             "trainable": self.policy.trainable(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
         }
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)  # never a torn resume point

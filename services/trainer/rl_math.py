@@ -40,8 +40,10 @@ def group_advantages(
     >>> group_advantages(torch.tensor([1.0, 0, 0, 1]), torch.ones(4, dtype=torch.bool), 4)
     tensor([ 1., -1., -1.,  1.])
     """
-    r = rewards.view(-1, group_size).to(torch.float64)  # (B, G)
     m = valid.view(-1, group_size).to(torch.float64)  # (B, G)
+    # A sample that is not OK has no reward (the reward service's value is meaningless, maybe
+    # NaN): never read it, since NaN * 0 is NaN and would poison its whole group.
+    r = torch.where(m > 0, rewards.view(-1, group_size).to(torch.float64), 0.0)  # (B, G)
     count = m.sum(dim=1, keepdim=True)  # (B, 1)
     mean = (r * m).sum(dim=1, keepdim=True) / count.clamp_min(1)  # (B, 1)
     var = (((r - mean) * m) ** 2).sum(dim=1, keepdim=True) / count.clamp_min(1)  # (B, 1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +15,10 @@ from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
+from services.trainer.domain import Method
+from services.trainer.grpo import GrpoRun, Policy, PolicyLost, build_policy, make_batch
+from services.trainer.rl_roles import Rollout
+from services.trainer.spec import GrpoParams, JobSpec, LoraParams
 from tests.trainer.conftest import Inputs, spec, wait_for, watch
 from tests.trainer.test_api import refused
 from tlm.common.v1 import common_pb2
@@ -206,3 +212,93 @@ async def test_grpo_hyperparameters_are_checked_per_field(
     )
     assert job.spec.training.learning_rate == pytest.approx(1e-5)  # LoRA's online-RL default
     assert job.spec.output_model == "models/tiny-grpo"
+
+
+BASE, POLICY = "models/tiny/revisions/1", "models/tiny-grpo/revisions/2"
+
+
+def rollout(prompt: list[int], completion: list[int], version: str = BASE) -> Rollout:
+    return Rollout(prompt, completion, [-0.5] * len(completion), "x", version)
+
+
+def grpo_job(lora: LoraParams | None) -> JobSpec:
+    return JobSpec(Method.GRPO, BASE, "datasets/p/revisions/1", lora=lora, params=GrpoParams())
+
+
+def test_make_batch_right_pads_on_the_policy_device_and_checks_log_probs() -> None:
+    """Prompt lengths 2 and 1, completions 1 and 3: (N, L) = (2, 4), (N, T) = (2, 3), the
+    second sample unscorable so its tokens are masked; tensors on the device asked for (the
+    model's: CUDA in production, where CPU inputs fail)."""
+    rollouts = [rollout([5, 6], [7]), rollout([5], [8, 9, 10])]
+    batch = make_batch(rollouts, torch.tensor([True, False]), 0, torch.device("meta"))
+    for t in (batch.input_ids, batch.attention_mask, batch.old_logp, batch.mask):
+        assert t.device.type == "meta"
+    cpu = make_batch(rollouts, torch.tensor([True, False]), 0)
+    assert cpu.input_ids.tolist() == [[5, 6, 7, 0], [5, 8, 9, 10]]
+    assert cpu.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert cpu.mask.tolist() == [[1, 0, 0], [0, 0, 0]]
+    short = Rollout([5], [8, 9], [-0.5], "x", BASE)  # skip_logprobs or a broken engine
+    with pytest.raises(RuntimeError, match="1 log-probs for 2 tokens"):
+        make_batch([short], torch.tensor([True]), 0)
+
+
+def test_full_tuning_trains_fp32_master_weights_under_16_bit_autocast(
+    tiny_model_dir: Path,
+) -> None:
+    """16-bit weights round lr-1e-6 updates away: full tuning keeps fp32 weights (and fp32
+    gradients) and autocasts; the frozen reference needs no master copy. LoRA keeps its base
+    in the compute precision, adapters fp32. (CPU autocast stands in for CUDA here.)"""
+    full = build_policy(tiny_model_dir, grpo_job(None), "bf16", "cpu")
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    assert full.reference is not None and full.autocast == torch.bfloat16
+    assert {p.dtype for p in full.reference.parameters()} == {torch.bfloat16}
+    batch = make_batch([rollout([1, 2, 3], [4, 5]), rollout([1], [6])], torch.ones(2) > 0, 0)
+    logp = full.logprobs(batch)  # (2, 2)
+    assert logp.shape == (2, 2) and logp.dtype == torch.float32 and bool(torch.all(logp <= 0))
+    (logp * batch.mask).sum().backward()
+    grads = [p.grad for p in full.model.parameters() if p.grad is not None]
+    assert grads and {g.dtype for g in grads} == {torch.float32}
+    assert torch.allclose(full.reference_logprobs(batch), logp.detach(), atol=0.1)
+    lora = build_policy(
+        tiny_model_dir, grpo_job(LoraParams(target_modules=("q_proj",))), "bf16", "cpu"
+    )
+    trained = {p.dtype for p in lora.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in lora.model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
+    assert build_policy(tiny_model_dir, grpo_job(None), "fp32", "cpu").autocast is None
+
+
+class FakeRollout:
+    """Answers Generate with one completion per call, made by the next of `versions`."""
+
+    def __init__(self, versions: list[str]) -> None:
+        self.versions, self.served = versions, list[str]()
+
+    async def generate(self, rows: Any, sampling: Any, adapter: str, request_id: str) -> Any:
+        return [rollout([1], [2], self.versions.pop(0))]
+
+    async def serve_model(self, revision: str, force: bool = False) -> str:
+        self.served.append(revision)
+        return revision
+
+
+def full_tuning_run(versions: list[str]) -> tuple[GrpoRun, FakeRollout]:
+    run = GrpoRun.__new__(GrpoRun)  # no services: only _generate's bookkeeping is under test
+    run.spec, run.params = grpo_job(None), GrpoParams()
+    run.policy = Policy(model=None, reference=None, lora=False)
+    run.policy_revision, fake = POLICY, FakeRollout(versions)
+    run.rollout = fake  # type: ignore[assignment]
+    run.ctx = SimpleNamespace(job=SimpleNamespace(name="jobs/j"), log=lambda *a: None)  # type: ignore[assignment]
+    return run, fake
+
+
+async def test_completions_from_another_policy_are_never_trained_on() -> None:
+    """Full weights are served without an adapter name: if another job of the team reloaded
+    the base, Generate succeeds with the wrong model and its log-probs are not log pi_old. The
+    completion's policy_version shows it: load the policy again once, then give up."""
+    run, fake = full_tuning_run([BASE, POLICY])
+    got = await run._generate([{"prompt": "q"}], 0)
+    assert [r.policy_version for r in got] == [POLICY] and fake.served == [POLICY]
+    run, fake = full_tuning_run([BASE, BASE])
+    with pytest.raises(PolicyLost, match="generated with"):
+        await run._generate([{"prompt": "q"}], 0)

@@ -36,6 +36,17 @@ def test_a_masked_sample_gets_zero_and_stays_out_of_the_group_statistics() -> No
     assert adv.tolist() == pytest.approx([1 / s, -1 / s, 0.0, 0.0, 0, 0, 0, 0])
 
 
+def test_the_reward_of_a_sample_that_is_not_ok_is_never_read() -> None:
+    """A non-OK sample's reward is meaningless and may be NaN or inf (NaN * 0 is NaN): group
+    [1, 0, NaN, 1] with the NaN masked is [1, 0, 1] -> mean 2/3, std sqrt(2)/3
+    -> (1/sqrt 2, -sqrt 2, 0, 1/sqrt 2)."""
+    valid = torch.tensor([True, True, False, True])
+    for bad in (math.nan, math.inf):
+        adv = rl_math.group_advantages(torch.tensor([1.0, 0, bad, 1]), valid, 4)
+        h = 1 / math.sqrt(2)
+        assert adv.tolist() == pytest.approx([h, -2 * h, 0.0, h])
+
+
 def test_a_group_with_one_valid_sample_has_no_advantage() -> None:
     valid = torch.tensor([True, False, False, False])
     assert rl_math.group_advantages(torch.tensor([5.0, 1, 2, 3]), valid, 4).tolist() == [0.0] * 4
