@@ -230,8 +230,13 @@ def test_non_root_sandbox_cannot_climb_out_of_a_chroot(open_dir: Path) -> None:
     as_nobody: dict[str, object] = (
         {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
     )
+    # The checkout may be private to its owner (a clone under `mktemp -d` is 0700): run a copy
+    # of the launcher that uid 65534 can read.
+    launcher = open_dir / LAUNCHER.name
+    shutil.copyfile(LAUNCHER, launcher)
+    launcher.chmod(0o644)
     done = subprocess.run(
-        [str(config["python"]), "-I", "-S", str(LAUNCHER), json.dumps(config)],
+        [str(config["python"]), "-I", "-S", str(launcher), json.dumps(config)],
         capture_output=True, text=True, timeout=30, cwd="/", **as_nobody,  # type: ignore[call-overload]
     )  # fmt: skip
     report = read_report(base)
