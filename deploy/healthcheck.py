@@ -13,17 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-# Full proto names; tests/deploy checks them against services.cli.health.SERVICE_NAMES.
-SERVICE_NAMES = {
-    "registry": "tlm.registry.v1.RegistryService",
-    "reward": "tlm.reward.v1.RewardService",
-    "rollout": "tlm.rollout.v1.RolloutService",
-    "trainer": "tlm.trainer.v1.TrainerService",
-}
-DEFAULT_PORT = 50051
+from services.cli.health import SERVICE_NAMES, check_health
+from services.common.settings import DEFAULT_PORT
 
 
 def pid1_args() -> list[str]:
@@ -54,17 +45,9 @@ def target(argv: list[str], cmdline: list[str], env: dict[str, str]) -> tuple[st
 
 def main() -> int:
     service, port = target(sys.argv[1:], pid1_args(), dict(os.environ))
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), timeout=3
-            )
-        except grpc.RpcError as exc:
-            print(f"{service}: {exc.code().name}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    print(f"{service}: {status}")
-    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+    status = check_health(service, f"127.0.0.1:{port}", timeout=3)["status"]
+    print(f"{service}: {status}", file=sys.stdout if status == "SERVING" else sys.stderr)
+    return 0 if status == "SERVING" else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ blob store. Synchronous and free of gRPC; the servicer runs it in worker threads
 from __future__ import annotations
 
 import array
+import functools
 import itertools
 import json
 import os
@@ -90,6 +91,9 @@ class Registry:
         self.max_row_bytes = max_row_bytes
         self.max_row_errors = max_row_errors
         self.validate_spec = validate_spec
+        # Blobs are immutable, so a dataset's line offsets are computed once: readers that page
+        # through a shuffled revision (GRPO reads a batch per step) do not rescan the file.
+        self._line_offsets = functools.lru_cache(maxsize=16)(self._scan_line_offsets)
 
     # Shared ---------------------------------------------------------------------------------
 
@@ -330,6 +334,14 @@ class Registry:
         revision = self.get_revision(team, request.name, Collection.DATASETS)
         return revision, self._shard_rows(revision, request, count)
 
+    def _scan_line_offsets(self, key: str) -> array.array[int]:
+        """Byte offsets of each line start, plus the end (8 bytes per row)."""
+        offsets = array.array("Q", [0])
+        with self.blobs.local_copy(key).open("rb") as f:
+            for line in f:
+                offsets.append(offsets[-1] + len(line))
+        return offsets
+
     def _shard_rows(
         self, revision: Revision, request: registry_pb2.ReadDatasetRowsRequest, count: int
     ) -> Iterator[tuple[int, bytes]]:
@@ -346,10 +358,7 @@ class Registry:
             return
         # A seeded permutation every shard computes alike, then seeks to each of its rows.
         path = self.blobs.local_copy(key)
-        offsets = array.array("Q", [0])
-        with path.open("rb") as f:
-            for line in f:
-                offsets.append(offsets[-1] + len(line))
+        offsets = self._line_offsets(key)
         rows = len(offsets) - 1
         order = np.random.default_rng(request.shuffle_seed).permutation(rows)
         with path.open("rb") as f:

@@ -41,6 +41,17 @@ def _chunk_size(requested: int) -> int:
     return requested or DEFAULT_CHUNK
 
 
+async def _header(requests: AsyncIterator[Any]) -> Any:
+    """The header an upload stream must open with."""
+    first = await anext(aiter(requests), None)
+    if first is None or not first.HasField("header"):
+        raise InvalidArgument(
+            "the first message must carry the header",
+            violations=[FieldViolation("header", "required in the first message")],
+        )
+    return first.header
+
+
 def _check_file_header(header: pb.DatasetRevisionHeader) -> None:
     violations = []
     if header.size_bytes < 0:
@@ -164,13 +175,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadModelRevisionRequest], context: Ctx
     ) -> pb.ModelRevision:
         team = current_team()
-        first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("header"):
-            raise InvalidArgument(
-                "the first message must carry the header",
-                violations=[FieldViolation("header", "required in the first message")],
-            )
-        upload = await _run(self.r.begin_model_upload, team, first.header)
+        upload = await _run(self.r.begin_model_upload, team, await _header(request_iterator))
 
         def write(message: pb.UploadModelRevisionRequest) -> None:
             if not message.HasField("chunk"):
@@ -255,13 +260,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadDatasetRevisionRequest], context: Ctx
     ) -> pb.DatasetRevision:
         team = current_team()
-        first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("header"):
-            raise InvalidArgument(
-                "the first message must carry the header",
-                violations=[FieldViolation("header", "required in the first message")],
-            )
-        header = first.header
+        header = await _header(request_iterator)
         manifest = pb.Manifest(
             files=[
                 pb.ArtifactFile(path=DATA_FILE, size_bytes=header.size_bytes, sha256=header.sha256)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import duration_pb2, json_format
 
+from services.common.timestamps import to_timestamp_or_none
 from services.reward.domain import Prompt, Sample, SampleResult, ScorerResult
 from services.reward.reviews import Answer, Review
 from services.reward.spec import Validation
@@ -98,14 +99,6 @@ def validation_to_proto(v: Validation) -> rs.ValidateEvaluatorResponse:
     return response
 
 
-def _timestamp(t: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if t is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(t)
-    return ts
-
-
 def answer_from_proto(msg: rs.ReviewAnswer) -> Answer:
     which = msg.WhichOneof("answer")
     return Answer(
@@ -139,7 +132,7 @@ def review_to_proto(r: Review) -> rs.Review:
         rating_max=r.rating_max,
         answer=answer_to_proto(r.answer) if r.answer is not None else None,
         scorer=r.scorer,
-        create_time=_timestamp(r.create_time),
-        answer_time=_timestamp(r.answer_time),
+        create_time=to_timestamp_or_none(r.create_time),
+        answer_time=to_timestamp_or_none(r.answer_time),
         dataset_revision=r.dataset_revision,
     )

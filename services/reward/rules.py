@@ -213,13 +213,25 @@ def _reference(sample: Sample, field: str) -> Any:
     return sample.metadata.get(field or "reference")
 
 
-def score_exact_match(cfg: ev.ExactMatchScorer, sample: Sample) -> Outcome:
-    reference = _reference(sample, cfg.reference_field)
+def _reference_and_text(
+    sample: Sample, field: str, extraction: ev.Extraction
+) -> tuple[Any, str] | Outcome:
+    """The row's reference and the completion's extracted part, or why the sample is
+    unscorable (no reference, or no answer tag / code block)."""
+    reference = _reference(sample, field)
     if reference is None:
-        return Outcome.unscorable(f"metadata has no {cfg.reference_field or 'reference'!r}")
-    text = _extracted(sample, cfg.extraction)
+        return Outcome.unscorable(f"metadata has no {field or 'reference'!r}")
+    text = _extracted(sample, extraction)
     if text is None:
-        return _missing_part(cfg.extraction)
+        return _missing_part(extraction)
+    return reference, text
+
+
+def score_exact_match(cfg: ev.ExactMatchScorer, sample: Sample) -> Outcome:
+    found = _reference_and_text(sample, cfg.reference_field, cfg.extraction)
+    if isinstance(found, Outcome):
+        return found
+    reference, text = found
     return Outcome.ok(exact_match_value(text, str(reference), text_norm(cfg.normalization)))
 
 
@@ -279,12 +291,10 @@ def score_format(cfg: ev.FormatScorer, sample: Sample) -> Outcome:
 
 
 def score_math(cfg: ev.MathScorer, sample: Sample) -> Outcome:
-    reference = _reference(sample, cfg.reference_field)
-    if reference is None:
-        return Outcome.unscorable(f"metadata has no {cfg.reference_field or 'reference'!r}")
-    text = _extracted(sample, cfg.extraction)
-    if text is None:
-        return _missing_part(cfg.extraction)
+    found = _reference_and_text(sample, cfg.reference_field, cfg.extraction)
+    if isinstance(found, Outcome):
+        return found
+    reference, text = found
     from math_verify.errors import TimeoutException
 
     try:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
-
+from services.common.timestamps import to_timestamp
 from services.rollout.domain import (
     Completion,
     EngineStatusInfo,
@@ -59,12 +58,6 @@ def response_to_proto(completions: list[Completion]) -> rollout_pb2.GenerateResp
     return rollout_pb2.GenerateResponse(completions=[completion_to_proto(c) for c in completions])
 
 
-def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(unix_s * 1e9))
-    return ts
-
-
 def status_to_proto(s: EngineStatusInfo) -> rollout_pb2.EngineStatus:
     return rollout_pb2.EngineStatus(
         engine=s.engine,
@@ -72,7 +65,7 @@ def status_to_proto(s: EngineStatusInfo) -> rollout_pb2.EngineStatus:
         model_revision=s.model_revision,
         adapters=[
             rollout_pb2.LoadedAdapter(
-                adapter_revision=a.revision, load_time=_timestamp(a.load_time)
+                adapter_revision=a.revision, load_time=to_timestamp(a.load_time)
             )
             for a in s.adapters
         ],

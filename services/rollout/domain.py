@@ -72,36 +72,39 @@ class SamplingSpec:
 
     def validate(self, max_n: int, max_model_len: int) -> None:
         """Raise InvalidArgument naming every bad field (`sampling.top_p`, ...)."""
-        bad: list[FieldViolation] = []
-        if not 1 <= self.n <= max_n:
-            bad.append(FieldViolation("sampling.n", f"must be in [1, {max_n}], got {self.n}"))
-        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also catches NaN and inf
-            bad.append(
-                FieldViolation("sampling.temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
-            )
-        elif self.temperature == 0 and 1 < self.n <= max_n:
-            bad.append(
-                FieldViolation(
-                    "sampling.n",
-                    "must be 1 with temperature 0 (greedy decoding gives n identical completions)",
-                )
-            )
-        if not 0 < self.top_p <= 1:
-            bad.append(FieldViolation("sampling.top_p", "must be in (0, 1]"))
-        if self.top_k < 0:
-            bad.append(FieldViolation("sampling.top_k", "must be >= 0 (0 disables)"))
-        if not 1 <= self.max_tokens <= max_model_len:
-            bad.append(
-                FieldViolation(
-                    "sampling.max_tokens", f"must be in [1, {max_model_len}] (the context)"
-                )
-            )
-        if any(not s for s in self.stop):
-            bad.append(FieldViolation("sampling.stop", "stop strings must be non-empty"))
+        bad = self.problems(max_n, max_model_len)
         if bad:
             raise InvalidArgument(
                 "; ".join(f"{v.field}: {v.description}" for v in bad), violations=bad
             )
+
+    def problems(
+        self, max_n: int, max_model_len: int, at: str = "sampling"
+    ) -> list[FieldViolation]:
+        """Every bad field, named under `at`; the trainer checks job specs with the same rules."""
+        bad: list[FieldViolation] = []
+        if not 1 <= self.n <= max_n:
+            bad.append(FieldViolation(f"{at}.n", f"must be in [1, {max_n}], got {self.n}"))
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also catches NaN and inf
+            bad.append(FieldViolation(f"{at}.temperature", f"must be in [0, {MAX_TEMPERATURE:g}]"))
+        elif self.temperature == 0 and 1 < self.n <= max_n:
+            bad.append(
+                FieldViolation(
+                    f"{at}.n",
+                    "must be 1 with temperature 0 (greedy decoding gives n identical completions)",
+                )
+            )
+        if not 0 < self.top_p <= 1:
+            bad.append(FieldViolation(f"{at}.top_p", "must be in (0, 1]"))
+        if self.top_k < 0:
+            bad.append(FieldViolation(f"{at}.top_k", "must be >= 0 (0 disables)"))
+        if not 1 <= self.max_tokens <= max_model_len:
+            bad.append(
+                FieldViolation(f"{at}.max_tokens", f"must be in [1, {max_model_len}] (the context)")
+            )
+        if any(not s for s in self.stop):
+            bad.append(FieldViolation(f"{at}.stop", "stop strings must be non-empty"))
+        return bad
 
 
 @dataclass(frozen=True)

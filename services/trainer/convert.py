@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import code_pb2, status_pb2
 
 from services.common.errors import field_error
+from services.common.timestamps import to_timestamp_or_none
 from services.trainer.domain import Event, EventKind, Job, Method
 from services.trainer.resources import Estimate
 from services.trainer.spec import (
@@ -207,14 +207,6 @@ def spec_to_proto(data: dict[str, Any]) -> pb.TrainingJobSpec:
     return spec
 
 
-def _timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def job_to_proto(job: Job) -> pb.TrainingJob:
     message = pb.TrainingJob(
         name=job.name,
@@ -232,9 +224,9 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
         final_metrics=job.final_metrics,
         request_id=job.request_id,
         labels=job.labels,
-        create_time=_timestamp(job.create_time),
-        start_time=_timestamp(job.start_time),
-        end_time=_timestamp(job.end_time),
+        create_time=to_timestamp_or_none(job.create_time),
+        start_time=to_timestamp_or_none(job.start_time),
+        end_time=to_timestamp_or_none(job.end_time),
         checkpoint_step=job.checkpoint_step,
     )
     if job.error is not None:
@@ -244,7 +236,7 @@ def job_to_proto(job: Job) -> pb.TrainingJob:
 
 
 def event_to_proto(event: Event) -> pb.JobEvent:
-    message = pb.JobEvent(sequence=event.sequence, time=_timestamp(event.time))
+    message = pb.JobEvent(sequence=event.sequence, time=to_timestamp_or_none(event.time))
     d = event.data
     if event.kind is EventKind.STATE:
         message.state_change.CopyFrom(pb.StateChange(state=d["state"], message=d["message"]))

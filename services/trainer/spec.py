@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import FieldViolation, InvalidArgument
+from services.rollout.domain import SamplingSpec
 from services.trainer.domain import Method
 
 LR_SCHEDULERS = ("linear", "cosine", "constant")
@@ -146,29 +147,16 @@ class RewardModelParams:
         return _checks(at, (ok, "center_rewards_coefficient", "must be >= 0"))
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Rollout sampling; the rollout service validates it fully, we check the obvious."""
+# A job cannot know the serving replica's limits; the rollout service checks n and the context.
+_NO_LIMIT = 2**31 - 1
 
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 64
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+
+@dataclass(frozen=True)
+class Sampling(SamplingSpec):
+    """Rollout sampling, refused at job creation by the rollout service's own rules."""
 
     def violations(self, at: str) -> list[FieldViolation]:
-        return _checks(
-            at,
-            (self.n >= 1, "n", "must be >= 1"),
-            # The same bounds the rollout service enforces, refused here at job creation.
-            (0 <= self.temperature <= 2, "temperature", "must be in [0, 2]"),
-            (self.temperature > 0 or self.n == 1, "n", "must be 1 with temperature 0 (greedy)"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.top_k >= 0, "top_k", "must be >= 0"),
-            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
-        )
+        return self.problems(_NO_LIMIT, _NO_LIMIT, at)
 
 
 @dataclass(frozen=True)
