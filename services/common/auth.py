@@ -7,7 +7,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from services.common.errors import Unauthenticated
+from services.common.ids import check_team
 
+# Keyless (insecure_dev) servers serve every caller as this team and read no team header:
+# without keys nobody proves who they are, so nobody may pick a team.
 DEV_TEAM = "dev"
 # A key mapped to this team is a trusted service key: it may act for the team named in
 # TEAM_HEADER (how the trainer calls the registry on a job's behalf).
@@ -32,7 +35,8 @@ def bind_team(team: str | None) -> object:
 
 @dataclass(frozen=True)
 class Authenticator:
-    """Maps request metadata to a team, or raises Unauthenticated."""
+    """Maps request metadata to a team, or raises Unauthenticated. Teams become folders, so
+    every team it returns follows the id rule (`services.common.ids`)."""
 
     api_keys: Mapping[str, str]
     insecure_dev: bool = False
@@ -44,7 +48,7 @@ class Authenticator:
         headers = {k.lower(): v for k, v in metadata if isinstance(v, str)}
         key = _api_key(headers)
         if not self.api_keys and self.insecure_dev:
-            return headers.get(TEAM_HEADER) or DEV_TEAM
+            return DEV_TEAM
         if key is None:
             raise Unauthenticated(
                 "missing API key: send metadata 'authorization: Bearer <key>' or 'x-api-key'"
@@ -56,8 +60,8 @@ class Authenticator:
             acting = headers.get(TEAM_HEADER)
             if not acting:
                 raise Unauthenticated(f"service keys must name a team in '{TEAM_HEADER}'")
-            return acting
-        return team
+            return check_team(acting, TEAM_HEADER, Unauthenticated)
+        return check_team(team, "the API key table", Unauthenticated)
 
 
 def _api_key(headers: Mapping[str, str]) -> str | None:

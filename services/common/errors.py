@@ -51,6 +51,14 @@ class InvalidArgument(TlmError):
     reason = common_pb2.INVALID_FIELD
 
 
+class MalformedRequest(InvalidArgument):
+    """The request bytes are no valid message of the method's type (the interceptor raises it)."""
+
+    def __init__(self, message: str) -> None:
+        violation = FieldViolation("", message)  # "": the request as a whole
+        super().__init__(message, violations=[violation], metadata={"cause": "MALFORMED_REQUEST"})
+
+
 class NotFound(TlmError):
     reason = common_pb2.RESOURCE_NOT_FOUND
 

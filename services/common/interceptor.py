@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from services.common.auth import Authenticator, bind_team
-from services.common.errors import TlmError, status_code_for, to_rpc_status
+from services.common.errors import MalformedRequest, TlmError, status_code_for, to_rpc_status
 from services.common.metrics import RPC_LATENCY, RPC_TOTAL, split_method
 
 log = structlog.get_logger("tlm.rpc")
@@ -37,30 +39,70 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         metadata = tuple(handler_call_details.invocation_metadata or ())
         rpc = _Rpc(method, metadata, self._auth)
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                rpc.wrap_unary(handler.unary_unary),
-                handler.request_deserializer,
+                rpc.wrap_unary(handler.unary_unary, streamed=False),
+                parse,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                rpc.wrap_unary(handler.stream_unary),
-                handler.request_deserializer,
+                rpc.wrap_unary(handler.stream_unary, streamed=True),
+                parse,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                rpc.wrap_stream(handler.unary_stream),
-                handler.request_deserializer,
+                rpc.wrap_stream(handler.unary_stream, streamed=False),
+                parse,
                 handler.response_serializer,
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            rpc.wrap_stream(handler.stream_stream),
-            handler.request_deserializer,
+            rpc.wrap_stream(handler.stream_stream, streamed=True),
+            parse,
             handler.response_serializer,
         )
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """What the request deserializer returns for bytes that are no valid message: grpc.aio
+    turns a deserializer's exception into UNKNOWN (unary) or INTERNAL (streams), so the
+    error is raised later, inside the call, where the error table maps it."""
+
+    error: str
+
+
+# What parsing untrusted bytes may raise: bad wire format, nesting past the recursion limit.
+PARSE_ERRORS = (DecodeError, RecursionError, ValueError)
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except PARSE_ERRORS as exc:
+            return _Malformed(f"{type(exc).__name__}: {exc}")
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise MalformedRequest(
+            f"the request is not a valid protobuf message for this method ({request.error})"
+        )
+    return request
+
+
+async def _checked_stream(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
 
 
 class _Rpc:
@@ -109,11 +151,12 @@ class _Rpc:
         self._pending_abort = status
         return code
 
-    def wrap_unary(self, behavior: Behavior) -> Behavior:
+    def wrap_unary(self, behavior: Behavior, streamed: bool) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 start = self._begin(context)
+                request = _checked_stream(request) if streamed else _checked(request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -135,11 +178,12 @@ class _Rpc:
 
         return wrapped
 
-    def wrap_stream(self, behavior: Behavior) -> Behavior:
+    def wrap_stream(self, behavior: Behavior, streamed: bool) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 start = self._begin(context)
+                request = _checked_stream(request) if streamed else _checked(request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result

@@ -7,6 +7,9 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.auth import SERVICE_TEAM
+from services.common.ids import ID_RULE, is_valid_id
+
 DEFAULT_PORT = 50051
 
 
@@ -45,8 +48,11 @@ class ServerSettings(BaseSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _keys_nonempty(cls, keys: dict[str, str]) -> dict[str, str]:
+    def _keys_valid(cls, keys: dict[str, str]) -> dict[str, str]:
         for key, team in keys.items():
             if not key or not team:
                 raise ValueError("api_keys maps non-empty keys to non-empty team names")
+            if team != SERVICE_TEAM and not is_valid_id(team):
+                # Teams become folders: refuse the table at start-up, not call by call.
+                raise ValueError(f"api_keys: team {team!r} is not valid: expected {ID_RULE}")
         return keys

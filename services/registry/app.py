@@ -52,6 +52,7 @@ def binding(settings: RegistrySettings) -> ServiceBinding:
 
     async def stop() -> None:
         registry.store.close()
+        registry.blobs.close()  # lets the next start on this folder clean what we left
 
     return ServiceBinding(
         name=SERVICE_NAME,

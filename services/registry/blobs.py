@@ -7,6 +7,7 @@ Uploads are staged in a local file, verified, then `put`; nothing is visible bef
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from services.common.errors import NotFound, Unavailable
 
 log = structlog.get_logger("tlm.registry.blobs")
 READ_CHUNK = 1024 * 1024
+CACHE = "cache"  # S3 blobs downloaded for seeking, under the staging folder
 
 
 class BlobStore(Protocol):
@@ -41,19 +43,57 @@ class BlobStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def close(self) -> None:
+        """Release the staging folder (the process is stopping)."""
+        ...
+
+
+class Staging:
+    """The local folder uploads stage in. A crash (kill -9) leaves staged bytes behind; they are
+    removed when a registry starts while no other process uses the folder, since only then can
+    no live upload own them. Each process holds a shared lock on `<folder>.lock` for its life;
+    the exclusive lock a start tries for tells the two cases apart (also across processes that
+    share the folder on one host)."""
+
+    def __init__(self, path: Path, keep: tuple[str, ...] = ()) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self._lock = path.with_name(path.name + ".lock").open("ab")
+        self.cleaned = self._clean_if_alone(keep)
+        fcntl.flock(self._lock, fcntl.LOCK_SH)
+
+    def _clean_if_alone(self, keep: tuple[str, ...]) -> bool:
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("staging_in_use_elsewhere", path=str(self.path))
+            return False
+        stale = [p for p in self.path.iterdir() if p.name not in keep]
+        for entry in stale:
+            if entry.is_dir() and not entry.is_symlink():
+                remove_tree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        if stale:
+            log.warning("stale_staging_removed", path=str(self.path), entries=len(stale))
+        return True
+
+    def close(self) -> None:
+        self._lock.close()
+
 
 class LocalBlobStore:
     """Blobs under `root/ab/abcdef...`; writes land by atomic rename."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        (root / ".staging").mkdir(parents=True, exist_ok=True)
+        self._staging = Staging(root / ".staging")
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key
 
     def staging_dir(self) -> Path:
-        return self.root / ".staging"
+        return self._staging.path
 
     def put(self, staged: Path, key: str) -> None:
         target = self._path(key)
@@ -79,6 +119,9 @@ class LocalBlobStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def close(self) -> None:
+        self._staging.close()
+
 
 class S3BlobStore:
     """Blobs in an S3-compatible bucket under `prefix/`; uploads stage on local disk."""
@@ -88,15 +131,17 @@ class S3BlobStore:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self._staging = staging
-        staging.mkdir(parents=True, exist_ok=True)
+        self._staging = Staging(staging, keep=(CACHE,))
+        if self._staging.cleaned:  # cached blobs stay valid; half-downloaded ones do not
+            for partial in (staging / CACHE).glob("*.partial"):
+                partial.unlink(missing_ok=True)
         self.client: Any = boto3.client("s3", endpoint_url=endpoint_url)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def staging_dir(self) -> Path:
-        return self._staging
+        return self._staging.path
 
     def put(self, staged: Path, key: str) -> None:
         try:
@@ -128,7 +173,7 @@ class S3BlobStore:
 
     def local_copy(self, key: str) -> Path:
         """Downloaded once into a local cache (blobs are immutable, so the copy never staled)."""
-        cached = self._staging / "cache" / key
+        cached = self._staging.path / CACHE / key
         if not cached.exists():
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(".partial")
@@ -140,6 +185,9 @@ class S3BlobStore:
     def delete(self, key: str) -> None:
         with _s3_errors(key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def close(self) -> None:
+        self._staging.close()
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The registry client other services (reward, rollout, trainer), the CLI and tests use.
 
 Calls carry the caller's team: services pass a service API key and the team they act for.
-Downloads verify every file's sha256; a model cache keeps one copy per resolved revision.
+Downloads verify every file's sha256; a model cache keeps one copy per revision content.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from services.common.client import aio_channel, call_metadata
-from services.common.errors import InvalidArgument
+from services.common.errors import Aborted, InvalidArgument
+from services.common.ids import team_dir
 from services.common.streams import produce_prefetched
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 
@@ -234,37 +235,62 @@ async def write_download(
     return manifest
 
 
+def manifest_digest(manifest: registry_pb2.Manifest) -> str:
+    """sha256 over the sorted (path, sha256) pairs: what a revision holds, not what it is
+    called. A model deleted and created again reuses its revision names ("r1")."""
+    pairs = sorted((f.path, f.sha256) for f in manifest.files)
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
 class ModelCache:
-    """Local copies of model revisions, one folder per resolved revision name (immutable)."""
+    """Local copies of model revisions, one folder per team and content digest (immutable).
+
+    Keyed by content, not name: a name may later mean other weights (delete, then upload
+    again), and a name-keyed cache would serve the deleted model's files."""
 
     def __init__(self, client: RegistryClient, root: Path) -> None:
         self.client = client
         self.root = root
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def folder(self, revision: registry_pb2.ModelRevision, team: str | None) -> Path:
+        # No team: the caller's key decides it; "_" is ours, never a team (ids start [a-z0-9]).
+        base = team_dir(self.root, team) if team else self.root / "_"
+        return base / manifest_digest(revision.manifest)
+
     async def get(
         self, name: str, team: str | None = None
     ) -> tuple[registry_pb2.ModelRevision, Path]:
         """Resolve aliases, then download once; returns the revision and its local folder."""
         revision = await self.client.get_model_revision(name, team)
-        folder = self.root / (team or "_") / revision.name.replace("/", "__")
+        folder = self.folder(revision, team)
         lock = self._locks.setdefault(str(folder), asyncio.Lock())
         async with lock:
             if not (folder / ".complete").exists():
-                self.root.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".partial-"))
-                try:
-                    await self.client.download_model_revision(revision.name, tmp, team)
-                    (tmp / ".complete").write_text(json.dumps({"name": revision.name}))
-                    folder.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        os.replace(tmp, folder)  # atomic: readers see nothing or everything
-                    except OSError:
-                        # Another process (a second worker) placed the same immutable revision
-                        # first; never remove a folder someone may be loading from.
-                        if not (folder / ".complete").exists():
-                            raise
-                finally:
-                    if tmp.exists():
-                        shutil.rmtree(tmp, ignore_errors=True)
+                await self._download(revision, folder, team)
         return revision, folder
+
+    async def _download(
+        self, revision: registry_pb2.ModelRevision, folder: Path, team: str | None
+    ) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".partial-"))
+        try:
+            manifest = await self.client.download_model_revision(revision.name, tmp, team)
+            if manifest_digest(manifest) != folder.name:
+                # The name was deleted and reused between the two calls: never file new
+                # content under the old digest.
+                raise Aborted(f"{revision.name} changed while it was downloaded; retry")
+            marker = {"name": revision.name, "digest": folder.name}
+            (tmp / ".complete").write_text(json.dumps(marker))
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(tmp, folder)  # atomic: readers see nothing or everything
+            except OSError:
+                # Another process (a second worker) placed the same immutable content first;
+                # never remove a folder someone may be loading from.
+                if not (folder / ".complete").exists():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)

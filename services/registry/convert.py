@@ -2,13 +2,49 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
+from services.common.errors import FieldViolation, InvalidArgument
 from services.common.timestamps import to_timestamp
 from services.registry.store import Resource, Revision
 from tlm.registry.v1 import registry_pb2
+
+
+def check_enums(message: Message, at: str = "") -> None:
+    """Every enum field of `message`, however deep, holds a number its enum defines. Proto3
+    enums are open: an unknown number (`kind=99`) parses fine and, stored, breaks later calls."""
+    bad = list(_unknown_enums(message, at))
+    if bad:
+        raise InvalidArgument(f"{bad[0].field}: {bad[0].description}", violations=bad)
+
+
+def _unknown_enums(message: Message, at: str) -> Iterator[FieldViolation]:
+    for field, value in message.ListFields():  # only set fields: zero is always defined
+        path, element = f"{at}{field.name}", field
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            element = field.message_type.fields_by_name["value"]
+            items = [(f"{path}[{key!r}]", item) for key, item in value.items()]
+        elif field.is_repeated:
+            items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+        else:
+            items = [(path, value)]
+        for item_path, item in items:
+            if element.type == FieldDescriptor.TYPE_MESSAGE:
+                yield from _unknown_enums(item, f"{item_path}.")
+            elif element.type == FieldDescriptor.TYPE_ENUM:
+                yield from _check_number(element, item, item_path)
+
+
+def _check_number(field: FieldDescriptor, number: int, path: str) -> Iterator[FieldViolation]:
+    enum = field.enum_type
+    if enum is not None and number not in enum.values_by_number:
+        known = ", ".join(v.name for v in enum.values if v.number) or enum.values[0].name
+        yield FieldViolation(path, f"{number} is not a {enum.name} (one of {known})")
 
 
 def _common(r: Resource) -> dict[str, Any]:

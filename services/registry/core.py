@@ -28,17 +28,18 @@ from services.registry.blobs import BlobStore, remove_tree
 from services.registry.datasets import validate_file
 from services.registry.names import Collection, parse_resource, parse_revision
 from services.registry.store import (
+    BaseRevisionGone,
     MetadataStore,
     Resource,
     Revision,
     StaleBase,
-    raise_if_referenced,
 )
 from services.registry.uploads import StagedFiles, check_manifest
 from tlm.registry.v1 import registry_pb2
 from tlm.reward.v1 import evaluator_pb2
 
 DATA_FILE = "data.jsonl"
+BASE_FIELD = "header.lineage.base_model_revision"
 APPEND_RETRIES = 20
 SpecValidator = Callable[[str], evaluator_pb2.EvaluatorSpec]
 
@@ -107,13 +108,7 @@ class Registry:
 
     def delete(self, team: str, name: str, coll: Collection) -> None:
         r = parse_resource(name, coll)
-        if coll == Collection.MODELS:
-            refs = [
-                ref
-                for ref in self.store.referenced_by_others(team, name)
-                if not ref.startswith(f"{name}/")
-            ]
-            raise_if_referenced(refs, name)
+        # A model that others' lineage names is refused inside the store's transaction.
         self.store.delete_resource(team, coll, r.resource_id)
         # Blobs are content-addressed and may be shared; unreferenced ones are left for a
         # garbage collector rather than deleted here.
@@ -141,12 +136,10 @@ class Registry:
         check_manifest(header.manifest, "header.manifest")
         lineage = registry_pb2.Lineage()
         lineage.CopyFrom(header.lineage)
+        base = None
         if header.lineage.base_model_revision:
             base = self.get_revision(
-                team,
-                header.lineage.base_model_revision,
-                Collection.MODELS,
-                "header.lineage.base_model_revision",
+                team, header.lineage.base_model_revision, Collection.MODELS, BASE_FIELD
             )
             lineage.base_model_revision = base.name  # aliases resolved: lineage is immutable
             if (
@@ -155,21 +148,19 @@ class Registry:
             ):
                 raise FailedPrecondition(
                     f"{base.name} is not a full-weights revision; adapters apply to full weights",
-                    violations=[
-                        FieldViolation("header.lineage.base_model_revision", "not full weights")
-                    ],
+                    violations=[FieldViolation(BASE_FIELD, "not full weights")],
                 )
         elif header.format == registry_pb2.LORA_ADAPTER:
             raise InvalidArgument(
-                "a LORA_ADAPTER revision needs header.lineage.base_model_revision",
-                violations=[FieldViolation("header.lineage.base_model_revision", "required")],
+                f"a LORA_ADAPTER revision needs {BASE_FIELD}",
+                violations=[FieldViolation(BASE_FIELD, "required")],
             )
         for i, ds in enumerate(header.lineage.dataset_revisions):
             field = f"header.lineage.dataset_revisions[{i}]"
             lineage.dataset_revisions[i] = self.get_revision(
                 team, ds, Collection.DATASETS, field
             ).name
-        return ModelUpload(self, team, parent.resource_id, header, lineage)
+        return ModelUpload(self, team, parent.resource_id, header, lineage, base)
 
     # Datasets -------------------------------------------------------------------------------
 
@@ -410,12 +401,14 @@ class ModelUpload:
         model_id: str,
         header: registry_pb2.ModelRevisionHeader,
         lineage: registry_pb2.Lineage,
+        base: Revision | None,
     ) -> None:
         self.registry = registry
         self.team = team
         self.model_id = model_id
         self.header = header
         self.lineage = lineage
+        self.base = base  # checked again when the revision is stored: it may be deleted meanwhile
         self.done = registry.store.find_request(
             team, Collection.MODELS, model_id, header.request_id
         )
@@ -449,17 +442,25 @@ class ModelUpload:
             labels=dict(self.header.labels),
         )
         store = self.registry.store
-        revision, _ = store.add_revision(
-            self.team,
-            Collection.MODELS,
-            self.model_id,
-            request_id=self.header.request_id,
-            body=lambda _rid: _to_json(body),
-            blobs=[f.sha256 for f in self.header.manifest.files],
-            create_parent=lambda: store.create_resource(
-                self.team, Collection.MODELS, self.model_id, exist_ok=True
-            ),
-        )
+        try:
+            revision, _ = store.add_revision(
+                self.team,
+                Collection.MODELS,
+                self.model_id,
+                request_id=self.header.request_id,
+                body=lambda _rid: _to_json(body),
+                blobs=[f.sha256 for f in self.header.manifest.files],
+                create_parent=lambda: store.create_resource(
+                    self.team, Collection.MODELS, self.model_id, exist_ok=True
+                ),
+                base=self.base,
+            )
+        except BaseRevisionGone as exc:
+            raise NotFound(
+                exc.message,
+                violations=[FieldViolation(BASE_FIELD, "deleted during the upload")],
+                metadata=exc.metadata,
+            ) from None
         return revision
 
     def cleanup(self) -> None:

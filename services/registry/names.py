@@ -8,9 +8,9 @@ import re
 from dataclasses import dataclass
 
 from services.common.errors import FieldViolation, InvalidArgument
+from services.common.ids import ID_RULE, is_valid_id
 from tlm.common.v1 import common_pb2
 
-ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 LATEST = "latest"
 
 
@@ -51,10 +51,8 @@ def _invalid(field: str, value: str, expected: str) -> InvalidArgument:
 
 
 def check_id(value: str, field: str) -> str:
-    if not ID_PATTERN.fullmatch(value) or ".." in value:
-        raise _invalid(
-            field, value, "1-63 of [a-z0-9._-], starting with a letter or digit, no '..'"
-        )
+    if not is_valid_id(value):
+        raise _invalid(field, value, ID_RULE)
     return value
 
 

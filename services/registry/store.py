@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, field_error
 from services.registry.names import LATEST, Collection, check_id, is_revision_id, revision_id
-from services.registry.tables import ResourceRow, RevisionRow
+from services.registry.tables import ResourceRow, RetiredNameRow, RevisionRow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -68,6 +68,10 @@ class StaleBase(Aborted):
     """A revision built on the newest one lost a race with another writer; rebuild and retry."""
 
 
+class BaseRevisionGone(NotFound):
+    """The revision a new one names as its base was deleted before the new one was stored."""
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -106,6 +110,10 @@ def _revision(row: RevisionRow, parent: Resource) -> Revision:
         _utc(row.create_time),
         aliases,
     )
+
+
+def _name_key(row: ResourceRow) -> dict[str, str]:
+    return {"team": row.team, "collection": row.collection, "resource_id": row.resource_id}
 
 
 def make_engine(url: str) -> Engine:
@@ -272,9 +280,16 @@ class MetadataStore:
         return result
 
     def delete_resource(self, team: str, coll: Collection, rid: str) -> list[str]:
-        """Delete a resource and its revisions; returns the blob keys they referenced."""
+        """Delete a resource and its revisions; returns the blob keys they referenced. A model
+        that other models' revisions name as their base is refused. The check and the delete
+        share one transaction holding the row's lock, which an upload based on this model
+        takes too (`add_revision(base=...)`): either the delete sees the new revision, or the
+        upload sees its base gone. Never both succeed."""
         with self._write() as s:
             row = self._row(s, team, coll, rid, lock=True)
+            if coll == Collection.MODELS:
+                raise_if_referenced(self._dependants(s, row), f"{coll}/{rid}")
+            self._retire(s, row)
             revisions = list(
                 s.scalars(select(RevisionRow).where(RevisionRow.resource_pk == row.pk))
             )
@@ -284,6 +299,31 @@ class MetadataStore:
             s.flush()
             s.delete(row)
             return blobs
+
+    def _retire(self, s: Session, row: ResourceRow) -> None:
+        """Remember how far the name's revision numbers went (see RetiredNameRow)."""
+        if not row.last_seq:
+            return
+        key = _name_key(row)
+        # Deletes of one name are serial (a row of that name can be created again only once
+        # the last delete committed), so this read-then-write never races another.
+        retired = s.get(RetiredNameRow, key, with_for_update=True)
+        if retired is None:
+            s.add(RetiredNameRow(**key, last_seq=row.last_seq))
+        else:
+            retired.last_seq = max(retired.last_seq, row.last_seq)
+
+    def _retired_seq(self, s: Session, row: ResourceRow) -> int:
+        retired = s.get(RetiredNameRow, _name_key(row))
+        return retired.last_seq if retired is not None else 0
+
+    def _has_revision(self, s: Session, row: ResourceRow, seq: int) -> bool:
+        if not 0 < seq <= row.last_seq:  # also keeps huge numbers out of the query
+            return False
+        query = select(RevisionRow.pk).where(
+            RevisionRow.resource_pk == row.pk, RevisionRow.seq == seq
+        )
+        return s.scalars(query).first() is not None
 
     def set_alias(
         self, team: str, coll: Collection, rid: str, alias: str, target: str, etag: str
@@ -302,7 +342,7 @@ class MetadataStore:
                 )
             aliases = dict(row.aliases or {})
             if target:
-                if int(target[1:]) > row.last_seq:
+                if not self._has_revision(s, row, int(target[1:])):
                     raise NotFound(f"{coll}/{rid}/revisions/{target} not found")
                 aliases[alias] = target
             elif alias not in aliases:
@@ -328,17 +368,21 @@ class MetadataStore:
         blobs: list[str],
         create_parent: Callable[[], Resource] | None = None,
         expect_seq: int | None = None,
+        base: Revision | None = None,
     ) -> tuple[Revision, bool]:
         """Append a revision atomically. `body(revision_id)` builds its facts. Returns it and
         whether it is new; a known request_id returns the earlier revision unchanged. With
-        `expect_seq`, raise StaleBase unless the newest revision is still that one."""
+        `expect_seq`, raise StaleBase unless the newest revision is still that one. With
+        `base` (a revision of this collection it is built on), raise BaseRevisionGone unless
+        `base` still exists when this one is stored. Numbers continue after a deleted
+        resource of the same name, never reusing its revision ids."""
         if create_parent is not None:
             try:
                 self.get_resource(team, coll, rid)
             except NotFound:
                 create_parent()
         with self._write() as s:
-            row = self._row(s, team, coll, rid, lock=True)
+            row = self._lock_with_base(s, team, coll, rid, base)
             if request_id:
                 earlier = s.scalars(
                     select(RevisionRow).where(
@@ -349,7 +393,7 @@ class MetadataStore:
                     return _revision(earlier, _resource(row)), False
             if expect_seq is not None and row.last_seq != expect_seq:
                 raise StaleBase(f"{coll}/{rid} gained a revision meanwhile")
-            seq = row.last_seq + 1
+            seq = (row.last_seq or self._retired_seq(s, row)) + 1
             now = _now()
             rev = RevisionRow(
                 resource_pk=row.pk,
@@ -365,6 +409,36 @@ class MetadataStore:
             row.update_time = now
             s.flush()
             return _revision(rev, _resource(row)), True
+
+    def _lock_with_base(
+        self, s: Session, team: str, coll: Collection, rid: str, base: Revision | None
+    ) -> ResourceRow:
+        """Lock the resource's row and, with `base`, the base's row too (the lock a delete of
+        the base takes), then check the base revision still exists. Rows lock in pk order, so
+        two uploads based on each other's models cannot deadlock."""
+        if base is None:
+            return self._row(s, team, coll, rid, lock=True)
+        ids = {rid, base.parent.resource_id}
+        query = (
+            select(ResourceRow)
+            .where(
+                ResourceRow.team == team,
+                ResourceRow.collection == coll.value,
+                ResourceRow.resource_id.in_(ids),
+            )
+            .order_by(ResourceRow.pk)
+            .with_for_update()
+        )
+        rows = {r.resource_id: r for r in s.scalars(query)}
+        if rid not in rows:
+            raise NotFound(f"{coll}/{rid} not found", metadata={"resource": f"{coll}/{rid}"})
+        base_row = rows.get(base.parent.resource_id)
+        if base_row is None or not self._has_revision(s, base_row, base.seq):
+            raise BaseRevisionGone(
+                f"{base.name} was deleted before this revision was stored",
+                metadata={"resource": base.name},
+            )
+        return rows[rid]
 
     def find_request(
         self, team: str, coll: Collection, rid: str, request_id: str
@@ -418,21 +492,23 @@ class MetadataStore:
             rows = s.scalars(query.order_by(RevisionRow.seq.desc()).limit(limit + 1))
             return [_revision(r, parent) for r in rows]
 
-    def referenced_by_others(self, team: str, base_revision_name: str) -> list[str]:
-        """Model revisions (of this team) whose lineage names `base_revision_name`."""
-        with Session(self.engine) as s:
-            rows = s.execute(
-                select(ResourceRow.resource_id, RevisionRow.seq, RevisionRow.body)
-                .join(RevisionRow, RevisionRow.resource_pk == ResourceRow.pk)
-                .where(ResourceRow.team == team, ResourceRow.collection == Collection.MODELS)
+    def _dependants(self, s: Session, model: ResourceRow) -> list[str]:
+        """Revisions of the team's other models whose lineage names a revision of `model`."""
+        prefix = f"{Collection.MODELS}/{model.resource_id}/"
+        rows = s.execute(
+            select(ResourceRow.resource_id, RevisionRow.seq, RevisionRow.body)
+            .join(RevisionRow, RevisionRow.resource_pk == ResourceRow.pk)
+            .where(
+                ResourceRow.team == model.team,
+                ResourceRow.collection == Collection.MODELS.value,
+                ResourceRow.pk != model.pk,
             )
-            return [
-                f"models/{rid}/revisions/{revision_id(seq)}"
-                for rid, seq, body in rows
-                if body.get("lineage", {})
-                .get("baseModelRevision", "")
-                .startswith(base_revision_name + "/")
-            ]
+        )
+        return [
+            f"models/{rid}/revisions/{revision_id(seq)}"
+            for rid, seq, body in rows
+            if body.get("lineage", {}).get("baseModelRevision", "").startswith(prefix)
+        ]
 
 
 def raise_if_referenced(refs: list[str], name: str) -> None:

@@ -51,3 +51,16 @@ class RevisionRow(Base):
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
     blobs: Mapped[list[str]] = mapped_column(JSON, default=list)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RetiredNameRow(Base):
+    """A deleted resource's name and the highest revision number it reached. A resource
+    created again under that name numbers its revisions on from there, so a revision name
+    (which caches and lineage key on) never comes to mean other bytes."""
+
+    __tablename__ = "retired_names"
+
+    team: Mapped[str] = mapped_column(String(128), primary_key=True)
+    collection: Mapped[str] = mapped_column(String(16), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_seq: Mapped[int] = mapped_column(Integer)

@@ -16,6 +16,10 @@ from tlm.registry.v1 import registry_pb2
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_CHUNK = 4 * 1024 * 1024
+# Staged files keep their manifest paths, so a path must fit the filesystem: 255 bytes a name
+# (ext4, xfs), and a total well under PATH_MAX once under the staging folder.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
 
 
 class ChecksumMismatch(InvalidArgument):
@@ -26,8 +30,31 @@ class UploadIncomplete(InvalidArgument):
     reason = common_pb2.UPLOAD_INCOMPLETE
 
 
+def _path_problem(path: str) -> str | None:
+    """Why `path` cannot name a staged file, or None."""
+    parts = path.split("/")
+    # Only canonical paths: "a/./b", "a/" or "./a" would alias another entry's file.
+    if (
+        not path
+        or PurePosixPath(path).is_absolute()
+        or "\\" in path
+        or "\0" in path
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        return f"{path[:80]!r} must be a relative a/b path without '.', '..'"
+    if len(path.encode()) > MAX_PATH_BYTES or any(
+        len(part.encode()) > MAX_NAME_BYTES for part in parts
+    ):
+        return (
+            f"{path[:80]!r} is too long: at most {MAX_NAME_BYTES} bytes a name "
+            f"and {MAX_PATH_BYTES} in all"
+        )
+    return None
+
+
 def check_manifest(manifest: registry_pb2.Manifest, field: str) -> None:
-    """Every path relative, '/'-separated, without '..'; sizes >= 0; sha256 hex; no repeats."""
+    """Every path relative, '/'-separated, without '..', short enough for the filesystem;
+    sizes >= 0; sha256 hex; no repeats."""
     violations: list[FieldViolation] = []
     seen: set[str] = set()
     paths = {f.path for f in manifest.files}
@@ -35,21 +62,13 @@ def check_manifest(manifest: registry_pb2.Manifest, field: str) -> None:
         violations.append(FieldViolation(f"{field}.files", "must list at least one file"))
     for i, f in enumerate(manifest.files):
         at = f"{field}.files[{i}].path"
-        parts = f.path.split("/")
-        # Only canonical paths: "a/./b", "a/" or "./a" would alias another entry's file.
-        if (
-            not f.path
-            or PurePosixPath(f.path).is_absolute()
-            or "\\" in f.path
-            or "\0" in f.path
-            or any(part in ("", ".", "..") for part in parts)
-        ):
-            violations.append(
-                FieldViolation(at, f"{f.path[:80]!r} must be a relative a/b path without '.', '..'")
-            )
+        problem = _path_problem(f.path)
+        if problem:
+            violations.append(FieldViolation(at, problem))
         if f.path.casefold() in seen:
             violations.append(FieldViolation(at, "listed twice"))
         seen.add(f.path.casefold())
+        parts = f.path.split("/")
         if any("/".join(parts[:k]) in paths for k in range(1, len(parts))):
             violations.append(FieldViolation(at, "a folder of this path is also listed as a file"))
         if f.size_bytes < 0:

@@ -15,6 +15,7 @@ from services.reward.review_queue import ReviewQueue
 from services.reward.review_store import ReviewStore
 from services.reward.rule_runner import RuleRunner
 from services.reward.sandbox import CodeScorerAdapter, Limits, Sandbox
+from services.reward.sandbox_memory import choose_policy
 from services.reward.service import RewardCore
 from services.reward.servicer import RewardServicer
 from services.reward.settings import RewardSettings
@@ -48,7 +49,8 @@ def binding(settings: RewardSettings) -> ServiceBinding:
         max_processes=settings.sandbox_max_processes,
         max_file_mb=settings.sandbox_max_file_mb,
     )
-    sandbox = Sandbox(settings.sandbox_slots, settings.sandbox_uid_base, caps)
+    memory = choose_policy(settings.sandbox_memory_mode, settings.sandbox_cgroup)
+    sandbox = Sandbox(settings.sandbox_slots, settings.sandbox_uid_base, caps, memory)
     remote = RemoteScorerAdapter(settings.remote_keys)
     models = ModelScorerAdapter(settings.device, settings.loaded_models)
     judge = JudgeScorerAdapter(
@@ -58,7 +60,7 @@ def binding(settings: RewardSettings) -> ServiceBinding:
     store = ReviewStore(f"sqlite:///{settings.data_dir / 'reward' / 'reviews.db'}")
     reviews = ReviewQueue(store)
     adapters: dict[str, AsyncScorer] = {
-        "code": CodeScorerAdapter(sandbox),
+        "code": CodeScorerAdapter(sandbox, settings.sandbox_max_source_kb),
         "remote": remote,
         "model": models,
         "human": reviews,
@@ -67,7 +69,7 @@ def binding(settings: RewardSettings) -> ServiceBinding:
     engine = Engine(rules, OutcomeCache(settings.cache_entries), adapters)
     core = RewardCore(
         engine,
-        Admission(settings.max_concurrent_requests),
+        Admission(settings.max_concurrent_requests, settings.stream_idle_timeout_s),
         settings.max_samples_per_request,
         probe=probe_address,
         model_check=models.problem,

@@ -95,13 +95,15 @@ class Engine:
         misses = [i for i, hit in enumerate(hits) if hit is None]
         fresh: dict[int, tuple[Outcome, float]] = {}
         if misses:
-            limit = min(scorer_timeout(scorer), ctx.remaining() - DEADLINE_MARGIN_S)
-            try:
-                todo = [samples[i] for i in misses]
-                done = await asyncio.wait_for(self.rules.run(scorer, todo), max(limit, 0.001))
-            except TimeoutError:
-                why = f"no result within {max(limit, 0):.3g}s"
-                done = [(Outcome.timeout(why), max(limit, 0.0))] * len(misses)
+            # The runner keeps both limits itself (a sample over its timeout, or unfinished at
+            # the deadline, is TIMEOUT and its worker is replaced): samples that finished keep
+            # their results.
+            done = await self.rules.run(
+                scorer,
+                [samples[i] for i in misses],
+                timeout_s=scorer_timeout(scorer),
+                deadline=ctx.deadline - DEADLINE_MARGIN_S,
+            )
             for i, item in zip(misses, done, strict=True):
                 fresh[i] = item
                 self.cache.put(keys[i], item[0])

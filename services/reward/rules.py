@@ -15,10 +15,12 @@ from typing import Any
 
 import jsonschema
 import re2
+import referencing.exceptions
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from services.reward.domain import Outcome, Sample, Status
+from services.reward.json_schema import SchemaUnusable, validator
 from services.reward.text import TextNorm, extract, normalize
 from tlm.reward.v1 import evaluator_pb2 as ev
 
@@ -78,13 +80,13 @@ def regex_value(text: str, pattern: str, *, full: bool = False, count: bool = Fa
     return 1.0 if matched else 0.0
 
 
-@functools.lru_cache(maxsize=256)
-def _validator(schema_json: str) -> jsonschema.protocols.Validator:
-    return jsonschema.Draft202012Validator(json.loads(schema_json))
+# A schema error quotes the instance; a huge completion must not make a huge reason.
+MAX_REASON = 500
 
 
 def json_value(text: str, schema_json: str = "") -> tuple[float, str]:
-    """1.0 for valid JSON conforming to the schema; else 0.0 and why.
+    """1.0 for valid JSON conforming to the schema; else 0.0 and why. SchemaUnusable when the
+    schema reaches outside itself or has a pattern RE2 refuses (see json_schema).
 
     >>> json_value('{"a": 1}')
     (1.0, '')
@@ -92,17 +94,31 @@ def json_value(text: str, schema_json: str = "") -> tuple[float, str]:
     0.0
     >>> json_value('{"a": "x"}', '{"properties": {"a": {"type": "integer"}}}')
     (0.0, "a: 'x' is not of type 'integer'")
+    >>> json_value('"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!"', '{"pattern": "^(a+)+$"}')[0]
+    0.0
     """
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return 0.0, f"not JSON: {exc.msg}"
     if schema_json:
-        error = jsonschema.exceptions.best_match(_validator(schema_json).iter_errors(value))
+        error = jsonschema.exceptions.best_match(validator(schema_json).iter_errors(value))
         if error is not None:
             where = ".".join(str(p) for p in error.absolute_path) or "$"
-            return 0.0, f"{where}: {error.message}"
+            return 0.0, clip(f"{where}: {error.message}")
     return 1.0, ""
+
+
+def clip(reason: str, limit: int = MAX_REASON) -> str:
+    """Its start and end (messages quote the value first and say what is wrong last).
+
+    >>> clip("'" + "a" * 50 + "' does not match '^b$'", 30)
+    "'aaaaaaaaaaa ...  match '^b$'"
+    """
+    if len(reason) <= limit:
+        return reason
+    half = (limit - 5) // 2
+    return f"{reason[:half]} ... {reason[-half:]}"
 
 
 def length_value(n: int, low: int, high: int, penalty: float, floor: float) -> float:
@@ -267,8 +283,20 @@ def score_json(cfg: ev.JsonScorer, sample: Sample) -> Outcome:
     schema = ""
     if cfg.HasField("schema"):
         schema = json.dumps(json_format.MessageToDict(cfg.schema), sort_keys=True)
-    value, why = json_value(text, schema)
+    try:
+        value, why = json_value(text, schema)
+    except (SchemaUnusable, referencing.exceptions.Unresolvable) as exc:
+        # A spec problem, the same for every sample: ERROR (not cached), and the reason is ours,
+        # never content of whatever the reference points at.
+        return Outcome.error(_unusable_reason(exc))
     return Outcome(Status.OK, value, why)
+
+
+def _unusable_reason(exc: Exception) -> str:
+    if isinstance(exc, SchemaUnusable):
+        return clip(f"schema not usable: {exc}")
+    ref = getattr(exc, "ref", "")
+    return clip(f"schema not usable: reference {ref!r} does not resolve inside the schema")
 
 
 def score_length(cfg: ev.LengthScorer, sample: Sample) -> Outcome:

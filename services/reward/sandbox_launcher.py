@@ -12,6 +12,10 @@ time, peak RSS, processes left behind, largest file) as one JSON line to the sta
 was opened before any fork with O_CLOEXEC and lies outside the sandbox's root: the program can
 neither reach nor forge it. When init exits, the kernel kills everything left in the namespace;
 init dies with the launcher (PR_SET_PDEATHSIG), so killing the launcher's process group ends it.
+
+Memory: given a cgroup (the sample's own), the launcher moves itself into it first, so init and
+every process of the program are charged to it; the address-space rlimit is what the service
+computed (memory_mb, or memory_mb / max_processes when there is no cgroup).
 """
 
 import contextlib
@@ -110,7 +114,7 @@ def pivot(root):
 def limit(cfg):
     cpu = cfg["cpu_seconds"]
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    memory = cfg["memory_mb"] * 1024 * 1024
+    memory = cfg["address_space_mb"] * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     file_bytes = cfg["max_file_mb"] * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
@@ -206,12 +210,22 @@ def init(cfg, as_root, status_fd):
         "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "maxrss_kb": usage.ru_maxrss,
+        # Every process init reaped, orphans included, not only the program's own tree.
+        "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
         "lingering": lingering,
         "largest_file": largest_file(),
         "scratch_full": vfs.f_bavail == 0 or vfs.f_favail == 0,
     }
     os.write(status_fd, (json.dumps(report) + "\n").encode())
+
+
+def join_cgroup(path):
+    """Move this process into the sample's cgroup: init and the program inherit it."""
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as exc:
+        raise Unavailable("join cgroup " + path + ": " + (exc.strerror or str(exc))) from exc
 
 
 def main():
@@ -220,6 +234,8 @@ def main():
     status_fd = os.open(cfg["status"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     as_root = os.geteuid() == 0
     try:
+        if cfg.get("cgroup"):
+            join_cgroup(cfg["cgroup"])
         sources = {}
         for name in SOURCES:
             with open(os.path.join(cfg["src"], name), "rb") as f:

@@ -1,5 +1,6 @@
-"""Runs inside the sandbox (stdlib only): executes solution.py, then tests.py, and writes one
-verdict line tagged with a per-run nonce.
+"""Runs inside the sandbox (stdlib only): compiles tests.py (a syntax error there is reported
+as `tests_error` before any user code runs), executes solution.py, then tests.py, and writes
+one verdict line tagged with a per-run nonce.
 
 The nonce comes from fd 3, read and closed before any user code runs, and lives only in a
 closure cell; exec, compile and os.write are bound before user code can patch them. This stops
@@ -34,10 +35,16 @@ def main():
         traceback.print_exc,
         sys.stdout.flush,
     )
+    with open("tests.py") as f:
+        tests_source = f.read()
+    try:
+        tests = build(tests_source, "tests.py", "exec")
+    except (SyntaxError, ValueError, RecursionError) as exc:
+        # Before any user code ran: the row's tests are broken (UNSCORABLE), not the program.
+        report({"ran": False, "passed": False, "tests_error": getattr(exc, "msg", str(exc))})
+        os._exit(1)
     with open("solution.py") as f:
         solution = build(f.read(), "solution.py", "exec")
-    with open("tests.py") as f:
-        tests = build(f.read(), "tests.py", "exec")
     namespace = {"__name__": "__main__"}
     verdict = {"ran": False, "passed": False}
     try:

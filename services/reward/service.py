@@ -1,5 +1,10 @@
 """The reward service's use cases: resolve an evaluator, score, validate. No gRPC here; the
-servicer converts messages and calls these."""
+servicer converts messages and calls these.
+
+Spec validation is CPU-bound (JSON Schema checks take up to ~0.4 s per schema within the size
+limits), so it runs in a worker thread: the event loop keeps answering health checks and other
+calls meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from services.reward.admission import Admission
+from services.reward.admission import Admission, StreamClaim, idle_error
 from services.reward.domain import EvaluatorInvalid, Sample, SampleResult
 from services.reward.engine import MAX_REQUEST_S, Engine, ScoreContext
 from services.reward.registry_port import RegistryPort
@@ -26,6 +32,7 @@ AddressProbe = Callable[[str, bool], Awaitable[str | None]]
 ModelCheck = Callable[[str, str], Awaitable[str | None]]
 # What the deployment refuses in a valid spec (credentials, addresses), as JSON-path errors.
 Policy = Callable[[ev.EvaluatorSpec], list[FieldViolation]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,13 +56,20 @@ class RewardCore:
     ) -> tuple[ev.EvaluatorSpec, str]:
         """The runnable spec (validated, defaults filled) and the registry revision name."""
         if inline is not None:
-            return self._allowed(require_valid(inline)), ""
+            return self._allowed(await asyncio.to_thread(require_valid, inline)), ""
         if not name:
             raise InvalidArgument("set evaluator (a registry revision name) or spec")
         if self.registry is None:
             raise FailedPrecondition("no registry configured for the reward service")
         spec, revision = await self.registry.evaluator_spec(name, team)
-        return self._allowed(require_valid(spec)), revision
+        return self._allowed(await asyncio.to_thread(require_valid, spec)), revision
+
+    async def stream_opening(self, first: Awaitable[T]) -> T:
+        """A stream's first message; a stream that sends none is closed like an idle one."""
+        try:
+            return await asyncio.wait_for(first, self.admission.idle_s)
+        except TimeoutError:
+            raise idle_error(self.admission.idle_s) from None
 
     def check_batch(self, samples: Sequence[Sample]) -> None:
         if len(samples) > self.max_samples:
@@ -76,7 +90,7 @@ class RewardCore:
         self, spec: ev.EvaluatorSpec, samples: Sequence[Sample], team: str, remaining: float | None
     ) -> list[SampleResult]:
         self.check_batch(samples)
-        with self.admission.slot():
+        with self.admission.slot(team):
             return await self.engine.score(spec, samples, _context(team, remaining))
 
     async def score_stream(
@@ -86,9 +100,11 @@ class RewardCore:
         team: str,
         remaining: float | None,
     ) -> AsyncIterator[SampleResult]:
-        """Scores each sample as it arrives; yields results as they finish."""
+        """Scores each sample as it arrives; yields results as they finish. The stream holds an
+        admission slot only while samples are being scored, and ends when idle (StreamClaim)."""
         ctx = _context(team, remaining)
         done: asyncio.Queue[object] = asyncio.Queue()
+        claim = StreamClaim(self.admission, team, on_idle=done.put_nowait)
         tasks: set[asyncio.Task[None]] = set()
         total: list[int] = []
         # Samples scored or waiting to be read back; a slow reader stops the intake.
@@ -100,6 +116,8 @@ class RewardCore:
                 await done.put(result)
             except Exception as exc:
                 await done.put(exc)
+            finally:
+                claim.sample_done()
 
         async def read() -> None:
             count = 0
@@ -109,6 +127,7 @@ class RewardCore:
                     if count > self.max_samples:
                         raise InvalidArgument(f"at most {self.max_samples} samples per stream")
                     await in_flight.acquire()
+                    claim.sample_started()
                     task = asyncio.create_task(one(sample))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -117,30 +136,31 @@ class RewardCore:
             total.append(count)
             await done.put(_END)
 
-        with self.admission.slot():
-            reader = asyncio.create_task(read())
-            yielded = 0
-            try:
-                while not total or yielded < total[0]:
-                    item = await done.get()
-                    if item is _END:
-                        continue
-                    if isinstance(item, BaseException):
-                        raise item
-                    yielded += 1
-                    yield item  # type: ignore[misc]
-                    in_flight.release()
-            finally:
-                reader.cancel()
-                for task in list(tasks):
-                    task.cancel()
+        reader = asyncio.create_task(read())
+        yielded = 0
+        try:
+            while not total or yielded < total[0]:
+                item = await done.get()
+                if item is _END:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yielded += 1
+                yield item  # type: ignore[misc]
+                in_flight.release()
+        finally:
+            claim.close()
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
 
     async def validate(
         self, text: str | None, spec: ev.EvaluatorSpec | None, check_refs: bool, team: str
     ) -> Validation:
-        result = (
-            validate_json(text) if text is not None else validate_spec(spec or ev.EvaluatorSpec())
-        )
+        if text is not None:
+            result = await asyncio.to_thread(validate_json, text)
+        else:
+            result = await asyncio.to_thread(validate_spec, spec or ev.EvaluatorSpec())
         if result.normalized is not None and self.policy is not None:
             problems = self.policy(result.normalized)
             if problems:

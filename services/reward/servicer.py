@@ -42,7 +42,7 @@ class RewardServicer(rs_grpc.RewardServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[rs.StreamScoreResponse]:
         team = current_team()
-        first = await anext(aiter(request_iterator), None)
+        first = await self.core.stream_opening(anext(aiter(request_iterator), None))
         if first is None or not first.HasField("config"):
             raise InvalidArgument("the first StreamScore message must carry config")
         config = first.config

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -16,8 +19,12 @@ class RewardSettings(ServerSettings):
     # Unset: the server's own address (`tlm up` runs every service in one process).
     registry_address: str | None = None
     rollout_address: str | None = None
-    # Score/StreamScore calls handled at once; beyond it they get RESOURCE_EXHAUSTED.
+    # Batches of samples scored at once (a Score call, or a StreamScore stream while it has
+    # samples being scored); each active team is guaranteed max(1, this // active teams) of
+    # them, and a call beyond its team's share when all are taken gets RESOURCE_EXHAUSTED.
     max_concurrent_requests: int = Field(64, ge=1)
+    # A StreamScore stream with nothing to score for this long is closed (DEADLINE_EXCEEDED).
+    stream_idle_timeout_s: float = Field(60.0, gt=0)
     max_samples_per_request: int = Field(4096, ge=1)
     # Deterministic outcomes kept in the LRU cache; 0 disables it.
     cache_entries: int = Field(100_000, ge=0)
@@ -35,6 +42,16 @@ class RewardSettings(ServerSettings):
     sandbox_max_memory_mb: int = Field(4096, ge=64)
     sandbox_max_processes: int = Field(64, ge=1)
     sandbox_max_file_mb: int = Field(100, ge=0)
+    # How a code sample's whole process tree is held to its memory_mb: "cgroup" (a child of
+    # `sandbox_cgroup` per sample; without a usable one, code samples are ERROR), "rlimit"
+    # (memory_mb / max_processes of address space per process), "auto" (cgroup when usable).
+    sandbox_memory_mode: Literal["auto", "cgroup", "rlimit"] = "auto"
+    # A cgroup v2 directory delegated to the service: writable, `memory` and `pids` in its
+    # cgroup.controllers, no processes of its own (the service itself lives in a sibling).
+    sandbox_cgroup: Path | None = None
+    # Largest code or `metadata.<tests_field>` value (UTF-8 KiB) the code scorer runs; checked
+    # before anything parses it.
+    sandbox_max_source_kb: int = Field(256, ge=1, le=16 * 1024)
     # Remote scorers: the only credentials ever sent to another address, as JSON
     # {"host:port": "ENV_VAR_NAME"}. A spec's `api_key_env` must name the entry for its own
     # address; the service's own API key is never sent to an address a spec chose.

@@ -1,12 +1,14 @@
 """Evaluator spec validation: every error with its JSON path, and the normalised spec.
 
 `validate_json` (text from users) and `validate_spec` (a message) both collect all problems;
-`require_valid` raises EvaluatorInvalid for callers that only want a runnable spec.
+`require_valid` raises EvaluatorInvalid for callers that only want a runnable spec. Sizes are
+checked first (spec_json), single fields against the bounds table (spec_defaults), then what
+involves several fields or other rules (RE2, JSON Schema, registry names) here. CPU-bound: the
+service runs it off the event loop.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,22 +19,24 @@ import re2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from services.common.errors import FieldViolation
+from services.common.errors import FieldViolation, InvalidArgument
+from services.registry.names import Collection, check_id, parse_revision
+from services.reward import json_schema
 from services.reward.domain import EvaluatorInvalid
-from services.reward.spec_defaults import duration_s, fill_defaults
-from services.reward.spec_json import finite, join, prune_message
+from services.reward.spec_defaults import BOUNDS, field_problems, fill_defaults
+from services.reward.spec_json import (
+    MAX_SPEC_BYTES,
+    finite,
+    join,
+    load_json,
+    object_extent_problem,
+    prune_message,
+)
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 TAG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
-MAX_CODE_TIMEOUT_S = 60.0
-# Inclusive bounds of the code scorer's limits (the operator may cap them lower).
-CODE_LIMITS = {
-    "cpu_seconds": (1, 60),
-    "memory_mb": (64, 4096),
-    "max_processes": (1, 64),
-    "max_file_mb": (0, 100),
-}
+MAX_CODE_TIMEOUT_S = BOUNDS["CodeScorer.timeout"].high
 SCORER_TYPES = tuple(f.name for f in ev.ScorerSpec.DESCRIPTOR.oneofs_by_name["scorer"].fields)
 
 Errors = list[FieldViolation]
@@ -60,10 +64,9 @@ def to_json(spec: Message) -> str:
 
 def validate_json(text: str) -> Validation:
     """Parse evaluator JSON text; report every structural and semantic error with its path."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Validation([FieldViolation("$", f"not JSON: {exc.msg} at line {exc.lineno}")])
+    data, problems = load_json(text)
+    if problems:
+        return Validation(problems)
     errors, cleaned = prune_message(data, ev.EvaluatorSpec.DESCRIPTOR, "")
     spec = ev.EvaluatorSpec()
     try:
@@ -78,7 +81,11 @@ def validate_json(text: str) -> Validation:
 
 def validate_spec(spec: ev.EvaluatorSpec, path: str = "") -> Validation:
     """Semantic checks of a parsed spec; the normalised copy (defaults filled) when valid."""
-    errors = check_spec(spec, path)
+    size = spec.ByteSize()
+    if size > MAX_SPEC_BYTES:
+        why = f"the spec is {size / 1024:.0f} KiB; at most {MAX_SPEC_BYTES // 1024} KiB"
+        return Validation([FieldViolation(path or "$", why)])
+    errors = [*field_problems(spec, path), *check_spec(spec, path)]
     if errors:
         return Validation(errors)
     normalized = ev.EvaluatorSpec()
@@ -95,6 +102,7 @@ def require_valid(spec: ev.EvaluatorSpec) -> ev.EvaluatorSpec:
 
 
 def check_spec(spec: ev.EvaluatorSpec, path: str = "") -> Errors:
+    """What the bounds table cannot see: required fields, names, references between scorers."""
     errors: Errors = []
     at = lambda *keys: _path(path, *keys)  # noqa: E731
     if not spec.scorers:
@@ -128,9 +136,6 @@ def check_spec(spec: ev.EvaluatorSpec, path: str = "") -> Errors:
     for i, gate in enumerate(spec.gates):
         if gate.scorer not in names:
             errors.append(FieldViolation(at("gates", i, "scorer"), _unknown(gate.scorer)))
-        for key in ("min_value", "reward"):
-            if not finite(getattr(gate, key)):
-                errors.append(FieldViolation(at("gates", i, key), "must be a finite number"))
     errors.extend(_check_aggregation(spec, at))
     return errors
 
@@ -149,15 +154,10 @@ def _check_scorer(scorer: ev.ScorerSpec, spec: ev.EvaluatorSpec, path: str) -> E
     errors: Errors = []
     if not NAME_RE.match(scorer.name):
         errors.append(FieldViolation(join(path, "name"), "must match [a-z0-9_-]{1,64}"))
-    if scorer.HasField("weight"):
-        if not finite(scorer.weight):
-            errors.append(FieldViolation(join(path, "weight"), "must be a finite number"))
-        elif scorer.weight < 0 and spec.aggregation == ev.WEIGHTED_MEAN:
-            errors.append(
-                FieldViolation(join(path, "weight"), "must be >= 0 with WEIGHTED_MEAN aggregation")
-            )
-    if scorer.HasField("timeout") and duration_s(scorer.timeout) <= 0:
-        errors.append(FieldViolation(join(path, "timeout"), "must be positive"))
+    if scorer.weight < 0 and spec.aggregation == ev.WEIGHTED_MEAN:
+        errors.append(
+            FieldViolation(join(path, "weight"), "must be >= 0 with WEIGHTED_MEAN aggregation")
+        )
     errors.extend(_check_normalization(scorer.normalization, join(path, "normalization")))
     kind = scorer.WhichOneof("scorer")
     if kind is None:
@@ -170,14 +170,9 @@ def _check_scorer(scorer: ev.ScorerSpec, spec: ev.EvaluatorSpec, path: str) -> E
 
 
 def _check_normalization(norm: ev.Normalization, path: str) -> Errors:
-    errors = [
-        FieldViolation(join(path, key), "must be a finite number")
-        for key in ("scale", "offset", "clip_min", "clip_max")
-        if norm.HasField(key) and not finite(getattr(norm, key))
-    ]
     if norm.HasField("clip_min") and norm.HasField("clip_max") and norm.clip_min > norm.clip_max:
-        errors.append(FieldViolation(join(path, "clip_max"), "must be >= clip_min"))
-    return errors
+        return [FieldViolation(join(path, "clip_max"), "must be >= clip_min")]
+    return []
 
 
 def _check_fallback_cycles(spec: ev.EvaluatorSpec, at: Callable[..., str]) -> Errors:
@@ -231,28 +226,31 @@ def re2_problem(pattern: str, min_groups: int = 0) -> str | None:
 def _check_json(msg: ev.JsonScorer, path: str) -> Errors:
     if not msg.HasField("schema"):
         return []
-    schema = json_format.MessageToDict(msg.schema)
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        schema = json_format.MessageToDict(msg.schema)
+    except RecursionError:  # only a message built in process can nest this deep
+        return [FieldViolation(join(path, "schema"), "nested too deeply")]
+    # The size first: the schema check below takes time in proportion to the schema.
+    too_big = object_extent_problem(schema)
+    if too_big:
+        return [FieldViolation(join(path, "schema"), too_big)]
+    try:
+        # The scorer's own check: RE2 patterns, no reference outside the schema.
+        json_schema.check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = _path(join(path, "schema"), *list(exc.absolute_path))
         return [FieldViolation(where, f"not a valid JSON Schema: {exc.message}")]
+    except json_schema.SchemaUnusable as exc:
+        return [FieldViolation(join(path, "schema"), str(exc))]
     return []
 
 
 def _check_length(msg: ev.LengthScorer, path: str) -> Errors:
-    errors: Errors = []
-    if msg.max_length <= 0:
-        errors.append(FieldViolation(join(path, "max_length"), "is required and must be > 0"))
-    if msg.min_length < 0:
-        errors.append(FieldViolation(join(path, "min_length"), "must be >= 0"))
-    elif msg.max_length > 0 and msg.min_length > msg.max_length:
-        errors.append(FieldViolation(join(path, "min_length"), "must be <= max_length"))
-    if msg.HasField("penalty_per_unit") and not (
-        finite(msg.penalty_per_unit) and msg.penalty_per_unit >= 0
-    ):
-        errors.append(FieldViolation(join(path, "penalty_per_unit"), "must be >= 0"))
-    return errors
+    if msg.max_length == 0:
+        return [FieldViolation(join(path, "max_length"), "is required and must be > 0")]
+    if msg.max_length > 0 and msg.min_length > msg.max_length:
+        return [FieldViolation(join(path, "min_length"), "must be <= max_length")]
+    return []
 
 
 def _check_format(msg: ev.FormatScorer, path: str) -> Errors:
@@ -272,39 +270,36 @@ def _check_extraction_tag(msg: Message, path: str) -> Errors:
     return []
 
 
-def _check_code(msg: ev.CodeScorer, path: str) -> Errors:
-    errors = _check_extraction_tag(msg, path)
-    if msg.HasField("timeout"):
-        seconds = duration_s(msg.timeout)
-        if not 0 < seconds <= MAX_CODE_TIMEOUT_S:
-            errors.append(FieldViolation(join(path, "timeout"), "must be in (0s, 60s]"))
-    for key, (low, high) in CODE_LIMITS.items():
-        if msg.HasField(key) and not low <= getattr(msg, key) <= high:  # type: ignore[arg-type]
-            errors.append(FieldViolation(join(path, key), f"must be in [{low}, {high}]"))
-    return errors
+def _registry_name(value: str, collection: Collection | None, path: str) -> Errors:
+    """The registry's own rule for an id (collection None) or a revision name such as
+    `models/rm/revisions/latest`, as errors: its ids can never become a path."""
+    try:
+        if collection is None:
+            check_id(value, path)
+        else:
+            parse_revision(value, collection, path)
+    except InvalidArgument as exc:
+        return exc.violations
+    return []
 
 
 def _check_model(msg: ev.ModelScorer, path: str) -> Errors:
-    errors: Errors = []
-    if not msg.model_revision.startswith("models/") or "/revisions/" not in msg.model_revision:
-        errors.append(
-            FieldViolation(
-                join(path, "model_revision"),
-                "is required: a revision such as 'models/rm/revisions/latest'",
-            )
-        )
-    for key in ("max_length", "batch_size"):
-        if msg.HasField(key) and getattr(msg, key) <= 0:
-            errors.append(FieldViolation(join(path, key), "must be > 0"))
-    return errors
+    where = join(path, "model_revision")
+    if not msg.model_revision:
+        return [
+            FieldViolation(where, "is required: a revision such as 'models/rm/revisions/latest'")
+        ]
+    return _registry_name(msg.model_revision, Collection.MODELS, where)
 
 
 def _check_human(msg: ev.HumanPreferenceScorer, path: str) -> Errors:
+    # The dataset becomes a registry name for the caller's team when an answer is appended.
+    errors = _registry_name(msg.dataset, None, join(path, "dataset")) if msg.dataset else []
     low = msg.rating_min if msg.HasField("rating_min") else 1.0
     high = msg.rating_max if msg.HasField("rating_max") else 5.0
-    if not (finite(low) and finite(high) and low < high):
-        return [FieldViolation(join(path, "rating_max"), "must be greater than rating_min")]
-    return []
+    if finite(low) and finite(high) and not low < high:
+        errors.append(FieldViolation(join(path, "rating_max"), "must be greater than rating_min"))
+    return errors
 
 
 def _check_judge(msg: ev.JudgeScorer, path: str) -> Errors:
@@ -315,14 +310,13 @@ def _check_judge(msg: ev.JudgeScorer, path: str) -> Errors:
         problem = re2_problem(msg.score_pattern, min_groups=1)
         if problem:
             errors.append(FieldViolation(join(path, "score_pattern"), problem))
+    if msg.adapter_revision:
+        where = join(path, "adapter_revision")
+        errors.extend(_registry_name(msg.adapter_revision, Collection.MODELS, where))
     low = msg.score_min if msg.HasField("score_min") else 0.0
     high = msg.score_max if msg.HasField("score_max") else 10.0
-    if not low < high:
+    if finite(low) and finite(high) and not low < high:
         errors.append(FieldViolation(join(path, "score_max"), "must be greater than score_min"))
-    if msg.HasField("max_tokens") and msg.max_tokens <= 0:
-        errors.append(FieldViolation(join(path, "max_tokens"), "must be > 0"))
-    if msg.temperature < 0:
-        errors.append(FieldViolation(join(path, "temperature"), "must be >= 0"))
     return errors
 
 
@@ -332,15 +326,11 @@ def _check_remote(msg: ev.RemoteScorer, path: str) -> Errors:
         errors.append(FieldViolation(join(path, "address"), "is required (host:port)"))
     if bool(msg.evaluator) == msg.HasField("spec"):
         errors.append(FieldViolation(join(path, "evaluator"), "set exactly one of evaluator, spec"))
+    elif msg.evaluator:
+        where = join(path, "evaluator")
+        errors.extend(_registry_name(msg.evaluator, Collection.EVALUATORS, where))
     if msg.HasField("spec"):
         errors.extend(check_spec(msg.spec, join(path, "spec")))
-    for key in ("timeout", "breaker_reset"):
-        if msg.HasField(key) and duration_s(getattr(msg, key)) <= 0:
-            errors.append(FieldViolation(join(path, key), "must be positive"))
-    if msg.HasField("max_retries") and msg.max_retries < 0:
-        errors.append(FieldViolation(join(path, "max_retries"), "must be >= 0"))
-    if msg.HasField("breaker_failures") and msg.breaker_failures < 1:
-        errors.append(FieldViolation(join(path, "breaker_failures"), "must be >= 1"))
     return errors
 
 
@@ -359,7 +349,7 @@ TYPE_CHECKS: dict[str, Callable[[Message, str], Errors]] = {
     "length": _check_length,  # type: ignore[dict-item]
     "format": _check_format,  # type: ignore[dict-item]
     "math": _check_extraction_tag,
-    "code": _check_code,  # type: ignore[dict-item]
+    "code": _check_extraction_tag,
     "model": _check_model,  # type: ignore[dict-item]
     "human": _check_human,  # type: ignore[dict-item]
     "judge": _check_judge,  # type: ignore[dict-item]

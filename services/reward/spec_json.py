@@ -2,10 +2,15 @@
 
 json_format.Parse stops at the first problem and names no path; this walk reports every unknown
 field and wrong type with its JSON path (`scorers[2].regex.pattern`) before Parse runs.
+
+It also enforces the size limits, before any expensive work: a spec is data any team may send
+with every Score call, and json.loads, json_format and the JSON Schema checks all recurse and
+take time in proportion to what they are given.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +24,26 @@ F = FieldDescriptor
 INT_TYPES = {F.TYPE_INT32, F.TYPE_INT64, F.TYPE_UINT32, F.TYPE_UINT64, F.TYPE_SINT32}
 FLOAT_TYPES = {F.TYPE_DOUBLE, F.TYPE_FLOAT}
 FLOAT_WORDS = {"NaN", "Infinity", "-Infinity"}
+# Largest magnitude of each integer type; a bigger JSON number would fail json_format's parse
+# with no path.
+INT_LIMITS = {
+    F.TYPE_INT32: 2**31 - 1,
+    F.TYPE_SINT32: 2**31 - 1,
+    F.TYPE_INT64: 2**63 - 1,
+    F.TYPE_UINT32: 2**32 - 1,
+    F.TYPE_UINT64: 2**64 - 1,
+}
+
+# The size limits of a spec (see the module docstring). Checking a JSON Schema of 2,000 values
+# takes up to ~0.4 s of CPU, and 64 KiB hold a few of them: validation stays under ~2 s.
+MAX_SPEC_BYTES = 64 * 1024  # the whole spec, as JSON text or as a serialized message
+MAX_MESSAGE_DEPTH = 24  # messages inside messages (remote scorers carry inline specs)
+MAX_OBJECT_NODES = 2_000  # values in one JSON object field (a json scorer's schema)
+MAX_OBJECT_DEPTH = 32  # nesting of one JSON object field
+# When json.loads gives up (its C parser raises RecursionError near 1000 levels), arrays and
+# objects deeper than this are cut (replaced by null) and it parses again, so the field checks
+# can still name the deep field.
+PARSE_DEPTH = 128
 
 
 def join(path: str, key: str | int) -> str:
@@ -32,18 +57,68 @@ def join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
+def load_json(text: str) -> tuple[Any, list[FieldViolation]]:
+    """The parsed spec JSON, or why not: too big, or not JSON."""
+    size = len(text.encode())
+    if size > MAX_SPEC_BYTES:
+        limit = MAX_SPEC_BYTES // 1024
+        return None, [
+            FieldViolation("$", f"the spec is {size / 1024:.0f} KiB; at most {limit} KiB")
+        ]
+    try:
+        try:
+            return json.loads(text), []
+        except RecursionError:
+            return json.loads(cut_nesting(text, PARSE_DEPTH)), []
+    except json.JSONDecodeError as exc:
+        return None, [FieldViolation("$", f"not JSON: {exc.msg} at line {exc.lineno}")]
+
+
+def cut_nesting(text: str, limit: int) -> str:
+    """`text` with every array or object nested deeper than `limit` replaced by null (linear,
+    no recursion; only run when json.loads gave up).
+
+    >>> cut_nesting('{"a": [[["x]"]]], "b": 1}', 2)
+    '{"a": [null], "b": 1}'
+    """
+    kept, depth, resume = [], 0, 0
+    in_string = escaped = False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth == limit + 1:
+                kept.append(text[resume:i] + "null")
+        elif ch in "]}":
+            if depth == limit + 1:
+                resume = i + 1
+            depth -= 1
+    kept.append(text[resume:] if depth <= limit else "")
+    return "".join(kept)
+
+
 def check_message(value: Any, descriptor: Descriptor, path: str) -> list[FieldViolation]:
     """Every structural problem of `value` as a JSON object of message type `descriptor`."""
     return prune_message(value, descriptor, path)[0]
 
 
 def prune_message(
-    value: Any, descriptor: Descriptor, path: str
+    value: Any, descriptor: Descriptor, path: str, depth: int = 0
 ) -> tuple[list[FieldViolation], dict[str, Any]]:
     """The structural problems, and a copy of `value` without the offending entries (so the
     semantic checks can still run on the rest and report their errors too)."""
     if not isinstance(value, dict):
         return [FieldViolation(path or "$", f"expected an object, got {_kind(value)}")], {}
+    if depth > MAX_MESSAGE_DEPTH:
+        return [FieldViolation(path, f"nested deeper than {MAX_MESSAGE_DEPTH} messages")], {}
     errors: list[FieldViolation] = []
     kept: dict[str, Any] = {}
     by_name = {f.name: f for f in descriptor.fields} | {f.json_name: f for f in descriptor.fields}
@@ -66,7 +141,7 @@ def prune_message(
             oneofs_seen[oneof.name] = fdesc.name
         if item is None:
             continue
-        field_errors, cleaned = _check_field(item, fdesc, where)
+        field_errors, cleaned = _check_field(item, fdesc, where, depth)
         errors.extend(field_errors)
         if cleaned is not _DROP:
             kept[key] = cleaned
@@ -84,15 +159,17 @@ def _unknown_field(descriptor: Descriptor, item: Any) -> str:
     return f"unknown field; expected one of: {', '.join(f.name for f in descriptor.fields)}"
 
 
-def _check_field(value: Any, fdesc: FieldDescriptor, path: str) -> tuple[list[FieldViolation], Any]:
+def _check_field(
+    value: Any, fdesc: FieldDescriptor, path: str, depth: int
+) -> tuple[list[FieldViolation], Any]:
     if not fdesc.is_repeated:
-        return _check_single(value, fdesc, path)
+        return _check_single(value, fdesc, path, depth)
     if not isinstance(value, list):
         return [FieldViolation(path, f"expected a list, got {_kind(value)}")], _DROP
     errors: list[FieldViolation] = []
     kept = []
     for i, item in enumerate(value):
-        item_errors, cleaned = _check_single(item, fdesc, join(path, i))
+        item_errors, cleaned = _check_single(item, fdesc, join(path, i), depth)
         errors.extend(item_errors)
         # Keep list positions stable so later paths still name the right index.
         kept.append(cleaned if cleaned is not _DROP else _placeholder(fdesc))
@@ -104,19 +181,19 @@ def _placeholder(fdesc: FieldDescriptor) -> Any:
 
 
 def _check_single(
-    value: Any, fdesc: FieldDescriptor, path: str
+    value: Any, fdesc: FieldDescriptor, path: str, depth: int
 ) -> tuple[list[FieldViolation], Any]:
     if fdesc.type == F.TYPE_MESSAGE:
         checker = WELL_KNOWN.get(msg_type(fdesc).full_name)
         if checker is None:
-            return prune_message(value, msg_type(fdesc), path)
+            return prune_message(value, msg_type(fdesc), path, depth + 1)
         problem = checker(value)
     elif fdesc.type == F.TYPE_ENUM:
         names = enum_names(fdesc)
         ok = value in names or (isinstance(value, int) and not isinstance(value, bool))
         problem = None if ok else f"expected one of {', '.join(names)}, got {value!r}"
     else:
-        problem = SCALARS[_scalar_kind(fdesc.type)](value)
+        problem = SCALARS[_scalar_kind(fdesc.type)](value) or _int_range(value, fdesc.type)
     if problem:
         return [FieldViolation(path, problem)], _DROP
     return [], value
@@ -146,6 +223,16 @@ def _integer(value: Any) -> str | None:
     if isinstance(value, str) and value.lstrip("-").isdigit():
         return None
     return f"expected an integer, got {_kind(value)} {value!r}"
+
+
+def _int_range(value: Any, ftype: int) -> str | None:
+    """Why an integer (already checked by `_integer`) does not fit its field's type, or None."""
+    limit = INT_LIMITS.get(ftype)
+    if limit is None:
+        return None
+    number = int(value) if isinstance(value, int | str) else int(float(value))
+    low = 0 if ftype in (F.TYPE_UINT32, F.TYPE_UINT64) else -limit - 1
+    return None if low <= number <= limit else f"out of range of its integer type [{low}, {limit}]"
 
 
 def _number(value: Any) -> str | None:
@@ -180,7 +267,35 @@ def _duration(value: Any) -> str | None:
 
 
 def _struct(value: Any) -> str | None:
-    return None if isinstance(value, dict) else f"expected an object, got {_kind(value)}"
+    if not isinstance(value, dict):
+        return f"expected an object, got {_kind(value)}"
+    return object_extent_problem(value)
+
+
+def object_extent_problem(value: Any) -> str | None:
+    """Why a JSON object field (a json scorer's schema) is too big to check cheaply, or None.
+
+    Iterative, and stops at the limits, so a huge or deep value costs little to refuse.
+
+    >>> object_extent_problem({"type": "object", "properties": {"a": {"type": "string"}}})
+    >>> deep = {}
+    >>> for _ in range(40):
+    ...     deep = {"items": deep}
+    >>> object_extent_problem(deep)
+    'nested deeper than 32 levels'
+    """
+    nodes, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_OBJECT_NODES:
+            return f"has more than {MAX_OBJECT_NODES} values (keys' values and list items)"
+        if isinstance(item, dict | list):
+            if depth > MAX_OBJECT_DEPTH:
+                return f"nested deeper than {MAX_OBJECT_DEPTH} levels"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def msg_type(fdesc: Any) -> Descriptor:

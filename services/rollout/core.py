@@ -41,6 +41,7 @@ log = structlog.get_logger("tlm.rollout")
 class _Adapter:
     revision: str
     load_time: float
+    digest: str  # its files' content: the same name may come back with other weights
     names: set[str] = field(default_factory=set)  # every name it was loaded as
 
 
@@ -133,16 +134,28 @@ class RolloutCore:
             self._require_model(team)  # a LoadModel may have won the lock meanwhile
             if self._model != model:
                 raise AdapterIncompatible(f"the loaded model changed to {self._model}")
-            await self.engine.load_adapter(revision.path, revision.name)
             key = adapter_model(revision.name)
-            old = self._adapters.get(key)
+            old = await self._drop_if_stale(key, revision)
+            await self.engine.load_adapter(revision.path, revision.name)
             if old is None or old.revision != revision.name:
-                self._adapters[key] = _Adapter(revision.name, time.time())
+                self._adapters[key] = _Adapter(revision.name, time.time(), revision.digest)
             self._adapters[key].names |= {name, revision.name, key}
             if old is not None and old.revision != revision.name:
                 await self.engine.unload_adapter(old.revision)  # running requests finish first
         log.info("adapter_loaded", revision=revision.name, replaced=old.revision if old else None)
         return revision.name
+
+    async def _drop_if_stale(self, key: str, revision: ResolvedRevision) -> _Adapter | None:
+        """The adapter loaded for `key`, unless it has `revision`'s name but other content (the
+        model was deleted and uploaded again): engines key adapters by name, so unload that
+        one first (running requests finish on it) and report none loaded."""
+        old = self._adapters.get(key)
+        if old is None or old.revision != revision.name or old.digest == revision.digest:
+            return old
+        del self._adapters[key]
+        await self.engine.unload_adapter(old.revision)
+        log.info("adapter_content_changed", revision=revision.name, digest=revision.digest)
+        return None
 
     def _find_adapter(self, name: str) -> tuple[str, _Adapter]:
         for key, adapter in self._adapters.items():

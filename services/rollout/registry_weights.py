@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 
 from services.common.errors import InvalidArgument, Unavailable
-from services.registry.client import ModelCache, RegistryClient
+from services.registry.client import ModelCache, RegistryClient, manifest_digest
 from services.rollout.weights import ResolvedRevision, RevisionNotFound, WeightFormat
 from tlm.registry.v1 import registry_pb2
 
@@ -49,6 +49,7 @@ class RegistryWeights:
             format=FORMATS[revision.format],
             path=folder,
             base_model_revision=revision.lineage.base_model_revision,
+            digest=manifest_digest(revision.manifest),
         )
 
     async def close(self) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common.ids import ID_RULE, is_valid_id
 from services.common.settings import ServerSettings
 
 
@@ -26,3 +27,10 @@ class RolloutSettings(ServerSettings):
     startup_team: str = "dev"  # the team model_revision is loaded for at start
     # Another team may replace the loaded model only after it has been idle this long.
     takeover_idle_s: float = Field(300.0, ge=0)
+
+    @field_validator("startup_team")
+    @classmethod
+    def _team_valid(cls, team: str) -> str:
+        if not is_valid_id(team):  # it names the model cache's folder, as any team does
+            raise ValueError(f"startup_team {team!r} is not valid: expected {ID_RULE}")
+        return team

@@ -25,6 +25,9 @@ class ResolvedRevision:
     format: WeightFormat
     path: Path  # a local folder with its files
     base_model_revision: str = ""  # for adapters: lineage.base_model_revision
+    # What the files hold (registry.client.manifest_digest): a deleted model's name comes
+    # back with other weights, so "already loaded?" compares this too. "" when unknown.
+    digest: str = ""
 
 
 class RevisionNotFound(NotFound):

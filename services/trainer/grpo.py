@@ -4,11 +4,12 @@ One step (ARCHITECTURE.md, "Flow of one GRPO step"): B prompt rows from the regi
 rollout `Generate` (G samples each, the current policy revision) -> reward `Score` -> group
 advantages -> recompute the policy's per-token log-probs on prompt + completion -> mu updates
 of the clipped loss + beta * KL -> every `sync_every` steps the policy goes to the registry as
-a new revision and the rollout service loads it. The math is in `rl_math.py`.
+a new revision and the rollout service loads it. The math is in `rl/algos.py`.
 
-A run is setup / train (step, sync) / cleanup. Log-probs follow the rollout convention: raw
-log_softmax of the logits at temperature 1 (before top-k/top-p), so the rollout's log-probs
-are the old policy's. Dropout is off (eval mode) so the two compute the same function.
+A run is setup / train (step, sync) / cleanup. As TRL's GRPOTrainer: the trainer's log-probs are
+log_softmax(logits / sampling temperature) (before top-k/top-p); log pi_old is the trainer's own,
+before the batch's first update; the rollout's log-probs are the sampler's, used only by the
+truncated importance-sampling correction. Dropout is off (eval mode).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from services.common.client import call_metadata
 from services.common.errors import FailedPrecondition
-from services.trainer import rl_math
 from services.trainer.convert import sampling_to_proto
+from services.trainer.rl import AdvantageEstimator, LossType, ScaleRewards, algos
 from services.trainer.rl_roles import (
     PromptBatches,
     RewardRole,
@@ -60,7 +61,7 @@ class Batch:
     attention_mask: torch.Tensor  # (N, L)
     prompt_lens: list[int]  # (N,)
     completion_lens: list[int]  # (N,)
-    old_logp: torch.Tensor  # (N, T) the rollout's raw log-probs
+    sampling_logp: torch.Tensor  # (N, T) the rollout's log-probs (temperature 1, raw)
     mask: torch.Tensor  # (N, T) real completion tokens of samples with a reward
 
 
@@ -70,7 +71,7 @@ def make_batch(
     """Right-padded prompt + completion on the policy's device. Right padding keeps every real
     token at positions 0..len-1, so the model's default position ids are the rollout's."""
     for i, r in enumerate(rollouts):
-        if len(r.logprobs) != len(r.completion_ids):  # padding would misalign log pi_old
+        if len(r.logprobs) != len(r.completion_ids):  # padding would misalign them
             raise RuntimeError(
                 f"rollout sample {i} has {len(r.logprobs)} log-probs for "
                 f"{len(r.completion_ids)} tokens"
@@ -78,21 +79,21 @@ def make_batch(
     seqs = [torch.tensor(r.prompt_ids + r.completion_ids) for r in rollouts]
     input_ids = pad_sequence(seqs, batch_first=True, padding_value=pad_id)  # (N, L)
     attention = pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True)  # (N, L)
-    old = [torch.tensor(r.logprobs, dtype=torch.float32) for r in rollouts]
-    old_logp = pad_sequence(old, batch_first=True)  # (N, T)
+    sampled = [torch.tensor(r.logprobs, dtype=torch.float32) for r in rollouts]
+    sampling_logp = pad_sequence(sampled, batch_first=True)  # (N, T)
     present = pad_sequence([torch.ones(len(r.completion_ids)) for r in rollouts], batch_first=True)
     return Batch(
         input_ids=input_ids.to(device),
         attention_mask=attention.to(device),
         prompt_lens=[len(r.prompt_ids) for r in rollouts],
         completion_lens=[len(r.completion_ids) for r in rollouts],
-        old_logp=old_logp.to(device),
+        sampling_logp=sampling_logp.to(device),
         mask=(present * valid.unsqueeze(1).float()).to(device),  # (N, T)
     )
 
 
-def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of each completion token, raw log_softmax at temperature 1.
+def completion_logprobs(model: Any, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) of each completion token under softmax(logits / temperature).
 
     Returns (N, T), zero-padded past each completion."""
     logits = model(
@@ -100,9 +101,9 @@ def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
     ).logits  # (N, L, V)
     rows = []
     for i, (p, c) in enumerate(zip(batch.prompt_lens, batch.completion_lens, strict=True)):
-        step_logits = logits[i, p - 1 : p - 1 + c].float()  # (C_i, V): position t predicts t+1
-        targets = batch.input_ids[i, p : p + c].unsqueeze(1)  # (C_i, 1)
-        rows.append(torch.log_softmax(step_logits, dim=-1).gather(1, targets).squeeze(1))
+        step_logits = logits[i, p - 1 : p - 1 + c]  # (C_i, V): position t predicts t+1
+        targets = batch.input_ids[i, p : p + c]  # (C_i,)
+        rows.append(algos.token_logprobs(step_logits, targets, temperature))  # (C_i,)
     return pad_sequence(rows, batch_first=True)  # (N, T)
 
 
@@ -110,12 +111,14 @@ def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
 class Policy:
     """The trained model and how to get its reference: the base with the LoRA adapter off, or
     a frozen copy of the base for full tuning (None when beta is 0). `autocast` is the 16-bit
-    compute dtype (None: fp32): the trained weights stay fp32 masters under it."""
+    compute dtype (None: fp32): the trained weights stay fp32 masters under it. Log-probs are
+    at the sampling `temperature`."""
 
     model: Any
     reference: Any | None
     lora: bool
     autocast: torch.dtype | None = None
+    temperature: float = 1.0
 
     @property
     def device(self) -> torch.device:
@@ -128,15 +131,15 @@ class Policy:
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
         with self._compute():
-            return completion_logprobs(self.model, batch)
+            return completion_logprobs(self.model, batch, self.temperature)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         with self._compute():
             if self.lora:
                 with self.model.disable_adapter():
-                    return completion_logprobs(self.model, batch)
-            return completion_logprobs(self.reference, batch)
+                    return completion_logprobs(self.model, batch, self.temperature)
+            return completion_logprobs(self.reference, batch, self.temperature)
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -154,11 +157,12 @@ def build_policy(path: Any, spec: JobSpec, precision: str, device: str) -> Polic
     model = model.to(torch.device(device))
     check_lora_targets(spec, model)
     params: GrpoParams = spec.params
+    temperature = params.sampling.temperature
     if spec.lora is None:
         reference = None
         if params.beta:
             reference = copy.deepcopy(model).to(compute).eval().requires_grad_(False)
-        return Policy(model.eval(), reference, lora=False, autocast=autocast)
+        return Policy(model.eval(), reference, False, autocast, temperature)
     lora = spec.lora
     targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
     config = LoraConfig(
@@ -168,7 +172,46 @@ def build_policy(path: Any, spec: JobSpec, precision: str, device: str) -> Polic
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return Policy(get_peft_model(model, config).eval(), None, lora=True, autocast=autocast)
+    return Policy(get_peft_model(model, config).eval(), None, True, autocast, temperature)
+
+
+def batch_advantages(
+    rewards: torch.Tensor, valid: torch.Tensor, batch: Batch, params: GrpoParams
+) -> torch.Tensor:
+    """GRPO's group advantages on the batch's loss tokens. rewards, valid: (N,). Returns (N, T)."""
+    device = batch.mask.device
+    inputs = algos.AdvantageInputs(
+        rewards.to(device), valid.to(device), params.num_generations, batch.mask
+    )
+    options = algos.AdvantageOptions(ScaleRewards(params.scale_rewards))
+    return algos.ADVANTAGE_ESTIMATORS[AdvantageEstimator.GRPO](inputs, options)
+
+
+def sampler_correction(
+    old: torch.Tensor, batch: Batch, params: GrpoParams
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The truncated IS weights (None when off), and how far the trainer's log pi_old is from
+    the rollout's log-probs: ~0 right after a sync at temperature 1 (same weights)."""
+    mask, tokens = batch.mask, batch.mask.sum().clamp_min(1)
+    gap = (old - batch.sampling_logp).abs() * mask  # (N, T)
+    metrics = {"logprob_mismatch": float(gap.sum() / tokens)}
+    if not params.importance_sampling_correction:
+        return None, metrics
+    cap = params.importance_sampling_cap
+    weights = algos.truncated_is_weights(old, batch.sampling_logp, mask, cap)  # (N, T)
+    metrics["importance_ratio_mean"] = float((weights * mask).sum() / tokens)
+    metrics["importance_ratio_max"] = float((weights * mask).max()) if mask.numel() else 0.0
+    return weights, metrics
+
+
+def loss_config(params: GrpoParams) -> algos.LossConfig:
+    return algos.LossConfig(
+        loss_type=LossType(params.loss_type),
+        max_len=params.sampling.max_tokens,
+        epsilon=params.epsilon,
+        beta=params.beta,
+        use_bias_correction_kl=params.use_bias_correction_kl,
+    )
 
 
 class GrpoRun:
@@ -267,11 +310,8 @@ class GrpoRun:
         t2 = time.monotonic()
         rewards = torch.tensor([r for _, r in scored], dtype=torch.float32)  # (N,)
         valid = torch.tensor([s == rs.OK for s, _ in scored])  # (N,)
-        advantages = rl_math.group_advantages(
-            rewards, valid, self.params.num_generations, self.params.scale_rewards
-        )
         batch = make_batch(rollouts, valid, self.pad_id, self.policy.device)
-        update = self.update(batch, advantages.to(batch.mask.device))
+        update = self.update(batch, batch_advantages(rewards, valid, batch, self.params))
         t3 = time.monotonic()
         tokens = sum(batch.completion_lens)
         ok = rewards[valid]
@@ -320,27 +360,20 @@ class GrpoRun:
         return rollouts
 
     def update(self, batch: Batch, advantages: torch.Tensor) -> dict[str, float]:
-        """mu = num_iterations optimizer steps on one generation batch."""
+        """mu = num_iterations optimizer steps on one generation batch; advantages (N, T)."""
         p, t = self.params, self.spec.training
+        config = loss_config(p)
         ref = self.policy.reference_logprobs(batch) if p.beta > 0 else None  # (N, T)
-        losses, kls, clips, grad_norm, mismatch = [], [], [], 0.0, 0.0
         learning_rate = float(self.scheduler.get_last_lr()[0])  # what this step's updates use
+        logp = self.policy.logprobs(batch)  # (N, T)
+        old = logp.detach()  # before the first update the policy is pi_old (as TRL on policy)
+        weights, sampler = sampler_correction(old, batch, p)
+        losses, kls, clips, grad_norm = [], [], [], 0.0
         for iteration in range(p.num_iterations):
-            logp = self.policy.logprobs(batch)  # (N, T)
-            if iteration == 0:  # before any update: how far the trainer is from the sampler
-                gap = (logp.detach() - batch.old_logp).abs() * batch.mask
-                mismatch = float(gap.sum() / batch.mask.sum().clamp_min(1))
-            out = rl_math.grpo_loss(
-                logp,
-                batch.old_logp,
-                ref,
-                advantages,
-                batch.mask,
-                epsilon=p.epsilon,
-                beta=p.beta,
-                loss_type=rl_math.LossType(p.loss_type),
-                max_len=p.sampling.max_tokens,
-            )
+            if iteration > 0:
+                logp = self.policy.logprobs(batch)
+            inputs = algos.LossInputs(logp, old, advantages, batch.mask, ref, weights)
+            out = algos.policy_loss(inputs, config)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.loss).backward()
             self.scaler.unscale_(self.optimizer)  # clip the true gradient
@@ -359,7 +392,7 @@ class GrpoRun:
             "clip_fraction": sum(clips) / len(clips),
             "grad_norm": grad_norm,
             "learning_rate": learning_rate,
-            "logprob_mismatch": mismatch,
+            **sampler,
         }
 
     # Sync --------------------------------------------------------------------------------

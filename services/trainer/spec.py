@@ -1,28 +1,76 @@
 """Hyperparameters: frozen dataclasses whose defaults are the proto's documented ones.
 
 `convert.py` builds them from the request, passing only the fields that were set; `validate`
-checks the whole spec once and raises one InvalidArgument listing every bad field.
+checks the whole spec once and raises one InvalidArgument listing every bad field. Every
+numeric field has a range in its class's BOUNDS table (a test holds the tables to the proto's
+numeric fields), so no value that would exhaust a worker or overflow a library gets through.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from services.common.errors import FieldViolation, InvalidArgument
 from services.rollout.domain import SamplingSpec
 from services.trainer.domain import Method
+from services.trainer.rl import LossType, ScaleRewards
 
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo")
-GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+GRPO_LOSSES = tuple(LossType)  # the enums the RL math dispatches on (services/trainer/rl)
+SCALE_REWARDS = tuple(ScaleRewards)
 PRECISIONS = ("fp32", "bf16", "fp16")
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 REVISION_NAME = re.compile(r"^(models|datasets|evaluators)/([^/]+)/revisions/([^/]+)$")
+# A torch module path: attribute names, and indices into ModuleLists ("model.layers.0.mlp").
+MODULE_NAME = re.compile(r"(?:[A-Za-z_]\w*|\d+)(?:\.(?:[A-Za-z_]\w*|\d+))*", re.ASCII)
+MAX_MODULE_NAME = 200
+MAX_TARGET_MODULES = 64
+MAX_STEPS = 10_000_000  # any step count or interval
+MAX_LENGTH = 131_072  # tokens: the longest context of current open models
+MAX_GENERATIONS = 256  # completions per prompt
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit (transformers' set_seed seeds numpy too)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range a numeric field must lie in, closed unless an end is marked open; `note` says
+    what a special value means."""
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+    open_hi: bool = False
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        # Comparisons with NaN are false and the ends are finite: NaN and inf never hold.
+        above = value > self.lo if self.open_lo else value >= self.lo
+        below = value < self.hi if self.open_hi else value <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        left, right = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
+        text = f"must be in {left}{self.lo}, {self.hi}{right}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _out_of_bounds(params: Any, at: str) -> list[FieldViolation]:
+    """A violation for each field of `params` outside its range in the class's BOUNDS."""
+    bounds: dict[str, Bound] = type(params).BOUNDS
+    return [
+        FieldViolation(f"{at}.{name}", bound.describe())
+        for name, bound in bounds.items()
+        if getattr(params, name) is not None and not bound.holds(getattr(params, name))
+    ]
+
+
+def _steps(lo: int, note: str = "") -> Bound:
+    return Bound(lo, MAX_STEPS, note=note)
 
 
 @dataclass(frozen=True)
@@ -34,13 +82,32 @@ class LoraParams:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = (ALL_LINEAR,)
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "r": Bound(1, 1024),
+        "alpha": Bound(1, 4096),
+        "dropout": Bound(0, 1, open_hi=True),
+    }
+
     def violations(self, at: str) -> list[FieldViolation]:
-        return _checks(
-            at,
-            (self.r >= 1, "r", "must be >= 1"),
-            (self.alpha > 0, "alpha", "must be > 0"),
-            (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
-        )
+        return _out_of_bounds(self, at) + self._module_violations(f"{at}.target_modules")
+
+    def _module_violations(self, at: str) -> list[FieldViolation]:
+        """Names peft matches against module paths, or the one wildcard it knows."""
+        modules = self.target_modules
+        if len(modules) > MAX_TARGET_MODULES:
+            return [FieldViolation(at, f"at most {MAX_TARGET_MODULES} names")]
+        if ALL_LINEAR in modules and len(modules) > 1:
+            return [FieldViolation(at, f"{ALL_LINEAR!r} already names every linear layer")]
+        return [
+            FieldViolation(
+                f"{at}[{i}]",
+                f"{name[:80]!r} is not a module name such as q_proj or model.layers.0.mlp, "
+                f"nor {ALL_LINEAR!r}",
+            )
+            for i, name in enumerate(modules)
+            if name != ALL_LINEAR
+            and not (len(name) <= MAX_MODULE_NAME and MODULE_NAME.fullmatch(name))
+        ]
 
 
 @dataclass(frozen=True)
@@ -62,32 +129,30 @@ class TrainingParams:
     log_every: int = 10
     eval_every: int = 0
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "learning_rate": Bound(0, 1, open_lo=True, open_hi=True),
+        "epochs": Bound(0, 1000, open_lo=True),
+        "max_steps": _steps(0, "0: derived from epochs"),
+        "per_device_batch_size": Bound(1, 1024),
+        "gradient_accumulation_steps": Bound(1, 1024),
+        "max_length": Bound(8, MAX_LENGTH, note="tokens"),
+        "warmup_ratio": Bound(0, 1, open_hi=True),
+        "weight_decay": Bound(0, 1),
+        "max_grad_norm": Bound(0, 1000, note="0 disables clipping"),
+        "seed": Bound(0, MAX_SEED),
+        "save_every": _steps(0, "0 disables checkpoints"),
+        "log_every": _steps(1),
+        "eval_every": _steps(0, "0: only at the end"),
+    }
+
     def violations(self, at: str) -> list[FieldViolation]:
-        lr = self.learning_rate
-        return _checks(
+        return _out_of_bounds(self, at) + _checks(
             at,
-            (
-                lr is None or (math.isfinite(lr) and 0 < lr < 1),
-                "learning_rate",
-                "must be in (0, 1)",
-            ),
-            (math.isfinite(self.epochs) and self.epochs > 0, "epochs", "must be > 0"),
-            (self.max_steps >= 0, "max_steps", "must be >= 0 (0: derived from epochs)"),
-            (self.per_device_batch_size >= 1, "per_device_batch_size", "must be >= 1"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1"),
-            (self.max_length >= 8, "max_length", "must be >= 8 tokens"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
             (
                 self.lr_scheduler in LR_SCHEDULERS,
                 "lr_scheduler",
                 f"must be one of {', '.join(LR_SCHEDULERS)}",
             ),
-            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
-            (self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)"),
-            (self.seed >= 0, "seed", "must be >= 0"),
-            (self.save_every >= 0, "save_every", "must be >= 0 (0 disables checkpoints)"),
-            (self.log_every >= 1, "log_every", "must be >= 1"),
-            (self.eval_every >= 0, "eval_every", "must be >= 0"),
         )
 
 
@@ -95,6 +160,8 @@ class TrainingParams:
 class SftParams:
     completion_only_loss: bool = True
     packing: bool = False
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {}  # no numeric fields
 
     def violations(self, at: str) -> list[FieldViolation]:
         return []
@@ -109,13 +176,16 @@ class DpoParams:
     label_smoothing: float = 0.0
     max_prompt_length: int = 512
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "beta": Bound(0, 10, open_lo=True),
+        "label_smoothing": Bound(0, 0.5, open_hi=True),
+        "max_prompt_length": Bound(1, MAX_LENGTH, note="tokens"),
+    }
+
     def violations(self, at: str) -> list[FieldViolation]:
-        return _checks(
+        return _out_of_bounds(self, at) + _checks(
             at,
-            (self.beta > 0, "beta", "must be > 0"),
             (self.loss_type in DPO_LOSSES, "loss_type", f"must be one of {', '.join(DPO_LOSSES)}"),
-            (0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
-            (self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1"),
         )
 
 
@@ -127,13 +197,14 @@ class KtoParams:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "beta": Bound(0, 10, open_lo=True),
+        "desirable_weight": Bound(0, 100, open_lo=True),
+        "undesirable_weight": Bound(0, 100, open_lo=True),
+    }
+
     def violations(self, at: str) -> list[FieldViolation]:
-        return _checks(
-            at,
-            (self.beta > 0, "beta", "must be > 0"),
-            (self.desirable_weight > 0, "desirable_weight", "must be > 0"),
-            (self.undesirable_weight > 0, "undesirable_weight", "must be > 0"),
-        )
+        return _out_of_bounds(self, at)
 
 
 @dataclass(frozen=True)
@@ -142,21 +213,28 @@ class RewardModelParams:
 
     center_rewards_coefficient: float = 0.0
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {"center_rewards_coefficient": Bound(0, 10)}
+
     def violations(self, at: str) -> list[FieldViolation]:
-        ok = self.center_rewards_coefficient >= 0
-        return _checks(at, (ok, "center_rewards_coefficient", "must be >= 0"))
-
-
-# A job cannot know the serving replica's limits; the rollout service checks n and the context.
-_NO_LIMIT = 2**31 - 1
+        return _out_of_bounds(self, at)
 
 
 @dataclass(frozen=True)
 class Sampling(SamplingSpec):
-    """Rollout sampling, refused at job creation by the rollout service's own rules."""
+    """Rollout sampling, refused at job creation by the rollout service's own rules, under the
+    job's own caps for n and max_tokens (the serving replica checks its smaller limits later)."""
+
+    # Only the fields the rollout's rules leave unbounded; n, temperature, top_p and
+    # max_tokens are theirs.
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "top_k": Bound(0, 1_000_000, note="0 disables; vocabularies are smaller"),
+        "seed": Bound(0, 2**63 - 1),
+    }
 
     def violations(self, at: str) -> list[FieldViolation]:
-        return self.problems(_NO_LIMIT, _NO_LIMIT, at)
+        found = self.problems(MAX_GENERATIONS, MAX_LENGTH, at)
+        named = {v.field for v in found}
+        return found + [v for v in _out_of_bounds(self, at) if v.field not in named]
 
 
 @dataclass(frozen=True)
@@ -164,9 +242,10 @@ class EvaluateParams:
     sampling: Sampling = field(default_factory=Sampling)
     max_samples: int = 0
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {"max_samples": _steps(0, "0: all")}
+
     def violations(self, at: str) -> list[FieldViolation]:
-        own = _checks(at, (self.max_samples >= 0, "max_samples", "must be >= 0 (0: all)"))
-        return own + self.sampling.violations(f"{at}.sampling")
+        return _out_of_bounds(self, at) + self.sampling.violations(f"{at}.sampling")
 
 
 @dataclass(frozen=True)
@@ -178,22 +257,29 @@ class GrpoParams:
     beta: float = 0.04
     epsilon: float = 0.2
     num_iterations: int = 1
-    scale_rewards: bool = True
+    scale_rewards: str = "group"
     sync_every: int = 1
     loss_type: str = "grpo"
+    use_bias_correction_kl: bool = True
+    importance_sampling_correction: bool = True
+    importance_sampling_cap: float = 3.0
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "num_generations": Bound(
+            2, MAX_GENERATIONS, note="group advantages compare samples of one prompt"
+        ),
+        "beta": Bound(0, 10, note="0: no KL"),
+        "epsilon": Bound(0, 1, open_lo=True, open_hi=True),
+        "num_iterations": Bound(1, 64),
+        "sync_every": _steps(1),
+        "importance_sampling_cap": Bound(
+            1, 100, note="below 1 it would shrink on-policy tokens too"
+        ),
+    }
 
     def violations(self, at: str) -> list[FieldViolation]:
-        own = _checks(
+        own = _out_of_bounds(self, at) + _checks(
             at,
-            (
-                self.num_generations >= 2,
-                "num_generations",
-                "must be >= 2 (group advantages compare samples of one prompt)",
-            ),
-            (math.isfinite(self.beta) and self.beta >= 0, "beta", "must be >= 0 (0: no KL)"),
-            (0 < self.epsilon < 1, "epsilon", "must be in (0, 1)"),
-            (self.num_iterations >= 1, "num_iterations", "must be >= 1"),
-            (self.sync_every >= 1, "sync_every", "must be >= 1"),
             (
                 self.loss_type in GRPO_LOSSES,
                 "loss_type",
@@ -204,14 +290,33 @@ class GrpoParams:
                 "sampling.temperature",
                 "must be > 0: greedy samples of one prompt are all the same",
             ),
+            (
+                self.scale_rewards in SCALE_REWARDS,
+                "scale_rewards",
+                f"must be one of {', '.join(SCALE_REWARDS)}",
+            ),
+            (
+                # The rollout returns log-probs at temperature 1; the trainer's are at the sampling
+                # temperature, so the two cannot be compared at any other temperature.
+                not self.importance_sampling_correction
+                or self.sampling.temperature == 1
+                or self.sampling.temperature <= 0,
+                "importance_sampling_correction",
+                "needs sampling.temperature 1 (the rollout service returns log-probs at "
+                "temperature 1 only); set it false to sample at another temperature",
+            ),
         )
-        sampling = dataclasses.replace(self.sampling, n=max(self.num_generations, 1))
-        return own + sampling.violations(f"{at}.sampling")
+        # n is num_generations, whose range is checked above: name it once, there.
+        n = min(max(self.num_generations, 1), MAX_GENERATIONS)
+        return own + dataclasses.replace(self.sampling, n=n).violations(f"{at}.sampling")
 
 
 @dataclass(frozen=True)
 class OnlineRlParams:
-    """PPO settings are accepted by the contract but not run yet (see README)."""
+    """PPO settings are accepted by the contract but not run yet (see README): a PPO job is
+    refused, so none of PpoParams' fields is read or bounded here."""
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {}
 
     def violations(self, at: str) -> list[FieldViolation]:
         return []
@@ -250,17 +355,20 @@ class DevicePlan:
     gradient_checkpointing: bool = False
     max_devices: int = 0  # auto plans only: most devices to use (0: all)
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "devices_per_node": Bound(1, 64),
+        "num_nodes": Bound(1, 1024),
+        "max_devices": Bound(0, 65_536, note="0: all"),
+    }
+
     def violations(self, at: str) -> list[FieldViolation]:
-        return _checks(
+        return _out_of_bounds(self, at) + _checks(
             at,
-            (self.devices_per_node >= 1, "devices_per_node", "must be >= 1"),
-            (self.num_nodes >= 1, "num_nodes", "must be >= 1"),
             (
                 self.precision in ("", *PRECISIONS),
                 "precision",
                 f"must be one of {', '.join(PRECISIONS)}",
             ),
-            (self.max_devices >= 0, "max_devices", "must be >= 0"),
         )
 
 
@@ -290,6 +398,8 @@ class JobSpec:
         params = dict(data.get("params") or {})
         if "sampling" in params:
             params["sampling"] = Sampling(**_tuples(params["sampling"]))
+        if isinstance(params.get("scale_rewards"), bool):  # jobs stored before it was an enum
+            params["scale_rewards"] = "group" if params["scale_rewards"] else "none"
         lora = data.get("lora")
         return JobSpec(
             method=method,

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from services.common.ids import team_dir
 from services.trainer.domain import EventKind, JobError, JobState
 from services.trainer.store import JobStore
 from services.trainer.worker_protocol import (
@@ -187,7 +188,7 @@ class Supervisor:
     def _spawn(self, key: Key) -> tuple[subprocess.Popen[bytes], EventTailer]:
         team, job_id = key
         job = self.store.get(team, job_id)
-        folder = self.config.root / team / job_id
+        folder = job_folder(self.config.root, key)
         folder.mkdir(parents=True, exist_ok=True)
         if (folder / EVENTS_FILE).exists():  # a resumed job: its old events are recorded
             shutil.move(folder / EVENTS_FILE, folder / f"events.{int(time.time())}.jsonl")
@@ -291,7 +292,7 @@ class Supervisor:
         """A job that SUCCEEDED (its result is in the registry) or was CANCELLED needs neither
         its checkpoints nor its output copy; a FAILED one keeps them for inspection."""
         if self.store.get(*key).state in (JobState.SUCCEEDED, JobState.CANCELLED):
-            folder = self.config.root / key[0] / key[1]
+            folder = job_folder(self.config.root, key)
             for name in SCRATCH:
                 shutil.rmtree(folder / name, ignore_errors=True)
 
@@ -301,6 +302,12 @@ class Supervisor:
             return
         self.store.transition(*key, state, message, **fields)
         log.info("job_ended", job=key[1], team=key[0], state=state.name, message=message)
+
+
+def job_folder(root: Path, key: Key) -> Path:
+    """`<root>/<team>/<job_id>`; the team is checked again (`team_dir`): it came from a header."""
+    team, job_id = key
+    return team_dir(root, team) / job_id
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:

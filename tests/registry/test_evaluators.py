@@ -83,3 +83,39 @@ def test_invalid_specs_are_refused(registry: Registry, spec_json: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.GetEvaluator(pb.GetEvaluatorRequest(name=parent), metadata=A)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+DEEP_SCHEMA = '{"items": ' * 5000 + "{}" + "}" * 5000
+
+
+@pytest.mark.parametrize(
+    ("spec_json", "path"),
+    [
+        ('{"aggregation": 99, "scorers": [{"name": "a", "math": {}}]}', "aggregation"),
+        ('{"scorers": [{"name": "h", "human": {"dataset": "../x"}}]}', "scorers[0].human.dataset"),
+        (
+            '{"scorers": [{"name": "t", "timeout": "1000000000s", "math": {}}]}',
+            "scorers[0].timeout",
+        ),
+        (
+            '{"scorers": [{"name": "m", "model": {"model_revision": "models/a..b/revisions/r1"}}]}',
+            "scorers[0].model.model_revision",
+        ),
+        (
+            '{"scorers": [{"name": "j", "json": {"schema": ' + DEEP_SCHEMA + "}}]}",
+            "scorers[0].json.schema",
+        ),
+    ],
+    ids=["enum", "dataset", "timeout", "model-revision", "deep-schema"],
+)
+def test_specs_out_of_bounds_are_refused_with_their_path(
+    registry: Registry, spec_json: str, path: str
+) -> None:
+    """The registry runs the reward service's validation when it stores a revision."""
+    parent = f"evaluators/{unique('bounds')}"
+    with pytest.raises(grpc.RpcError) as err:
+        registry.stub.CreateEvaluatorRevision(
+            pb.CreateEvaluatorRevisionRequest(parent=parent, spec_json=spec_json), metadata=A
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in details(err.value)[1]] == [path]

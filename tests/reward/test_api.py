@@ -81,6 +81,44 @@ def test_validate_evaluator_json(reward: Stub) -> None:
     assert json.loads(response.normalized_json)["scorers"][0]["timeout"] == "10s"
 
 
+# Specs the security review found accepted: an unknown enum number, a dataset that is a path, a
+# timeout of 31 years, a model revision that is a path.
+REVIEWED = [
+    ({"aggregation": 99, "scorers": [{"name": "a", "math": {}}]}, "aggregation"),
+    ({"scorers": [{"name": "h", "human": {"dataset": "../x"}}]}, "scorers[0].human.dataset"),
+    ({"scorers": [{"name": "t", "timeout": "1000000000s", "math": {}}]}, "scorers[0].timeout"),
+    (
+        {"scorers": [{"name": "m", "model": {"model_revision": "models/rm/revisions/../../x"}}]},
+        "scorers[0].model.model_revision",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "path"), REVIEWED)
+def test_reviewed_specs_are_refused_with_their_path(reward: Stub, data: dict, path: str) -> None:
+    """ValidateEvaluator reports them (valid false, the path); Score is INVALID_ARGUMENT with the
+    path as the BadRequest field violation."""
+    request = rs.ValidateEvaluatorRequest(spec_json=json.dumps(data))
+    response = reward.ValidateEvaluator(request, timeout=10)
+    assert not response.valid and [e.path for e in response.errors] == [path]
+    with pytest.raises(grpc.RpcError) as err:
+        reward.Score(rs.ScoreRequest(spec=spec(data), samples=[sample("a", "b")]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation_fields(err.value) == [path]
+
+
+def violation_fields(err: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            fields.extend(v.field for v in bad_request.field_violations)
+    return fields
+
+
 def test_list_scorer_types_examples_are_valid_specs(reward: Stub) -> None:
     response = reward.ListScorerTypes(rs.ListScorerTypesRequest(), timeout=10)
     types = {t.type: t for t in response.scorer_types}

@@ -37,21 +37,21 @@ from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
-TEAM = "judge-team"
-
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """Services of its own: the judge model this module loads for its team must not hold the
     shared server's rollout replica (another team may only replace an idle model)."""
-    from tests.conftest import start_embedded
+    from tests.conftest import API_KEYS, start_embedded
 
-    server = start_embedded(tmp_path_factory.mktemp("judge"), insecure_dev=True)
+    # API keys, not keyless mode: the no-judge test needs a second team, and keyless mode serves
+    # every caller as team `dev`.
+    server = start_embedded(tmp_path_factory.mktemp("judge"), api_keys=API_KEYS)
     yield server
     server.stop()
 
 
-MD = (("x-tlm-team", TEAM),)
+MD = (("authorization", "Bearer key-team-a"),)
 RUBRIC = "Rate 0-9.\nQ: {prompt}\nA: {completion}\nReference: {reference}\nScore:"
 
 
@@ -116,7 +116,7 @@ def judge_loaded(embedded: ServerThread, tiny_model_dir: Path, tmp_path_factory:
     model_id = f"judge-{uuid.uuid4().hex[:8]}"
 
     async def push() -> str:
-        registry = RegistryClient(embedded.address, team=TEAM)
+        registry = RegistryClient(embedded.address, api_key="key-team-a")
         try:
             request = registry_pb2.CreateModelRequest(model_id=model_id)
             await registry.stub.CreateModel(request, metadata=registry.metadata())
@@ -174,7 +174,7 @@ def test_judge_errors_when_no_model_is_loaded(embedded: ServerThread) -> None:
         reward = rs_grpc.RewardServiceStub(channel)
         evaluator = spec({"scorers": [judge_scorer("judge")]})
         request = rs.ScoreRequest(spec=evaluator, samples=[sample("a", "2")])
-        metadata = (("x-tlm-team", "team-without-a-judge"),)
+        metadata = (("authorization", "Bearer key-team-b"),)  # a team without a judge
         result = reward.Score(request, metadata=metadata, timeout=60).results[0]
         assert result.status == rs.ERROR
         assert result.scorers[0].reason.startswith("rollout ")
@@ -188,7 +188,7 @@ def test_a_spec_chosen_rollout_address_is_refused(embedded: ServerThread) -> Non
         reward = rs_grpc.RewardServiceStub(channel)
         request = rs.ScoreRequest(spec=down, samples=[sample("a", "2")])
         with pytest.raises(grpc.RpcError) as err:
-            reward.Score(request, timeout=60)
+            reward.Score(request, metadata=MD, timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "scorers[0].judge.rollout_address" in (err.value.details() or "")
 

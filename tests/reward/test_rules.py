@@ -29,6 +29,7 @@ def test_rule_pool_recovers_after_a_worker_is_killed() -> None:
     import asyncio
     import os
     import signal
+    import time
 
     from services.reward.rule_runner import RuleRunner
 
@@ -38,12 +39,12 @@ def test_rule_pool_recovers_after_a_worker_is_killed() -> None:
         runner = RuleRunner(1)
         try:
             await runner.warm_up()
-            pool = runner._executor
-            for pid in list(pool._processes):  # type: ignore[union-attr]
+            for pid in runner.worker_pids():
                 os.kill(pid, signal.SIGKILL)
             await asyncio.sleep(0.5)
-            first = await runner.run(scorer, [Sample("a", "yes")])
-            second = await runner.run(scorer, [Sample("a", "no")])
+            limits = {"timeout_s": 10.0, "deadline": time.monotonic() + 60}
+            first = await runner.run(scorer, [Sample("a", "yes")], **limits)
+            second = await runner.run(scorer, [Sample("a", "no")], **limits)
             return [first[0][0].raw, second[0][0].raw]
         finally:
             runner.close()

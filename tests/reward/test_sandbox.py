@@ -21,7 +21,8 @@ from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
 Stub = rs_grpc.RewardServiceStub
-LIMITS = {"timeout": "5s", "cpu_seconds": 1, "memory_mb": 256, "max_file_mb": 1}
+# 256 MiB over 8 processes: 32 MiB of address space each where no cgroup bounds the sample.
+LIMITS = {"timeout": "5s", "cpu_seconds": 1, "memory_mb": 256, "max_processes": 8, "max_file_mb": 1}
 
 # The program records what an attempt did; the tests assert the attempt was refused, so a
 # sandbox that let it through would score 0.0 and fail the test.

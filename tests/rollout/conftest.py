@@ -41,7 +41,7 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
         for name, weight in peft_model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(weight, std=1.0)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tests.conftest import API_KEYS
 from tests.rollout.conftest import (
     FOREIGN_LORA,
     LORA_R1,
@@ -283,11 +284,12 @@ def test_chat_prompts_the_template_cannot_render_are_invalid(
 
 
 def team(name: str) -> tuple[tuple[str, str], ...]:
-    return (("x-tlm-team", name),)  # insecure_dev servers take the team from this header
+    """A team's key (tests.conftest.API_KEYS): keyless servers serve everyone as "dev"."""
+    return (("authorization", f"Bearer key-{name}"),)
 
 
 def test_another_teams_model_is_kept_while_in_use(rollout_server: RolloutServerFactory) -> None:
-    stub = stub_for(rollout_server().address)  # takeover after 300 s idle (the default)
+    stub = stub_for(rollout_server(api_keys=API_KEYS).address)  # takeover after 300 s idle
     a, b = team("team-a"), team("team-b")
     stub.LoadModel(rollout_pb2.LoadModelRequest(model_revision=MODEL), metadata=a, timeout=60)
     with pytest.raises(grpc.RpcError) as err:
@@ -317,7 +319,7 @@ def test_another_teams_model_is_kept_while_in_use(rollout_server: RolloutServerF
 
 
 def test_another_team_may_replace_an_idle_model(rollout_server: RolloutServerFactory) -> None:
-    stub = stub_for(rollout_server(takeover_idle_s=0).address)
+    stub = stub_for(rollout_server(takeover_idle_s=0, api_keys=API_KEYS).address)
     a, b = team("team-a"), team("team-b")
     stub.LoadModel(rollout_pb2.LoadModelRequest(model_revision=MODEL), metadata=a, timeout=60)
     collect(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=60))

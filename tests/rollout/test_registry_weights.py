@@ -69,4 +69,4 @@ async def test_load_model_and_adapter_from_the_registry(
         await rollout.LoadModel(mine, metadata=TEAM_B)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "another team's model" in (err.value.details() or "")
-    await channel.close()
+    await channel.close(None)

@@ -107,7 +107,7 @@ async def test_length_stop_strings_and_skip_logprobs(engine: TransformersEngine)
 async def test_chat_prompts_use_the_template(engine: TransformersEngine) -> None:
     (ids,) = engine.encode([PromptInput(messages=(("user", "hi"),))])
     tokenizer = engine._model().tokenizer
-    text = tokenizer.decode(ids)
+    text = str(tokenizer.decode(ids))
     assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith("assistant\n")
 
 

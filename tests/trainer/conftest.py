@@ -43,7 +43,9 @@ def start_stack(data_dir: Path, **trainer: object) -> ServerThread:
     return ServerThread(make, shared).start()
 
 
-def start_trainer(data_dir: Path, registry_address: str, worker_module: str) -> ServerThread:
+def start_trainer(
+    data_dir: Path, registry_address: str, worker_module: str, **overrides: object
+) -> ServerThread:
     """A trainer alone, using another server's registry, with its own worker entry point."""
     values: dict[str, object] = {
         "host": "127.0.0.1",
@@ -52,7 +54,7 @@ def start_trainer(data_dir: Path, registry_address: str, worker_module: str) -> 
         "insecure_dev": True,
         "registry_address": registry_address,
     }
-    settings = TrainerSettings.model_validate(values)
+    settings = TrainerSettings.model_validate(values | overrides)
     return ServerThread(lambda: [trainer_app.binding(settings, worker_module)], settings).start()
 
 

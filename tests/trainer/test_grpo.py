@@ -207,7 +207,7 @@ async def test_grpo_hyperparameters_are_checked_per_field(
     assert (g.beta, g.epsilon, g.scale_rewards, g.loss_type) == (
         pytest.approx(0.04),
         pytest.approx(0.2),
-        True,
+        "group",
         "grpo",
     )
     assert job.spec.training.learning_rate == pytest.approx(1e-5)  # LoRA's online-RL default
@@ -231,7 +231,7 @@ def test_make_batch_right_pads_on_the_policy_device_and_checks_log_probs() -> No
     model's: CUDA in production, where CPU inputs fail)."""
     rollouts = [rollout([5, 6], [7]), rollout([5], [8, 9, 10])]
     batch = make_batch(rollouts, torch.tensor([True, False]), 0, torch.device("meta"))
-    for t in (batch.input_ids, batch.attention_mask, batch.old_logp, batch.mask):
+    for t in (batch.input_ids, batch.attention_mask, batch.sampling_logp, batch.mask):
         assert t.device.type == "meta"
     cpu = make_batch(rollouts, torch.tensor([True, False]), 0)
     assert cpu.input_ids.tolist() == [[5, 6, 7, 0], [5, 8, 9, 10]]

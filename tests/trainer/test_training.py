@@ -210,21 +210,41 @@ async def test_a_worker_error_fails_the_job_with_a_status(
     assert "no_such_proj" in job.error.message
 
 
-async def test_another_team_cannot_see_or_touch_a_job(trainer: Stub, jobs: dict[str, str]) -> None:
-    name = jobs["sft_full"]
-    other = (("x-tlm-team", "other-team"),)
-    calls = (
-        trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=name), metadata=other),
-        trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name), metadata=other),
-        watch_as(trainer, name, other),
-    )
-    for call in calls:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await call
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    listed = await trainer.ListTrainingJobs(pb.ListTrainingJobsRequest(), metadata=other)
-    assert name not in [j.name for j in listed.jobs]
-    assert (await trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=name))).name == name
+async def test_another_team_cannot_see_or_touch_a_job(
+    stack: ServerThread, inputs: Inputs, tmp_path: Path
+) -> None:
+    """A trainer with API keys (keyless mode serves every caller as `dev`); its registry is the
+    keyless stack's, so the inputs resolve for either team. The job sleeps until cancelled."""
+    from tests.conftest import API_KEYS
+
+    keyed = start_trainer(
+        tmp_path, stack.address, "tests.trainer.scripted_worker",
+        insecure_dev=False, api_keys=API_KEYS, service_api_key="key-service",
+    )  # fmt: skip
+    owner = (("authorization", "Bearer key-team-a"),)
+    other = (("authorization", "Bearer key-team-b"),)
+    channel = grpc.aio.insecure_channel(keyed.address)
+    try:
+        trainer = Stub(channel)
+        request = pb.CreateTrainingJobRequest(spec=spec(pb.SFT, inputs.base, inputs.sft))
+        name = (await trainer.CreateTrainingJob(request, metadata=owner)).name
+        calls = (
+            trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=name), metadata=other),
+            trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name), metadata=other),
+            watch_as(trainer, name, other),
+        )
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await trainer.ListTrainingJobs(pb.ListTrainingJobsRequest(), metadata=other)
+        assert name not in [j.name for j in listed.jobs]
+        get = pb.GetTrainingJobRequest(name=name)
+        assert (await trainer.GetTrainingJob(get, metadata=owner)).name == name
+        await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name), metadata=owner)
+    finally:
+        await channel.close()
+        keyed.stop()
 
 
 async def watch_as(trainer: Stub, name: str, metadata: tuple[tuple[str, str], ...]) -> None:

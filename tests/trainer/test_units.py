@@ -89,6 +89,16 @@ def test_validation_lists_every_bad_field() -> None:
     ]
 
 
+@pytest.mark.parametrize(("stored", "now"), [(True, "group"), (False, "none")])
+def test_a_grpo_spec_stored_with_the_old_boolean_scale_rewards_still_loads(
+    stored: bool, now: str
+) -> None:
+    data = validate(JobSpec(Method.GRPO, BASE, DATA, evaluator="evaluators/e/revisions/r1"))
+    old = data.to_dict()
+    old["params"]["scale_rewards"] = stored
+    assert JobSpec.from_dict(old).params.scale_rewards == now  # type: ignore[union-attr]
+
+
 def test_spec_survives_dict_and_proto_round_trips() -> None:
     spec = validate(JobSpec(Method.KTO, BASE, DATA, lora=None))
     assert JobSpec.from_dict(spec.to_dict()) == spec

@@ -470,9 +470,12 @@ class GrpoParams(_message.Message):
     BETA_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
     NUM_ITERATIONS_FIELD_NUMBER: _builtins.int
-    SCALE_REWARDS_FIELD_NUMBER: _builtins.int
     SYNC_EVERY_FIELD_NUMBER: _builtins.int
     LOSS_TYPE_FIELD_NUMBER: _builtins.int
+    SCALE_REWARDS_FIELD_NUMBER: _builtins.int
+    USE_BIAS_CORRECTION_KL_FIELD_NUMBER: _builtins.int
+    IMPORTANCE_SAMPLING_CORRECTION_FIELD_NUMBER: _builtins.int
+    IMPORTANCE_SAMPLING_CAP_FIELD_NUMBER: _builtins.int
     num_generations: _builtins.int
     """Completions per prompt, G (default 8)."""
     beta: _builtins.float
@@ -481,12 +484,32 @@ class GrpoParams(_message.Message):
     """PPO-style clip range epsilon (default 0.2)."""
     num_iterations: _builtins.int
     """Policy updates per generation batch, mu (default 1)."""
-    scale_rewards: _builtins.bool
-    """Divide group advantages by the group's std (default true)."""
     sync_every: _builtins.int
     """Push new weights to the rollout service every this many steps (default 1)."""
     loss_type: _builtins.str
-    """"grpo" (per-sequence mean), "dr_grpo" or "dapo" token-level normalisation (default "grpo")."""
+    """How per-token losses become one number (default "grpo"): "grpo" (each sample's token mean,
+    then the mean over samples), "dr_grpo" (token sum / (samples x sampling.max_tokens)), "dapo"
+    (token sum / the generation batch's tokens) or "bnpo" (token sum / the micro-batch's tokens),
+    as TRL's GRPOTrainer.
+    """
+    scale_rewards: _builtins.str
+    """What a sample's advantage r - mean(group) is divided by (default "group"): "group" (the
+    std of its group's rewards), "batch" (the std of the whole batch's rewards) or "none" (Dr.
+    GRPO). As TRL: the std is unbiased (n - 1) and 1e-4 is added to it. A string, not the bool it
+    was, because there are three choices.
+    """
+    use_bias_correction_kl: _builtins.bool
+    """Weigh each token's KL term by pi_theta / pi_old, so that its gradient is that of the KL
+    even off-policy (DeepSeek-V3.2; TRL's use_bias_correction_kl). Default true.
+    """
+    importance_sampling_correction: _builtins.bool
+    """Multiply each token's policy loss by min(pi_old / pi_rollout, importance_sampling_cap):
+    truncated importance sampling between the rollout's log-probs and the trainer's (TRL's
+    vllm_importance_sampling_correction, token_truncate). Default true; needs
+    sampling.temperature 1 until the rollout service returns temperature-scaled log-probs.
+    """
+    importance_sampling_cap: _builtins.float
+    """The cap C of importance_sampling_correction (default 3.0; in [1, 100])."""
     @_builtins.property
     def sampling(self) -> _rollout_pb2.SamplingParams:
         """Sampling for rollouts (n is taken from num_generations)."""
@@ -499,38 +522,49 @@ class GrpoParams(_message.Message):
         beta: _builtins.float | None = ...,
         epsilon: _builtins.float | None = ...,
         num_iterations: _builtins.int | None = ...,
-        scale_rewards: _builtins.bool | None = ...,
         sync_every: _builtins.int | None = ...,
         loss_type: _builtins.str = ...,
+        scale_rewards: _builtins.str = ...,
+        use_bias_correction_kl: _builtins.bool | None = ...,
+        importance_sampling_correction: _builtins.bool | None = ...,
+        importance_sampling_cap: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_scale_rewards", b"_scale_rewards", "_sync_every", b"_sync_every", "beta", b"beta", "epsilon", b"epsilon", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "scale_rewards", b"scale_rewards", "sync_every", b"sync_every"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_scale_rewards", b"_scale_rewards", "_sync_every", b"_sync_every", "beta", b"beta", "epsilon", b"epsilon", "loss_type", b"loss_type", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "scale_rewards", b"scale_rewards", "sync_every", b"sync_every"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "loss_type", b"loss_type", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "scale_rewards", b"scale_rewards", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
     _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
     _WhichOneofReturnType__epsilon: _TypeAlias = _typing.Literal["epsilon"]  # noqa: Y015
     _WhichOneofArgType__epsilon: _TypeAlias = _typing.Literal["_epsilon", b"_epsilon"]  # noqa: Y015
+    _WhichOneofReturnType__importance_sampling_cap: _TypeAlias = _typing.Literal["importance_sampling_cap"]  # noqa: Y015
+    _WhichOneofArgType__importance_sampling_cap: _TypeAlias = _typing.Literal["_importance_sampling_cap", b"_importance_sampling_cap"]  # noqa: Y015
+    _WhichOneofReturnType__importance_sampling_correction: _TypeAlias = _typing.Literal["importance_sampling_correction"]  # noqa: Y015
+    _WhichOneofArgType__importance_sampling_correction: _TypeAlias = _typing.Literal["_importance_sampling_correction", b"_importance_sampling_correction"]  # noqa: Y015
     _WhichOneofReturnType__num_generations: _TypeAlias = _typing.Literal["num_generations"]  # noqa: Y015
     _WhichOneofArgType__num_generations: _TypeAlias = _typing.Literal["_num_generations", b"_num_generations"]  # noqa: Y015
     _WhichOneofReturnType__num_iterations: _TypeAlias = _typing.Literal["num_iterations"]  # noqa: Y015
     _WhichOneofArgType__num_iterations: _TypeAlias = _typing.Literal["_num_iterations", b"_num_iterations"]  # noqa: Y015
-    _WhichOneofReturnType__scale_rewards: _TypeAlias = _typing.Literal["scale_rewards"]  # noqa: Y015
-    _WhichOneofArgType__scale_rewards: _TypeAlias = _typing.Literal["_scale_rewards", b"_scale_rewards"]  # noqa: Y015
     _WhichOneofReturnType__sync_every: _TypeAlias = _typing.Literal["sync_every"]  # noqa: Y015
     _WhichOneofArgType__sync_every: _TypeAlias = _typing.Literal["_sync_every", b"_sync_every"]  # noqa: Y015
+    _WhichOneofReturnType__use_bias_correction_kl: _TypeAlias = _typing.Literal["use_bias_correction_kl"]  # noqa: Y015
+    _WhichOneofArgType__use_bias_correction_kl: _TypeAlias = _typing.Literal["_use_bias_correction_kl", b"_use_bias_correction_kl"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__beta) -> _WhichOneofReturnType__beta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epsilon) -> _WhichOneofReturnType__epsilon | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__importance_sampling_cap) -> _WhichOneofReturnType__importance_sampling_cap | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__importance_sampling_correction) -> _WhichOneofReturnType__importance_sampling_correction | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_generations) -> _WhichOneofReturnType__num_generations | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_iterations) -> _WhichOneofReturnType__num_iterations | None: ...
     @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale_rewards) -> _WhichOneofReturnType__scale_rewards | None: ...
-    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sync_every) -> _WhichOneofReturnType__sync_every | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_bias_correction_kl) -> _WhichOneofReturnType__use_bias_correction_kl | None: ...
 
 Global___GrpoParams: _TypeAlias = GrpoParams  # noqa: Y015
 
