@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/registry_upload.py
 	$(BIN)/python bench/reward_throughput.py
 	$(BIN)/python bench/rollout_throughput.py
+	$(BIN)/python bench/grpo_step.py
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules

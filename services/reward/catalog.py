@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from services.reward.spec_defaults import DEFAULT_TIMEOUT_S, DEFAULTS, SCORER_TIMEOUT_S
+from services.reward.spec_defaults import BOUNDS, DEFAULT_TIMEOUT_S, DEFAULTS, SCORER_TIMEOUT_S
 from services.reward.spec_json import enum_names, msg_type
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
@@ -74,15 +74,6 @@ DOCS: Mapping[str, str] = {
     "TextNormalization.collapse_whitespace": "Collapse whitespace runs.",
     "TextNormalization.remove_punctuation": "Remove punctuation.",
 }
-MINIMUMS: Mapping[str, float] = {
-    "LengthScorer.min_length": 0, "LengthScorer.max_length": 1,
-    "LengthScorer.penalty_per_unit": 0, "CodeScorer.cpu_seconds": 1, "CodeScorer.memory_mb": 64,
-    "CodeScorer.max_processes": 1, "CodeScorer.max_file_mb": 0, "ModelScorer.max_length": 1,
-    "ModelScorer.batch_size": 1, "JudgeScorer.max_tokens": 1, "JudgeScorer.temperature": 0,
-    "RemoteScorer.max_retries": 0, "RemoteScorer.breaker_failures": 1,
-}  # fmt: skip
-MAXIMUMS: Mapping[str, float] = {"CodeScorer.timeout": 60}
-
 SCALAR_TYPES = {
     F.TYPE_STRING: rs.STRING, F.TYPE_BOOL: rs.BOOLEAN, F.TYPE_DOUBLE: rs.NUMBER,
     F.TYPE_FLOAT: rs.NUMBER, F.TYPE_INT32: rs.INTEGER, F.TYPE_INT64: rs.INTEGER,
@@ -119,10 +110,11 @@ def parameters(
         default = DEFAULTS.get(descriptor.full_name, {}).get(f.name)
         if default is not None and default != {}:
             info.default_json = json.dumps(default)
-        if key in MINIMUMS:
-            info.minimum = MINIMUMS[key]
-        if key in MAXIMUMS:
-            info.maximum = MAXIMUMS[key]
+        bound = BOUNDS.get(key)  # the validator's own ranges (durations in seconds)
+        if bound is not None:
+            info.maximum = bound.high
+            if not bound.open_low:  # "above 0s" has no lowest allowed value to report
+                info.minimum = bound.low
         params.append(info)
         if info.type == rs.MESSAGE:
             params.extend(parameters(msg_type(f), name + "."))

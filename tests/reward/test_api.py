@@ -130,6 +130,9 @@ def test_list_scorer_types_examples_are_valid_specs(reward: Stub) -> None:
         assert result.valid, (t.type, result.errors)
     length = {p.name: p for p in types["length"].parameters}
     assert length["max_length"].required and length["max_length"].minimum == 1
+    code = {p.name: p for p in types["code"].parameters}
+    assert (code["memory_mb"].minimum, code["memory_mb"].maximum) == (64, 4096)  # BOUNDS
+    assert code["timeout"].maximum == 60 and not code["timeout"].HasField("minimum")
     assert length["unit"].enum_values == ["CHARACTERS", "WORDS", "TOKENS"]
     assert json.loads(length["penalty_per_unit"].default_json) == 0.01
     common = {p.name for p in response.common_parameters}
