@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import grpc
@@ -13,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.cli.registry_cmds import revision_name
+from services.cli.job_spec import SpecError, build_spec, read_spec_file
+from services.cli.plots import OVERVIEW, main_metric, metric_series, write_plots
 from services.common.client import call_metadata, resolve_address, sync_channel
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
@@ -24,6 +26,7 @@ err = Console(stderr=True)
 jobs_app = typer.Typer(help="Training and evaluation jobs.", no_args_is_help=True)
 AddressOpt = Annotated[str | None, typer.Option(help="Trainer address.")]
 Stub = trainer_pb2_grpc.TrainerServiceStub
+ENDED = (pb.TrainingJob.SUCCEEDED, pb.TrainingJob.FAILED, pb.TrainingJob.CANCELLED)
 STATE_COLOURS = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow"}
 
 
@@ -55,18 +58,33 @@ def show_json(message: object) -> None:
 
 @jobs_app.command("create")
 def create(
-    method: Annotated[str, typer.Option(help="sft, dpo, kto, reward_model, grpo, evaluate")],
-    base_model: Annotated[str, typer.Option(help="NAME[@REV] of the base model")],
-    dataset: Annotated[str, typer.Option(help="NAME[@REV] of the training (or eval) dataset")],
+    method: Annotated[
+        str | None, typer.Option(help="sft, dpo, kto, reward_model, grpo, evaluate")
+    ] = None,
+    base_model: Annotated[str | None, typer.Option(help="NAME[@REV] of the base model")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="NAME[@REV] of the training (or eval) data")
+    ] = None,
+    spec_file: Annotated[
+        Path | None,
+        typer.Option("--spec", help="A TrainingJobSpec in proto JSON or YAML; flags override it"),
+    ] = None,
     eval_dataset: Annotated[str | None, typer.Option(help="NAME[@REV] of held-out data")] = None,
     evaluator: Annotated[str | None, typer.Option(help="NAME[@REV] of an evaluator")] = None,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA (default) or full")] = True,
+    lora: Annotated[
+        bool | None, typer.Option("--lora/--full", help="LoRA (default) or full")
+    ] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 16)")] = None,
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps (0: from epochs)")] = 0,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (0: from epochs)")] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Examples per device per step")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Examples (prompts) per device per step")
+    ] = None,
     max_length: Annotated[int | None, typer.Option(help="Longest tokenised example")] = None,
+    log_every: Annotated[
+        int | None, typer.Option(help="Metrics every N steps (default 10)")
+    ] = None,
     output_model: Annotated[str | None, typer.Option(help="models/NAME for the result")] = None,
     num_generations: Annotated[
         int | None, typer.Option(help="GRPO: completions per prompt, G (default 8)")
@@ -74,50 +92,42 @@ def create(
     max_tokens: Annotated[
         int | None, typer.Option(help="GRPO/evaluate: new tokens per completion (default 64)")
     ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="GRPO/evaluate: sampling temperature (default 1)")
+    ] = None,
+    beta: Annotated[
+        float | None, typer.Option(help="GRPO: KL coefficient (default 0.04); DPO/KTO: beta")
+    ] = None,
+    epsilon: Annotated[float | None, typer.Option(help="GRPO: clip range (default 0.2)")] = None,
+    loss_type: Annotated[
+        str | None, typer.Option(help="GRPO: grpo, dr_grpo, dapo, bnpo; DPO: sigmoid, hinge, ipo")
+    ] = None,
+    scale_rewards: Annotated[
+        str | None, typer.Option(help="GRPO: group, batch or none (default group)")
+    ] = None,
+    num_iterations: Annotated[
+        int | None, typer.Option(help="GRPO: updates per batch, mu (default 1)")
+    ] = None,
+    sync_every: Annotated[
+        int | None, typer.Option(help="GRPO: steps between policy syncs (default 1)")
+    ] = None,
     request_id: Annotated[str, typer.Option(help="Idempotency key")] = "",
     display_name: Annotated[str, typer.Option(help="Free text")] = "",
     validate_only: Annotated[bool, typer.Option(help="Check and fill defaults only")] = False,
     watch_job: Annotated[bool, typer.Option("--watch", help="Follow it to the end")] = False,
     address: AddressOpt = None,
 ) -> None:
-    """Create a job; prints its name (or, with --validate-only, the filled-in spec)."""
+    """Create a job; prints its name (or, with --validate-only, the filled-in spec).
+
+    Everything not set by a flag comes from --spec (a TrainingJobSpec, `tlm jobs show`'s
+    `spec`), else from the service's defaults."""
+    flags = {k: v for k, v in locals().items() if k not in NOT_SPEC}
     try:
-        method_value = pb.Method.Value(method.upper())
-    except ValueError as exc:
-        err.print(f"[red]unknown method[/] {method!r}")
+        base = read_spec_file(spec_file) if spec_file is not None else None
+        spec = build_spec(base, method, flags)
+    except SpecError as exc:
+        err.print(f"[red]error[/]: {exc}")
         raise typer.Exit(2) from exc
-    training = pb.TrainingParams(max_steps=max_steps)
-    for field, value in (
-        ("epochs", epochs),
-        ("learning_rate", learning_rate),
-        ("per_device_batch_size", batch_size),
-        ("max_length", max_length),
-    ):
-        if value is not None:
-            setattr(training, field, value)
-    tuning = pb.Tuning(lora=pb.LoraConfig()) if lora else pb.Tuning(full=pb.FullTuning())
-    if lora and lora_r is not None:
-        tuning.lora.r = lora_r
-    spec = pb.TrainingJobSpec(
-        method=method_value,
-        base_model=revision_name("models", base_model),
-        train_dataset=revision_name("datasets", dataset),
-        eval_dataset=revision_name("datasets", eval_dataset) if eval_dataset else "",
-        evaluator=revision_name("evaluators", evaluator) if evaluator else "",
-        output_model=output_model or "",
-        tuning=tuning,
-        training=training,
-    )
-    if method_value == pb.EVALUATE and not eval_dataset:
-        spec.eval_dataset, spec.train_dataset = spec.train_dataset, ""
-    if method_value == pb.GRPO:
-        spec.grpo.SetInParent()
-        if num_generations is not None:
-            spec.grpo.num_generations = num_generations
-        if max_tokens is not None:
-            spec.grpo.sampling.max_tokens = max_tokens
-    elif method_value == pb.EVALUATE and max_tokens is not None:
-        spec.evaluate.sampling.max_tokens = max_tokens
     request = pb.CreateTrainingJobRequest(
         spec=spec, request_id=request_id, display_name=display_name, validate_only=validate_only
     )
@@ -128,6 +138,12 @@ def create(
     console.print(f"{job.name} {state_name(job.state)}")
     if watch_job:
         watch(job.name, address=address)
+
+
+# create's parameters that are not spec fields.
+NOT_SPEC = frozenset(
+    {"method", "spec_file", "request_id", "display_name", "validate_only", "watch_job", "address"}
+)
 
 
 @jobs_app.command("list")
@@ -189,9 +205,24 @@ def _steps(message: str) -> int | None:
         return None
 
 
+# What the progress line shows: (label, metric names, first present wins).
+LIVE = (*OVERVIEW, ("lr", ("learning_rate",)))
+
+
+def progress_line(values: Mapping[str, float]) -> str:
+    """The step's reward, KL, loss and learning rate, those present.
+
+    >>> progress_line({"loss": 0.5, "reward_mean": 0.25, "kl": 0.001, "grad_norm": 3.0})
+    'reward=0.25 KL=0.001 loss=0.5'
+    """
+    shown = [(label, main_metric(values, names)) for label, names in LIVE]
+    return " ".join(f"{label}={values[name]:.4g}" for label, name in shown if name)
+
+
 def render(events: Iterable[pb.JobEvent]) -> str:
     """Draw the events; returns the last state seen."""
     last_state = ""
+    latest: dict[str, float] = {}
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -212,10 +243,8 @@ def render(events: Iterable[pb.JobEvent]) -> str:
                 if event.log.message.startswith("training started: "):
                     progress.update(task, total=_steps(event.log.message))
             elif kind == "metrics":
-                values = event.metrics.values
-                shown = " ".join(
-                    f"{k}={values[k]:.4g}" for k in ("loss", "learning_rate") if k in values
-                )
+                latest.update(event.metrics.values)  # an eval-only event keeps the rest shown
+                shown = progress_line(latest)
                 progress.update(task, completed=event.metrics.step, metrics=shown)
             elif kind == "checkpoint":
                 progress.console.print(f"checkpoint at step {event.checkpoint.step}")
@@ -225,3 +254,60 @@ def render(events: Iterable[pb.JobEvent]) -> str:
                 for key in sorted(result.metrics):
                     progress.console.print(f"  {key} = {result.metrics[key]:.6g}")
     return last_state
+
+
+@jobs_app.command("plot")
+def plot(
+    job: str,
+    out: Annotated[Path, typer.Option(help="Folder for the PNG files (created)")],
+    metric: Annotated[
+        list[str] | None, typer.Option(help="Plot only this metric (repeat it); default all")
+    ] = None,
+    address: AddressOpt = None,
+) -> None:
+    """PNG plots of a job's step metrics: overview.png (reward, KL, loss) and one per metric.
+
+    A job that is still running is plotted up to its latest step."""
+    job_message, events = read_job(address, job)
+    series = metric_series(events)
+    if not series:
+        err.print(f"[red]error[/]: {job_message.name} has no step metrics yet")
+        raise typer.Exit(1)
+    missing = [m for m in metric or [] if m not in series]
+    if missing:
+        err.print(f"[red]error[/]: no metric {', '.join(missing)}; the job has {', '.join(series)}")
+        raise typer.Exit(1)
+    try:
+        paths = write_plots(series, out, metric)
+    except OSError as exc:
+        err.print(f"[red]error[/]: cannot write to {out}: {exc.strerror or exc}")
+        raise typer.Exit(1) from exc
+    for path in paths:
+        console.print(str(path))
+
+
+# How long `plot` listens for the events of a job that is still running.
+RUNNING_READ_S = 3.0
+
+
+def read_job(address: str | None, job: str) -> tuple[pb.TrainingJob, list[pb.JobEvent]]:
+    """The job and every event it has so far (errors printed, exit 1, as every command)."""
+    name = job_name(job)
+
+    def rpc(stub: Stub) -> tuple[pb.TrainingJob, list[pb.JobEvent]]:
+        found = stub.GetTrainingJob(pb.GetTrainingJobRequest(name=name), metadata=call_metadata())
+        ended = found.state in ENDED
+        stream = stub.WatchTrainingJob(
+            pb.WatchTrainingJobRequest(name=name),
+            metadata=call_metadata(),
+            timeout=None if ended else RUNNING_READ_S,
+        )
+        events: list[pb.JobEvent] = []
+        try:
+            events.extend(stream)
+        except grpc.RpcError as exc:  # a running job: its events so far
+            if ended or exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                raise
+        return found, events
+
+    return call(address, rpc)

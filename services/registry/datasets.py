@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,9 +199,74 @@ def iter_jsonl(path: Path, max_row_bytes: int) -> Iterator[tuple[int, Any, str |
             if not text.strip():
                 continue
             try:
-                yield lineno, json.loads(text), None
+                value = parse_row(text)
             except json.JSONDecodeError as exc:
                 yield lineno, None, f"not JSON: {exc.msg} at column {exc.colno}"
+            except RecursionError:
+                yield lineno, None, "not JSON: nested too deeply"
+            except ValueError as exc:  # NaN, Infinity, a huge integer, a lone surrogate
+                yield lineno, None, f"not JSON: {str(exc)[:120]}"
+            else:
+                yield lineno, value, None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of the range of a double")
+    return value
+
+
+# Readers get each row as a google.protobuf.Struct, and protobuf refuses to parse messages
+# nested past 100 levels (an object level is three: Struct, map entry, Value); a row nested
+# deeper than this would be stored but could never be read back.
+MAX_ROW_DEPTH = 24
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > 308:
+        raise ValueError(f"{text[:40]}... is out of the range of a double")
+    return int(text)
+
+
+def parse_row(text: str) -> Any:
+    """One JSONL row as strict JSON: no NaN or Infinity (nor numbers that overflow a double),
+    since readers get rows as protobuf Structs and JSON; no nesting past MAX_ROW_DEPTH; no
+    lone surrogates ("\\ud800"), which cannot be stored as UTF-8. ValueError (or RecursionError)
+    otherwise.
+
+    >>> parse_row('{"a": [1, 2.5, "x"]}')
+    {'a': [1, 2.5, 'x']}
+    >>> parse_row('{"a": NaN}')
+    Traceback (most recent call last):
+    ...
+    ValueError: NaN is not JSON
+    """
+    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer)
+    if text.count("[") + text.count("{") > MAX_ROW_DEPTH and _too_deep(value, MAX_ROW_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_ROW_DEPTH} levels")
+    if "\\u" in text:  # only an escape can make a lone surrogate
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate (not valid Unicode)") from None
+    return value
 
 
 def iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:

@@ -30,12 +30,28 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 MAX_JSON_BYTES = 64 * 1024 * 1024  # configs are small; a huge one is not read into memory
 MAX_DIMS = 16
 INT32_MAX = 2**31 - 1  # the metadata fields that hold these counts are int32
+# Names read into the metadata (architecture, model type, dtype, target modules) are short.
+MAX_NAME_CHARS = 256
+
+
+def _name(value: Any) -> bool:
+    """A string that fits the metadata: short, and valid Unicode (JSON's "\\ud800" escape makes
+    a lone surrogate, which protobuf refuses to store)."""
+    if not isinstance(value, str) or len(value) > MAX_NAME_CHARS:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # What a config value must be, by the words an error uses for it.
 EXPECTED: dict[str, Callable[[Any], bool]] = {
     "an integer": lambda v: type(v) is int,
     "a number": lambda v: type(v) in (int, float) and math.isfinite(v),
-    "a string": lambda v: isinstance(v, str),
-    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a string": _name,
+    "a list of strings": lambda v: isinstance(v, list) and all(_name(x) for x in v),
     "a string or a list of strings": lambda v: (
         EXPECTED["a string"](v) or EXPECTED["a list of strings"](v)
     ),
@@ -61,6 +77,8 @@ def _json(folder: Path, file: str) -> dict[str, Any]:
         value = json.loads(path.read_bytes())
     except ValueError as exc:  # bad JSON, bad UTF-8, or an integer of thousands of digits
         raise _invalid(file, f"not valid JSON: {str(exc)[:120]}") from exc
+    except RecursionError:
+        raise _invalid(file, "not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise _invalid(file, "must hold a JSON object")
     return value
@@ -95,8 +113,8 @@ def _safetensors_header(folder: Path, file: str) -> tuple[dict[str, Any], int]:
             raise _invalid(file, f"not a safetensors file: a header of {length} bytes")
         try:
             header = json.loads(f.read(length))
-        except ValueError as exc:
-            raise _invalid(file, "not a safetensors file: the header is not JSON") from exc
+        except (ValueError, RecursionError):
+            raise _invalid(file, "not a safetensors file: the header is not JSON") from None
     if not isinstance(header, dict):
         raise _invalid(file, "not a safetensors file: the header is not a JSON object")
     return header, size - 8 - length
@@ -113,7 +131,7 @@ def _sizes(value: Any, lengths: range) -> TypeGuard[list[int]]:
 
 def _tensor(file: str, name: str, info: Any, data_bytes: int) -> tuple[int, str]:
     """(elements, dtype) of one header entry, checked against the bytes the file holds."""
-    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+    if not isinstance(info, dict) or not _name(info.get("dtype")):
         raise _invalid(file, f"tensor {name[:80]!r}: needs a dtype")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not (

@@ -13,11 +13,14 @@ from tlm.reward.v1 import evaluator_pb2 as ev
 CACHEABLE = {Status.OK, Status.UNSCORABLE}
 
 
-def content_key(scorer: ev.ScorerSpec, sample: Sample) -> str:
-    """Hash of what decides a rule's outcome: its type and parameters and the sample's content.
-    Name, weight and normalisation are left out: they apply after the cache."""
+def content_key(scorer: ev.ScorerSpec, sample: Sample, team: str) -> str:
+    """Hash of what decides a rule's outcome: its type and parameters and the sample's content,
+    within one team. Name, weight and normalisation are left out: they apply after the cache.
+
+    The team is part of the key: a hit shared between teams (`cached` in the result, and its
+    latency) would tell one team that another scored this exact completion and reference."""
     kind = scorer.WhichOneof("scorer") or ""
-    digest = hashlib.sha256(kind.encode())
+    digest = hashlib.sha256(team.encode() + b"\0" + kind.encode())
     digest.update(getattr(scorer, kind).SerializeToString(deterministic=True))
     digest.update(b"\0" + sample.completion.encode())
     digest.update(b"\0" + json.dumps(sample.metadata, sort_keys=True, default=str).encode())

@@ -90,7 +90,7 @@ class Engine:
     async def _run_rule(
         self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
     ) -> list[ScorerResult]:
-        keys = [content_key(scorer, s) for s in samples]
+        keys = [content_key(scorer, s, ctx.team) for s in samples]
         hits = [self.cache.get(k) for k in keys]
         misses = [i for i, hit in enumerate(hits) if hit is None]
         fresh: dict[int, tuple[Outcome, float]] = {}
@@ -103,6 +103,7 @@ class Engine:
                 [samples[i] for i in misses],
                 timeout_s=scorer_timeout(scorer),
                 deadline=ctx.deadline - DEADLINE_MARGIN_S,
+                team=ctx.team,
             )
             for i, item in zip(misses, done, strict=True):
                 fresh[i] = item

@@ -10,6 +10,12 @@ the rest of its chunk goes on in another worker. Scorers run in a worker's main 
 math-verify's signal-based timeouts work, and each worker imports math_verify before it takes
 work.
 
+Workers are shared fairly between teams (`_Pool`): a free worker goes to the waiting team that
+holds the fewest, and a team that already holds a worker never takes the last free one. So one
+team's slow samples (a spec may set a per-sample timeout of minutes) cannot queue every other
+team's chunks behind them: while workers > 1, a team that holds none finds one free or gets the
+next one that frees. The price: a team alone uses at most workers - 1 of them.
+
 A thread cannot be killed: with zero workers an overrunning chunk comes back TIMEOUT but keeps
 its thread (and a CPU) busy until it ends.
 """
@@ -21,6 +27,7 @@ import enum
 import multiprocessing
 import signal
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -132,6 +139,89 @@ def _timeout(why: str, seconds: float, n: int) -> list[Result]:
     return [(Outcome.timeout(why), max(seconds, 0.0))] * n
 
 
+class _Pool:
+    """Ready workers and the teams waiting for one; runs on the event loop only."""
+
+    def __init__(self) -> None:
+        self.free: list[Worker] = []
+        self.held: dict[str, int] = {}  # workers each team is using now
+        # Waiting calls per team; dict order is the order teams are served in on a tie.
+        self.waiting: dict[str, deque[asyncio.Future[Worker | None]]] = {}
+        self.closed = False
+
+    def _may_take(self, team: str) -> bool:
+        # A team holding a worker leaves the last free one to teams that hold none.
+        return bool(self.free) and (len(self.free) > 1 or not self.held.get(team))
+
+    def _take(self, team: str) -> Worker:
+        self.held[team] = self.held.get(team, 0) + 1
+        return self.free.pop()
+
+    def _dispatch(self) -> None:
+        while True:
+            teams = [t for t in self.waiting if self._may_take(t)]
+            if not teams:
+                return
+            team = min(teams, key=lambda t: self.held.get(t, 0))
+            queue = self.waiting.pop(team)
+            future = queue.popleft()
+            if queue:
+                self.waiting[team] = queue  # to the back of the line
+            if not future.done():
+                future.set_result(self._take(team))
+
+    async def acquire(self, team: str, timeout: float) -> Worker | None:
+        """A worker for `team`, or None at the timeout or once closed."""
+        if self.closed:
+            return None
+        future: asyncio.Future[Worker | None] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(team, deque()).append(future)
+        self._dispatch()
+        try:
+            await asyncio.wait({future}, timeout=max(timeout, 0.0))
+        except asyncio.CancelledError:
+            self._forget(team, future)
+            raise
+        if future.done():
+            return future.result()
+        self._forget(team, future)
+        return None
+
+    def _forget(self, team: str, future: asyncio.Future[Worker | None]) -> None:
+        if future.done() and not future.cancelled() and future.result() is not None:
+            self.release(team, future.result())  # handed over just as the caller left
+            return
+        future.cancel()
+        queue = self.waiting.get(team)
+        if queue is not None and future in queue:
+            queue.remove(future)
+            if not queue:
+                del self.waiting[team]
+
+    def release(self, team: str, worker: Worker | None) -> None:
+        """`team` is done with a worker: `worker` is free again, or None when it was retired."""
+        self.held[team] -= 1
+        if not self.held[team]:
+            del self.held[team]
+        if worker is not None:
+            self.add(worker)
+
+    def add(self, worker: Worker) -> None:
+        if self.closed:
+            return
+        self.free.append(worker)
+        self._dispatch()
+
+    def close(self) -> None:
+        self.closed = True
+        self.free.clear()
+        for queue in self.waiting.values():
+            for future in queue:
+                if not future.done():
+                    future.set_result(None)
+        self.waiting.clear()
+
+
 class RuleRunner:
     """`workers` spawned processes (0: a thread) that run rule scorers with deadlines."""
 
@@ -139,8 +229,8 @@ class RuleRunner:
         self._workers = workers
         # spawn, not fork: the server process runs gRPC threads.
         self._context = multiprocessing.get_context("spawn")
-        # Ready, unused workers; None once closed (each waiter passes it on).
-        self._idle: asyncio.Queue[Worker | None] = asyncio.Queue()
+        # Ready, unused workers, handed out fairly between teams.
+        self._pool = _Pool()
         self._live: set[Worker] = set()
         self._starting: set[asyncio.Task[None]] = set()
         self._started = self._closed = False
@@ -155,19 +245,28 @@ class RuleRunner:
         """Start the workers and wait until each has imported math_verify."""
         self._start()
         deadline = time.monotonic() + START_TIMEOUT_S
-        while self._idle.qsize() < self._workers and time.monotonic() < deadline:
+        while len(self._pool.free) < self._workers and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     async def run(
-        self, scorer: ev.ScorerSpec, samples: Sequence[Sample], *, timeout_s: float, deadline: float
+        self,
+        scorer: ev.ScorerSpec,
+        samples: Sequence[Sample],
+        *,
+        timeout_s: float,
+        deadline: float,
+        team: str = "",
     ) -> list[Result]:
         """Every sample's outcome, in order: scored, TIMEOUT (over `timeout_s`, or unfinished at
-        `deadline`, a time.monotonic() value) or ERROR (its worker died twice)."""
+        `deadline`, a time.monotonic() value) or ERROR (its worker died twice). Workers are
+        shared fairly between `team`s (see the module docstring)."""
         self._start()
         payload = scorer.SerializeToString()
         chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
         score = self._in_thread if self._workers <= 0 else self._in_workers
-        parts = await asyncio.gather(*(score(payload, c, timeout_s, deadline) for c in chunks))
+        parts = await asyncio.gather(
+            *(score(payload, c, timeout_s, deadline, team) for c in chunks)
+        )
         return [item for part in parts for item in part]
 
     def close(self) -> None:
@@ -181,16 +280,14 @@ class RuleRunner:
         end = time.monotonic() + REAP_TIMEOUT_S
         for worker in workers:
             worker.process.join(max(end - time.monotonic(), 0.0))
-        while not self._idle.empty():  # killed above; waiters must not pick them up
-            self._idle.get_nowait()
-        self._idle.put_nowait(None)
+        self._pool.close()  # the killed workers are dropped; waiters get None
         self._io.shutdown(wait=False, cancel_futures=True)
         log.info("rule_runner_closed", killed=len(workers))
 
     # Zero workers: a thread ----------------------------------------------------------------
 
     async def _in_thread(
-        self, payload: bytes, chunk: Sequence[Sample], timeout_s: float, deadline: float
+        self, payload: bytes, chunk: Sequence[Sample], timeout_s: float, deadline: float, team: str
     ) -> list[Result]:
         scorer = ev.ScorerSpec.FromString(payload)
         done: list[Result] = []  # appended by the thread, read here at the deadline
@@ -240,7 +337,7 @@ class RuleRunner:
             if ready and not self._closed:
                 seconds = round(time.monotonic() - started, 3)
                 log.info("rule_worker_started", pid=worker.pid, seconds=seconds)
-                self._idle.put_nowait(worker)
+                self._pool.add(worker)
                 return
             log.error("rule_worker_start_failed", pid=worker.pid, exitcode=worker.process.exitcode)
             self._retire(worker)
@@ -257,17 +354,8 @@ class RuleRunner:
         self._retire(worker)
         self._start_one()
 
-    async def _acquire(self, deadline: float) -> Worker | None:
-        try:
-            worker = await asyncio.wait_for(self._idle.get(), max(deadline - time.monotonic(), 0))
-        except TimeoutError:
-            return None
-        if worker is None:
-            self._idle.put_nowait(None)  # closed: let the next waiter see it too
-        return None if self._closed else worker
-
     async def _in_workers(
-        self, payload: bytes, chunk: Sequence[Sample], timeout_s: float, deadline: float
+        self, payload: bytes, chunk: Sequence[Sample], timeout_s: float, deadline: float, team: str
     ) -> list[Result]:
         """The chunk's results; after a kill or a crash the rest goes on in another worker."""
         results: list[Result] = []
@@ -276,10 +364,10 @@ class RuleRunner:
             rest = chunk[len(results) :]
             if time.monotonic() >= deadline:
                 return results + _timeout("the request deadline passed", 0.0, len(rest))
-            worker = await self._acquire(deadline)
+            worker = await self._pool.acquire(team, deadline - time.monotonic())
             if worker is None:
                 return results + self._unserved(len(rest))
-            got, stop = await self._call(worker, payload, rest, timeout_s, deadline)
+            got, stop = await self._call(worker, team, payload, rest, timeout_s, deadline)
             results += got
             if stop is Stop.OVERRAN:
                 why = f"no result within {timeout_s:.3g}s; its rule worker was killed"
@@ -299,8 +387,8 @@ class RuleRunner:
         return _timeout("no rule worker was free before the deadline", 0.0, n)
 
     async def _call(
-        self, worker: Worker, payload: bytes, rest: Sequence[Sample], timeout_s: float,
-        deadline: float,
+        self, worker: Worker, team: str, payload: bytes, rest: Sequence[Sample],
+        timeout_s: float, deadline: float,
     ) -> tuple[list[Result], Stop]:  # fmt: skip
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._io, worker.score, payload, rest, timeout_s, deadline)
@@ -309,11 +397,13 @@ class RuleRunner:
         except asyncio.CancelledError:
             # The caller went away mid-chunk: nobody wants the rest of this work.
             worker.kill()
+            self._pool.release(team, None)
             future.add_done_callback(lambda _: self._replace(worker))
             raise
         if stop is Stop.DONE and not self._closed:
-            self._idle.put_nowait(worker)
+            self._pool.release(team, worker)
         else:
+            self._pool.release(team, None)
             if stop is not Stop.DONE:
                 log.warning("rule_worker_killed", pid=worker.pid, why=stop.value, done=len(got))
             self._replace(worker)

@@ -12,23 +12,10 @@ from google.rpc import code_pb2, status_pb2
 from services.common.errors import field_error
 from services.common.timestamps import to_timestamp_or_none
 from services.trainer.domain import Event, EventKind, Job, Method
+from services.trainer.methods import BY_PARAMS_FIELD, METHODS
+from services.trainer.params import ALL_LINEAR, DevicePlan, LoraParams, Sampling, TrainingParams
 from services.trainer.resources import Estimate
-from services.trainer.spec import (
-    ALL_LINEAR,
-    PARAMS_FOR,
-    DevicePlan,
-    DpoParams,
-    EvaluateParams,
-    GrpoParams,
-    JobSpec,
-    KtoParams,
-    LoraParams,
-    OnlineRlParams,
-    RewardModelParams,
-    Sampling,
-    SftParams,
-    TrainingParams,
-)
+from services.trainer.spec import JobSpec
 from tlm.rollout.v1 import rollout_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
 
@@ -70,25 +57,22 @@ def revision_ref(name: str, collection: str) -> str:
 
 
 def sampling_from_proto(s: rollout_pb2.SamplingParams) -> Sampling:
-    values = _set(s, "n", "temperature", "top_p", "top_k", "max_tokens", "seed")
+    values = _set(s, "n", "temperature", "top_p", "top_k", "max_tokens", "seed", "skip_logprobs")
     return Sampling(**values, stop=tuple(s.stop))
 
 
 def _params_from_proto(spec: pb.TrainingJobSpec) -> Any:
+    """The method params message that is set, as its method's params class (methods.py)."""
     which = spec.WhichOneof("method_params")
     if which is None:
         return None
-    message = getattr(spec, which)
-    if which == "evaluate":
-        values = _set(message, "max_samples")
-        return EvaluateParams(sampling=sampling_from_proto(message.sampling), **values)
-    if which == "grpo":
-        names = [f for f in _fields(GrpoParams) if f != "sampling"]
-        return GrpoParams(sampling=sampling_from_proto(message.sampling), **_set(message, *names))
-    if which == "ppo":
-        return OnlineRlParams()
-    cls = {"sft": SftParams, "dpo": DpoParams, "kto": KtoParams, "reward_model": RewardModelParams}
-    return cls[which](**_set(message, *_fields(cls[which])))
+    message, cls = getattr(spec, which), BY_PARAMS_FIELD[which].params
+    known = {f.name for f in message.DESCRIPTOR.fields}
+    names = [f.name for f in dataclasses.fields(cls) if f.name in known and f.name != "sampling"]
+    values = _set(message, *names)
+    if "sampling" in {f.name for f in dataclasses.fields(cls)}:
+        values["sampling"] = sampling_from_proto(message.sampling)
+    return cls(**values)
 
 
 def _lora_from_proto(tuning: pb.Tuning) -> LoraParams | None:
@@ -192,7 +176,7 @@ def spec_to_proto(data: dict[str, Any]) -> pb.TrainingJobSpec:
                 target_modules=list(lora["target_modules"]),
             )
         )
-    field_name = PARAMS_FOR[method][0]
+    field_name = METHODS[method].params_field
     params = dict(data.get("params") or {})
     target = getattr(spec, field_name)
     if "sampling" in params:

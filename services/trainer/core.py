@@ -14,11 +14,6 @@ import structlog
 from services.common.errors import FailedPrecondition, FieldViolation
 from services.common.pagination import decode_token, encode_token, page_size
 from services.trainer.domain import (
-    DATASET_NEEDS,
-    EVALUATOR_NEEDS,
-    KIND_NAMES,
-    NEEDS_EVALUATOR,
-    NOT_IMPLEMENTED,
     DatasetKindMismatch,
     Event,
     Job,
@@ -27,7 +22,9 @@ from services.trainer.domain import (
     MethodNotImplemented,
     ModelIncompatible,
     Progress,
+    RequestIdReused,
 )
+from services.trainer.methods import METHODS
 from services.trainer.registry_port import RegistryPort
 from services.trainer.resources import Devices, Estimate, estimate, resolve_plan
 from services.trainer.spec import JobSpec, validate
@@ -44,6 +41,13 @@ class CreateRequest:
     display_name: str = ""
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     validate_only: bool = False
+
+
+def _same_request(job: Job, digest: str) -> Job:
+    """The job a request_id made, if this request is a retry of the one that made it."""
+    if job.request_digest and job.request_digest != digest:  # "": stored before digests
+        raise RequestIdReused(job.request_id, job.name)
+    return job
 
 
 class Changes:
@@ -80,10 +84,13 @@ class TrainerCore:
     # Create --------------------------------------------------------------------------------
 
     async def create(self, team: str, request: CreateRequest) -> Job:
+        # The request as sent (defaults filled, names not resolved): a retry repeats it even
+        # after an alias has moved on.
+        digest = validate(request.spec).digest()
         if request.request_id and not request.validate_only:
-            existing = self._by_request_id(team, request.request_id)
+            existing = self.store.find_request(team, request.request_id)
             if existing is not None:
-                return existing
+                return _same_request(existing, digest)
         spec = await self.check(team, request.spec)
         plan, _notes = resolve_plan(spec, self.devices)
         job = Job(
@@ -96,27 +103,27 @@ class TrainerCore:
             create_time=now(),
             display_name=request.display_name,
             request_id=request.request_id,
+            request_digest=digest,
             labels=dict(request.labels),
         )
         if request.validate_only:
             return job
         job, created = self.store.create(job)
-        if created:
-            log.info("job_created", job=job.job_id, method=spec.method.name)
-            self.supervisor.submit(team, job.job_id)
+        if not created:  # a concurrent create with the same request_id won
+            return _same_request(job, digest)
+        log.info("job_created", job=job.job_id, method=spec.method.name)
+        self.supervisor.submit(team, job.job_id)
         return job
-
-    def _by_request_id(self, team: str, request_id: str) -> Job | None:
-        return self.store.find_request(team, request_id)
 
     async def check(self, team: str, spec: JobSpec) -> JobSpec:
         """Validate fields, then resolve every registry name (aliases become revisions) and
         check that each input suits the method."""
         spec = validate(spec)
-        if spec.method in NOT_IMPLEMENTED:
+        method = METHODS[spec.method]
+        if not method.implemented:
+            available = ", ".join(d.name for d in METHODS.values() if d.implemented)
             raise MethodNotImplemented(
-                f"spec.method: {spec.method.name} is not implemented yet; "
-                "available: SFT, DPO, KTO, REWARD_MODEL, GRPO, EVALUATE",
+                f"spec.method: {method.name} is not implemented yet; available: {available}",
                 violations=[FieldViolation("spec.method", "method not implemented yet")],
             )
         assert self.registry is not None
@@ -131,11 +138,10 @@ class TrainerCore:
             name = getattr(spec, path)
             if name:
                 resolved[path] = await self._dataset(team, spec.method, f"spec.{path}", name)
-        if spec.method in NEEDS_EVALUATOR:
+        if method.evaluator:
             if not spec.evaluator:
-                needs = EVALUATOR_NEEDS[spec.method]
                 raise FailedPrecondition(
-                    f"spec.evaluator: {spec.method.name} needs an evaluator {needs}, "
+                    f"spec.evaluator: {method.name} needs an evaluator {method.evaluator}, "
                     "e.g. evaluators/{e}/revisions/{revision}",
                     violations=[FieldViolation("spec.evaluator", "is required for this method")],
                 )
@@ -147,14 +153,16 @@ class TrainerCore:
     async def _dataset(self, team: str, method: Method, path: str, name: str) -> str:
         assert self.registry is not None
         resolved, kind, _rows = await self.registry.dataset(path, name, team)
-        needed, description = DATASET_NEEDS[method]
-        if kind != needed:
+        needed = METHODS[method]
+        if kind != needed.dataset:
             dataset = resolved.split("/revisions/")[0]
-            message = f"{method.name} needs {description}; {dataset} is {KIND_NAMES[kind]}"
+            message = (
+                f"{method.name} needs {needed.dataset_needs}; {dataset} is {kind.name.lower()}"
+            )
             raise DatasetKindMismatch(
                 message,
                 violations=[FieldViolation(path, message)],
-                metadata={"dataset": resolved, "needs": KIND_NAMES[needed]},
+                metadata={"dataset": resolved, "needs": needed.dataset.name.lower()},
             )
         return resolved
 

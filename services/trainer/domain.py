@@ -1,6 +1,7 @@
 """The trainer's domain: methods, job states, jobs, events and domain errors (no grpc).
 
-Enum values equal the proto numbers of `tlm.trainer.v1`, so conversion is a lookup.
+Enum values equal the proto numbers of `tlm.trainer.v1`, so conversion is a lookup. What each
+method needs and reads is its entry in the method table, `methods.py`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, FieldViolation, NotFound
 from tlm.common.v1 import common_pb2
 
 
@@ -25,46 +26,12 @@ class Method(enum.IntEnum):
 
 
 class DatasetKind(enum.IntEnum):
-    """Mirrors tlm.registry.v1.DatasetKind."""
+    """Mirrors tlm.registry.v1.DatasetKind; `name.lower()` is the registry's word for it."""
 
     SFT = 1
     PREFERENCE = 2
     UNPAIRED_PREFERENCE = 3
     PROMPT = 4
-
-
-# What each method reads, and how to say so when a dataset of another kind is given.
-DATASET_NEEDS: dict[Method, tuple[DatasetKind, str]] = {
-    Method.SFT: (DatasetKind.SFT, "an sft dataset (prompt, completion) or (messages)"),
-    Method.DPO: (DatasetKind.PREFERENCE, "a preference dataset (prompt, chosen, rejected)"),
-    Method.KTO: (
-        DatasetKind.UNPAIRED_PREFERENCE,
-        "an unpaired_preference dataset (prompt, completion, label)",
-    ),
-    Method.REWARD_MODEL: (
-        DatasetKind.PREFERENCE,
-        "a preference dataset (prompt, chosen, rejected)",
-    ),
-    Method.GRPO: (DatasetKind.PROMPT, "a prompt dataset (prompt, optional reference)"),
-    Method.PPO: (DatasetKind.PROMPT, "a prompt dataset (prompt, optional reference)"),
-    Method.EVALUATE: (DatasetKind.PROMPT, "a prompt dataset (prompt, optional reference)"),
-}
-NEEDS_EVALUATOR = frozenset({Method.GRPO, Method.PPO, Method.EVALUATE})
-# Why, in the words of the FAILED_PRECONDITION answer when spec.evaluator is missing.
-EVALUATOR_NEEDS: dict[Method, str] = {
-    Method.GRPO: "to reward its rollouts (G completions per prompt of a prompt dataset)",
-    Method.PPO: "to reward its rollouts",
-    Method.EVALUATE: "to score the generations",
-}
-# Methods whose loss needs a frozen reference policy (a second model copy when tuning fully).
-NEEDS_REFERENCE = frozenset({Method.DPO, Method.KTO, Method.GRPO, Method.PPO})
-NOT_IMPLEMENTED = frozenset({Method.PPO})
-KIND_NAMES = {
-    DatasetKind.SFT: "sft",
-    DatasetKind.PREFERENCE: "preference",
-    DatasetKind.UNPAIRED_PREFERENCE: "unpaired_preference",
-    DatasetKind.PROMPT: "prompt",
-}
 
 
 class JobState(enum.IntEnum):
@@ -141,6 +108,7 @@ class Job:
     create_time: datetime
     display_name: str = ""
     request_id: str = ""
+    request_digest: str = ""  # JobSpec.digest() of the request's spec ("" in older stores)
     labels: dict[str, str] = field(default_factory=dict)
     output_model_revision: str = ""
     final_metrics: dict[str, float] = field(default_factory=dict)
@@ -174,3 +142,16 @@ class MethodNotImplemented(FailedPrecondition):
 
 class ModelIncompatible(FailedPrecondition):
     reason = common_pb2.MODEL_INCOMPATIBLE
+
+
+class RequestIdReused(AlreadyExists):
+    """A create whose request_id names a job made from another spec (AIP-155: a retry must
+    repeat the request; anything else is a new request and needs a new id)."""
+
+    def __init__(self, request_id: str, job: str) -> None:
+        message = f"request_id {request_id!r} was used for {job} with another spec"
+        super().__init__(
+            message,
+            violations=[FieldViolation("request_id", message)],
+            metadata={"request_id": request_id, "job": job},
+        )

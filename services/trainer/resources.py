@@ -1,13 +1,18 @@
 """EstimateResources: the device plan a job gets and a rough memory budget per device.
 
-The budget follows the usual accounting (Rajbhandari et al., 2020, ZeRO, section 3):
-weights at the training precision (fp32 when TRL tunes full weights: it autocasts to 16 bits
-and keeps fp32 weights, which are then the master copy), fp32 gradients and two fp32 Adam
-moments for the trainable parameters, activations per
-Korthikanti et al., 2022 (about 34 bytes per token per hidden unit per layer in 16 bits,
-fused attention assumed; layer inputs only with gradient checkpointing) plus fp32 logits, and
-a frozen reference copy for DPO/KTO/GRPO/PPO when full weights train (LoRA disables its adapters
-for the reference instead).
+The budget follows the usual accounting (Rajbhandari et al., 2020, ZeRO, section 3), with what
+each method does read from its entry in the method table (`methods.py`):
+- weights: full tuning keeps the method's master precision (fp32: TRL and our online loop
+  autocast to 16 bits); LoRA's frozen base is in the compute precision;
+- gradients (fp32) and two fp32 AdamW moments for the trainable parameters;
+- activations of one forward pass with gradients, per Korthikanti et al., 2022 (about 34 bytes
+  per token per hidden unit per layer in 16 bits, fused attention assumed; layer inputs only
+  with gradient checkpointing) plus fp32 logits. Rows: per_device_batch_size x
+  sequences_per_row (chosen + rejected) x max_length tokens. Rollouts: per_device_batch_size
+  prompts x G completions x (prompt + sampling.max_tokens) tokens;
+- a frozen reference policy when the method's loss needs one and full weights train (LoRA
+  disables its adapters instead): at the trained weights' precision for TRL, which loads it
+  like the policy, or the compute precision for the online loop.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.common.errors import FailedPrecondition, FieldViolation
-from services.trainer.domain import NEEDS_REFERENCE, Method
-from services.trainer.spec import ALL_LINEAR, DevicePlan, JobSpec
+from services.trainer.methods import METHODS, Batch, MethodDef, Reference
+from services.trainer.params import ALL_LINEAR, DevicePlan
+from services.trainer.spec import JobSpec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# Full tuning on TRL loads fp32 weights and autocasts (trl_methods.load_model).
-FP32_FULL_TUNING = frozenset({Method.SFT, Method.DPO, Method.KTO, Method.REWARD_MODEL})
+# Prompt tokens assumed for rollouts: the dataset's prompts are not read before the job runs
+# (TRL's GRPOConfig bounded prompts at 512 tokens by default).
+ROLLOUT_PROMPT_TOKENS = 512
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -66,6 +73,11 @@ def resolve_plan(spec: JobSpec, devices: Devices) -> tuple[DevicePlan, list[str]
     if device == "cuda" and not devices.cuda_count:
         raise _plan_error(f"{at}.device_type", "CUDA was asked for but this trainer has no GPU")
     wanted = plan.devices_per_node * plan.num_nodes if spec.explicit_resources else 1
+    if spec.explicit_resources and plan.strategy in ("ddp", "fsdp"):
+        raise _plan_error(
+            f"{at}.strategy",
+            f"{plan.strategy.upper()} (torchrun) is not implemented yet; use SINGLE_DEVICE",
+        )
     if wanted > 1:
         raise _plan_error(
             f"{at}.devices_per_node",
@@ -124,25 +136,71 @@ def lora_trainable(config: dict[str, Any], r: int, targets: tuple[str, ...]) -> 
     return layers * r * sum(sum(shapes[n]) for n in names if n in shapes)
 
 
+def forward_shape(spec: JobSpec, method: MethodDef) -> tuple[int, int]:
+    """(sequences, tokens per sequence) of one forward pass with gradients.
+
+    >>> from services.trainer.domain import Method
+    >>> from services.trainer.spec import GrpoParams, Sampling, TrainingParams
+    >>> training = TrainingParams(per_device_batch_size=2, max_length=100)
+    >>> dpo = JobSpec(Method.DPO, "m", "d", training=training)
+    >>> forward_shape(dpo, METHODS[Method.DPO])  # chosen + rejected per row
+    (4, 100)
+    >>> grpo = JobSpec(Method.GRPO, "m", "d", training=training,
+    ...                params=GrpoParams(num_generations=4, sampling=Sampling(max_tokens=64)))
+    >>> forward_shape(grpo, METHODS[Method.GRPO])  # B x G, prompt + max_tokens
+    (8, 576)
+    """
+    t = spec.training
+    if method.batch is Batch.ROWS:
+        return t.per_device_batch_size * method.sequences_per_row, t.max_length
+    if method.batch is Batch.ROLLOUTS:
+        # PPO's params carry no group size or sampling yet: one completion of 64 tokens.
+        group = getattr(spec.params, "num_generations", 1)
+        sampling = getattr(spec.params, "sampling", None)
+        new_tokens = sampling.max_tokens if sampling is not None else 64
+        return t.per_device_batch_size * group, ROLLOUT_PROMPT_TOKENS + new_tokens
+    return 0, 0
+
+
 def activation_bytes(config: dict[str, Any], spec: JobSpec, precision: str) -> int | None:
     try:
         d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
         vocab = int(config["vocab_size"])
     except (KeyError, TypeError, ValueError):
         return None
-    t = spec.training
-    sequences = t.per_device_batch_size * (2 if spec.method is Method.DPO else 1)
-    tokens = sequences * t.max_length
+    sequences, length = forward_shape(spec, METHODS[spec.method])
+    tokens = sequences * length
     scale = BYTES[precision] / 2  # the 34 bytes are for 16-bit activations
     per_layer = 2 * BYTES[precision] if spec.resources.gradient_checkpointing else 34 * scale
     return int(tokens * d * layers * per_layer + tokens * vocab * 4)
 
 
+def weight_width(spec: JobSpec, method: MethodDef, precision: str) -> int:
+    """Bytes per weight of the model being trained: the master precision when full weights
+    train, the compute precision for LoRA's frozen base."""
+    return BYTES[method.master_precision] if spec.lora is None else BYTES[precision]
+
+
+def reference_bytes(
+    spec: JobSpec, method: MethodDef, parameters: int, precision: str
+) -> tuple[int, str]:
+    """Memory of the frozen reference policy, and a note when there is none though the method
+    has one."""
+    if method.reference is Reference.NONE:
+        return 0, ""
+    switch = method.reference_unless_zero
+    if switch and not getattr(spec.params, switch):
+        return 0, f"{switch} 0: no reference policy"
+    if spec.lora is not None:
+        return 0, "LoRA: the reference policy is the base with adapters off (no copy)"
+    if method.reference is Reference.WEIGHTS:
+        return parameters * weight_width(spec, method, precision), ""
+    return parameters * BYTES[precision], ""
+
+
 def estimate(spec: JobSpec, parameters: int, config: dict[str, Any], devices: Devices) -> Estimate:
     plan, notes = resolve_plan(spec, devices)
-    width = BYTES[plan.precision]
-    if spec.lora is None and spec.method in FP32_FULL_TUNING:
-        width = 4
+    method = METHODS[spec.method]
     if not parameters:
         notes.append("the base has no parameter_count in the registry: weights not estimated")
     trainable = parameters
@@ -152,27 +210,25 @@ def estimate(spec: JobSpec, parameters: int, config: dict[str, Any], devices: De
             lora = parameters // 200
             notes.append("LoRA shapes unknown: LoRA parameters guessed as 0.5% of the model")
         trainable = lora
-    evaluate = spec.method is Method.EVALUATE
-    if evaluate:
+    if not method.trains:
         trainable = 0
-        notes.append("EVALUATE trains nothing; generation runs on the rollout service")
+        notes.append(f"{method.name} trains nothing; generation runs on the rollout service")
+    reference, note = reference_bytes(spec, method, parameters, plan.precision)
+    notes += [note] if note and method.trains else []
     breakdown = {
-        "weights": 0 if evaluate else parameters * width,
+        "weights": parameters * weight_width(spec, method, plan.precision) if method.trains else 0,
         "gradients": trainable * 4,
         "optimizer": trainable * 8,
         "activations": 0,
-        "reference_model": 0,
+        "reference_model": reference,
     }
-    if not evaluate:
+    if method.trains:
         act = activation_bytes(config, spec, plan.precision)
         if act is None:
             notes.append("config.json unreadable: activations not estimated")
         breakdown["activations"] = act or 0
-    if spec.method in NEEDS_REFERENCE:
-        if spec.lora is None:
-            breakdown["reference_model"] = parameters * width
-        else:
-            notes.append("LoRA: the reference policy is the base with adapters off (no copy)")
+    if method.batch is Batch.ROLLOUTS:
+        notes.append(f"rollout prompts assumed {ROLLOUT_PROMPT_TOKENS} tokens long")
     total = sum(breakdown.values())
     available = (
         devices.cuda_memory_bytes if plan.device_type == "cuda" else devices.cpu_memory_bytes

@@ -1,375 +1,66 @@
-"""Hyperparameters: frozen dataclasses whose defaults are the proto's documented ones.
+"""A job's spec: the hyperparameters (`params.py`) of one method, checked once by `validate`.
 
-`convert.py` builds them from the request, passing only the fields that were set; `validate`
-checks the whole spec once and raises one InvalidArgument listing every bad field. Every
-numeric field has a range in its class's BOUNDS table (a test holds the tables to the proto's
-numeric fields), so no value that would exhaust a worker or overflow a library gets through.
+`convert.py` builds a JobSpec from the request, passing only the fields that were set;
+`validate` raises one InvalidArgument listing every bad field: values out of range, names that
+do not look like registry names, and fields the method does not use (nothing is accepted and
+ignored: the method table in `methods.py` says what each method reads). `complete` writes out
+the defaults that depend on the method.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from services.common.errors import FieldViolation, InvalidArgument
-from services.rollout.domain import SamplingSpec
 from services.trainer.domain import Method
-from services.trainer.rl import LossType, ScaleRewards
+from services.trainer.methods import METHODS, MethodDef
+from services.trainer.params import (
+    ALL_LINEAR,
+    DPO_LOSSES,
+    GRPO_LOSSES,
+    DevicePlan,
+    DpoParams,
+    EvaluateParams,
+    GrpoParams,
+    KtoParams,
+    LoraParams,
+    OnlineRlParams,
+    RewardModelParams,
+    Sampling,
+    SftParams,
+    TrainingParams,
+)
 
-LR_SCHEDULERS = ("linear", "cosine", "constant")
-DPO_LOSSES = ("sigmoid", "hinge", "ipo")
-GRPO_LOSSES = tuple(LossType)  # the enums the RL math dispatches on (services/trainer/rl)
-SCALE_REWARDS = tuple(ScaleRewards)
-PRECISIONS = ("fp32", "bf16", "fp16")
-ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
+# The hyperparameter classes moved to params.py; these names stay importable from here.
+__all__ = [
+    "ALL_LINEAR",
+    "DPO_LOSSES",
+    "GRPO_LOSSES",
+    "DevicePlan",
+    "DpoParams",
+    "EvaluateParams",
+    "GrpoParams",
+    "JobSpec",
+    "KtoParams",
+    "LoraParams",
+    "OnlineRlParams",
+    "RewardModelParams",
+    "Sampling",
+    "SftParams",
+    "TrainingParams",
+    "complete",
+    "default_output_model",
+    "validate",
+]
+
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 REVISION_NAME = re.compile(r"^(models|datasets|evaluators)/([^/]+)/revisions/([^/]+)$")
-# A torch module path: attribute names, and indices into ModuleLists ("model.layers.0.mlp").
-MODULE_NAME = re.compile(r"(?:[A-Za-z_]\w*|\d+)(?:\.(?:[A-Za-z_]\w*|\d+))*", re.ASCII)
-MAX_MODULE_NAME = 200
-MAX_TARGET_MODULES = 64
-MAX_STEPS = 10_000_000  # any step count or interval
-MAX_LENGTH = 131_072  # tokens: the longest context of current open models
-MAX_GENERATIONS = 256  # completions per prompt
-MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit (transformers' set_seed seeds numpy too)
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The range a numeric field must lie in, closed unless an end is marked open; `note` says
-    what a special value means."""
-
-    lo: float
-    hi: float
-    open_lo: bool = False
-    open_hi: bool = False
-    note: str = ""
-
-    def holds(self, value: float) -> bool:
-        # Comparisons with NaN are false and the ends are finite: NaN and inf never hold.
-        above = value > self.lo if self.open_lo else value >= self.lo
-        below = value < self.hi if self.open_hi else value <= self.hi
-        return above and below
-
-    def describe(self) -> str:
-        left, right = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
-        text = f"must be in {left}{self.lo}, {self.hi}{right}"
-        return f"{text} ({self.note})" if self.note else text
-
-
-def _out_of_bounds(params: Any, at: str) -> list[FieldViolation]:
-    """A violation for each field of `params` outside its range in the class's BOUNDS."""
-    bounds: dict[str, Bound] = type(params).BOUNDS
-    return [
-        FieldViolation(f"{at}.{name}", bound.describe())
-        for name, bound in bounds.items()
-        if getattr(params, name) is not None and not bound.holds(getattr(params, name))
-    ]
-
-
-def _steps(lo: int, note: str = "") -> Bound:
-    return Bound(lo, MAX_STEPS, note=note)
-
-
-@dataclass(frozen=True)
-class LoraParams:
-    """LoRA (Hu et al., 2021). `target_modules` empty means all linear layers."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = (ALL_LINEAR,)
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {
-        "r": Bound(1, 1024),
-        "alpha": Bound(1, 4096),
-        "dropout": Bound(0, 1, open_hi=True),
-    }
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return _out_of_bounds(self, at) + self._module_violations(f"{at}.target_modules")
-
-    def _module_violations(self, at: str) -> list[FieldViolation]:
-        """Names peft matches against module paths, or the one wildcard it knows."""
-        modules = self.target_modules
-        if len(modules) > MAX_TARGET_MODULES:
-            return [FieldViolation(at, f"at most {MAX_TARGET_MODULES} names")]
-        if ALL_LINEAR in modules and len(modules) > 1:
-            return [FieldViolation(at, f"{ALL_LINEAR!r} already names every linear layer")]
-        return [
-            FieldViolation(
-                f"{at}[{i}]",
-                f"{name[:80]!r} is not a module name such as q_proj or model.layers.0.mlp, "
-                f"nor {ALL_LINEAR!r}",
-            )
-            for i, name in enumerate(modules)
-            if name != ALL_LINEAR
-            and not (len(name) <= MAX_MODULE_NAME and MODULE_NAME.fullmatch(name))
-        ]
-
-
-@dataclass(frozen=True)
-class TrainingParams:
-    """Shared optimisation settings. learning_rate None means the method's default."""
-
-    learning_rate: float | None = None
-    epochs: float = 1.0
-    max_steps: int = 0
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 1024
-    warmup_ratio: float = 0.03
-    lr_scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    save_every: int = 500
-    log_every: int = 10
-    eval_every: int = 0
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {
-        "learning_rate": Bound(0, 1, open_lo=True, open_hi=True),
-        "epochs": Bound(0, 1000, open_lo=True),
-        "max_steps": _steps(0, "0: derived from epochs"),
-        "per_device_batch_size": Bound(1, 1024),
-        "gradient_accumulation_steps": Bound(1, 1024),
-        "max_length": Bound(8, MAX_LENGTH, note="tokens"),
-        "warmup_ratio": Bound(0, 1, open_hi=True),
-        "weight_decay": Bound(0, 1),
-        "max_grad_norm": Bound(0, 1000, note="0 disables clipping"),
-        "seed": Bound(0, MAX_SEED),
-        "save_every": _steps(0, "0 disables checkpoints"),
-        "log_every": _steps(1),
-        "eval_every": _steps(0, "0: only at the end"),
-    }
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return _out_of_bounds(self, at) + _checks(
-            at,
-            (
-                self.lr_scheduler in LR_SCHEDULERS,
-                "lr_scheduler",
-                f"must be one of {', '.join(LR_SCHEDULERS)}",
-            ),
-        )
-
-
-@dataclass(frozen=True)
-class SftParams:
-    completion_only_loss: bool = True
-    packing: bool = False
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {}  # no numeric fields
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return []
-
-
-@dataclass(frozen=True)
-class DpoParams:
-    """DPO (Rafailov et al., 2023); label_smoothing is cDPO."""
-
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    max_prompt_length: int = 512
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {
-        "beta": Bound(0, 10, open_lo=True),
-        "label_smoothing": Bound(0, 0.5, open_hi=True),
-        "max_prompt_length": Bound(1, MAX_LENGTH, note="tokens"),
-    }
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return _out_of_bounds(self, at) + _checks(
-            at,
-            (self.loss_type in DPO_LOSSES, "loss_type", f"must be one of {', '.join(DPO_LOSSES)}"),
-        )
-
-
-@dataclass(frozen=True)
-class KtoParams:
-    """KTO (Ethayarajh et al., 2024)."""
-
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {
-        "beta": Bound(0, 10, open_lo=True),
-        "desirable_weight": Bound(0, 100, open_lo=True),
-        "undesirable_weight": Bound(0, 100, open_lo=True),
-    }
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return _out_of_bounds(self, at)
-
-
-@dataclass(frozen=True)
-class RewardModelParams:
-    """Bradley-Terry reward model; centring from Eisenstein et al., 2023."""
-
-    center_rewards_coefficient: float = 0.0
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {"center_rewards_coefficient": Bound(0, 10)}
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return _out_of_bounds(self, at)
-
-
-@dataclass(frozen=True)
-class Sampling(SamplingSpec):
-    """Rollout sampling, refused at job creation by the rollout service's own rules, under the
-    job's own caps for n and max_tokens (the serving replica checks its smaller limits later)."""
-
-    # Only the fields the rollout's rules leave unbounded; n, temperature, top_p and
-    # max_tokens are theirs.
-    BOUNDS: ClassVar[dict[str, Bound]] = {
-        "top_k": Bound(0, 1_000_000, note="0 disables; vocabularies are smaller"),
-        "seed": Bound(0, 2**63 - 1),
-    }
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        found = self.problems(MAX_GENERATIONS, MAX_LENGTH, at)
-        named = {v.field for v in found}
-        return found + [v for v in _out_of_bounds(self, at) if v.field not in named]
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    sampling: Sampling = field(default_factory=Sampling)
-    max_samples: int = 0
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {"max_samples": _steps(0, "0: all")}
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return _out_of_bounds(self, at) + self.sampling.violations(f"{at}.sampling")
-
-
-@dataclass(frozen=True)
-class GrpoParams:
-    """GRPO (Shao et al., 2024). `sampling.n` is always num_generations (set by `complete`)."""
-
-    num_generations: int = 8
-    sampling: Sampling = field(default_factory=Sampling)
-    beta: float = 0.04
-    epsilon: float = 0.2
-    num_iterations: int = 1
-    scale_rewards: str = "group"
-    sync_every: int = 1
-    loss_type: str = "grpo"
-    use_bias_correction_kl: bool = True
-    importance_sampling_correction: bool = True
-    importance_sampling_cap: float = 3.0
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {
-        "num_generations": Bound(
-            2, MAX_GENERATIONS, note="group advantages compare samples of one prompt"
-        ),
-        "beta": Bound(0, 10, note="0: no KL"),
-        "epsilon": Bound(0, 1, open_lo=True, open_hi=True),
-        "num_iterations": Bound(1, 64),
-        "sync_every": _steps(1),
-        "importance_sampling_cap": Bound(
-            1, 100, note="below 1 it would shrink on-policy tokens too"
-        ),
-    }
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        own = _out_of_bounds(self, at) + _checks(
-            at,
-            (
-                self.loss_type in GRPO_LOSSES,
-                "loss_type",
-                f"must be one of {', '.join(GRPO_LOSSES)}",
-            ),
-            (
-                self.sampling.temperature > 0,
-                "sampling.temperature",
-                "must be > 0: greedy samples of one prompt are all the same",
-            ),
-            (
-                self.scale_rewards in SCALE_REWARDS,
-                "scale_rewards",
-                f"must be one of {', '.join(SCALE_REWARDS)}",
-            ),
-            (
-                # The rollout returns log-probs at temperature 1; the trainer's are at the sampling
-                # temperature, so the two cannot be compared at any other temperature.
-                not self.importance_sampling_correction
-                or self.sampling.temperature == 1
-                or self.sampling.temperature <= 0,
-                "importance_sampling_correction",
-                "needs sampling.temperature 1 (the rollout service returns log-probs at "
-                "temperature 1 only); set it false to sample at another temperature",
-            ),
-        )
-        # n is num_generations, whose range is checked above: name it once, there.
-        n = min(max(self.num_generations, 1), MAX_GENERATIONS)
-        return own + dataclasses.replace(self.sampling, n=n).violations(f"{at}.sampling")
-
-
-@dataclass(frozen=True)
-class OnlineRlParams:
-    """PPO settings are accepted by the contract but not run yet (see README): a PPO job is
-    refused, so none of PpoParams' fields is read or bounded here."""
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {}
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return []
-
-
-MethodParams = (
-    SftParams
-    | DpoParams
-    | KtoParams
-    | RewardModelParams
-    | EvaluateParams
-    | GrpoParams
-    | OnlineRlParams
-)
-# The params class of each method, and its field name in TrainingJobSpec's oneof.
-PARAMS_FOR: dict[Method, tuple[str, type]] = {
-    Method.SFT: ("sft", SftParams),
-    Method.DPO: ("dpo", DpoParams),
-    Method.KTO: ("kto", KtoParams),
-    Method.REWARD_MODEL: ("reward_model", RewardModelParams),
-    Method.GRPO: ("grpo", GrpoParams),
-    Method.PPO: ("ppo", OnlineRlParams),
-    Method.EVALUATE: ("evaluate", EvaluateParams),
-}
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    """device_type: "auto", "cpu" or "cuda"; strategy: "auto", "single", "ddp", "fsdp"."""
-
-    device_type: str = "auto"
-    devices_per_node: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = ""  # "" = bf16 on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = False
-    max_devices: int = 0  # auto plans only: most devices to use (0: all)
-
-    BOUNDS: ClassVar[dict[str, Bound]] = {
-        "devices_per_node": Bound(1, 64),
-        "num_nodes": Bound(1, 1024),
-        "max_devices": Bound(0, 65_536, note="0: all"),
-    }
-
-    def violations(self, at: str) -> list[FieldViolation]:
-        return _out_of_bounds(self, at) + _checks(
-            at,
-            (
-                self.precision in ("", *PRECISIONS),
-                "precision",
-                f"must be one of {', '.join(PRECISIONS)}",
-            ),
-        )
 
 
 @dataclass(frozen=True)
@@ -391,10 +82,15 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def digest(self) -> str:
+        """sha256 of the spec as a canonical JSON: equal specs, equal digests (request ids)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
     @staticmethod
     def from_dict(data: dict[str, Any]) -> JobSpec:
         method = Method(data["method"])
-        params_cls = PARAMS_FOR[method][1]
+        params_cls = METHODS[method].params
         params = dict(data.get("params") or {})
         if "sampling" in params:
             params["sampling"] = Sampling(**_tuples(params["sampling"]))
@@ -420,13 +116,6 @@ def _tuples(values: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def default_learning_rate(method: Method, lora: bool) -> float:
-    """The proto's table: 2e-5 full / 2e-4 LoRA; online RL 1e-6 full / 1e-5 LoRA."""
-    if method in (Method.GRPO, Method.PPO):
-        return 1e-5 if lora else 1e-6
-    return 2e-4 if lora else 2e-5
-
-
 def default_output_model(base_model: str, method: Method) -> str:
     """models/{base}-{method}, kept inside the registry's id pattern."""
     match = REVISION_NAME.match(base_model)
@@ -436,56 +125,109 @@ def default_output_model(base_model: str, method: Method) -> str:
 
 
 def complete(spec: JobSpec) -> JobSpec:
-    """Fill the defaults that depend on other fields (learning rate, params, output model)."""
-    training = spec.training
-    if training.learning_rate is None:
-        lr = default_learning_rate(spec.method, spec.lora is not None)
+    """Fill the defaults that depend on the method (learning rate, params, output model)."""
+    method = METHODS[spec.method]
+    training, lora = spec.training, spec.lora
+    if training.learning_rate is None and method.trains:
+        lr = method.default_learning_rate(spec.lora is not None)
         training = dataclasses.replace(training, learning_rate=lr)
-    params = spec.params if spec.params is not None else PARAMS_FOR[spec.method][1]()
-    output = spec.output_model or default_output_model(spec.base_model, spec.method)
-    if spec.method is Method.EVALUATE:
-        output = ""  # evaluation produces metrics, no model
+    if lora is not None and not method.dropout:
+        lora = dataclasses.replace(lora, dropout=0.0)
+    params = spec.params if spec.params is not None else method.params()
+    output = ""  # a method that trains nothing produces metrics, no model
+    if method.trains:
+        output = spec.output_model or default_output_model(spec.base_model, spec.method)
     if isinstance(params, GrpoParams):  # the group size is the rollout's n
         sampling = dataclasses.replace(params.sampling, n=params.num_generations)
         params = dataclasses.replace(params, sampling=sampling)
-    return dataclasses.replace(spec, training=training, params=params, output_model=output)
+    return dataclasses.replace(
+        spec, training=training, lora=lora, params=params, output_model=output
+    )
 
 
 def validate(spec: JobSpec) -> JobSpec:
     """Check every field once; raise InvalidArgument with a violation per bad field."""
+    method = METHODS[spec.method]
     problems: list[FieldViolation] = []
-    problems += _name_violations(spec)
+    problems += _name_violations(spec, method)
     if spec.lora is not None:
         problems += spec.lora.violations("spec.tuning.lora")
     problems += spec.training.violations("spec.training")
-    if spec.method is Method.KTO and spec.training.per_device_batch_size == 1:
-        # KTO's KL baseline pairs each prompt with another row's completion in the batch.
-        problems.append(
-            FieldViolation("spec.training.per_device_batch_size", "must be >= 2 for KTO")
-        )
-    field_name, params_cls = PARAMS_FOR[spec.method]
-    if spec.params is not None and not isinstance(spec.params, params_cls):
+    least, why = method.min_batch_size
+    if spec.training.per_device_batch_size < least:
         problems.append(
             FieldViolation(
-                "spec.method_params", f"must be spec.{field_name} for {spec.method.name}"
+                "spec.training.per_device_batch_size",
+                f"must be >= {least} for {method.name}: {why}",
             )
         )
-    elif spec.params is not None:
-        params: Any = spec.params
-        problems += params.violations(f"spec.{field_name}")
     at = "spec.resources.explicit" if spec.explicit_resources else "spec.resources.auto"
     problems += spec.resources.violations(at)
+    if spec.params is not None and not isinstance(spec.params, method.params):
+        problems.append(
+            FieldViolation(
+                "spec.method_params", f"must be spec.{method.params_field} for {method.name}"
+            )
+        )
+    else:
+        params: Any = spec.params
+        problems += params.violations(f"spec.{method.params_field}") if params else []
+        problems += unused_violations(spec, method)
     if problems:
         summary = "; ".join(f"{p.field}: {p.description}" for p in problems)
         raise InvalidArgument(f"invalid training job spec: {summary}", violations=problems)
     return complete(spec)
 
 
-def _name_violations(spec: JobSpec) -> list[FieldViolation]:
+def unused_violations(spec: JobSpec, method: MethodDef) -> list[FieldViolation]:
+    """A violation for each field set away from its default that `method` does not read."""
+    conditions = {c.path: c for c in method.conditions}
+    problems = []
+    for path, value, default in _values(spec):
+        if value == default:
+            continue
+        if path not in method.reads:
+            problems.append(
+                FieldViolation(f"spec.{path}", f"{method.name} does not use it; leave it unset")
+            )
+        elif path in conditions and not conditions[path].holds(spec):
+            problems.append(FieldViolation(f"spec.{path}", conditions[path].why))
+    return problems
+
+
+def _values(spec: JobSpec) -> Iterator[tuple[str, Any, Any]]:
+    """(path, value, default) of every field a spec can set, as in methods.ALL_PATHS."""
+    yield "tuning.full", spec.lora is None, False
+    if spec.lora is not None:
+        yield from _fields("tuning.lora", spec.lora, LoraParams())
+    for name in ("train_dataset", "eval_dataset", "evaluator", "output_model"):
+        yield name, getattr(spec, name), ""
+    yield from _fields("training", spec.training, TrainingParams())
+    if spec.params is not None:
+        method = METHODS[spec.method]
+        yield from _fields(method.params_field, spec.params, method.params())
+    yield "resources.explicit", spec.explicit_resources, False
+    if spec.explicit_resources:
+        plan = dataclasses.replace(spec.resources, max_devices=0)
+        yield from _fields("resources.explicit", plan, DevicePlan())
+    else:
+        yield "resources.auto.max_devices", spec.resources.max_devices, 0
+
+
+def _fields(prefix: str, value: Any, default: Any) -> Iterator[tuple[str, Any, Any]]:
+    for f in dataclasses.fields(value):
+        mine, theirs = getattr(value, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(mine):
+            yield from _fields(f"{prefix}.{f.name}", mine, theirs)
+        else:
+            yield f"{prefix}.{f.name}", mine, theirs
+
+
+def _name_violations(spec: JobSpec, method: MethodDef) -> list[FieldViolation]:
     problems = []
     names = (
         ("spec.base_model", spec.base_model, "models", True),
-        ("spec.train_dataset", spec.train_dataset, "datasets", spec.method is not Method.EVALUATE),
+        ("spec.train_dataset", spec.train_dataset, "datasets", method.trains),
         ("spec.eval_dataset", spec.eval_dataset, "datasets", False),
         ("spec.evaluator", spec.evaluator, "evaluators", False),
     )
@@ -498,8 +240,10 @@ def _name_violations(spec: JobSpec) -> list[FieldViolation]:
         if match is None or match.group(1) != collection:
             want = f"{collection}/{{id}}/revisions/{{revision or alias}}"
             problems.append(FieldViolation(path, f"must look like {want}"))
-    if spec.method is Method.EVALUATE and not (spec.train_dataset or spec.eval_dataset):
-        problems.append(FieldViolation("spec.eval_dataset", "EVALUATE needs a prompt dataset"))
+    if not method.trains and not (spec.train_dataset or spec.eval_dataset):
+        problems.append(
+            FieldViolation("spec.eval_dataset", f"{method.name} needs {method.dataset_needs}")
+        )
     if spec.output_model:
         model_id = spec.output_model.removeprefix("models/")
         if not spec.output_model.startswith("models/") or not MODEL_ID.match(model_id):
@@ -507,7 +251,3 @@ def _name_violations(spec: JobSpec) -> list[FieldViolation]:
                 FieldViolation("spec.output_model", "must look like models/{id}, id [a-z0-9._-]")
             )
     return problems
-
-
-def _checks(at: str, *checks: tuple[bool, str, str]) -> list[FieldViolation]:
-    return [FieldViolation(f"{at}.{name}", message) for ok, name, message in checks if not ok]

@@ -1,7 +1,8 @@
 """Job storage: a jobs table and an append-only events table (SQLAlchemy; SQLite by default).
 
-The schema is created on open (no migrations yet: a change to it needs one). Every query is
-scoped by team, so another team's jobs are simply not found. Calls are short and blocking.
+The schema is created on open; columns added since are added to older stores on open too
+(`ADDED_COLUMNS`; no migration tool yet). Every query is scoped by team, so another team's jobs
+are simply not found. Calls are short and blocking.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy import (
     String,
     create_engine,
     event,
+    inspect,
     select,
     text,
 )
@@ -61,6 +63,7 @@ class JobRow(Base):
     job_id: Mapped[str] = mapped_column(String(64), unique=True)
     team: Mapped[str] = mapped_column(String(128), index=True)
     request_id: Mapped[str] = mapped_column(String(128), default="")
+    request_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
     display_name: Mapped[str] = mapped_column(String, default="")
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     method: Mapped[int] = mapped_column(Integer)
@@ -80,6 +83,11 @@ class JobRow(Base):
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     start_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# Columns added after the first release, and the DDL that adds each to an older store (its
+# rows get the default).
+ADDED_COLUMNS = {("jobs", "request_digest"): "VARCHAR(64) NOT NULL DEFAULT ''"}
 
 
 class EventRow(Base):
@@ -114,6 +122,7 @@ def _job(row: JobRow) -> Job:
         create_time=_utc(row.create_time) or now(),
         display_name=row.display_name,
         request_id=row.request_id,
+        request_digest=row.request_digest or "",
         labels=dict(row.labels or {}),
         output_model_revision=row.output_model_revision,
         final_metrics=dict(row.final_metrics or {}),
@@ -131,8 +140,16 @@ class JobStore:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        self._add_columns()
         for index in Base.metadata.tables["jobs"].indexes:  # stores older than the index
             index.create(self.engine, checkfirst=True)
+
+    def _add_columns(self) -> None:
+        """Give a store made before a column of ADDED_COLUMNS that column."""
+        for (table, name), ddl in ADDED_COLUMNS.items():
+            if name not in {c["name"] for c in inspect(self.engine).get_columns(table)}:
+                with self.engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -163,6 +180,7 @@ class JobStore:
                 job_id=job.job_id,
                 team=job.team,
                 request_id=job.request_id,
+                request_digest=job.request_digest,
                 display_name=job.display_name,
                 labels=job.labels,
                 method=int(job.method),

@@ -26,6 +26,7 @@ import structlog
 from services.common.ids import team_dir
 from services.trainer.domain import EventKind, JobError, JobState
 from services.trainer.store import JobStore
+from services.trainer.tensorboard_log import TensorBoardLog
 from services.trainer.worker_protocol import (
     API_KEY_ENV,
     EVENTS_FILE,
@@ -89,6 +90,8 @@ class Supervisor:
         self._stopping = False
         # A resumed job redoes the steps after its checkpoint; their metrics are recorded.
         self._recorded_step: dict[Key, int] = {}
+        # Each running job's metrics, also as TensorBoard event files in its folder.
+        self._boards: dict[Key, TensorBoardLog] = {}
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -182,6 +185,9 @@ class Supervisor:
             self._tasks.pop(key, None)
             self._cancel_deadline.pop(key, None)
             self._recorded_step.pop(key, None)
+            board = self._boards.pop(key, None)
+            if board is not None:
+                board.close()
             self.notify(key)
             self._kick()
 
@@ -216,6 +222,7 @@ class Supervisor:
             )
         self._procs[key] = proc
         self._recorded_step[key] = job.progress.step if job.checkpoint_step else 0
+        self._boards[key] = TensorBoardLog(folder)
         self.store.transition(team, job_id, JobState.RUNNING, f"worker started (pid {proc.pid})")
         log.info("job_started", job=job_id, team=team, method=job.method.name, pid=proc.pid)
         self.notify(key)
@@ -243,14 +250,12 @@ class Supervisor:
             message = f"training started: {event.get('total_steps', 0)} steps"
             self.store.append(*key, EventKind.LOG, {"level": "info", "message": message})
         elif kind == "metrics":
-            if int(event["step"]) <= self._recorded_step.get(key, 0):
+            step, values = int(event["step"]), clean_metrics(event.get("values", {}))
+            if step <= self._recorded_step.get(key, 0):
                 return
-            data = {
-                "step": int(event["step"]),
-                "epoch": float(event.get("epoch", 0.0)),
-                "values": clean_metrics(event.get("values", {})),
-            }
+            data = {"step": step, "epoch": float(event.get("epoch", 0.0)), "values": values}
             self.store.append(*key, EventKind.METRICS, data)
+            self._boards[key].scalars(step, values)
         elif kind == "checkpoint":
             data = {"step": int(event["step"]), "policy_revision": event.get("policy_revision", "")}
             self.store.append(*key, EventKind.CHECKPOINT, data)

@@ -25,20 +25,15 @@ import grpc
 from services.common.errors import NotImplementedYet, TlmError, status_code_for
 from services.registry.client import RegistryClient
 from services.trainer.domain import Method
+from services.trainer.methods import METHODS
 from services.trainer.spec import JobSpec
 from services.trainer.worker_io import Cancelled, WorkerContext
 from services.trainer.worker_protocol import API_KEY_ENV, EventWriter, WorkerJob
 
 Runner = Callable[[WorkerContext], Awaitable[dict[str, Any]]]
-# Module holding each method's `run`, imported lazily: EVALUATE and GRPO never load TRL.
-RUNNERS: dict[Method, str] = {
-    Method.SFT: "services.trainer.trl_methods",
-    Method.DPO: "services.trainer.trl_methods",
-    Method.KTO: "services.trainer.trl_methods",
-    Method.REWARD_MODEL: "services.trainer.trl_methods",
-    Method.GRPO: "services.trainer.grpo",
-    Method.EVALUATE: "services.trainer.evaluate",
-}
+# The module holding each method's `run`, from the method table; imported lazily, so EVALUATE
+# and GRPO never load TRL.
+RUNNERS: dict[Method, str] = {m: d.runner for m, d in METHODS.items() if d.implemented}
 PR_SET_PDEATHSIG = 1
 
 

@@ -7,6 +7,7 @@
 - `worker.log`: the worker's stdout and stderr.
 - `checkpoints/`: TRL checkpoints, for resuming; `output/`: the result before its upload.
   Both are deleted when the job SUCCEEDS or is CANCELLED, kept when it FAILS.
+- `tensorboard/`: the service's TensorBoard scalars of every metrics event (kept).
 """
 
 from __future__ import annotations

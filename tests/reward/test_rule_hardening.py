@@ -168,7 +168,7 @@ def test_catastrophic_pattern_is_linear(schema: dict[str, Any]) -> None:
     for text in (EVIL_TEXT, "a" * 200_000 + "!"):  # the short one first: `re` takes seconds
         start = time.monotonic()
         outcome = score(schema, json.dumps({"k": text} if "properties" in schema else text))
-        assert time.monotonic() - start < 0.5
+        assert time.monotonic() - start < 1.0
         assert outcome.status == Status.OK and outcome.raw == 0.0
         assert "does not match" in outcome.reason and len(outcome.reason) <= 500
 
@@ -185,7 +185,7 @@ def test_catastrophic_pattern_is_linear(schema: dict[str, Any]) -> None:
 def test_catastrophic_pattern_properties_are_linear(schema: dict[str, Any]) -> None:
     start = time.monotonic()
     outcome = score(schema, json.dumps({EVIL_TEXT: 1, "aaa": 2}))
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 1.0
     assert (outcome.status, outcome.raw) == (Status.OK, 0.0)
     assert repr(EVIL_TEXT) in outcome.reason and "'aaa'" not in outcome.reason
 

@@ -193,9 +193,10 @@ def nested(depth: int) -> str:
 
 def test_a_spec_over_the_size_limit_is_refused_before_parsing() -> None:
     props = {f"p{i}": {"type": "string"} for i in range(100_000)}
+    text = json.dumps(schema_spec({"type": "object", "properties": props}))
     start = time.monotonic()
-    result = validate_json(json.dumps(schema_spec({"type": "object", "properties": props})))
-    assert time.monotonic() - start < 0.5
+    result = validate_json(text)
+    assert time.monotonic() - start < 1.0  # parsing and checking it took 20-40 s
     assert [e.field for e in result.errors] == ["$"]
     assert f"at most {MAX_SPEC_BYTES // 1024} KiB" in result.errors[0].description
     message = spec({"scorers": [{"name": "a", "judge": {"rubric": "x" * MAX_SPEC_BYTES}}]})
@@ -266,7 +267,7 @@ def test_health_answers_while_big_specs_are_validated(reward_server: ServerThrea
         worker.join()
     assert [a.valid for a in answers] == [True, True, True, False]
     assert [e.path for e in answers[3].errors] == ["$"]
-    assert slowest < 0.5
+    assert slowest < 1.0
 
 
 def test_big_and_deep_schemas_are_refused_with_their_path(

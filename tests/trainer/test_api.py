@@ -58,6 +58,44 @@ async def test_params_of_another_method_are_refused(trainer: Stub, inputs: Input
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and fields == ["spec.method_params"]
 
 
+async def test_fields_the_method_does_not_use_are_refused_by_name(
+    trainer: Stub, inputs: Inputs
+) -> None:
+    job_spec = spec(pb.SFT, inputs.base, inputs.sft, evaluator=inputs.evaluator)
+    job_spec.training.eval_every = 2  # without an eval_dataset
+    job_spec.dpo.label_smoothing = 0.1  # sigmoid, not robust
+    job_spec.method = pb.DPO
+    job_spec.train_dataset = inputs.preference
+    err, fields, _ = await refused(trainer, job_spec)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields == ["spec.evaluator", "spec.training.eval_every", "spec.dpo.label_smoothing"]
+    assert "DPO does not use it" in (err.details() or "")
+    job_spec.ClearField("evaluator")
+    job_spec.training.eval_every = 0
+    job_spec.dpo.loss_type = "robust"
+    request = pb.CreateTrainingJobRequest(spec=job_spec, validate_only=True)
+    job = await trainer.CreateTrainingJob(request)
+    assert job.spec.dpo.label_smoothing == pytest.approx(0.1)
+
+
+async def test_a_request_id_used_with_another_spec_is_refused(
+    trainer: Stub, inputs: Inputs
+) -> None:
+    first = spec(pb.SFT, inputs.base, inputs.sft, output_model="models/never-trained")
+    first.training.max_steps = 10**6  # queued behind the slots or cancelled below
+    request = pb.CreateTrainingJobRequest(spec=first, request_id="api-reuse")
+    job = await trainer.CreateTrainingJob(request)
+    try:
+        assert (await trainer.CreateTrainingJob(request)).name == job.name  # a retry
+        request.spec.training.learning_rate = 5e-4
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trainer.CreateTrainingJob(request)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert job.name in (err.value.details() or "") and "another spec" in err.value.details()
+    finally:
+        await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=job.name))
+
+
 async def test_a_dataset_of_the_wrong_kind_says_what_the_method_needs(
     trainer: Stub, inputs: Inputs
 ) -> None:
@@ -90,7 +128,9 @@ async def test_missing_and_malformed_names(trainer: Stub, inputs: Inputs) -> Non
     assert fields == ["spec.base_model", "spec.train_dataset"]
     err, fields, _ = await refused(trainer, spec(pb.METHOD_UNSPECIFIED, inputs.base, inputs.sft))
     assert fields == ["spec.method"]
-    job_spec = spec(pb.EVALUATE, inputs.base, "", eval_dataset=inputs.prompts)
+    job_spec = spec(
+        pb.EVALUATE, inputs.base, "", eval_dataset=inputs.prompts, training=pb.TrainingParams()
+    )
     err, fields, _ = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and fields == ["spec.evaluator"]
 

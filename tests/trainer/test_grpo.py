@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import grpc
 import pytest
@@ -16,8 +14,8 @@ from safetensors.torch import load_file
 from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
 from services.trainer.domain import Method
-from services.trainer.grpo import GrpoRun, Policy, PolicyLost, build_policy, make_batch
-from services.trainer.rl_roles import Rollout
+from services.trainer.rl.actor import build_actor
+from services.trainer.rl.batch import Sample, make_batch
 from services.trainer.spec import GrpoParams, JobSpec, LoraParams
 from tests.trainer.conftest import Inputs, spec, wait_for, watch
 from tests.trainer.test_api import refused
@@ -34,6 +32,8 @@ LORA = pb.Tuning(lora=pb.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_p
 # within a group and the advantages are not all zero.
 VOWELS = {"scorers": [{"name": "vowels", "regex": {"pattern": "[aeiou]", "count": True}}]}
 STEPS, GROUP = 3, 4
+# GRPO refuses training.max_length (its completions are bounded by sampling.max_tokens).
+TRAINING = pb.TrainingParams(max_steps=STEPS, per_device_batch_size=2, log_every=1)
 
 
 def grpo_spec(inputs: Inputs, evaluator: str) -> pb.TrainingJobSpec:
@@ -45,7 +45,7 @@ def grpo_spec(inputs: Inputs, evaluator: str) -> pb.TrainingJobSpec:
         tuning=LORA,
         output_model="models/tiny-grpo-e2e",
         training=pb.TrainingParams(
-            max_steps=STEPS, per_device_batch_size=2, log_every=1, learning_rate=1e-2
+            max_steps=STEPS, per_device_batch_size=2, log_every=1, learning_rate=1e-2, save_every=1
         ),
         grpo=pb.GrpoParams(
             num_generations=GROUP, sync_every=1, sampling={"max_tokens": 8, "seed": 3}
@@ -96,7 +96,10 @@ async def test_grpo_lora_trains_pushes_policies_and_the_rollout_serves_the_last(
     assert [m.step for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert {"reward_mean", "reward_std", "valid_fraction", "kl", "loss"} <= set(m.values)
-        assert {"clip_fraction", "completion_length", "tokens_per_second"} <= set(m.values)
+        assert {"clip_ratio/region", "completions/mean_length", "tokens_per_second"} <= set(
+            m.values
+        )
+        assert {"rewards/vowels/mean", "entropy", "time/generate", "time/publish"} <= set(m.values)
         assert m.values["valid_fraction"] == 1.0 and m.values["kl"] >= 0
         # The trainer recomputes the sampler's log-probs: same weights, same convention.
         assert m.values["logprob_mismatch"] < 1e-3
@@ -135,7 +138,7 @@ async def test_grpo_full_weights_with_dapo_loss_syncs_by_load_model(
     job_spec = grpo_spec(inputs, vowels)
     job_spec.tuning.CopyFrom(pb.Tuning(full=pb.FullTuning()))
     job_spec.output_model = "models/tiny-grpo-full"
-    job_spec.training.max_steps = 2
+    job_spec.training.max_steps, job_spec.training.save_every = 2, 2
     job_spec.grpo.num_generations, job_spec.grpo.num_iterations = 2, 2
     job_spec.grpo.sync_every, job_spec.grpo.loss_type = 2, "dapo"
     created = await trainer.CreateTrainingJob(pb.CreateTrainingJobRequest(spec=job_spec))
@@ -172,11 +175,11 @@ async def test_grpo_full_weights_with_dapo_loss_syncs_by_load_model(
 async def test_grpo_needs_a_prompt_dataset_and_an_evaluator(
     trainer: Stub, inputs: Inputs, vowels: str
 ) -> None:
-    on_sft = spec(pb.GRPO, inputs.base, inputs.sft, evaluator=vowels)
+    on_sft = spec(pb.GRPO, inputs.base, inputs.sft, evaluator=vowels, training=TRAINING)
     err, fields, reason = await refused(trainer, on_sft)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and reason == "DATASET_KIND_MISMATCH"
     assert fields == ["spec.train_dataset"] and "GRPO needs a prompt dataset" in err.details()
-    no_evaluator = spec(pb.GRPO, inputs.base, inputs.prompts)
+    no_evaluator = spec(pb.GRPO, inputs.base, inputs.prompts, training=TRAINING)
     err, fields, _ = await refused(trainer, no_evaluator)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and fields == ["spec.evaluator"]
     assert "GRPO needs an evaluator" in err.details()
@@ -187,7 +190,9 @@ async def test_grpo_hyperparameters_are_checked_per_field(
 ) -> None:
     params = pb.GrpoParams(num_generations=1, epsilon=0, loss_type="ppo", sampling={"top_p": 0})
     params.sampling.temperature = 0
-    bad = spec(pb.GRPO, inputs.base, inputs.prompts, evaluator=vowels, grpo=params)
+    bad = spec(
+        pb.GRPO, inputs.base, inputs.prompts, evaluator=vowels, grpo=params, training=TRAINING
+    )
     err, fields, _ = await refused(trainer, bad)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(fields) == {
@@ -197,7 +202,7 @@ async def test_grpo_hyperparameters_are_checked_per_field(
         "spec.grpo.sampling.temperature",
         "spec.grpo.sampling.top_p",
     }
-    defaults = spec(pb.GRPO, inputs.base, inputs.prompts, evaluator=vowels)
+    defaults = spec(pb.GRPO, inputs.base, inputs.prompts, evaluator=vowels, training=TRAINING)
     defaults.training.ClearField("learning_rate")
     job = await trainer.CreateTrainingJob(
         pb.CreateTrainingJobRequest(spec=defaults, validate_only=True)
@@ -214,11 +219,11 @@ async def test_grpo_hyperparameters_are_checked_per_field(
     assert job.spec.output_model == "models/tiny-grpo"
 
 
-BASE, POLICY = "models/tiny/revisions/1", "models/tiny-grpo/revisions/2"
+BASE = "models/tiny/revisions/1"
 
 
-def rollout(prompt: list[int], completion: list[int], version: str = BASE) -> Rollout:
-    return Rollout(prompt, completion, [-0.5] * len(completion), "x", version)
+def rollout(prompt: list[int], completion: list[int], version: str = BASE) -> Sample:
+    return Sample(prompt, completion, [-0.5] * len(completion), "x", version)
 
 
 def grpo_job(lora: LoraParams | None) -> JobSpec:
@@ -237,7 +242,7 @@ def test_make_batch_right_pads_on_the_policy_device_and_checks_log_probs() -> No
     assert cpu.input_ids.tolist() == [[5, 6, 7, 0], [5, 8, 9, 10]]
     assert cpu.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert cpu.mask.tolist() == [[1, 0, 0], [0, 0, 0]]
-    short = Rollout([5], [8, 9], [-0.5], "x", BASE)  # skip_logprobs or a broken engine
+    short = Sample([5], [8, 9], [-0.5], "x", BASE)  # skip_logprobs or a broken engine
     with pytest.raises(RuntimeError, match="1 log-probs for 2 tokens"):
         make_batch([short], torch.tensor([True]), 0)
 
@@ -248,7 +253,7 @@ def test_full_tuning_trains_fp32_master_weights_under_16_bit_autocast(
     """16-bit weights round lr-1e-6 updates away: full tuning keeps fp32 weights (and fp32
     gradients) and autocasts; the frozen reference needs no master copy. LoRA keeps its base
     in the compute precision, adapters fp32. (CPU autocast stands in for CUDA here.)"""
-    full = build_policy(tiny_model_dir, grpo_job(None), "bf16", "cpu")
+    full = build_actor(tiny_model_dir, grpo_job(None), "bf16", "cpu")
     assert {p.dtype for p in full.model.parameters()} == {torch.float32}
     assert full.reference is not None and full.autocast == torch.bfloat16
     assert {p.dtype for p in full.reference.parameters()} == {torch.bfloat16}
@@ -259,46 +264,10 @@ def test_full_tuning_trains_fp32_master_weights_under_16_bit_autocast(
     grads = [p.grad for p in full.model.parameters() if p.grad is not None]
     assert grads and {g.dtype for g in grads} == {torch.float32}
     assert torch.allclose(full.reference_logprobs(batch), logp.detach(), atol=0.1)
-    lora = build_policy(
+    lora = build_actor(
         tiny_model_dir, grpo_job(LoraParams(target_modules=("q_proj",))), "bf16", "cpu"
     )
     trained = {p.dtype for p in lora.model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in lora.model.parameters() if not p.requires_grad}
     assert trained == {torch.float32} and frozen == {torch.bfloat16}
-    assert build_policy(tiny_model_dir, grpo_job(None), "fp32", "cpu").autocast is None
-
-
-class FakeRollout:
-    """Answers Generate with one completion per call, made by the next of `versions`."""
-
-    def __init__(self, versions: list[str]) -> None:
-        self.versions, self.served = versions, list[str]()
-
-    async def generate(self, rows: Any, sampling: Any, adapter: str, request_id: str) -> Any:
-        return [rollout([1], [2], self.versions.pop(0))]
-
-    async def serve_model(self, revision: str, force: bool = False) -> str:
-        self.served.append(revision)
-        return revision
-
-
-def full_tuning_run(versions: list[str]) -> tuple[GrpoRun, FakeRollout]:
-    run = GrpoRun.__new__(GrpoRun)  # no services: only _generate's bookkeeping is under test
-    run.spec, run.params = grpo_job(None), GrpoParams()
-    run.policy = Policy(model=None, reference=None, lora=False)
-    run.policy_revision, fake = POLICY, FakeRollout(versions)
-    run.rollout = fake  # type: ignore[assignment]
-    run.ctx = SimpleNamespace(job=SimpleNamespace(name="jobs/j"), log=lambda *a: None)  # type: ignore[assignment]
-    return run, fake
-
-
-async def test_completions_from_another_policy_are_never_trained_on() -> None:
-    """Full weights are served without an adapter name: if another job of the team reloaded
-    the base, Generate succeeds with the wrong model and its log-probs are not log pi_old. The
-    completion's policy_version shows it: load the policy again once, then give up."""
-    run, fake = full_tuning_run([BASE, POLICY])
-    got = await run._generate([{"prompt": "q"}], 0)
-    assert [r.policy_version for r in got] == [POLICY] and fake.served == [POLICY]
-    run, fake = full_tuning_run([BASE, BASE])
-    with pytest.raises(PolicyLost, match="generated with"):
-        await run._generate([{"prompt": "q"}], 0)
+    assert build_actor(tiny_model_dir, grpo_job(None), "fp32", "cpu").autocast is None

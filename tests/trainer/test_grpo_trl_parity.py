@@ -4,7 +4,7 @@ A real `GRPOTrainer` on the tiny Qwen2 model gets fixed completions through its 
 (prompt ids, completion ids and the sampler's log-probs) and fixed rewards from a reward
 function, and builds its own inputs dict with `_generate_and_score_completions`: advantages, old,
 reference and sampler log-probs, importance ratios. Our side starts from the same weights and
-the same rollouts and goes through the trainer's own pieces (`make_batch`, `Policy` log-probs at
+the same rollouts and goes through the trainer's own pieces (`make_batch`, `Actor` log-probs at
 the temperature, `batch_advantages`, `sampler_correction`, `loss_config`, `algos.policy_loss`). The
 loss and every parameter's gradient must agree within 1e-5, for every loss type, with and
 without KL and its bias correction, with and without the importance-sampling correction, at
@@ -25,17 +25,11 @@ import torch
 from datasets import Dataset
 
 from services.trainer.domain import Method
-from services.trainer.grpo import (
-    Batch,
-    Policy,
-    batch_advantages,
-    build_policy,
-    loss_config,
-    make_batch,
-    sampler_correction,
-)
-from services.trainer.rl import LossType, ScaleRewards, algos
-from services.trainer.rl_roles import Rollout
+from services.trainer.grpo import loss_config, objective
+from services.trainer.rl import AdvantageEstimator, LossType, ScaleRewards, algos
+from services.trainer.rl.actor import Actor, build_actor, sampler_correction
+from services.trainer.rl.batch import Sample, TokenBatch, make_batch
+from services.trainer.rl.controller import compute_advantages
 from services.trainer.spec import GrpoParams, JobSpec, Sampling
 
 pytestmark = pytest.mark.slow
@@ -69,8 +63,8 @@ LOSS_TYPES = list(LossType)
 KL_CASES = [(0.0, False), (0.1, False), (0.1, True)]  # (beta, use_bias_correction_kl)
 
 
-def rollouts() -> list[Rollout]:
-    return [Rollout(PROMPTS[i // G], c, SAMPLING[i], "", "base") for i, c in enumerate(COMPLETIONS)]
+def rollouts() -> list[Sample]:
+    return [Sample(PROMPTS[i // G], c, SAMPLING[i], "", "base") for i, c in enumerate(COMPLETIONS)]
 
 
 def trl_trainer(
@@ -132,12 +126,12 @@ def perturb(model: torch.nn.Module) -> None:
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
 
 
-def our_policy(path: Path, trainer: Any, params: GrpoParams) -> Policy:
+def our_policy(path: Path, trainer: Any, params: GrpoParams) -> Actor:
     """Full tuning from the same base (our reference), with TRL's perturbed policy weights."""
     spec = JobSpec(
         Method.GRPO, "models/tiny/revisions/1", "datasets/p/revisions/1", None, params=params
     )
-    policy = build_policy(path, spec, "fp32", "cpu")
+    policy = build_actor(path, spec, "fp32", "cpu")
     policy.model.load_state_dict(trainer.model.state_dict())
     return policy
 
@@ -178,15 +172,23 @@ def old_shift(shape: torch.Size) -> torch.Tensor:
     return ((steps * 5) % 7 - 3) * 0.15  # in [-0.45, 0.45]
 
 
+def batch_advantages(
+    rewards: torch.Tensor, valid: torch.Tensor, batch: TokenBatch, params: GrpoParams
+) -> torch.Tensor:
+    """The controller's advantages for GRPO's settings. (N, T)."""
+    options = algos.AdvantageOptions(ScaleRewards(params.scale_rewards))
+    return compute_advantages(rewards, valid, G, batch.mask, AdvantageEstimator.GRPO, options)
+
+
 def our_loss(
-    policy: Policy,
-    batch: Batch,
+    policy: Actor,
+    batch: TokenBatch,
     params: GrpoParams,
     rewards: list[float | None],
     old: torch.Tensor,
     weights: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One loss as `GrpoRun.update` computes it, with log pi_old given."""
+    """One loss as `Actor.update` computes it on one micro-batch, with log pi_old given."""
     adv = batch_advantages(reward_tensor(rewards), valid_mask(rewards), batch, params)  # (N, T)
     ref = policy.reference_logprobs(batch) if params.beta > 0 else None
     inputs = algos.LossInputs(policy.logprobs(batch), old, adv, batch.mask, ref, weights)
@@ -228,7 +230,7 @@ def test_loss_and_every_gradient_equal_trl(
     # The pieces TRL computed before the loss: log pi_old at the temperature (TRL computes it
     # when it corrects), the reference's, the importance ratios, the advantages.
     old = policy.logprobs(batch).detach()  # (N, T)
-    weights, _ = sampler_correction(old, batch, params)
+    weights, _ = sampler_correction(old, batch, objective(params))
     if is_correction:
         close(old, inputs["old_per_token_logps"], "log pi_old: {}")
         assert weights is not None
@@ -306,7 +308,7 @@ def test_an_unscorable_sample_is_as_if_it_were_not_in_the_batch(
     batch = make_batch(rollouts(), keep, 0)
     assert float(batch.mask[2].sum()) == 0  # the unscorable sample is masked out
     old = policy.logprobs(batch).detach()
-    weights, _ = sampler_correction(old, batch, params)
+    weights, _ = sampler_correction(old, batch, objective(params))
     ours = our_loss(policy, batch, params, WITH_UNSCORABLE, old, weights)
     ours.backward()
     close(ours.detach(), theirs.detach(), "loss: {}")

@@ -57,6 +57,7 @@ def specs(i: Inputs) -> dict[str, pb.TrainingJobSpec]:
             eval_dataset=i.prompts,
             evaluator=i.evaluator,
             evaluate=pb.EvaluateParams(sampling={"n": 2, "max_tokens": 4, "seed": 1}),
+            training=pb.TrainingParams(),  # EVALUATE trains nothing: training fields are refused
         ),
         "bad_modules": spec(
             pb.SFT,

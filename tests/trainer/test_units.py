@@ -331,3 +331,46 @@ def test_a_second_trainer_on_the_same_data_dir_is_refused(tmp_path: Path) -> Non
         owner_lock(tmp_path)
     lock.close()
     owner_lock(tmp_path).close()
+
+
+def test_a_store_made_before_request_digests_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    store = JobStore(f"sqlite:///{path}")
+    first, _ = store.create(dataclasses.replace(_job("a", "r-1"), request_digest="abc"))
+    store.close()
+    with sqlite3.connect(path) as db:  # the schema of an older trainer
+        db.execute("ALTER TABLE jobs DROP COLUMN request_digest")
+    store = JobStore(f"sqlite:///{path}")
+    old = store.find_request("a", "r-1")
+    assert old is not None and old.job_id == first.job_id and old.request_digest == ""
+    second, _ = store.create(dataclasses.replace(_job("a", "r-2"), request_digest="def"))
+    assert store.get("a", second.job_id).request_digest == "def"
+    store.close()
+
+
+async def test_a_reused_request_id_must_repeat_the_spec(tmp_path: Path) -> None:
+    from services.trainer.core import Changes, CreateRequest, TrainerCore
+    from services.trainer.domain import RequestIdReused
+    from services.trainer.resources import Devices
+    from services.trainer.supervisor import Supervisor, WorkerConfig
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    changes = Changes()
+    no_slots = Supervisor(store, WorkerConfig(root=tmp_path, max_running=0), changes.notify)
+    core = TrainerCore(store, no_slots, changes, Devices(0, 0, 10**9))
+    spec = JobSpec(Method.SFT, BASE, DATA)
+    stored = dataclasses.replace(_job("a", "r-1"), request_digest=validate(spec).digest())
+    job, _ = store.create(stored)
+    again = await core.create("a", CreateRequest(spec, request_id="r-1"))  # no registry call
+    assert again.job_id == job.job_id
+    other = dataclasses.replace(spec, training=TrainingParams(seed=1))
+    with pytest.raises(RequestIdReused) as err:
+        await core.create("a", CreateRequest(other, request_id="r-1"))
+    assert [v.field for v in err.value.violations] == ["request_id"]
+    legacy, _ = store.create(_job("a", "r-old"))  # stored before digests: answered as before
+    assert (
+        await core.create("a", CreateRequest(other, request_id="r-old"))
+    ).job_id == legacy.job_id
+    store.close()

@@ -237,7 +237,7 @@ class TrainingParams(_message.Message):
     learning_rate: _builtins.float
     """Peak learning rate (default 2e-5 full, 2e-4 LoRA; 1e-6 full / 1e-5 LoRA for GRPO and PPO)."""
     epochs: _builtins.float
-    """Passes over the dataset (default 1); ignored when max_steps is set."""
+    """Passes over the dataset (default 1); refused together with max_steps."""
     max_steps: _builtins.int
     """Optimizer steps; 0 means derived from epochs."""
     per_device_batch_size: _builtins.int
@@ -245,7 +245,9 @@ class TrainingParams(_message.Message):
     gradient_accumulation_steps: _builtins.int
     """Gradient accumulation steps (default 1)."""
     max_length: _builtins.int
-    """Longest tokenised example; longer ones are truncated (default 1024)."""
+    """Longest tokenised example; longer ones are truncated (default 1024). Not for GRPO, whose
+    completions are bounded by sampling.max_tokens.
+    """
     warmup_ratio: _builtins.float
     """Share of steps for linear warm-up (default 0.03)."""
     lr_scheduler: _builtins.str
@@ -261,7 +263,9 @@ class TrainingParams(_message.Message):
     log_every: _builtins.int
     """Emit metrics every this many steps (default 10)."""
     eval_every: _builtins.int
-    """Evaluate on eval_dataset every this many steps (default 0: only at the end)."""
+    """Evaluate on eval_dataset every this many steps (default 0: only at the end); needs
+    eval_dataset.
+    """
     def __init__(
         self,
         *,
@@ -340,9 +344,13 @@ class DpoParams(_message.Message):
     beta: _builtins.float
     """KL strength beta (default 0.1)."""
     loss_type: _builtins.str
-    """"sigmoid" (the paper's), "hinge", "ipo" (default "sigmoid")."""
+    """"sigmoid" (the paper's), "hinge", "ipo" or "robust" (rDPO, Chowdhury et al., 2024)
+    (default "sigmoid").
+    """
     label_smoothing: _builtins.float
-    """Label smoothing for noisy preferences (cDPO, default 0)."""
+    """The probability that a preference label is flipped, in [0, 0.5) (default 0). Read by
+    loss_type "robust" only (TRL's other losses ignore it), so refused with the others.
+    """
     max_prompt_length: _builtins.int
     """Longest prompt kept, tokens (default 512)."""
     def __init__(
@@ -509,10 +517,14 @@ class GrpoParams(_message.Message):
     sampling.temperature 1 until the rollout service returns temperature-scaled log-probs.
     """
     importance_sampling_cap: _builtins.float
-    """The cap C of importance_sampling_correction (default 3.0; in [1, 100])."""
+    """The cap C of importance_sampling_correction (default 3.0; in [1, 100]); refused when the
+    correction is off.
+    """
     @_builtins.property
     def sampling(self) -> _rollout_pb2.SamplingParams:
-        """Sampling for rollouts (n is taken from num_generations)."""
+        """Sampling for rollouts: n is num_generations (another n is refused), and skip_logprobs is
+        refused (the importance correction needs them).
+        """
 
     def __init__(
         self,
@@ -706,7 +718,7 @@ class DevicePlan(_message.Message):
     precision: _builtins.str
     """"fp32", "bf16" or "fp16" (default bf16 on CUDA, fp32 on CPU)."""
     gradient_checkpointing: _builtins.bool
-    """Gradient checkpointing to save memory."""
+    """Gradient checkpointing to save memory (not for GRPO yet)."""
     def __init__(
         self,
         *,
@@ -815,18 +827,24 @@ class TrainingJobSpec(_message.Message):
     train_dataset: _builtins.str
     """Training data, "datasets/{d}/revisions/{revision or alias}"; its kind must suit the method."""
     eval_dataset: _builtins.str
-    """Optional held-out data of the same kind (or prompts, for EVALUATE / GRPO / PPO metrics)."""
+    """Optional held-out data of the same kind (or prompts, for EVALUATE / GRPO / PPO metrics).
+    EVALUATE reads this one when both datasets are given: give it one.
+    """
     evaluator: _builtins.str
-    """The reward evaluator for GRPO, PPO and EVALUATE, "evaluators/{e}/revisions/{revision}"."""
+    """The reward evaluator for GRPO, PPO and EVALUATE, "evaluators/{e}/revisions/{revision}";
+    refused for the other methods.
+    """
     output_model: _builtins.str
-    """Model to receive the result, "models/{m}" (created if missing; default "{base}-{method}")."""
+    """Model to receive the result, "models/{m}" (created if missing; default "{base}-{method}");
+    not for EVALUATE.
+    """
     @_builtins.property
     def tuning(self) -> Global___Tuning:
-        """Full or LoRA (default LoRA with its defaults)."""
+        """Full or LoRA (default LoRA with its defaults); not for EVALUATE, which trains nothing."""
 
     @_builtins.property
     def training(self) -> Global___TrainingParams:
-        """Shared optimisation settings."""
+        """Shared optimisation settings; none for EVALUATE."""
 
     @_builtins.property
     def sft(self) -> Global___SftParams:
@@ -858,7 +876,7 @@ class TrainingJobSpec(_message.Message):
 
     @_builtins.property
     def resources(self) -> Global___Resources:
-        """Resources (default auto)."""
+        """Resources (default auto); none for EVALUATE, which generates on the rollout service."""
 
     def __init__(
         self,
@@ -1153,7 +1171,9 @@ class CreateTrainingJobRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key: the same key returns the same job."""
+    """Idempotency key (AIP-155): the same key and spec return the same job; the same key with
+    another spec is ALREADY_EXISTS.
+    """
     display_name: _builtins.str
     """Free text."""
     validate_only: _builtins.bool

@@ -76,9 +76,10 @@ class TrainerServiceServicer:
     """
 
     def CreateTrainingJob(self, request, context):
-        """Creates a job; idempotent by request_id (the same id returns the same job). The spec is
-        checked first: a dataset of the wrong kind for the method is FAILED_PRECONDITION naming
-        what the method needs.
+        """Creates a job; idempotent by request_id (the same id and spec return the same job; the
+        same id with another spec is ALREADY_EXISTS naming request_id). The spec is checked first:
+        a field the method does not use is INVALID_ARGUMENT naming the field, and a dataset of the
+        wrong kind for the method is FAILED_PRECONDITION naming what the method needs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,9 +37,10 @@ class TrainerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TrainerServiceAsyncStub: ...
     CreateTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CreateTrainingJobRequest, _trainer_pb2.TrainingJob]
-    """Creates a job; idempotent by request_id (the same id returns the same job). The spec is
-    checked first: a dataset of the wrong kind for the method is FAILED_PRECONDITION naming
-    what the method needs.
+    """Creates a job; idempotent by request_id (the same id and spec return the same job; the
+    same id with another spec is ALREADY_EXISTS naming request_id). The spec is checked first:
+    a field the method does not use is INVALID_ARGUMENT naming the field, and a dataset of the
+    wrong kind for the method is FAILED_PRECONDITION naming what the method needs.
     """
     GetTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetTrainingJobRequest, _trainer_pb2.TrainingJob]
     """Gets a job."""
@@ -63,9 +64,10 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CreateTrainingJobRequest, _trainer_pb2.TrainingJob]  # type: ignore[assignment]
-    """Creates a job; idempotent by request_id (the same id returns the same job). The spec is
-    checked first: a dataset of the wrong kind for the method is FAILED_PRECONDITION naming
-    what the method needs.
+    """Creates a job; idempotent by request_id (the same id and spec return the same job; the
+    same id with another spec is ALREADY_EXISTS naming request_id). The spec is checked first:
+    a field the method does not use is INVALID_ARGUMENT naming the field, and a dataset of the
+    wrong kind for the method is FAILED_PRECONDITION naming what the method needs.
     """
     GetTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetTrainingJobRequest, _trainer_pb2.TrainingJob]  # type: ignore[assignment]
     """Gets a job."""
@@ -92,9 +94,10 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.CreateTrainingJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.TrainingJob, _abc.Awaitable[_trainer_pb2.TrainingJob]]:
-        """Creates a job; idempotent by request_id (the same id returns the same job). The spec is
-        checked first: a dataset of the wrong kind for the method is FAILED_PRECONDITION naming
-        what the method needs.
+        """Creates a job; idempotent by request_id (the same id and spec return the same job; the
+        same id with another spec is ALREADY_EXISTS naming request_id). The spec is checked first:
+        a field the method does not use is INVALID_ARGUMENT naming the field, and a dataset of the
+        wrong kind for the method is FAILED_PRECONDITION naming what the method needs.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,337 @@
+"""The actor: the trainable policy of online RL, on one device (verl's `DataParallelPPOActor`).
+
+It computes log-probs at the sampling temperature (as TRL, verl and OpenRLHF train), the
+reference's log-probs (the base: a frozen copy for full tuning, the adapters disabled for LoRA),
+and updates itself on a generation batch: `num_iterations` optimizer steps, each accumulating
+the gradients of micro-batches of at most `micro_batch_size` sequences, so that no forward pass
+holds all B x G sequences. It owns its optimizer, scheduler and loss scaler, saves and restores
+that state, and exports its weights to a folder. A sharded actor (several devices) and a critic
+(PPO) are other classes with the same methods. Shapes as in `rl/batch.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForCausalLM, get_scheduler
+
+from services.trainer.rl import LossType, algos
+from services.trainer.rl.batch import TokenBatch
+from services.trainer.spec import ALL_LINEAR, GrpoParams, JobSpec
+from services.trainer.worker_io import check_lora_targets
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How a generation batch updates the actor: the loss, mu = `num_iterations` optimizer
+    steps, `micro_batch_size` sequences per forward pass (0: all), truncated IS on or off."""
+
+    loss: algos.LossConfig
+    num_iterations: int = 1
+    micro_batch_size: int = 0
+    is_correction: bool = False
+    is_cap: float = 3.0
+
+
+# How much a micro-batch's loss weighs in the generation batch's, so that accumulating them
+# gives the loss of the whole batch in one pass: (micro mask, batch mask, micro-batches) -> w.
+# grpo and dr_grpo normalise by the samples in the loss, dapo by the batch's tokens (set in the
+# loss config); bnpo is a per-micro-batch token mean by definition, averaged as TRL does.
+def _row_share(micro: torch.Tensor, whole: torch.Tensor, count: int) -> float:
+    return float((micro.sum(dim=1) > 0).sum()) / max(float((whole.sum(dim=1) > 0).sum()), 1.0)
+
+
+MicroWeight = Callable[[torch.Tensor, torch.Tensor, int], float]
+MICRO_WEIGHTS: dict[LossType, MicroWeight] = {
+    LossType.GRPO: _row_share,
+    LossType.DR_GRPO: _row_share,
+    LossType.DAPO: lambda micro, whole, count: 1.0,
+    LossType.BNPO: lambda micro, whole, count: 1.0 / count,
+}
+
+
+def completion_logprobs(
+    model: Any, batch: TokenBatch, temperature: float = 1.0, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(o_t | q, o_<t) of each completion token under softmax(logits / temperature), and
+    (when asked, without gradient) the entropy of that distribution at each position.
+
+    Returns (N, T) and (N, T) or None, zero-padded past each completion."""
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits  # (N, L, V)
+    rows, entropies = [], []
+    for i, (p, c) in enumerate(zip(batch.prompt_lens, batch.completion_lens, strict=True)):
+        step_logits = logits[i, p - 1 : p - 1 + c]  # (C_i, V): position t predicts t + 1
+        targets = batch.input_ids[i, p : p + c]  # (C_i,)
+        rows.append(algos.token_logprobs(step_logits, targets, temperature))  # (C_i,)
+        if entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax(step_logits.float() / temperature, dim=-1)  # (C_i, V)
+                entropies.append(-(logp.exp() * logp).sum(dim=-1))  # (C_i,)
+    logps = pad_sequence(rows, batch_first=True)  # (N, T)
+    return logps, pad_sequence(entropies, batch_first=True) if entropy else None
+
+
+def sampler_correction(
+    old: torch.Tensor, batch: TokenBatch, objective: Objective
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The truncated IS weights (None when off), and how far the trainer's log pi_old is from
+    the sampler's log-probs: ~0 right after a sync at temperature 1 (same weights)."""
+    mask, tokens = batch.mask, batch.mask.sum().clamp_min(1)
+    gap = (old - batch.sampling_logp).abs() * mask  # (N, T)
+    metrics = {"logprob_mismatch": float(gap.sum() / tokens)}
+    if not objective.is_correction:
+        return None, metrics
+    weights = algos.truncated_is_weights(old, batch.sampling_logp, mask, objective.is_cap)
+    metrics["importance_ratio_mean"] = float((weights * mask).sum() / tokens)
+    metrics["importance_ratio_max"] = float((weights * mask).max()) if mask.numel() else 0.0
+    return weights, metrics
+
+
+@dataclass
+class _Micro:
+    """A micro-batch, its advantages and reference log-probs, its weight in the batch's loss;
+    log pi_old and the IS weights once its first forward pass ran."""
+
+    batch: TokenBatch
+    advantages: torch.Tensor  # (n, t)
+    ref: torch.Tensor | None  # (n, t)
+    weight: float
+    old: torch.Tensor | None = None  # (n, t)
+    weights: torch.Tensor | None = None  # (n, t)
+
+
+class _Sums:
+    """Token-weighted sums of per-token statistics over micro-batches and iterations."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, name: str, value: float, weight: float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value * weight
+        self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+class Actor:
+    """The policy being trained. `autocast` is the 16-bit compute dtype (None: fp32) under which
+    fp32 master weights train; `reference` is the frozen copy (full tuning with KL), else None."""
+
+    def __init__(
+        self,
+        model: Any,
+        reference: Any | None,
+        lora: bool,
+        autocast: torch.dtype | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        self.model, self.reference, self.lora = model, reference, lora
+        self.autocast, self.temperature = autocast, temperature
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.max_grad_norm = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizer(self, spec: JobSpec, precision: str, total_updates: int) -> None:
+        """AdamW with the job's schedule over `total_updates` optimizer steps; fp16 scales the
+        loss, or small gradients underflow (bf16 has fp32's range)."""
+        t = spec.training
+        self.optimizer = torch.optim.AdamW(
+            self.trainable_parameters(), lr=t.learning_rate or 0.0, weight_decay=t.weight_decay
+        )
+        self.scheduler = get_scheduler(
+            SCHEDULERS[t.lr_scheduler],
+            self.optimizer,
+            num_warmup_steps=math.ceil(t.warmup_ratio * total_updates),
+            num_training_steps=total_updates,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.max_grad_norm = t.max_grad_norm
+
+    def _compute(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """log pi_theta at the sampling temperature, differentiable. (N, T)."""
+        with self._compute():
+            return completion_logprobs(self.model, batch, self.temperature)[0]
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """log pi_ref at the sampling temperature. (N, T)."""
+        with self._compute():
+            if self.lora:
+                with self.model.disable_adapter():
+                    return completion_logprobs(self.model, batch, self.temperature)[0]
+            return completion_logprobs(self.reference, batch, self.temperature)[0]
+
+    def update(
+        self, batch: TokenBatch, advantages: torch.Tensor, objective: Objective
+    ) -> dict[str, float]:
+        """mu = `num_iterations` optimizer steps on one generation batch, each accumulating the
+        gradients of its micro-batches; advantages (N, T). log pi_old is the actor's own before
+        the first step (TRL on policy), taken from the first forward pass: no extra pass."""
+        assert self.optimizer is not None and self.scaler is not None, "configure_optimizer first"
+        # DAPO divides by the tokens of the whole generation batch, whichever micro-batch.
+        config = replace(objective.loss, batch_tokens=float(batch.mask.sum()))
+        n = len(batch)
+        size = objective.micro_batch_size or n
+        micro = []
+        for a in range(0, n, size):
+            mb = batch.rows(a, min(a + size, n))
+            adv = advantages[a : a + len(mb), : mb.mask.shape[1]]  # (n, t)
+            ref = self.reference_logprobs(mb) if config.beta > 0 else None
+            micro.append(
+                _Micro(
+                    mb,
+                    adv,
+                    ref,
+                    MICRO_WEIGHTS[config.loss_type](mb.mask, batch.mask, -(-n // size)),
+                )
+            )
+        stats, grad_norm = _Sums(), 0.0
+        learning_rate = float(self.scheduler.get_last_lr()[0])  # what this batch's steps use
+        for _ in range(objective.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = sum(self._accumulate(m, objective, config, stats) for m in micro)
+            grad_norm = self._step()
+            stats.add("loss", loss, 1.0)
+        return {**stats.means(), "grad_norm": grad_norm, "learning_rate": learning_rate}
+
+    def _accumulate(
+        self, m: _Micro, objective: Objective, config: algos.LossConfig, stats: _Sums
+    ) -> float:
+        """Forward and backward of one micro-batch, its loss weighted by its share; log pi_old,
+        IS weights and entropy come from its first pass. Returns the weighted loss."""
+        first = m.old is None
+        with self._compute():
+            logp, entropy = completion_logprobs(self.model, m.batch, self.temperature, first)
+        tokens = float(m.batch.mask.sum())
+        if m.old is None:
+            m.old = logp.detach()
+            m.weights, sampler = sampler_correction(m.old, m.batch, objective)
+            for name, value in sampler.items():
+                stats.add(name, value, tokens)
+        if entropy is not None:
+            stats.add("entropy", float((entropy * m.batch.mask).sum()) / max(tokens, 1), tokens)
+        inputs = algos.LossInputs(logp, m.old, m.advantages, m.batch.mask, m.ref, m.weights)
+        out = algos.policy_loss(inputs, config)
+        assert self.scaler is not None
+        self.scaler.scale(out.loss * m.weight).backward()
+        self._clip_stats(stats, logp.detach(), m.old, m.advantages, m.batch.mask, config)
+        stats.add("kl", out.kl, tokens)
+        return float(out.loss.detach()) * m.weight
+
+    @staticmethod
+    def _clip_stats(
+        stats: _Sums,
+        logp: torch.Tensor,
+        old: torch.Tensor,
+        adv: torch.Tensor,
+        mask: torch.Tensor,
+        config: algos.LossConfig,
+    ) -> None:
+        """TRL's clip ratios: low (rho < 1 - eps with A < 0), high (rho > 1 + eps with A > 0)."""
+        ratio = torch.exp(algos.log_ratio(logp, old, mask))  # (n, t)
+        low = (ratio < 1 - config.epsilon) & (adv < 0)
+        high = (ratio > 1 + config.epsilon) & (adv > 0)
+        tokens = float(mask.sum())
+        for name, hit in (("low", low), ("high", high), ("region", low | high)):
+            value = float((hit.float() * mask).sum()) / max(tokens, 1.0)
+            stats.add(f"clip_ratio/{name}", value, tokens)
+
+    def _step(self) -> float:
+        """Unscale, clip the gradient norm, step optimizer and schedule; returns the norm."""
+        assert self.optimizer is not None and self.scaler is not None
+        self.scaler.unscale_(self.optimizer)  # clip the true gradient
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.trainable_parameters(), self.max_grad_norm or float("inf")
+        )
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.update()
+        self.scheduler.step()
+        return float(norm)
+
+    # State -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainable weights, optimizer, scheduler and loss scaler: what a resume needs."""
+        assert self.optimizer is not None and self.scaler is not None
+        trainable = {
+            n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        return {
+            "trainable": trainable,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.optimizer is not None and self.scaler is not None
+        self.model.load_state_dict(state["trainable"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def export(self, folder: Path, tokenizer: Any | None = None) -> None:
+        """The adapter (LoRA) or the full weights and tokenizer, as the registry stores them."""
+        self.model.save_pretrained(folder)
+        if not self.lora and tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+
+def build_actor(path: Any, spec: JobSpec, precision: str, device: str) -> Actor:
+    """LoRA loads the frozen base in `precision` (peft keeps the adapters fp32); full tuning
+    loads fp32 weights and autocasts to a 16-bit precision, since 16-bit weights round small
+    updates (lr 1e-6 x Adam's ~1 step) away. The frozen reference needs no master copy; with
+    beta 0 there is none. Dropout is off (eval mode), as TRL's `disable_dropout`."""
+    torch.manual_seed(spec.training.seed)  # LoRA's A matrices
+    compute = DTYPES[precision]
+    autocast = compute if compute != torch.float32 else None
+    weights = compute if spec.lora is not None else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=weights)
+    model = model.to(torch.device(device))
+    check_lora_targets(spec, model)
+    params: GrpoParams = spec.params
+    temperature = params.sampling.temperature
+    if spec.lora is None:
+        reference = None
+        if params.beta:
+            reference = copy.deepcopy(model).to(compute).eval().requires_grad_(False)
+        return Actor(model.eval(), reference, False, autocast, temperature)
+    lora = spec.lora
+    targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return Actor(get_peft_model(model, config).eval(), None, True, autocast, temperature)

@@ -1,0 +1,364 @@
+"""The single controller of online RL (verl's `RayPPOTrainer.fit`, on one process): the only
+code that orders one step,
+
+    prompts -> generate -> score -> advantages -> actor update -> (publish) -> metrics,
+
+and decides when to publish the policy (`sync_every`, evaluations, the last step), evaluate
+(`eval_every`), save the resume state (`save_every`) and log. It reaches the services only
+through the ports (`rl/ports.py`) and the model only through the actor (`rl/actor.py`).
+
+`max_policy_lag` is how many publications old a sample's policy may be: 0 today (synchronous:
+every sample comes from the policy being served); asynchronous rollout raises it, and the loop
+stays. Samples from an older policy are dropped (masked, like unscored ones); a batch with none
+from a known, fresh enough policy means the sampler lost the policy: it is served again once,
+then the job fails. Shapes as in `rl/batch.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+import torch
+
+from services.trainer.rl import AdvantageEstimator, ScaleRewards, algos
+from services.trainer.rl.actor import Actor, Objective
+from services.trainer.rl.batch import Row, Sample, ScoreStatus, Trajectories, make_batch
+from services.trainer.rl.evaluation import evaluate
+from services.trainer.rl.ports import (
+    PolicyLost,
+    PolicyPublisher,
+    PolicyRef,
+    PromptSource,
+    Sampler,
+    Scorer,
+)
+from services.trainer.spec import Sampling
+from services.trainer.worker_protocol import CHECKPOINTS, POLICY
+
+log = structlog.get_logger()
+STATE_FILE = "grpo-state.pt"  # under checkpoints/: the resume point, written at save_every
+SAMPLES_SHOWN = 4  # sample completions per `samples` report
+TEXT_SHOWN = 200  # characters of a prompt or completion shown
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """What the loop needs: B = `prompts_per_step` rows per step, G = `group_size` samples each
+    (`sampling.n`); `sampling.seed` is the base seed (step s samples with seed + s)."""
+
+    total_steps: int
+    prompts_per_step: int
+    group_size: int
+    sampling: Sampling
+    objective: Objective
+    advantage: AdvantageEstimator = AdvantageEstimator.GRPO
+    scale_rewards: ScaleRewards = ScaleRewards.GROUP
+    sync_every: int = 1
+    save_every: int = 0  # 0: no resume state
+    log_every: int = 1
+    eval_every: int = 0  # 0: at the end only (with eval rows)
+    samples_every: int = 0  # 0: log_every x 10
+    max_policy_lag: int = 0
+    tag: str = "job"  # request ids and sample ids: {tag}-s{step}
+
+
+class Reporter(Protocol):
+    """Where the loop's events go (the worker's events file; a list in tests)."""
+
+    def metrics(self, step: int, values: dict[str, float]) -> None: ...
+
+    def checkpoint(self, step: int, policy: PolicyRef) -> None: ...
+
+    def samples(self, step: int, shown: list[dict[str, Any]]) -> None: ...
+
+    def check_stop(self) -> None:
+        """Raise to stop the run (cancellation)."""
+        ...
+
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    valid: torch.Tensor,
+    group_size: int,
+    mask: torch.Tensor,
+    estimator: AdvantageEstimator,
+    options: algos.AdvantageOptions,
+) -> torch.Tensor:
+    """The estimator's per-token advantages on the loss tokens. rewards, valid: (N,); mask and
+    the result: (N, T), on the mask's device."""
+    device = mask.device
+    inputs = algos.AdvantageInputs(rewards.to(device), valid.to(device), group_size, mask)
+    return algos.ADVANTAGE_ESTIMATORS[estimator](inputs, options)
+
+
+class Controller:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        actor: Actor,
+        prompts: PromptSource,
+        sampler: Sampler,
+        scorer: Scorer,
+        publisher: PolicyPublisher,
+        reporter: Reporter,
+        folder: Path,  # the job's: checkpoints/ and policy/ (the export before a publish)
+        pad_id: int = 0,
+        tokenizer: Any | None = None,
+        eval_rows: list[Row] | None = None,
+    ) -> None:
+        self.config, self.actor = config, actor
+        self.prompts, self.sampler, self.scorer = prompts, sampler, scorer
+        self.publisher, self.reporter = publisher, reporter
+        self.folder, self.pad_id, self.tokenizer = folder, pad_id, tokenizer
+        self.eval_rows = eval_rows or []
+        self.start_step = 0
+        self.history: list[PolicyRef] = []  # published policies, the served one last
+
+    @property
+    def policy(self) -> PolicyRef:
+        return self.history[-1]
+
+    # Setup -------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Resume from the saved state if there is one; make the sampler serve the policy.
+        Returns the first step to run."""
+        path = self.folder / CHECKPOINTS / STATE_FILE
+        served: PolicyRef | None = None
+        if path.exists():
+            state = torch.load(path, weights_only=False)
+            self.actor.load_state_dict(state["actor"])
+            self.start_step, served = state["step"], PolicyRef(**state["policy"])
+            log.info("rl_resumed", step=self.start_step, policy=served.version)
+        self.history = [await self.publisher.serve(served)]
+        return self.start_step
+
+    # Train -------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, float]:
+        """Steps start_step .. total_steps - 1; returns the last step's metrics (and the last
+        evaluation's) with `train_runtime`."""
+        c, started = self.config, time.monotonic()
+        window: list[dict[str, float]] = []
+        last: dict[str, float] = {}
+        for step in range(self.start_step, c.total_steps):
+            self.reporter.check_stop()
+            values, trajectories = await self.step(step)
+            done = step + 1
+            end = done == c.total_steps
+            evaluating = bool(self.eval_rows) and (_every(done, c.eval_every) or end)
+            if _every(done, c.sync_every) or end or evaluating:
+                self.reporter.check_stop()  # never upload after a cancel
+                t0 = time.monotonic()
+                await self.publish(done)
+                values["time/publish"] = time.monotonic() - t0
+            if evaluating:
+                values |= await self.evaluate(done)
+            window.append(values)
+            last = values
+            if _every(done, c.log_every) or end or evaluating:
+                self.reporter.metrics(done, average(window))
+                window = []
+            if done == 1 or _every(done, c.samples_every or c.log_every * 10):
+                self.reporter.samples(done, shown(trajectories))
+            if _every(done, c.save_every):
+                self.save(done)
+        return last | {"train_runtime": time.monotonic() - started}
+
+    async def step(self, step: int) -> tuple[dict[str, float], Trajectories]:
+        """One generation batch, scored, turned into advantages and trained on."""
+        c = self.config
+        t0 = time.monotonic()
+        rows = await self.prompts.batch(step, c.prompts_per_step)
+        samples, fresh = await self.generate(rows, step)
+        t1 = time.monotonic()
+        scores = await self.scorer.score(rows, samples, c.group_size, f"{c.tag}-s{step}")
+        t2 = time.monotonic()
+        trained = [ok and s.status is ScoreStatus.OK for ok, s in zip(fresh, scores, strict=True)]
+        trajectories = Trajectories(rows, samples, scores, c.group_size, trained)
+        batch = make_batch(samples, trajectories.valid(), self.pad_id, self.actor.device)
+        options = algos.AdvantageOptions(c.scale_rewards)
+        advantages = compute_advantages(
+            trajectories.rewards(),
+            trajectories.valid(),
+            c.group_size,
+            batch.mask,
+            c.advantage,
+            options,
+        )
+        update = self.actor.update(batch, advantages, c.objective)
+        t3 = time.monotonic()
+        tokens = sum(batch.completion_lens)
+        return {
+            **rollout_metrics(trajectories),
+            **update,
+            "policy/stale_dropped": float(len(fresh) - sum(fresh)),
+            "tokens_per_second": tokens / max(t3 - t0, 1e-9),
+            "time/generate": t1 - t0,
+            "time/score": t2 - t1,
+            "time/update": t3 - t2,
+        }, trajectories
+
+    async def generate(self, rows: list[Row], step: int) -> tuple[list[Sample], list[bool]]:
+        """Samples from the served policy, and which are fresh enough to train on."""
+        c = self.config
+        seed = c.sampling.seed + step if c.sampling.seed is not None else None
+        sampling = dataclasses.replace(c.sampling, seed=seed)
+        for attempt in range(2):
+            try:
+                samples = await self.sampler.generate(
+                    rows, sampling, self.policy, f"{c.tag}-s{step}"
+                )
+            except PolicyLost:
+                if attempt:
+                    raise
+                await self._serve_again(step, "lost")
+                continue
+            fresh = [self.lag(s.policy_version) <= c.max_policy_lag for s in samples]
+            if any(fresh):
+                return samples, fresh
+            if attempt:
+                stale = sorted({s.policy_version for s in samples})
+                raise PolicyLost(
+                    f"the rollout service generated with {stale}, not {self.policy.version}"
+                )
+            await self._serve_again(step, "stale")
+        raise AssertionError("unreachable")
+
+    def lag(self, version: str) -> float:
+        """How many publications ago `version` was served (inf: not one of ours)."""
+        for back, policy in enumerate(reversed(self.history)):
+            if policy.version == version:
+                return back
+        return float("inf")
+
+    async def _serve_again(self, step: int, why: str) -> None:
+        log.warning("rl_policy_lost", step=step, why=why, policy=self.policy.version)
+        await self.publisher.serve(self.policy)
+
+    # Publish, evaluate, save ---------------------------------------------------------------
+
+    async def publish(self, step: int) -> PolicyRef:
+        folder = self.folder / POLICY
+        shutil.rmtree(folder, ignore_errors=True)
+        self.actor.export(folder, self.tokenizer)
+        policy = await self.publisher.publish(folder, step)
+        self.history = [*self.history, policy][-(self.config.max_policy_lag + 1) :]
+        log.info("rl_policy_published", step=step, policy=policy.version)
+        return policy
+
+    async def evaluate(self, step: int) -> dict[str, float]:
+        """The served policy on the eval rows, one sample each at the training temperature with
+        a fixed seed (comparable across steps); keys prefixed `eval_`."""
+        sampling = dataclasses.replace(self.config.sampling, n=1)
+        t0 = time.monotonic()
+        metrics = await evaluate(
+            self.eval_rows,
+            self.sampler,
+            self.scorer,
+            sampling,
+            self.policy,
+            f"{self.config.tag}-eval-s{step}",
+            lambda done: self.reporter.check_stop(),
+        )
+        values = {f"eval_{k}": v for k, v in metrics.items()}
+        return values | {"time/eval": time.monotonic() - t0}
+
+    def save(self, step: int) -> None:
+        """The resume point, written whole or not at all."""
+        path = self.folder / CHECKPOINTS / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "policy": dataclasses.asdict(self.policy),
+            "actor": self.actor.state_dict(),
+        }
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        self.reporter.checkpoint(step, self.policy)
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def rollout_metrics(t: Trajectories) -> dict[str, float]:
+    """What the samples and their scores say: reward (OK samples) overall and per scorer, status
+    counts, groups without a learning signal, completion lengths and truncation."""
+    ok = [s.reward for s in t.scores if s.status is ScoreStatus.OK]
+    lengths = [len(s.completion_ids) for s in t.samples]
+    values = {
+        "reward_mean": statistics.fmean(ok) if ok else 0.0,
+        "reward_std": statistics.pstdev(ok) if ok else 0.0,
+        "valid_fraction": len(ok) / len(t.scores),
+        "frac_reward_zero_std": _zero_std_fraction(t),
+        "completions/mean_length": statistics.fmean(lengths),
+        "completions/min_length": float(min(lengths)),
+        "completions/max_length": float(max(lengths)),
+        "truncated_ratio": sum(s.truncated for s in t.samples) / len(t.samples),
+        "tokens": float(sum(lengths)),
+    }
+    for status in ScoreStatus:
+        values[f"status/{status}"] = float(sum(s.status is status for s in t.scores))
+    per_scorer: dict[str, list[float]] = {}
+    for s in t.scores:
+        for name, value in s.scorers.items():
+            per_scorer.setdefault(name, []).append(value)
+    for name, scored in per_scorer.items():
+        values[f"rewards/{name}/mean"] = statistics.fmean(scored)
+        values[f"rewards/{name}/std"] = statistics.pstdev(scored)
+    return values
+
+
+def _zero_std_fraction(t: Trajectories) -> float:
+    """Share of groups whose OK rewards are all equal (or fewer than two): advantage 0, no
+    learning signal from that prompt (TRL's `frac_reward_zero_std`)."""
+    g, flat = t.group_size, 0
+    groups = len(t.scores) // g
+    for b in range(groups):
+        ok = [s.reward for s in t.scores[b * g : b * g + g] if s.status is ScoreStatus.OK]
+        flat += len(ok) < 2 or max(ok) - min(ok) < 1e-6
+    return flat / max(groups, 1)
+
+
+# Reducers over a logging window: extremes stay extremes, the rest is averaged.
+REDUCERS: dict[str, Callable[[list[float]], float]] = {
+    "completions/min_length": min,
+    "completions/max_length": max,
+    "importance_ratio_max": max,
+}
+
+
+def average(window: list[dict[str, float]]) -> dict[str, float]:
+    """Per-step metrics over a logging window -> one value per key."""
+    keys = {k for values in window for k in values}
+    out = {}
+    for key in sorted(keys):
+        seen = [values[key] for values in window if key in values]
+        out[key] = REDUCERS.get(key, statistics.fmean)(seen)
+    return out
+
+
+def shown(t: Trajectories) -> list[dict[str, Any]]:
+    """The first sample of the first few groups, with its reward: what users read to see what
+    the policy does."""
+    out = []
+    for i in range(0, min(len(t.samples), SAMPLES_SHOWN * t.group_size), t.group_size):
+        score = t.scores[i]
+        out.append(
+            {
+                "prompt": str(t.rows[i // t.group_size].get("prompt", ""))[:TEXT_SHOWN],
+                "completion": t.samples[i].text[:TEXT_SHOWN],
+                "status": str(score.status),
+                "reward": score.reward if score.status is ScoreStatus.OK else None,
+            }
+        )
+    return out

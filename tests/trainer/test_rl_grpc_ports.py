@@ -1,0 +1,60 @@
+"""The gRPC ports' conversions: remote errors classified by ErrorInfo reason, scores to domain."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_status import rpc_status
+
+from services.common.errors import FailedPrecondition, InvalidArgument, to_rpc_status
+from services.rollout.domain import AdapterIncompatible, NoModelLoaded, invalid
+from services.trainer.rl.batch import ScoreStatus
+from services.trainer.rl.grpc_ports import _score, policy_lost, remote_error
+from tlm.reward.v1 import reward_service_pb2 as rs
+
+
+def rpc_error(exc: Exception) -> grpc.aio.AioRpcError:
+    """The error a client sees when a service raised `exc` (as our interceptor sends it)."""
+    status = rpc_status.to_status(to_rpc_status(exc))
+    return grpc.aio.AioRpcError(
+        status.code,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*status.trailing_metadata),
+        status.details,
+    )
+
+
+def test_the_rollout_losing_the_policy_is_told_by_reason_not_by_code() -> None:
+    lost = [
+        invalid("adapter_revision", "models/x/revisions/2 is not loaded; call LoadAdapter first"),
+        AdapterIncompatible("the loaded model changed"),
+        NoModelLoaded("no model loaded"),
+    ]
+    for exc in lost:
+        assert policy_lost(remote_error(rpc_error(exc))), exc
+    error = remote_error(rpc_error(lost[0]))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.fields == ("adapter_revision",)
+    # Same status codes, other meanings: the user's bad sampling, a precondition without reason.
+    not_lost = [invalid("sampling.top_p", "must be in (0, 1]"), InvalidArgument("bad")]
+    for exc in not_lost:
+        assert not policy_lost(remote_error(rpc_error(exc))), exc
+    bare = grpc.aio.AioRpcError(
+        grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(), grpc.aio.Metadata(), "x"
+    )
+    assert not policy_lost(remote_error(bare))
+    assert remote_error(rpc_error(FailedPrecondition("busy"))).reason == "WRONG_STATE"
+
+
+def test_scores_keep_status_and_only_ok_scorer_values() -> None:
+    ok = rs.SampleResult(
+        status=rs.OK,
+        reward=0.75,
+        scorers=[
+            rs.ScorerResult(scorer="a", status=rs.OK, value=0.5),
+            rs.ScorerResult(scorer="b", status=rs.TIMEOUT, value=9.0),
+        ],
+    )
+    score = _score(ok)
+    assert (score.status, score.reward, score.scorers) == (ScoreStatus.OK, 0.75, {"a": 0.5})
+    bad = _score(rs.SampleResult(status=rs.UNSCORABLE, reward=float("nan")))
+    assert bad.status is ScoreStatus.UNSCORABLE and bad.reward == 0.0
+    assert _score(rs.SampleResult(status=rs.PENDING)).status is ScoreStatus.PENDING
