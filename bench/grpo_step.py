@@ -66,7 +66,7 @@ def grpo_spec(
         tuning=tuning,
         output_model=f"models/bench-grpo-{'lora' if lora else 'full'}",
         training=pb.TrainingParams(
-            max_steps=steps, per_device_batch_size=PROMPTS, max_length=128, log_every=1,
+            max_steps=steps, per_device_batch_size=PROMPTS, log_every=1,
             save_every=0, learning_rate=LR,
         ),
         grpo=pb.GrpoParams(
