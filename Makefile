@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
+# buf (protobuf linter) comes pinned from npm with the Node.js test client: no other installer.
+BUF := tests/node/node_modules/.bin/buf
 
 .PHONY: setup protos lint test demo bench clean
 
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]' torch==2.13.0
 	touch $@
 
-$(NODE_STAMP): tests/node/package-lock.json
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
@@ -23,10 +25,11 @@ setup: $(STAMP) $(NODE_STAMP)
 protos: $(STAMP)
 	$(BIN)/python -m services.devtools.protogen
 
-lint: $(STAMP)
+lint: $(STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BUF) lint
 
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

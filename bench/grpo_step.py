@@ -6,9 +6,10 @@ GRPO job (`tlm up`'s four services in this process, the job in its worker proces
 reward, update and policy sync every step); its step time is the gap between consecutive
 metrics events, stamped by the worker. TRL's is `GRPOTrainer.train()` timed by a callback
 around each optimizer step (its generation, reward, update). Both: steady-state median after
-warm-up steps. Prints both and the ratio (target <= 1.0).
+warm-up steps. Prints both and the ratio (target <= 1.0). Mode `ppo` runs a PPO job on the same
+shape (critic included) and prints its step time beside GRPO's (TRL 1.16 has no PPO trainer).
 
-    .venv/bin/python bench/grpo_step.py [--steps 12] [--warmup 3] [--modes full,lora]
+    .venv/bin/python bench/grpo_step.py [--steps 12] [--warmup 3] [--modes full,lora,ppo]
 """
 
 from __future__ import annotations
@@ -48,6 +49,24 @@ ROWS = [{"prompt": f"Write a word with many vowels, number {i}:"} for i in range
 
 
 # Ours: a GRPO job through the services ------------------------------------------------------
+
+
+def ppo_spec(base: str, dataset: str, evaluator: str, steps: int) -> pb.TrainingJobSpec:
+    """PPO on the same shape, full tuning: the critic (a copy of the base with a value head) and
+    ppo_epochs 1 with one mini-batch, so each step is one update of policy and critic."""
+    spec = grpo_spec(base, dataset, evaluator, False, steps)
+    spec.ClearField("grpo")
+    spec.method = pb.PPO
+    spec.output_model = "models/bench-ppo"
+    spec.ppo.CopyFrom(
+        pb.PpoParams(
+            kl_coef=BETA, ppo_epochs=1, num_mini_batches=1, sync_every=1,
+            sampling=rollout_pb2.SamplingParams(
+                n=G, max_tokens=NEW_TOKENS, temperature=1.0, seed=1
+            ),
+        )
+    )  # fmt: skip
+    return spec
 
 
 def grpo_spec(
@@ -171,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--modes", default="full,lora")
+    parser.add_argument("--modes", default="full,lora,ppo")
     args = parser.parse_args()
     configure_logging(json=True, level="warning")
     model = cached_tiny_model("bench")
@@ -183,12 +202,22 @@ def main() -> None:
             base, data, evaluator = asyncio.run(upload_inputs(server.address, model, Path(tmp)))
             print(f"workload: {PROMPTS} prompts x G={G} x {NEW_TOKENS} tokens, beta {BETA}, "
                   f"tiny 'bench' model, CPU, torch threads {torch.get_num_threads()}")  # fmt: skip
+            grpo_full = None
             for mode in args.modes.split(","):
+                if mode == "ppo":  # TRL 1.16 has no PPO trainer: beside our GRPO step instead
+                    spec = ppo_spec(base, data, evaluator, args.steps + 1)
+                    ours = asyncio.run(our_step_times(server.address, spec))
+                    o = steady(ours, args.warmup)
+                    print(f"[ppo] TLM PPO job step: {o:.3f} s  runs={[round(x, 2) for x in ours]}")
+                    if grpo_full is not None:
+                        print(f"[ppo] ratio PPO / GRPO (full): {o / grpo_full:.2f}")
+                    continue
                 lora = mode == "lora"
                 spec = grpo_spec(base, data, evaluator, lora, args.steps + 1)
                 ours = asyncio.run(our_step_times(server.address, spec))
                 theirs = trl_step_times(model, lora, args.steps, Path(tmp) / f"trl-{mode}")
                 o, t = steady(ours, args.warmup), steady(theirs, args.warmup)
+                grpo_full = o if not lora else grpo_full
                 print(f"[{mode}] TLM GRPO job step: {o:.3f} s  runs={[round(x, 2) for x in ours]}")
                 runs = [round(x, 2) for x in theirs]
                 print(f"[{mode}] TRL GRPOTrainer step: {t:.3f} s  runs={runs}")

@@ -30,6 +30,30 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     assert not drift, f"generated code is stale, run `make protos`: {drift}"
 
 
+def test_vendored_google_protos_match_the_pinned_package() -> None:
+    """protos/google/ is a byte copy of what googleapis-common-protos ships (the runtime the
+    Python code imports), license headers included; our imports resolve inside protos/."""
+    import google.rpc
+
+    site = Path(next(iter(google.rpc.__path__))).parents[1]
+    vendored = protogen.vendored_files()
+    assert {str(p) for p in vendored} >= {
+        "google/rpc/status.proto",
+        "google/rpc/error_details.proto",
+        "google/rpc/code.proto",
+    }
+    for rel in vendored:
+        text = (protogen.PROTO_ROOT / rel).read_text()
+        assert text.startswith("// Copyright") and "Apache License" in text, rel
+        assert text == (site / rel).read_text(), f"{rel} differs from googleapis-common-protos"
+    imports = {
+        m
+        for p in protogen.proto_files()
+        for m in re.findall(r'^import "(google/(?!protobuf/)[^"]+)";', p.read_text(), re.M)
+    }
+    assert imports and imports <= {str(p) for p in vendored}, imports
+
+
 def test_drift_check_catches_an_edited_proto(tmp_path: Path) -> None:
     protos = tmp_path / "protos"
     shutil.copytree(protogen.PROTO_ROOT, protos)

@@ -27,7 +27,8 @@ def check_health(service: str, address: str, timeout: float) -> dict[str, str]:
             response = stub.Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]),
                 timeout=timeout,
-                wait_for_ready=True,
+                # A closed port or an unknown host fails at once (UNAVAILABLE), not at timeout.
+                wait_for_ready=False,
                 metadata=call_metadata(),
             )
         except grpc.RpcError as exc:

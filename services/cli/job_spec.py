@@ -44,10 +44,26 @@ METHOD_FLAGS = (
     "epsilon",
     "loss_type",
     "scale_rewards",
+    "advantage_estimator",
+    "kl_estimator",
     "num_iterations",
     "sync_every",
+    "kl_coef",
+    "target_kl",
+    "cliprange",
+    "cliprange_value",
+    "vf_coef",
+    "gamma",
+    "lam",
+    "ppo_epochs",
+    "num_mini_batches",
+    "entropy_coef",
+    "critic_model",
+    "critic_learning_rate",
 )
-SAMPLING_FLAGS = ("temperature", "max_tokens")
+SAMPLING_FLAGS = ("temperature", "max_tokens", "samples_per_prompt")
+# A flag whose field has another name (PPO's samples per prompt are sampling.n).
+FIELD_OF = {"samples_per_prompt": "n"}
 # Resource fields where a short `NAME[@REV]` is accepted, and their collection.
 NAMES = {
     "base_model": "models",
@@ -187,7 +203,11 @@ def _method_settings(spec: pb.TrainingJobSpec, flags: Mapping[str, Any]) -> None
         target = params
         if flag in SAMPLING_FLAGS and "sampling" in params.DESCRIPTOR.fields_by_name:
             target = getattr(params, "sampling")  # noqa: B009 (a field named by the table)
-        if flag not in target.DESCRIPTOR.fields_by_name:
-            name = pb.Method.Name(spec.method).lower()
-            raise SpecError(f"--{flag.replace('_', '-')}: {name} jobs have no such setting")
-        setattr(target, flag, flags[flag])
+        name = FIELD_OF.get(flag, flag)
+        if name not in target.DESCRIPTOR.fields_by_name:
+            method = pb.Method.Name(spec.method).lower()
+            raise SpecError(f"--{flag.replace('_', '-')}: {method} jobs have no such setting")
+        value = flags[flag]
+        if flag == "critic_model":  # NAME[@REV], as --base-model
+            value = revision_name("models", value)
+        setattr(target, name, value)

@@ -1,4 +1,7 @@
-"""The `tlm` command line: run the services, check them, and (in later issues) drive them."""
+"""The `tlm` command line: run the services, check them, and drive them.
+
+Errors are one red line on stderr (exit 2 for a mistake in the command, 1 when a service
+refuses); `tlm --debug ...` shows the traceback instead. See services/cli/errors.py."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.errors import HandledGroup, UserError, err_console, print_error, unreachable
 from services.cli.health import check_health
 from services.cli.registry_cmds import datasets_app, evaluators_list, evaluators_show, models_app
 from services.cli.reward_cmds import init as evaluators_init
@@ -24,13 +28,15 @@ from services.cli.trainer_cmds import jobs_app
 from services.common.client import SERVICES, resolve_address
 from services.common.logs import configure_logging
 
-app = typer.Typer(help="TLM: post-training LLMs as gRPC services.", no_args_is_help=True)
-dev_app = typer.Typer(help="Developer tools.", no_args_is_help=True)
+app = typer.Typer(
+    cls=HandledGroup, help="TLM: post-training LLMs as gRPC services.", no_args_is_help=True
+)
+dev_app = typer.Typer(cls=HandledGroup, help="Developer tools.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 evaluators_app = typer.Typer(
-    help="Evaluator specs: the JSON that scores samples.", no_args_is_help=True
+    cls=HandledGroup, help="Evaluator specs: the JSON that scores samples.", no_args_is_help=True
 )
 evaluators_app.command("list")(evaluators_list)
 evaluators_app.command("show")(evaluators_show)
@@ -42,7 +48,6 @@ app.command("score")(score)
 app.command("generate")(generate)
 app.add_typer(jobs_app, name="jobs")
 console = Console()
-err_console = Console(stderr=True)
 
 PortOpt = Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one.")]
 HostOpt = Annotated[str | None, typer.Option(help="Interface to bind.")]
@@ -64,6 +69,17 @@ def _ready_writer(ready_file: Path | None):  # type: ignore[no-untyped-def]
             tmp.replace(ready_file)
 
     return ready
+
+
+@app.callback()
+def root(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="TLM_DEBUG", help="Show tracebacks instead of one line."),
+    ] = False,
+) -> None:
+    """TLM: post-training LLMs as gRPC services."""
+    # Read by HandledGroup (services/cli/errors.py) when a command fails.
 
 
 @app.command()
@@ -105,8 +121,7 @@ def serve(
     from services.embedded import service_settings
 
     if service not in MODULES:
-        err_console.print(f"unknown service {service!r}; expected one of {', '.join(MODULES)}")
-        raise typer.Exit(2)
+        raise UserError(f"unknown service {service!r}; expected one of {', '.join(MODULES)}")
     settings = service_settings(service, port=port, host=host, insecure_dev=insecure_dev)
     configure_logging(settings.log_json, settings.log_level)
     binding = MODULES[service][0].binding(settings)
@@ -131,6 +146,12 @@ def health(
             colour = "green" if result["status"] == "SERVING" else "red"
             table.add_row(service, result["address"], f"[{colour}]{result['status']}[/]")
         console.print(table)
+    down: dict[str, list[str]] = {}
+    for service, result in results.items():
+        if result["status"] == "UNAVAILABLE":
+            down.setdefault(result["address"], []).append(service)
+    for where, services in down.items():
+        print_error(unreachable(services, where))
     if any(r["status"] != "SERVING" for r in results.values()):
         raise typer.Exit(1)
 
@@ -148,8 +169,7 @@ def tiny_model(
     try:
         path = build_tiny_model(out_dir, size=size, kind=kind, seed=seed)
     except ValueError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+        raise UserError(str(exc)) from exc
     console.print(f"built {kind} ({size}) in {path}")
 
 

@@ -5,25 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from services.common.client import resolve_address
+from services.cli.errors import HandledGroup, UserError, remote
+from services.cli.paging import every_page_async
 from services.registry.client import RegistryClient
 from tlm.registry.v1 import registry_pb2 as pb
 
 T = TypeVar("T")
 console = Console()
-err = Console(stderr=True)
-models_app = typer.Typer(help="Models and their revisions.", no_args_is_help=True)
-datasets_app = typer.Typer(help="Datasets and their revisions.", no_args_is_help=True)
+models_app = typer.Typer(cls=HandledGroup, help="Models and their revisions.", no_args_is_help=True)
+datasets_app = typer.Typer(
+    cls=HandledGroup, help="Datasets and their revisions.", no_args_is_help=True
+)
+PAGE_SIZE = 1000  # per List call; the list commands follow next_page_token to the end
 AddressOpt = Annotated[str | None, typer.Option(help="Registry address.")]
 KINDS = {
     "sft": pb.SFT,
@@ -34,42 +36,45 @@ KINDS = {
 
 
 def revision_name(collection: str, ref: str) -> str:
-    """NAME[@REV] -> '{collection}/NAME/revisions/REV' (REV defaults to 'latest')."""
+    """NAME[@REV] -> '{collection}/NAME/revisions/REV' (REV defaults to 'latest'); a full
+    name passes through.
+
+    >>> revision_name("evaluators", "grader@prod"), revision_name("models", "models/tiny")
+    ('evaluators/grader/revisions/prod', 'models/tiny/revisions/latest')
+    """
     if ref.startswith(f"{collection}/"):
         return ref if "/revisions/" in ref else f"{ref}/revisions/latest"
     name, _, rev = ref.partition("@")
     return f"{collection}/{name}/revisions/{rev or 'latest'}"
 
 
-def run(address: str | None, call: Callable[[RegistryClient], Awaitable[T]]) -> T:
-    """Run one client call; print gRPC errors with their field violations and exit 1."""
+def run(
+    address: str | None,
+    call: Callable[[RegistryClient], Awaitable[T]],
+    option: str = "--address",
+) -> T:
+    """Run one client call on the registry; its errors are reported by services/cli/errors.py."""
+    with remote("registry", address, option) as target:
 
-    async def main() -> T:
-        client = RegistryClient(resolve_address("registry", address))
-        try:
-            return await call(client)
-        finally:
-            await client.close()
+        async def main() -> T:
+            client = RegistryClient(target)
+            try:
+                return await call(client)
+            finally:
+                await client.close()
 
-    try:
         return asyncio.run(main())
-    except grpc.aio.AioRpcError as exc:
-        print_rpc_error(exc)
-        raise typer.Exit(1) from exc
 
 
-def print_rpc_error(exc: grpc.aio.AioRpcError) -> None:
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
+def list_all(address: str | None, rpc: str, request: Any, items: str) -> Sequence[Any]:
+    """Every item of a registry List call (`rpc`), page after page."""
 
-    err.print(f"[red]{exc.code().name}[/]: {exc.details()}")
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            for v in bad.field_violations:
-                err.print(f"  {v.field}: {v.description}")
+    async def call(c: RegistryClient) -> Sequence[Any]:
+        request.page_size = PAGE_SIZE
+        list_rpc = getattr(c.stub, rpc)
+        return await every_page_async(lambda r: list_rpc(r, metadata=c.metadata()), request, items)
+
+    return run(address, call)
 
 
 def show_json(message: Any) -> None:
@@ -112,14 +117,9 @@ def models_push(
 @models_app.command("list")
 def models_list(prefix: str = "", address: AddressOpt = None) -> None:
     """List models."""
-    response = run(
-        address,
-        lambda c: c.stub.ListModels(
-            pb.ListModelsRequest(name_prefix=prefix, page_size=1000), metadata=c.metadata()
-        ),
-    )
+    models = list_all(address, "ListModels", pb.ListModelsRequest(name_prefix=prefix), "models")
     table = Table("name", "latest", "aliases", "updated")
-    for m in response.models:
+    for m in models:
         table.add_row(
             m.name,
             m.latest_revision_id,
@@ -148,8 +148,7 @@ def datasets_push(
 ) -> None:
     """Upload a JSONL or Parquet file as a new revision, validated row by row."""
     if kind not in KINDS:
-        err.print(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-        raise typer.Exit(2)
+        raise UserError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     fmt = pb.PARQUET if file.suffix == ".parquet" else pb.JSONL
     rev = run(
         address,
@@ -168,14 +167,10 @@ def datasets_push(
 @datasets_app.command("list")
 def datasets_list(prefix: str = "", address: AddressOpt = None) -> None:
     """List datasets."""
-    response = run(
-        address,
-        lambda c: c.stub.ListDatasets(
-            pb.ListDatasetsRequest(name_prefix=prefix, page_size=1000), metadata=c.metadata()
-        ),
-    )
+    request = pb.ListDatasetsRequest(name_prefix=prefix)
+    datasets = list_all(address, "ListDatasets", request, "datasets")
     table = Table("name", "kind", "latest", "aliases")
-    for d in response.datasets:
+    for d in datasets:
         table.add_row(
             d.name,
             pb.DatasetKind.Name(d.kind).lower(),
@@ -218,14 +213,10 @@ def datasets_head(
 
 def evaluators_list(prefix: str = "", address: AddressOpt = None) -> None:
     """List evaluators."""
-    response = run(
-        address,
-        lambda c: c.stub.ListEvaluators(
-            pb.ListEvaluatorsRequest(name_prefix=prefix, page_size=1000), metadata=c.metadata()
-        ),
-    )
+    request = pb.ListEvaluatorsRequest(name_prefix=prefix)
+    evaluators = list_all(address, "ListEvaluators", request, "evaluators")
     table = Table("name", "latest", "aliases")
-    for e in response.evaluators:
+    for e in evaluators:
         table.add_row(e.name, e.latest_revision_id, json.dumps(dict(e.aliases)))
     console.print(table)
 

@@ -6,23 +6,25 @@ existing evaluators group) and `app.command("score")(score)`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from services.common.client import call_metadata, resolve_address, sync_channel
-from services.registry.client import RegistryClient
+from services.cli.errors import HandledGroup, UserError, remote
+from services.cli.registry_cmds import revision_name, run
+from services.common.client import call_metadata, sync_channel
 from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
-evaluators_app = typer.Typer(help="Evaluator specs: init, validate, push.", no_args_is_help=True)
+evaluators_app = typer.Typer(
+    cls=HandledGroup, help="Evaluator specs: init, validate, push.", no_args_is_help=True
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -58,16 +60,6 @@ TEMPLATES: dict[str, dict[str, Any]] = {
 }
 
 
-def _reward_stub(address: str | None) -> tuple[rs_grpc.RewardServiceStub, grpc.Channel]:
-    channel = sync_channel(resolve_address("reward", address))
-    return rs_grpc.RewardServiceStub(channel), channel
-
-
-def _fail(err: grpc.RpcError) -> typer.Exit:
-    err_console.print(f"[red]{err.code().name}[/]: {err.details()}")  # type: ignore[attr-defined]
-    return typer.Exit(1)
-
-
 @evaluators_app.command("init")
 def init(
     template: Annotated[
@@ -76,25 +68,21 @@ def init(
 ) -> None:
     """Print a starter evaluator JSON."""
     if template not in TEMPLATES:
-        err_console.print(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
-        raise typer.Exit(2)
+        raise UserError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
     typer.echo(json.dumps(TEMPLATES[template], indent=2))
 
 
 def _validate(path: Path, address: str | None) -> rs.ValidateEvaluatorResponse:
-    stub, channel = _reward_stub(address)
-    with channel:
-        request = rs.ValidateEvaluatorRequest(spec_json=path.read_text())
-        try:
-            return stub.ValidateEvaluator(request, metadata=call_metadata(), timeout=30)
-        except grpc.RpcError as err:
-            raise _fail(err) from err
+    request = rs.ValidateEvaluatorRequest(spec_json=path.read_text())
+    with remote("reward", address) as target, sync_channel(target) as channel:
+        stub = rs_grpc.RewardServiceStub(channel)
+        return stub.ValidateEvaluator(request, metadata=call_metadata(), timeout=30)
 
 
 def _print_errors(response: rs.ValidateEvaluatorResponse) -> None:
     table = Table("path", "problem", title="evaluator errors")
     for e in response.errors:
-        table.add_row(e.path, e.message)
+        table.add_row(Text(e.path), Text(e.message))  # literal: messages quote patterns
     err_console.print(table)
 
 
@@ -119,57 +107,59 @@ def push(
         _print_errors(response)
         raise typer.Exit(1)
 
-    async def create() -> str:
-        client = RegistryClient(resolve_address("registry", registry_address))
-        try:
-            parent = name if name.startswith("evaluators/") else f"evaluators/{name}"
-            revision = await client.create_evaluator_revision(parent, response.normalized_json)
-            return revision.name
-        finally:
-            await client.close()
-
-    try:
-        console.print(f"pushed [bold]{asyncio.run(create())}[/]")
-    except grpc.RpcError as err:
-        raise _fail(err) from err
+    parent = name if name.startswith("evaluators/") else f"evaluators/{name}"
+    revision = run(
+        registry_address,
+        lambda c: c.create_evaluator_revision(parent, response.normalized_json),
+        "--registry-address",
+    )
+    console.print(f"pushed [bold]{revision.name}[/]")
 
 
 def _samples(path: Path) -> list[rs.Sample]:
     samples = []
     for i, line in enumerate(path.read_text().splitlines()):
         if line.strip():
-            row = json.loads(line)
-            row.setdefault("sample_id", str(i))
-            if isinstance(row.get("prompt"), str):
-                row["prompt"] = {"text": row["prompt"]}
-            samples.append(json_format.ParseDict(row, rs.Sample(), ignore_unknown_fields=False))
+            try:
+                samples.append(_sample(json.loads(line), str(i)))
+            except (ValueError, json_format.ParseError) as exc:
+                raise UserError(f"{path}: line {i + 1}: {exc}") from exc
     return samples
 
 
+def _sample(row: Any, default_id: str) -> rs.Sample:
+    if not isinstance(row, dict):
+        raise ValueError("expected a JSON object")
+    row.setdefault("sample_id", default_id)
+    if isinstance(row.get("prompt"), str):
+        row["prompt"] = {"text": row["prompt"]}
+    return json_format.ParseDict(row, rs.Sample(), ignore_unknown_fields=False)
+
+
 def score(
-    evaluator: Annotated[str, typer.Option(help="evaluators/{e}/revisions/{r}, or a JSON file")],
+    evaluator: Annotated[
+        str, typer.Option(help="NAME[@REV] or evaluators/{e}/revisions/{r}, or a JSON file")
+    ],
     input: Annotated[Path, typer.Option(help="JSONL: sample_id, prompt, completion, metadata")],
     address: AddressOpt = None,
 ) -> None:
     """Score samples from a JSONL file; prints rewards and the per-scorer breakdown."""
     request = rs.ScoreRequest()
-    if Path(evaluator).is_file():
-        json_format.Parse(Path(evaluator).read_text(), request.spec)
+    if evaluator.endswith(".json") or Path(evaluator).is_file():
+        try:
+            json_format.Parse(Path(evaluator).read_text(), request.spec)
+        except json_format.ParseError as exc:
+            raise UserError(f"{evaluator}: {exc}") from exc
     else:
-        request.evaluator = (
-            evaluator if "/" in evaluator else f"evaluators/{evaluator}/revisions/latest"
-        )
+        request.evaluator = revision_name("evaluators", evaluator)
     samples = _samples(input)
-    stub, channel = _reward_stub(address)
     results: list[rs.SampleResult] = []
-    with channel:
+    with remote("reward", address) as target, sync_channel(target) as channel:
+        stub = rs_grpc.RewardServiceStub(channel)
         for start in range(0, len(samples), BATCH):
             request.ClearField("samples")
             request.samples.extend(samples[start : start + BATCH])
-            try:
-                response = stub.Score(request, metadata=call_metadata(), timeout=600)
-            except grpc.RpcError as err:
-                raise _fail(err) from err
+            response = stub.Score(request, metadata=call_metadata(), timeout=600)
             results.extend(response.results)
     console.print(_table(results))
 
@@ -183,7 +173,6 @@ def _table(results: list[rs.SampleResult]) -> Table:
             f"{s.value:.3g}" if s.status == rs.OK else rs.ScoreStatus.Name(s.status)
             for s in r.scorers
         ]
-        table.add_row(
-            r.sample_id, rs.ScoreStatus.Name(r.status), reward, *cells, r.gate or r.reason
-        )
+        status = rs.ScoreStatus.Name(r.status)
+        table.add_row(Text(r.sample_id), status, reward, *cells, Text(r.gate or r.reason))
     return table

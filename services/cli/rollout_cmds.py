@@ -13,9 +13,13 @@ from typing import Annotated
 import grpc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from services.common.client import call_metadata, resolve_address, sync_channel
+from services.cli import registry_cmds
+from services.cli.errors import UserError, remote
+from services.common.client import call_metadata, sync_channel
 from tlm.common.v1 import common_pb2
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
@@ -31,14 +35,16 @@ def revision_name(spec: str) -> str:
     >>> revision_name("tiny"), revision_name("tiny@r2")
     ('models/tiny/revisions/latest', 'models/tiny/revisions/r2')
     """
-    name, _, rev = spec.partition("@")
-    return f"models/{name}/revisions/{rev or 'latest'}"
+    return registry_cmds.revision_name("models", spec)
 
 
 def _resolve(name: str, registry_address: str | None) -> str:
     """The registry's resolved name for `name`; `name` itself if the registry does not know it
     (the rollout service then reports it)."""
-    with sync_channel(resolve_address("registry", registry_address)) as channel:
+    with (
+        remote("registry", registry_address, "--registry-address") as target,
+        sync_channel(target) as channel,
+    ):
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         try:
             request = registry_pb2.GetModelRevisionRequest(name=name)
@@ -61,21 +67,20 @@ def _generate(
     status = stub.GetEngineStatus(rollout_pb2.GetEngineStatusRequest(), metadata=md, timeout=10)
     wanted = _resolve(revision_name(model), registry_address)
     if status.model_revision and status.model_revision != wanted and not load:
-        err_console.print(
-            f"the rollout service serves [bold]{status.model_revision}[/], not {wanted}; "
+        raise UserError(
+            f"the rollout service serves {status.model_revision}, not {wanted}; "
             "pass --load to replace it"
         )
-        raise typer.Exit(1)
     if status.model_revision != wanted:
         load_model = rollout_pb2.LoadModelRequest(model_revision=wanted)
         loaded = stub.LoadModel(load_model, metadata=md, timeout=600)
-        err_console.print(f"loaded [bold]{loaded.policy_version}[/]")
+        err_console.print(f"loaded [bold]{escape(loaded.policy_version)}[/]")
     if adapter is not None:
         lora = _resolve(revision_name(adapter), registry_address)
         if lora not in {a.adapter_revision for a in status.adapters}:
             load_adapter = rollout_pb2.LoadAdapterRequest(adapter_revision=lora)
             stub.LoadAdapter(load_adapter, metadata=md, timeout=600)
-            err_console.print(f"loaded adapter [bold]{lora}[/]")
+            err_console.print(f"loaded adapter [bold]{escape(lora)}[/]")
         request.adapter_revision = lora
     return [c for r in stub.Generate(request, metadata=md, timeout=600) for c in r.completions]
 
@@ -110,17 +115,14 @@ def generate(
         n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
     )
     request = rollout_pb2.GenerateRequest(prompts=[_prompt(prompt, chat)], sampling=sampling)
-    with sync_channel(resolve_address("rollout", address)) as channel:
+    with remote("rollout", address) as target, sync_channel(target) as channel:
         stub = rollout_pb2_grpc.RolloutServiceStub(channel)
-        try:
-            completions = _generate(stub, model, adapter, request, registry_address, load)
-        except grpc.RpcError as exc:
-            err_console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
-            raise typer.Exit(1) from exc
+        completions = _generate(stub, model, adapter, request, registry_address, load)
     table = Table("#", "finish", "tokens", "policy version", "text", show_lines=True)
     for c in sorted(completions, key=lambda c: c.sample_index):
         finish = FINISH.get(c.finish_reason, "?")
-        table.add_row(str(c.sample_index), finish, str(len(c.token_ids)), c.policy_version, c.text)
+        row = (str(c.sample_index), finish, str(len(c.token_ids)), c.policy_version, c.text)
+        table.add_row(*(Text(cell) for cell in row))  # generated text is literal, not markup
     console.print(table)
 
 

@@ -11,19 +11,22 @@ import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.cli.errors import HandledGroup, UserError, remote
 from services.cli.job_spec import SpecError, build_spec, read_spec_file
+from services.cli.paging import every_page
 from services.cli.plots import OVERVIEW, main_metric, metric_series, write_plots
-from services.common.client import call_metadata, resolve_address, sync_channel
+from services.common.client import call_metadata, sync_channel
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
 
 T = TypeVar("T")
 console = Console()
 err = Console(stderr=True)
-jobs_app = typer.Typer(help="Training and evaluation jobs.", no_args_is_help=True)
+jobs_app = typer.Typer(cls=HandledGroup, help="Training and evaluation jobs.", no_args_is_help=True)
 AddressOpt = Annotated[str | None, typer.Option(help="Trainer address.")]
 Stub = trainer_pb2_grpc.TrainerServiceStub
 ENDED = (pb.TrainingJob.SUCCEEDED, pb.TrainingJob.FAILED, pb.TrainingJob.CANCELLED)
@@ -36,15 +39,9 @@ def job_name(job: str) -> str:
 
 
 def call(address: str | None, rpc: Callable[[Stub], T]) -> T:
-    """Run `rpc` on a trainer stub; print gRPC errors with their field violations, exit 1."""
-    from services.cli.registry_cmds import print_rpc_error
-
-    with sync_channel(resolve_address("trainer", address)) as channel:
-        try:
-            return rpc(Stub(channel))
-        except grpc.RpcError as exc:
-            print_rpc_error(exc)  # type: ignore[arg-type]
-            raise typer.Exit(1) from exc
+    """Run `rpc` on a trainer stub; its errors are reported by services/cli/errors.py."""
+    with remote("trainer", address) as target, sync_channel(target) as channel:
+        return rpc(Stub(channel))
 
 
 def state_name(state: int) -> str:
@@ -105,11 +102,50 @@ def create(
     scale_rewards: Annotated[
         str | None, typer.Option(help="GRPO: group, batch or none (default group)")
     ] = None,
+    advantage_estimator: Annotated[
+        str | None, typer.Option(help="GRPO: grpo, rloo or reinforce_pp (default grpo)")
+    ] = None,
+    kl_estimator: Annotated[
+        str | None, typer.Option(help="GRPO with rloo/reinforce_pp: KL in the reward, k1 or k2")
+    ] = None,
     num_iterations: Annotated[
         int | None, typer.Option(help="GRPO: updates per batch, mu (default 1)")
     ] = None,
     sync_every: Annotated[
-        int | None, typer.Option(help="GRPO: steps between policy syncs (default 1)")
+        int | None, typer.Option(help="GRPO/PPO: steps between policy syncs (default 1)")
+    ] = None,
+    kl_coef: Annotated[
+        float | None, typer.Option(help="PPO: KL penalty in the reward (default 0.05)")
+    ] = None,
+    target_kl: Annotated[
+        float | None, typer.Option(help="PPO: adaptive KL target per token (default 0: fixed)")
+    ] = None,
+    cliprange: Annotated[float | None, typer.Option(help="PPO: clip range (default 0.2)")] = None,
+    cliprange_value: Annotated[
+        float | None, typer.Option(help="PPO: value clip range (default 0.2)")
+    ] = None,
+    vf_coef: Annotated[
+        float | None, typer.Option(help="PPO: value loss coefficient (default 0.1)")
+    ] = None,
+    gamma: Annotated[float | None, typer.Option(help="PPO: discount (default 1)")] = None,
+    lam: Annotated[float | None, typer.Option(help="PPO: GAE lambda (default 0.95)")] = None,
+    ppo_epochs: Annotated[
+        int | None, typer.Option(help="PPO: epochs per batch (default 4)")
+    ] = None,
+    num_mini_batches: Annotated[
+        int | None, typer.Option(help="PPO: mini-batches per epoch (default 1)")
+    ] = None,
+    entropy_coef: Annotated[
+        float | None, typer.Option(help="PPO: entropy bonus (default 0)")
+    ] = None,
+    critic_model: Annotated[
+        str | None, typer.Option(help="PPO: NAME[@REV] of the critic's start (default: base)")
+    ] = None,
+    critic_learning_rate: Annotated[
+        float | None, typer.Option(help="PPO: the critic's learning rate (default: the policy's)")
+    ] = None,
+    samples_per_prompt: Annotated[
+        int | None, typer.Option(help="PPO: completions per prompt, sampling.n (default 1)")
     ] = None,
     request_id: Annotated[str, typer.Option(help="Idempotency key")] = "",
     display_name: Annotated[str, typer.Option(help="Free text")] = "",
@@ -126,8 +162,7 @@ def create(
         base = read_spec_file(spec_file) if spec_file is not None else None
         spec = build_spec(base, method, flags)
     except SpecError as exc:
-        err.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(2) from exc
+        raise UserError(str(exc)) from exc
     request = pb.CreateTrainingJobRequest(
         spec=spec, request_id=request_id, display_name=display_name, validate_only=validate_only
     )
@@ -150,7 +185,7 @@ NOT_SPEC = frozenset(
 def list_jobs(
     state: Annotated[str | None, typer.Option(help="Only jobs in this state")] = None,
     method: Annotated[str | None, typer.Option(help="Only jobs of this method")] = None,
-    page_size: Annotated[int, typer.Option(help="Jobs per page")] = 50,
+    page_size: Annotated[int, typer.Option(help="Jobs per call (all are listed)")] = 50,
     address: AddressOpt = None,
 ) -> None:
     """The team's jobs, newest first."""
@@ -159,9 +194,14 @@ def list_jobs(
         state=pb.TrainingJob.State.Value(state.upper()) if state else 0,  # type: ignore[arg-type]
         method=pb.Method.Value(method.upper()) if method else 0,  # type: ignore[arg-type]
     )
-    response = call(address, lambda s: s.ListTrainingJobs(request, metadata=call_metadata()))
+    jobs = call(
+        address,
+        lambda s: every_page(
+            lambda r: s.ListTrainingJobs(r, metadata=call_metadata()), request, "jobs"
+        ),
+    )
     table = Table("job", "method", "state", "step", "output")
-    for job in response.jobs:
+    for job in jobs:
         colour = STATE_COLOURS.get(state_name(job.state), "white")
         table.add_row(
             job.name,
@@ -237,9 +277,11 @@ def render(events: Iterable[pb.JobEvent]) -> str:
             if kind == "state_change":
                 last_state = state_name(event.state_change.state)
                 colour = STATE_COLOURS.get(last_state, "cyan")
-                progress.console.print(f"[{colour}]{last_state}[/] {event.state_change.message}")
+                progress.console.print(
+                    f"[{colour}]{last_state}[/] {escape(event.state_change.message)}"
+                )
             elif kind == "log":
-                progress.console.print(f"[dim]{event.log.level}: {event.log.message}[/]")
+                progress.console.print(f"[dim]{event.log.level}: {escape(event.log.message)}[/]")
                 if event.log.message.startswith("training started: "):
                     progress.update(task, total=_steps(event.log.message))
             elif kind == "metrics":

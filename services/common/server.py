@@ -70,8 +70,22 @@ def _check_auth_config(settings: ServerSettings) -> Authenticator:
     return Authenticator(dict(settings.api_keys), settings.insecure_dev)
 
 
+class CannotBind(Exception):
+    """The server could not listen on its host and port."""
+
+
 def _add_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
     target = f"{settings.host}:{settings.port}"
+    try:
+        return _bind(server, settings, target)
+    except RuntimeError as exc:  # grpcio's only signal, "Failed to bind to address ..."
+        raise CannotBind(
+            f"cannot listen on {target}: the port is in use, or the host is not an address of "
+            "this machine"
+        ) from exc
+
+
+def _bind(server: grpc.aio.Server, settings: ServerSettings, target: str) -> int:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return server.add_insecure_port(target)
     ca = settings.tls_client_ca_file
@@ -115,8 +129,6 @@ async def start_server(
         server,
     )
     port = _add_port(server, settings)
-    if port == 0:
-        raise SystemExit(f"could not bind {settings.host}:{settings.port}")
     address = f"{settings.host}:{port}"
     for binding in bindings:
         if binding.on_start is not None:

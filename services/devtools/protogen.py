@@ -2,6 +2,10 @@
 
 The output is committed; `tests/test_protos.py` regenerates into a temporary folder and fails
 when the committed code drifts from the protos.
+
+`protos/google/` holds copies of the googleapis protos ours import (`google/rpc/...`, from the
+pinned googleapis-common-protos), so any language compiles or loads `protos/` alone. They are
+imported, never generated here: Python gets them from the googleapis-common-protos package.
 """
 
 from __future__ import annotations
@@ -17,16 +21,23 @@ PROTO_ROOT = REPO / "protos"
 DEFAULT_OUT = REPO / "gen" / "python"
 
 
-def _include_dirs(proto_root: Path = PROTO_ROOT) -> list[Path]:
-    import google.rpc  # googleapis-common-protos ships the google/rpc .proto files
+OURS = "tlm"  # the folder of our own protos; everything else under protos/ is vendored
+VENDORED = "google"  # copies of googleapis protos, kept byte-identical to the pinned package's
 
-    grpc_tools_protos = Path(str(resources.files("grpc_tools") / "_proto"))
-    googleapis = Path(next(iter(google.rpc.__path__))).parents[1]
-    return [proto_root, grpc_tools_protos, googleapis]
+
+def _include_dirs(proto_root: Path = PROTO_ROOT) -> list[Path]:
+    # protos/ alone plus the well-known types (google/protobuf) that every protoc ships.
+    return [proto_root, Path(str(resources.files("grpc_tools") / "_proto"))]
 
 
 def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
-    return sorted(proto_root.rglob("*.proto"))
+    """Our own protos (`protos/tlm/...`), the ones generated and checked against our conventions."""
+    return sorted((proto_root / OURS).rglob("*.proto"))
+
+
+def vendored_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
+    """The vendored googleapis protos (`protos/google/...`), paths relative to `proto_root`."""
+    return sorted(p.relative_to(proto_root) for p in (proto_root / VENDORED).rglob("*.proto"))
 
 
 def _protoc(args: list[str]) -> None:

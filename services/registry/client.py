@@ -7,6 +7,7 @@ Downloads verify every file's sha256; a model cache keeps one copy per revision 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -42,6 +43,12 @@ def _read_blocks(path: Path) -> Iterator[bytes]:
 
 
 def folder_manifest(folder: Path) -> registry_pb2.Manifest:
+    """Path, size and sha256 of every file under `folder`, which must exist (a missing folder
+    is the caller's mistake, not an empty model)."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    if not folder.exists():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(folder))
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     entries = [
         registry_pb2.ArtifactFile(

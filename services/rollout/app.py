@@ -16,7 +16,12 @@ SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_na
 
 def binding(settings: RolloutSettings, weights: WeightSource | None = None) -> ServiceBinding:
     """`weights` defaults to the registry at settings.registry_address, else this server."""
-    config = EngineConfig(settings.device, settings.max_queue, settings.max_batch_prompts)
+    config = EngineConfig(
+        settings.device,
+        settings.max_queue,
+        settings.max_batch_prompts,
+        settings.vllm_logprobs_mode,
+    )
     engine = make_engine(settings.engine, config)
     holder: dict[str, RegistryWeights] = {}
 

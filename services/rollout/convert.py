@@ -7,8 +7,10 @@ from services.rollout.domain import (
     Completion,
     EngineStatusInfo,
     FinishReason,
+    LogprobsMode,
     PromptInput,
     SamplingSpec,
+    invalid,
 )
 from tlm.common.v1 import common_pb2
 from tlm.rollout.v1 import rollout_pb2
@@ -19,6 +21,11 @@ FINISH_REASONS = {
     FinishReason.ABORT: rollout_pb2.ABORT,
 }
 DEFAULTS = SamplingSpec()
+LOGPROBS_MODES = {
+    rollout_pb2.LOGPROBS_MODE_UNSPECIFIED: LogprobsMode.RAW,
+    rollout_pb2.LOGPROBS_MODE_RAW: LogprobsMode.RAW,
+    rollout_pb2.LOGPROBS_MODE_TEMPERATURE_SCALED: LogprobsMode.TEMPERATURE_SCALED,
+}
 
 
 def prompt_from_proto(prompt: common_pb2.Prompt) -> PromptInput:
@@ -39,6 +46,14 @@ def sampling_from_proto(s: rollout_pb2.SamplingParams) -> SamplingSpec:
         seed=s.seed if s.HasField("seed") else None,
         skip_logprobs=s.skip_logprobs,
     )
+
+
+def logprobs_mode_from_proto(s: rollout_pb2.SamplingParams) -> LogprobsMode:
+    """proto3 enums are open: a number this version does not know is refused, naming the field."""
+    if s.logprobs_mode not in LOGPROBS_MODES:
+        known = ", ".join(rollout_pb2.LogprobsMode.keys())
+        raise invalid("sampling.logprobs_mode", f"{s.logprobs_mode} is not one of {known}")
+    return LOGPROBS_MODES[s.logprobs_mode]
 
 
 def completion_to_proto(c: Completion) -> rollout_pb2.Completion:

@@ -23,11 +23,13 @@ from services.rollout.domain import (
     Completion,
     EngineStatusInfo,
     LoadedAdapterInfo,
+    LogprobsMode,
     ModelOwnedByAnotherTeam,
     NoModelLoaded,
     PromptInput,
     PromptRejected,
     SamplingSpec,
+    check_logprobs_mode,
     check_prompt_lengths,
     invalid,
 )
@@ -180,6 +182,7 @@ class RolloutCore:
         adapter: str,
         return_prompt_ids: bool,
         team: str,
+        logprobs_mode: LogprobsMode = LogprobsMode.RAW,
     ) -> AsyncIterator[list[Completion]]:
         """Validate now (errors before any completion), then stream from the engine."""
         self._require_model(team)
@@ -189,10 +192,13 @@ class RolloutCore:
             if not prompt.text and not prompt.messages:
                 raise invalid(f"prompts[{i}]", "is empty")
         sampling.validate(self.max_n, self.engine.max_model_len)
+        check_logprobs_mode(logprobs_mode, sampling)
         adapter_version = self._find_adapter(adapter)[1].revision if adapter else None
         prompt_ids = [self._encode(i, p) for i, p in enumerate(prompts)]
         check_prompt_lengths(prompt_ids, sampling.max_tokens, self.engine.max_model_len)
-        request = EngineRequest(prompt_ids, sampling, adapter_version, return_prompt_ids)
+        request = EngineRequest(
+            prompt_ids, sampling, adapter_version, return_prompt_ids, logprobs_mode
+        )
         self._last_used = time.monotonic()
         return self._tracked(self.engine.generate(request))
 

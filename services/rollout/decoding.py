@@ -1,9 +1,10 @@
 """The transformers decode loop: left-padded batch, KV cache, one token per row per step.
 
 Runs in a worker thread. Each row samples with its own torch.Generator, so its tokens depend
-on its seed only; log-probs are the raw log-softmax at temperature 1 (the contract's
-convention), read off the same logits the sampler used. Finished and cancelled rows are
-pruned from the batch (and the cache) as soon as they end.
+on its seed only; log-probs are the log-softmax of the same logits the sampler used, divided by
+the row's own `logprob_temperature` (1: raw; the sampling temperature: temperature-scaled), so
+one batch mixes requests of either mode. Finished and cancelled rows are pruned from the batch
+(and the cache) as soon as they end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Row:
     prompt_ids: list[int]
     generator: torch.Generator
     temperature: float
+    logprob_temperature: float  # log-probs are log_softmax(logits / this), before top-k/top-p
     top_k: int
     top_p: float
     max_tokens: int
@@ -71,6 +73,7 @@ def decode(rows: list[Row], ctx: DecodeContext) -> None:
     dev = ctx.device
     ids, mask, positions = (t.to(dev) for t in left_pad([r.prompt_ids for r in rows], ctx.pad_id))
     temperature = torch.tensor([r.temperature for r in rows], device=dev)  # (B,)
+    logprob_t = torch.tensor([r.logprob_temperature for r in rows], device=dev)  # (B,)
     top_k = torch.tensor([r.top_k for r in rows], dtype=torch.long, device=dev)  # (B,)
     top_p = torch.tensor([r.top_p for r in rows], device=dev)  # (B,)
     active, cache = list(rows), None
@@ -88,7 +91,8 @@ def decode(rows: list[Row], ctx: DecodeContext) -> None:
             logits = out.logits[:, -1, :].float()  # (B, V)
             uniforms = torch.cat([torch.rand(1, generator=r.generator) for r in active])  # (B,)
             chosen = next_tokens(logits, temperature, top_k, top_p, uniforms.to(dev))  # (B,)
-            logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen.unsqueeze(1))  # (B, 1)
+            scaled = logits / logprob_t.unsqueeze(1)  # (B, V)
+            logprobs = torch.log_softmax(scaled, dim=-1).gather(1, chosen.unsqueeze(1))  # (B, 1)
             chosen_list, logprob_list = chosen.tolist(), logprobs.squeeze(1).tolist()
             ctx.on_tokens(len(active))
             keep = [
@@ -103,6 +107,7 @@ def decode(rows: list[Row], ctx: DecodeContext) -> None:
                 cache.batch_select_indices(index)
                 chosen, mask = chosen[index], mask[index]
                 positions, temperature = positions[index], temperature[index]
+                logprob_t = logprob_t[index]
                 top_k, top_p = top_k[index], top_p[index]
                 active = [active[i] for i in keep]
             ids = chosen.unsqueeze(1)  # (B, 1)

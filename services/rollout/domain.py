@@ -7,7 +7,7 @@ an engine; engines take token ids, never raw protobufs.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.common.errors import (
@@ -29,6 +29,31 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens reached
     ABORT = "abort"  # cancelled or expired
+
+
+class LogprobsMode(enum.Enum):
+    """Which distribution a completion's log-probs come from (both before top-k/top-p)."""
+
+    RAW = "raw"  # log_softmax(logits): temperature 1, whatever the sampling temperature
+    # log_softmax(logits / T): what a trainer that divides by the sampling temperature computes
+    TEMPERATURE_SCALED = "temperature_scaled"
+
+
+# The temperature a mode divides the logits by before the log-softmax, given the sampling's.
+LOGPROB_TEMPERATURE: dict[LogprobsMode, Callable[[float], float]] = {
+    LogprobsMode.RAW: lambda temperature: 1.0,
+    LogprobsMode.TEMPERATURE_SCALED: lambda temperature: temperature,
+}
+
+
+def check_logprobs_mode(mode: LogprobsMode, sampling: SamplingSpec) -> None:
+    """Greedy decoding (temperature 0) has no temperature to scale by: refused, not read as
+    raw, so a caller never gets numbers other than those it asked for."""
+    if mode is LogprobsMode.TEMPERATURE_SCALED and sampling.temperature == 0:
+        raise invalid(
+            "sampling.logprobs_mode",
+            "TEMPERATURE_SCALED needs a temperature > 0 (greedy decoding has none); use RAW",
+        )
 
 
 class NoModelLoaded(FailedPrecondition):
@@ -141,7 +166,7 @@ class Completion:
     sample_index: int
     text: str
     token_ids: list[int]
-    logprobs: list[float]  # raw log-softmax at temperature 1; empty when skip_logprobs
+    logprobs: list[float]  # per the request's LogprobsMode; empty when skip_logprobs
     finish_reason: FinishReason
     policy_version: str
     prompt_token_ids: list[int] = field(default_factory=list)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from services.common.errors import InvalidArgument
-from services.rollout.domain import Completion, PromptInput, SamplingSpec
+from services.rollout.domain import Completion, LogprobsMode, PromptInput, SamplingSpec
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,9 @@ class EngineRequest:
     sampling: SamplingSpec
     adapter_version: str | None  # a loaded adapter revision, None for the base model
     return_prompt_ids: bool = False
+    # Not in SamplingSpec: the trainer's job specs reuse that class, and the trainer picks the
+    # mode itself (a job spec cannot set it).
+    logprobs_mode: LogprobsMode = LogprobsMode.RAW
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class EngineConfig:
     device: str = "cpu"
     max_queue: int = 256
     max_batch_prompts: int = 64
+    vllm_logprobs_mode: str = "raw_logprobs"  # vLLM's engine-wide setting (SERVES_LOGPROBS)
 
 
 class Engine(Protocol):

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from services.rollout.domain import Completion, QueueFull, SamplingSpec
+from services.rollout.domain import Completion, LogprobsMode, QueueFull, SamplingSpec
 
 log = structlog.get_logger("tlm.rollout.scheduler")
 
@@ -35,6 +35,7 @@ class Job:
     seed: int
     payload: Any  # what the engine needs to run it (weights, adapter handle)
     return_prompt_ids: bool = False
+    logprobs_mode: LogprobsMode = LogprobsMode.RAW
     out: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     done: bool = False

@@ -25,6 +25,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             request.adapter_revision,
             request.return_prompt_token_ids,
             current_team(),
+            convert.logprobs_mode_from_proto(request.sampling),
         )
         try:
             async for completions in stream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -19,6 +20,10 @@ class RolloutSettings(ServerSettings):
     registry_address: str | None = None  # default: this server's own address (`tlm up`)
     engine: str = "transformers"  # "transformers" or "vllm"
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    # vLLM's engine-wide logprobs_mode: raw_logprobs serves LOGPROBS_MODE_RAW (and
+    # TEMPERATURE_SCALED at temperature 1); processed_logprobs serves TEMPERATURE_SCALED (and RAW
+    # at temperature 0 or 1) without top-k/top-p. The transformers engine serves both per request.
+    vllm_logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
     max_queue: int = Field(256, ge=1)  # requests accepted and not finished
     max_n: int = Field(64, ge=1)
     max_batch_prompts: int = Field(64, ge=1)  # prompts (each with its n samples) per batch

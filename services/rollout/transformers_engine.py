@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from services.rollout.decoding import DecodeContext, Row, decode
-from services.rollout.domain import Completion, NoModelLoaded, PromptInput
+from services.rollout.domain import LOGPROB_TEMPERATURE, Completion, NoModelLoaded, PromptInput
 from services.rollout.engine import EngineConfig, EngineRequest
 from services.rollout.hf_weights import AdapterHandle, LoadedModel, check_load_args
 from services.rollout.sampling import row_generator
@@ -103,6 +103,7 @@ class TransformersEngine:
             seed=secrets.randbits(63) if seed is None else seed,
             payload=(model, handle),
             return_prompt_ids=request.return_prompt_ids,
+            logprobs_mode=request.logprobs_mode,
         )
         try:
             self._scheduler.submit(job)
@@ -138,6 +139,9 @@ class TransformersEngine:
                 prompt_ids=c.job.prompt_ids[p],
                 generator=row_generator(c.job.seed, p, k),
                 temperature=c.job.sampling.temperature,
+                logprob_temperature=LOGPROB_TEMPERATURE[c.job.logprobs_mode](
+                    c.job.sampling.temperature
+                ),
                 top_k=c.job.sampling.top_k,
                 top_p=c.job.sampling.top_p,
                 max_tokens=c.job.sampling.max_tokens,

@@ -3,9 +3,10 @@
 vLLM is imported lazily, so this module imports on machines without it. vLLM batches
 continuously by itself; we submit one vLLM request per prompt (n samples each) and stream each
 prompt's samples when they finish. LoRA adapters ride as LoRARequests; log-probs are vLLM's
-sampled-token log-probs with `logprobs_mode="raw_logprobs"` (raw log-softmax, before
-temperature and top-k/top-p); a vLLM without that option is refused at LoadModel, since the
-contract needs raw log-probs.
+sampled-token log-probs. vLLM's `logprobs_mode` is an engine setting, not a request's
+(`TLM_ROLLOUT_VLLM_LOGPROBS_MODE`): a request whose LogprobsMode the running engine's numbers do
+not equal is refused (FAILED_PRECONDITION), never answered with other numbers. A vLLM without
+that option is refused at LoadModel.
 
 NOTE: written against vLLM's documented AsyncLLMEngine (= v1 AsyncLLM) API; it has never run
 in this repository's CI (no GPU there). Its tests are marked `gpu`.
@@ -18,7 +19,7 @@ import dataclasses
 import itertools
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ from services.common.errors import FailedPrecondition, Unavailable
 from services.rollout.domain import (
     Completion,
     FinishReason,
+    LogprobsMode,
     NoModelLoaded,
     PromptInput,
     QueueFull,
+    SamplingSpec,
     invalid,
 )
 from services.rollout.engine import EngineConfig, EngineRequest
@@ -44,6 +47,20 @@ log = structlog.get_logger("tlm.rollout.vllm")
 FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 MAX_LORA_RANK = 64
 MAX_LORAS = 2  # a new adapter revision loads while requests still run on the old one
+# Whether an engine started with vLLM's `logprobs_mode` reports the numbers a request's mode asks
+# for. vLLM v1's Sampler: raw_logprobs = log_softmax(logits) before any processing (at any
+# temperature, equal to TEMPERATURE_SCALED only at temperature 1); processed_logprobs =
+# log_softmax of the logits after penalties (none here), temperature (1 for greedy rows) and the
+# top-k/top-p mask, so it equals TEMPERATURE_SCALED (or RAW at temperature 0 or 1) only when no
+# top-k/top-p cuts the distribution (renormalised over the kept tokens otherwise).
+SERVES_LOGPROBS: dict[str, Callable[[LogprobsMode, SamplingSpec], bool]] = {
+    "raw_logprobs": lambda mode, s: mode is LogprobsMode.RAW or s.temperature == 1,
+    "processed_logprobs": lambda mode, s: (
+        s.top_k == 0
+        and s.top_p == 1
+        and (mode is LogprobsMode.TEMPERATURE_SCALED or s.temperature in (0, 1))
+    ),
+}
 
 
 @dataclass(eq=False)
@@ -76,12 +93,26 @@ def completion_from_output(
     )
 
 
+def check_logprobs_mode(engine_mode: str, request: EngineRequest) -> None:
+    """FAILED_PRECONDITION when the engine, as started, cannot report the log-probs asked for."""
+    s, mode = request.sampling, request.logprobs_mode
+    if s.skip_logprobs or SERVES_LOGPROBS[engine_mode](mode, s):
+        return
+    raise FailedPrecondition(
+        f"sampling.logprobs_mode {mode.name} at temperature {s.temperature:g}, top_k {s.top_k}, "
+        f"top_p {s.top_p:g} is not what this vLLM engine reports: it was started with "
+        f"logprobs_mode {engine_mode} (TLM_ROLLOUT_VLLM_LOGPROBS_MODE; processed_logprobs "
+        "serves TEMPERATURE_SCALED without top-k/top-p)"
+    )
+
+
 class VllmEngine:
     name = "vllm"
 
     def __init__(self, config: EngineConfig) -> None:
         self.device = config.device if config.device != "cpu" else "cuda"
         self.max_queue = config.max_queue
+        self.logprobs_mode = config.vllm_logprobs_mode  # vLLM's, for the whole engine
         self._engine: Any = None
         self._tokenizer: Any = None
         self._version = ""
@@ -123,8 +154,9 @@ class VllmEngine:
             raise invalid("dtype", f"expected one of {sorted(DTYPES)}, got {dtype!r}")
         if "logprobs_mode" not in {f.name for f in dataclasses.fields(AsyncEngineArgs)}:
             raise FailedPrecondition(
-                "the installed vLLM has no logprobs_mode option, and the contract needs raw "
-                "log-probs: install a vLLM release that has EngineArgs.logprobs_mode"
+                "the installed vLLM has no logprobs_mode option, and the contract needs it to "
+                "know which log-probs it reports: install a vLLM release that has "
+                "EngineArgs.logprobs_mode"
             )
         options: dict[str, Any] = {
             "model": str(path),
@@ -133,7 +165,7 @@ class VllmEngine:
             "enable_lora": True,
             "max_lora_rank": MAX_LORA_RANK,
             "max_loras": MAX_LORAS,
-            "logprobs_mode": "raw_logprobs",
+            "logprobs_mode": self.logprobs_mode,
         }
         self._draining = True
         try:
@@ -215,6 +247,7 @@ class VllmEngine:
             raise Unavailable("a model is being loaded on this replica; retry shortly")
         if self._engine is None:
             raise NoModelLoaded("no model is loaded; call LoadModel first")
+        check_logprobs_mode(self.logprobs_mode, request)
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"the rollout queue is full ({self.max_queue} requests)")
         lora = self._loras.get(request.adapter_version or "")

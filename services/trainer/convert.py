@@ -72,6 +72,14 @@ def _params_from_proto(spec: pb.TrainingJobSpec) -> Any:
     values = _set(message, *names)
     if "sampling" in {f.name for f in dataclasses.fields(cls)}:
         values["sampling"] = sampling_from_proto(message.sampling)
+        if message.sampling.logprobs_mode:  # not in Sampling: refused here, not ignored
+            raise field_error(
+                f"spec.{which}.sampling.logprobs_mode",
+                "is chosen by the trainer (GRPO: temperature-scaled with "
+                "importance_sampling_correction, else raw); leave it unset",
+            )
+    if values.get("critic_model"):  # PPO's: a model revision, "models/m" its latest
+        values["critic_model"] = revision_ref(values["critic_model"], "models")
     return cls(**values)
 
 

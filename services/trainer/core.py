@@ -148,6 +148,16 @@ class TrainerCore:
             resolved["evaluator"] = await self.registry.evaluator(
                 "spec.evaluator", spec.evaluator, team
             )
+        critic = getattr(spec.params, "critic_model", "")
+        if critic:  # PPO's critic starts from another full-weights model (a reward model)
+            path = f"spec.{method.params_field}.critic_model"
+            model = await self.registry.model(path, critic, team)
+            if model.is_adapter:
+                raise ModelIncompatible(
+                    f"{path}: {model.name} is a LoRA adapter; the critic needs full weights",
+                    violations=[FieldViolation(path, "must be a full-weights revision")],
+                )
+            resolved["params"] = dataclasses.replace(spec.params, critic_model=model.name)
         return dataclasses.replace(spec, **resolved)
 
     async def _dataset(self, team: str, method: Method, path: str, name: str) -> str:

@@ -3,7 +3,8 @@ setup (actor, ports, controller) / train / save / cleanup, as torchtune's recipe
 is the worker's entry point.
 
 This module only maps the job's spec onto the engine: GRPO is the `grpo` advantage estimator,
-the clipped loss of `loss_type` with a KL penalty of `beta`, and truncated importance sampling;
+the clipped loss of `loss_type` with a KL penalty of `beta`, and truncated importance sampling
+(`rloo` and `reinforce_pp` swap the estimator and move `beta`'s KL into the reward);
 B = `per_device_batch_size` x `gradient_accumulation_steps` prompts per step, G =
 `num_generations` samples each, trained `per_device_batch_size` prompts (x G sequences) per
 forward pass with the gradients of a step accumulated. The loop is `rl/controller.py`.
@@ -19,13 +20,25 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from services.common.errors import FailedPrecondition
-from services.trainer.rl import AdvantageEstimator, LossType, ScaleRewards, algos
+from services.trainer.rl import (
+    KL_IN_REWARD,
+    AdvantageEstimator,
+    KlEstimator,
+    LossType,
+    ScaleRewards,
+    algos,
+)
 from services.trainer.rl.actor import Actor, Objective, build_actor
-from services.trainer.rl.controller import Controller, ControllerConfig
+from services.trainer.rl.controller import Controller, ControllerConfig, Learner
 from services.trainer.rl.grpc_ports import GrpcPorts, GrpcPromptSource, GrpcPublisher, open_ports
 from services.trainer.rl.ports import PolicyRef
 from services.trainer.spec import GrpoParams, JobSpec
 from services.trainer.worker_io import WorkerContext
+
+
+def kl_in_reward(params: GrpoParams) -> bool:
+    """RLOO and REINFORCE++ put beta's KL in the reward; GRPO in the loss."""
+    return AdvantageEstimator(params.advantage_estimator) in KL_IN_REWARD
 
 
 def loss_config(params: GrpoParams) -> algos.LossConfig:
@@ -33,7 +46,7 @@ def loss_config(params: GrpoParams) -> algos.LossConfig:
         loss_type=LossType(params.loss_type),
         max_len=params.sampling.max_tokens,
         epsilon=params.epsilon,
-        beta=params.beta,
+        beta=0.0 if kl_in_reward(params) else params.beta,
         use_bias_correction_kl=params.use_bias_correction_kl,
     )
 
@@ -47,6 +60,10 @@ def objective(params: GrpoParams, micro_batch_size: int = 0) -> Objective:
         is_correction=params.importance_sampling_correction,
         is_cap=params.importance_sampling_cap,
     )
+
+
+def device_of(plan: dict[str, Any]) -> str:
+    return "cuda" if plan.get("device_type") == "cuda" else "cpu"
 
 
 def prompts_per_step(spec: JobSpec) -> int:
@@ -65,8 +82,10 @@ def controller_config(spec: JobSpec, total_steps: int, tag: str) -> ControllerCo
         sampling=dataclasses.replace(params.sampling, seed=seed),
         # A forward pass holds `per_device_batch_size` prompts' G sequences.
         objective=objective(params, t.per_device_batch_size * params.num_generations),
-        advantage=AdvantageEstimator.GRPO,
+        advantage=AdvantageEstimator(params.advantage_estimator),
         scale_rewards=ScaleRewards(params.scale_rewards),
+        kl_in_reward=params.beta if kl_in_reward(params) else 0.0,
+        kl_estimator=KlEstimator(params.kl_estimator),
         sync_every=params.sync_every,
         save_every=t.save_every,
         log_every=t.log_every,
@@ -120,7 +139,14 @@ class GrpoRecipe:
         actor = self._actor(base, plan, total)
         job = ctx.job.name.removeprefix("jobs/")
         self.ports = ports = open_ports(
-            ctx.job.rollout_address, ctx.job.reward_address, spec.evaluator, ctx.api_key, ctx.team
+            ctx.job.rollout_address,
+            ctx.job.reward_address,
+            spec.evaluator,
+            ctx.api_key,
+            ctx.team,
+            # The correction compares the rollout's log-probs with the actor's, which are at the
+            # sampling temperature: ask the rollout for the same numbers.
+            scaled_logprobs=self.scaled_logprobs(),
         )
         lora = spec.lora is not None
         publisher = GrpcPublisher(
@@ -131,7 +157,7 @@ class GrpoRecipe:
             job,
         )
         self.controller = Controller(
-            controller_config(spec, total, ctx.job.name),
+            self.controller_config(total),
             actor,
             prompts,
             ports.sampler,
@@ -142,20 +168,40 @@ class GrpoRecipe:
             pad_id=int(pad if pad is not None else 0),
             tokenizer=tokenizer,
             eval_rows=eval_rows,
+            learner=await self.learner(plan, total),
         )
         start = await self.controller.start()
         if start:
             ctx.log(f"resumed at step {start} from {self.controller.policy.version}")
         ctx.events.emit("started", total_steps=total)
-        ctx.log(f"GRPO: {prompts.row_count} prompts, {total} steps of {size} prompts")
+        method = spec.method.name
+        ctx.log(f"{method}: {prompts.row_count} prompts, {total} steps of {size} prompts")
         return total
 
     def _actor(self, base: Any, plan: dict[str, Any], total_steps: int) -> Actor:
-        device = "cuda" if plan.get("device_type") == "cuda" else "cpu"
-        actor = build_actor(base, self.spec, plan["precision"], device)
-        params: GrpoParams = self.spec.params
-        actor.configure_optimizer(self.spec, plan["precision"], total_steps * params.num_iterations)
+        actor = build_actor(base, self.spec, plan["precision"], device_of(plan))
+        updates = total_steps * self.updates_per_step()
+        actor.configure_optimizer(self.spec, plan["precision"], updates)
         return actor
+
+    # What another online method changes (`ppo.PpoRecipe`) ----------------------------------
+
+    def controller_config(self, total_steps: int) -> ControllerConfig:
+        return controller_config(self.spec, total_steps, self.ctx.job.name)
+
+    def updates_per_step(self) -> int:
+        """Optimizer steps of the actor per generation batch."""
+        params: GrpoParams = self.spec.params
+        return params.num_iterations
+
+    def scaled_logprobs(self) -> bool:
+        """Whether the rollout returns log-probs at the sampling temperature."""
+        params: GrpoParams = self.spec.params
+        return params.importance_sampling_correction
+
+    async def learner(self, plan: dict[str, Any], total_steps: int) -> Learner | None:
+        """What trains in place of the actor's own update (PPO's critic); GRPO has none."""
+        return None
 
     async def train(self) -> dict[str, float]:
         assert self.controller is not None, "setup first"

@@ -27,11 +27,12 @@ from services.trainer.params import (
     GrpoParams,
     KtoParams,
     LoraParams,
-    OnlineRlParams,
+    PpoParams,
     RewardModelParams,
     SftParams,
     TrainingParams,
 )
+from services.trainer.rl import KL_IN_REWARD
 
 
 class Reference(enum.Enum):
@@ -78,6 +79,7 @@ class MethodDef:
     sequences_per_row: int = 1  # chosen + rejected = 2
     min_batch_size: tuple[int, str] = (1, "")  # and why
     dropout: bool = True  # LoRA dropout is on while it trains
+    critic: bool = False  # a value model trains beside the policy (PPO): counted in estimates
     reads: frozenset[str] = frozenset()
     conditions: tuple[ReadWhen, ...] = ()
 
@@ -104,6 +106,11 @@ def paths(prefix: str, cls: type) -> frozenset[str]:
         else:
             found.add(f"{prefix}.{f.name}")
     return frozenset(found)
+
+
+def _kl_in_reward(spec: Any) -> bool:
+    """Whether the spec's advantage estimator puts `beta`'s KL in the reward (not the loss)."""
+    return spec.params.advantage_estimator in KL_IN_REWARD
 
 
 TUNING = frozenset({"tuning.full"}) | paths("tuning.lora", LoraParams)
@@ -212,8 +219,21 @@ METHODS: dict[Method, MethodDef] = {
             ),
             ReadWhen(
                 "grpo.use_bias_correction_kl",
-                lambda s: s.params.beta > 0,
-                "has no effect with beta 0 (no KL term)",
+                lambda s: s.params.beta > 0 and not _kl_in_reward(s),
+                "has no effect with beta 0 (no KL term) or with advantage_estimator "
+                "rloo or reinforce_pp (their KL is in the reward, not the loss)",
+            ),
+            ReadWhen(
+                "grpo.scale_rewards",
+                lambda s: s.params.advantage_estimator == "grpo",
+                "is read by advantage_estimator grpo only (rloo subtracts the others' mean, "
+                "reinforce_pp whitens over the batch)",
+            ),
+            ReadWhen(
+                "grpo.kl_estimator",
+                lambda s: s.params.beta > 0 and _kl_in_reward(s),
+                "is the KL penalty's in the reward of advantage_estimator rloo and reinforce_pp "
+                "with beta > 0; grpo's KL is k3, in the loss",
             ),
             ReadWhen(
                 "tuning.lora.dropout",
@@ -225,16 +245,46 @@ METHODS: dict[Method, MethodDef] = {
     Method.PPO: MethodDef(
         Method.PPO,
         "ppo",
-        OnlineRlParams,
+        PpoParams,
         DatasetKind.PROMPT,
         PROMPTS,
-        evaluator="to reward its rollouts",
+        runner="services.trainer.ppo",
+        evaluator="to reward its rollouts (sampling.n completions per prompt of a prompt dataset)",
         reference=Reference.COMPUTE,
+        reference_unless_zero="kl_coef",
         learning_rate=(1e-6, 1e-5),
         batch=Batch.ROLLOUTS,
         dropout=False,
-        reads=TRAINS | {"evaluator"},
-        conditions=TRAINS_WHEN,
+        critic=True,
+        # As GRPO: completions are bounded by sampling.max_tokens, no gradient checkpointing,
+        # and the sampler's log-probs are compared with the trainer's (logprob_mismatch).
+        reads=(TRAINS - {"training.max_length", "resources.explicit.gradient_checkpointing"})
+        | {"evaluator"}
+        | (paths("ppo", PpoParams) - {"ppo.sampling.skip_logprobs"}),
+        conditions=(
+            *TRAINS_WHEN,
+            ReadWhen(
+                "ppo.kl_horizon",
+                lambda s: s.params.target_kl > 0,
+                "is the adaptive KL controller's: needs spec.ppo.target_kl",
+            ),
+            ReadWhen(
+                "ppo.num_mini_batches",
+                lambda s: (
+                    s.params.num_mini_batches
+                    <= s.training.per_device_batch_size
+                    * s.training.gradient_accumulation_steps
+                    * s.params.sampling.n
+                ),
+                "must be at most the samples per step (per_device_batch_size x "
+                "gradient_accumulation_steps x sampling.n)",
+            ),
+            ReadWhen(
+                "tuning.lora.dropout",
+                lambda s: s.lora is None or s.lora.dropout == 0,
+                "must be 0: PPO trains with dropout off, so its log-probs are the sampler's",
+            ),
+        ),
     ),
     Method.EVALUATE: MethodDef(
         Method.EVALUATE,

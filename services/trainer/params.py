@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from services.common.errors import FieldViolation
 from services.rollout.domain import SamplingSpec
-from services.trainer.rl import LossType, ScaleRewards
+from services.trainer.rl import REWARD_KL_ESTIMATORS, AdvantageEstimator, LossType, ScaleRewards
 
 
 class DpoLoss(enum.StrEnum):
@@ -34,6 +34,7 @@ LR_SCHEDULERS = ("linear", "cosine", "constant")
 DPO_LOSSES = tuple(DpoLoss)
 GRPO_LOSSES = tuple(LossType)  # the enums the RL math dispatches on (services/trainer/rl)
 SCALE_REWARDS = tuple(ScaleRewards)
+ADVANTAGE_ESTIMATORS = tuple(AdvantageEstimator)
 PRECISIONS = ("fp32", "bf16", "fp16")
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
 # A torch module path: attribute names, and indices into ModuleLists ("model.layers.0.mlp").
@@ -261,7 +262,8 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class GrpoParams:
-    """GRPO (Shao et al., 2024). `sampling.n` is always num_generations (set by `complete`)."""
+    """GRPO (Shao et al., 2024), or the same loop with RLOO's or REINFORCE++'s advantages
+    (`advantage_estimator`). `sampling.n` is always num_generations (set by `complete`)."""
 
     num_generations: int = 8
     sampling: Sampling = field(default_factory=Sampling)
@@ -274,6 +276,8 @@ class GrpoParams:
     use_bias_correction_kl: bool = True
     importance_sampling_correction: bool = True
     importance_sampling_cap: float = 3.0
+    advantage_estimator: str = "grpo"
+    kl_estimator: str = "k1"  # of the KL in the reward (rloo, reinforce_pp)
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "num_generations": Bound(
@@ -307,14 +311,14 @@ class GrpoParams:
                 f"must be one of {', '.join(SCALE_REWARDS)}",
             ),
             (
-                # The rollout returns log-probs at temperature 1; the trainer's are at the sampling
-                # temperature, so the two cannot be compared at any other temperature.
-                not self.importance_sampling_correction
-                or self.sampling.temperature == 1
-                or self.sampling.temperature <= 0,
-                "importance_sampling_correction",
-                "needs sampling.temperature 1 (the rollout service returns log-probs at "
-                "temperature 1 only); set it false to sample at another temperature",
+                self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+                "advantage_estimator",
+                f"must be one of {', '.join(ADVANTAGE_ESTIMATORS)}",
+            ),
+            (
+                self.kl_estimator in REWARD_KL_ESTIMATORS,
+                "kl_estimator",
+                f"must be one of {', '.join(REWARD_KL_ESTIMATORS)} (GRPO's KL in the loss is k3)",
             ),
         )
         # n is num_generations, whose range is checked above: name it once, there.
@@ -322,25 +326,75 @@ class GrpoParams:
         return own + dataclasses.replace(self.sampling, n=n).violations(f"{at}.sampling")
 
 
-@dataclass(frozen=True)
-class OnlineRlParams:
-    """PPO settings are accepted by the contract but not run yet (see README): a PPO job is
-    refused, so none of PpoParams' fields is read or bounded here."""
+# A model revision (or alias) by its full name; `convert` completes "models/m" to latest.
+MODEL_REVISION = re.compile(r"models/[^/]+/revisions/[^/]+")
 
-    BOUNDS: ClassVar[dict[str, Bound]] = {}
+
+@dataclass(frozen=True)
+class PpoParams:
+    """PPO (Schulman et al., 2017) with a critic and GAE, in its RLHF form (Ouyang et al., 2022;
+    Huang et al., 2024). `sampling.n` completions per prompt; critic_model "" is the policy's
+    base with a new value head; critic_learning_rate None is training.learning_rate (filled
+    in by `complete`); target_kl 0 keeps kl_coef fixed."""
+
+    sampling: Sampling = field(default_factory=Sampling)
+    kl_coef: float = 0.05
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    ppo_epochs: int = 4
+    sync_every: int = 1
+    critic_model: str = ""
+    critic_learning_rate: float | None = None
+    num_mini_batches: int = 1
+    target_kl: float = 0.0
+    kl_horizon: int = 10_000
+    whiten_rewards: bool = False
+    reward_clip: float = 0.0
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "kl_coef": Bound(0, 10, note="0: no KL penalty, no reference model"),
+        "cliprange": Bound(0, 1, open_lo=True, open_hi=True),
+        "cliprange_value": Bound(0, 1000, open_lo=True),
+        "vf_coef": Bound(0, 100, open_lo=True),
+        "gamma": Bound(0, 1),
+        "lam": Bound(0, 1),
+        "ppo_epochs": Bound(1, 64),
+        "sync_every": _steps(1),
+        "critic_learning_rate": Bound(0, 1, open_lo=True, open_hi=True),
+        "num_mini_batches": Bound(1, 1024, note="at most the samples per step"),
+        "target_kl": Bound(0, 100, note="0: kl_coef stays fixed"),
+        "kl_horizon": _steps(1, "samples"),
+        "reward_clip": Bound(0, 1e6, note="0: no clipping"),
+        "entropy_coef": Bound(0, 10),
+    }
 
     def violations(self, at: str) -> list[FieldViolation]:
-        return []
+        return (
+            _out_of_bounds(self, at)
+            + _checks(
+                at,
+                (
+                    not self.critic_model or bool(MODEL_REVISION.fullmatch(self.critic_model)),
+                    "critic_model",
+                    "must look like models/{id}/revisions/{revision or alias}",
+                ),
+                (
+                    self.sampling.temperature > 0,
+                    "sampling.temperature",
+                    "must be > 0: PPO's log-probs are at the sampling temperature",
+                ),
+            )
+            + self.sampling.violations(f"{at}.sampling")
+        )
 
 
 MethodParams = (
-    SftParams
-    | DpoParams
-    | KtoParams
-    | RewardModelParams
-    | EvaluateParams
-    | GrpoParams
-    | OnlineRlParams
+    SftParams | DpoParams | KtoParams | RewardModelParams | EvaluateParams | GrpoParams | PpoParams
 )
 
 

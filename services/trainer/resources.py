@@ -12,7 +12,9 @@ each method does read from its entry in the method table (`methods.py`):
   prompts x G completions x (prompt + sampling.max_tokens) tokens;
 - a frozen reference policy when the method's loss needs one and full weights train (LoRA
   disables its adapters instead): at the trained weights' precision for TRL, which loads it
-  like the policy, or the compute precision for the online loop.
+  like the policy, or the compute precision for the online loop;
+- PPO's critic: a value model of the base's size trained like the policy (weights, gradients,
+  AdamW moments) and its activations without the vocabulary's logits.
 """
 
 from __future__ import annotations
@@ -154,18 +156,20 @@ def forward_shape(spec: JobSpec, method: MethodDef) -> tuple[int, int]:
     if method.batch is Batch.ROWS:
         return t.per_device_batch_size * method.sequences_per_row, t.max_length
     if method.batch is Batch.ROLLOUTS:
-        # PPO's params carry no group size or sampling yet: one completion of 64 tokens.
-        group = getattr(spec.params, "num_generations", 1)
-        sampling = getattr(spec.params, "sampling", None)
-        new_tokens = sampling.max_tokens if sampling is not None else 64
-        return t.per_device_batch_size * group, ROLLOUT_PROMPT_TOKENS + new_tokens
+        # GRPO's group is num_generations, PPO's sampling.n (its samples per prompt).
+        sampling = spec.params.sampling
+        group = getattr(spec.params, "num_generations", sampling.n)
+        return t.per_device_batch_size * group, ROLLOUT_PROMPT_TOKENS + sampling.max_tokens
     return 0, 0
 
 
-def activation_bytes(config: dict[str, Any], spec: JobSpec, precision: str) -> int | None:
+def activation_bytes(
+    config: dict[str, Any], spec: JobSpec, precision: str, logits: bool = True
+) -> int | None:
+    """Of one forward pass with gradients; `logits` False for a value model (a scalar head)."""
     try:
         d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
-        vocab = int(config["vocab_size"])
+        vocab = int(config["vocab_size"]) if logits else 0
     except (KeyError, TypeError, ValueError):
         return None
     sequences, length = forward_shape(spec, METHODS[spec.method])
@@ -173,6 +177,21 @@ def activation_bytes(config: dict[str, Any], spec: JobSpec, precision: str) -> i
     scale = BYTES[precision] / 2  # the 34 bytes are for 16-bit activations
     per_layer = 2 * BYTES[precision] if spec.resources.gradient_checkpointing else 34 * scale
     return int(tokens * d * layers * per_layer + tokens * vocab * 4)
+
+
+def critic_bytes(
+    spec: JobSpec, parameters: int, trainable: int, config: dict[str, Any], precision: str
+) -> tuple[int, str]:
+    """PPO's value model: a model of the base's size (noted: a critic_model of another size is
+    not read here) trained as the policy is (its weights, gradients, AdamW moments) and one
+    forward pass with gradients without the vocabulary's logits."""
+    method = METHODS[spec.method]
+    if not method.critic:
+        return 0, ""
+    weights = parameters * weight_width(spec, method, precision)
+    activations = activation_bytes(config, spec, precision, logits=False) or 0
+    note = "the critic is assumed the size of the base"
+    return weights + trainable * 12 + activations, note
 
 
 def weight_width(spec: JobSpec, method: MethodDef, precision: str) -> int:
@@ -222,6 +241,10 @@ def estimate(spec: JobSpec, parameters: int, config: dict[str, Any], devices: De
         "activations": 0,
         "reference_model": reference,
     }
+    critic, note = critic_bytes(spec, parameters, trainable, config, plan.precision)
+    if critic:
+        breakdown["critic"] = critic
+        notes.append(note)
     if method.trains:
         act = activation_bytes(config, spec, plan.precision)
         if act is None:

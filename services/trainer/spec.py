@@ -30,7 +30,7 @@ from services.trainer.params import (
     GrpoParams,
     KtoParams,
     LoraParams,
-    OnlineRlParams,
+    PpoParams,
     RewardModelParams,
     Sampling,
     SftParams,
@@ -49,7 +49,7 @@ __all__ = [
     "JobSpec",
     "KtoParams",
     "LoraParams",
-    "OnlineRlParams",
+    "PpoParams",
     "RewardModelParams",
     "Sampling",
     "SftParams",
@@ -140,6 +140,8 @@ def complete(spec: JobSpec) -> JobSpec:
     if isinstance(params, GrpoParams):  # the group size is the rollout's n
         sampling = dataclasses.replace(params.sampling, n=params.num_generations)
         params = dataclasses.replace(params, sampling=sampling)
+    if isinstance(params, PpoParams) and params.critic_learning_rate is None:
+        params = dataclasses.replace(params, critic_learning_rate=training.learning_rate)
     return dataclasses.replace(
         spec, training=training, lora=lora, params=params, output_model=output
     )

@@ -126,6 +126,13 @@ def test_load_generate_and_status(stub: rollout_pb2_grpc.RolloutServiceStub) -> 
         (request("a", "cat " * 250, max_tokens=300), "prompts[1]"),
         (rollout_pb2.GenerateRequest(), "prompts"),
         (request("hi", adapter=LORA_R1), "adapter_revision"),
+        (request("hi", logprobs_mode=7), "sampling.logprobs_mode"),  # a number we do not know
+        (  # greedy decoding has no temperature to scale by
+            request(
+                "hi", temperature=0.0, logprobs_mode=rollout_pb2.LOGPROBS_MODE_TEMPERATURE_SCALED
+            ),
+            "sampling.logprobs_mode",
+        ),
     ],
 )
 def test_bad_generate_requests_name_the_field(

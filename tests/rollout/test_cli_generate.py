@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
+from services.cli.errors import HandledGroup
 from services.cli.rollout_cmds import generate, revision_name
 from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
@@ -30,7 +31,7 @@ async def test_generate_loads_the_model_then_prints(
         newer = await registry.upload_model_revision("models/rollout-cli-tiny", tiny_model_dir)
     finally:
         await registry.close()
-    app = typer.Typer()
+    app = typer.Typer(cls=HandledGroup)  # errors reported as `tlm` reports them
     app.command()(generate)
     app.command("unused")(lambda: None)  # two commands: `generate` is then a subcommand
     model = f"rollout-cli-tiny@{revision.name.rsplit('/', 1)[1]}"
@@ -50,17 +51,20 @@ async def test_generate_loads_the_model_then_prints(
     # Another revision replaces the served one only with --load.
     latest = [a if a != model else "rollout-cli-tiny" for a in args]
     refused = CliRunner().invoke(app, latest, terminal_width=200)
-    assert refused.exit_code == 1 and "--load" in refused.output
+    assert refused.exit_code == 2 and "--load" in refused.output
     assert revision.name in refused.output
     replaced = CliRunner().invoke(app, [*latest, "--load"], terminal_width=200)
     assert replaced.exit_code == 0 and newer.name in replaced.output
 
 
 def test_generate_reports_an_unreachable_registry(embedded: ServerThread) -> None:
-    app = typer.Typer()
+    app = typer.Typer(cls=HandledGroup)  # errors reported as `tlm` reports them
     app.command()(generate)
     app.command("unused")(lambda: None)
     args = ["generate", "--model", "rollout-cli-tiny", "--prompt", "hi"]
     args += ["--address", embedded.address, "--registry-address", "127.0.0.1:1"]
     result = CliRunner().invoke(app, args, terminal_width=200)
-    assert result.exit_code == 1 and "UNAVAILABLE" in result.output
+    assert result.exit_code == 2 and result.stderr == (
+        "error: cannot reach the registry service at 127.0.0.1:1 (connection refused); "
+        "start the services with `tlm up`, or pass --registry-address HOST:PORT\n"
+    )

@@ -13,7 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.rollout import transformers_engine
-from services.rollout.domain import Completion, FinishReason, PromptInput, SamplingSpec
+from services.rollout.domain import (
+    Completion,
+    FinishReason,
+    LogprobsMode,
+    PromptInput,
+    SamplingSpec,
+)
 from services.rollout.engine import EngineConfig, EngineRequest
 from services.rollout.transformers_engine import TransformersEngine
 
@@ -29,10 +35,15 @@ async def engine(tiny_model_dir: Path) -> AsyncIterator[TransformersEngine]:
 
 
 async def run(
-    engine: TransformersEngine, texts: list[str], adapter: str | None = None, **sampling: object
+    engine: TransformersEngine,
+    texts: list[str],
+    adapter: str | None = None,
+    logprobs_mode: LogprobsMode = LogprobsMode.RAW,
+    **sampling: object,
 ) -> list[Completion]:
     ids = engine.encode([PromptInput(text=t) for t in texts])
-    request = EngineRequest(ids, SamplingSpec(**sampling), adapter)  # type: ignore[arg-type]
+    spec = SamplingSpec(**sampling)  # type: ignore[arg-type]
+    request = EngineRequest(ids, spec, adapter, logprobs_mode=logprobs_mode)
     out = [c async for batch in engine.generate(request) for c in batch]
     return sorted(out, key=lambda c: (c.prompt_index, c.sample_index))
 
@@ -59,23 +70,63 @@ async def test_same_seed_same_output_even_when_batched(engine: TransformersEngin
     assert all(c.policy_version == VERSION for c in alone)
 
 
+def assert_full_forward_logprobs(
+    completions: list[Completion], prompts: list[list[int]], model_dir: Path, temperature: float
+) -> None:
+    """Each completion's log-probs equal log_softmax(logits / temperature) of one full pass."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for c in completions:
+        prompt = prompts[c.prompt_index]
+        full = torch.tensor([prompt + c.token_ids])  # (1, P + T)
+        with torch.no_grad():
+            logits = model(input_ids=full).logits[0].float()  # (P + T, V)
+        logp = torch.log_softmax(logits / temperature, dim=-1)  # (P + T, V)
+        steps = torch.arange(len(c.token_ids)) + len(prompt) - 1  # positions predicting tokens
+        expected = logp[steps, torch.tensor(c.token_ids)]
+        assert len(c.logprobs) == len(c.token_ids) > 0
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+
+
 async def test_logprobs_equal_a_full_forward_pass(
     engine: TransformersEngine, tiny_model_dir: Path
 ) -> None:
     # Temperature and filters change what is sampled, never the reported (raw) log-probs.
     texts = ["The red cat", "What is 12 * 7? <think>"]
     out = await run(engine, texts, n=2, max_tokens=16, seed=1, temperature=0.7, top_k=20, top_p=0.9)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     prompts = engine.encode([PromptInput(text=t) for t in texts])
-    for c in out:
-        prompt = prompts[c.prompt_index]
-        full = torch.tensor([prompt + c.token_ids])  # (1, P + T)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=full).logits[0].float(), dim=-1)  # (P+T, V)
-        steps = torch.arange(len(c.token_ids)) + len(prompt) - 1  # positions predicting tokens
-        expected = logp[steps, torch.tensor(c.token_ids)]
-        assert len(c.logprobs) == len(c.token_ids) > 0
-        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+    assert_full_forward_logprobs(out, prompts, tiny_model_dir, 1.0)
+
+
+async def test_temperature_scaled_logprobs_per_request_in_one_batch(
+    engine: TransformersEngine, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A raw and a temperature-scaled request decode in one batch (same weights, submitted
+    # together); each reports its own convention, and the sampled tokens do not depend on it.
+    batches: list[int] = []
+    real_decode = transformers_engine.decode
+
+    def counting_decode(rows: list, ctx: object) -> None:  # type: ignore[type-arg]
+        batches.append(len(rows))
+        real_decode(rows, ctx)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transformers_engine, "decode", counting_decode)
+    texts = ["The red cat", "What is 12 * 7? <think>"]
+    sampling = {"n": 2, "max_tokens": 16, "seed": 1, "temperature": 0.7, "top_k": 20}
+    raw, scaled = await asyncio.gather(
+        run(engine, texts, **sampling),  # type: ignore[arg-type]
+        run(engine, texts, logprobs_mode=LogprobsMode.TEMPERATURE_SCALED, **sampling),  # type: ignore[arg-type]
+    )
+    assert batches == [8]  # both requests' 2 prompts x 2 samples in one batch
+    assert tokens(scaled) == tokens(raw)
+    prompts = engine.encode([PromptInput(text=t) for t in texts])
+    assert_full_forward_logprobs(raw, prompts, tiny_model_dir, 1.0)
+    assert_full_forward_logprobs(scaled, prompts, tiny_model_dir, 0.7)
+    gap = [
+        abs(a - b)
+        for r, s in zip(raw, scaled, strict=True)
+        for a, b in zip(r.logprobs, s.logprobs, strict=True)
+    ]
+    assert max(gap) > 1e-2  # the two conventions differ at 0.7: the test can tell them apart
 
 
 async def test_greedy_matches_hf_generate(engine: TransformersEngine, tiny_model_dir: Path) -> None:

@@ -15,9 +15,18 @@ import pytest
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from services.rollout.domain import FinishReason, PromptInput, SamplingSpec
+from services.rollout.domain import (
+    Completion,
+    FinishReason,
+    LogprobsMode,
+    PromptInput,
+    SamplingSpec,
+)
 from services.rollout.engine import EngineConfig, EngineRequest, make_engine
-from services.rollout.vllm_engine import VllmEngine, completion_from_output
+from services.rollout.settings import RolloutSettings
+from services.rollout.vllm_engine import VllmEngine, check_logprobs_mode, completion_from_output
+
+RAW, SCALED = LogprobsMode.RAW, LogprobsMode.TEMPERATURE_SCALED
 
 
 def test_completion_from_a_vllm_output() -> None:
@@ -34,6 +43,45 @@ def test_completion_from_a_vllm_output() -> None:
     assert (c.prompt_index, c.sample_index, c.token_ids) == (3, 1, [5, 7])
     assert c.logprobs == [-0.5, -1.25] and c.finish_reason is FinishReason.LENGTH
     assert c.prompt_token_ids == [1, 2] and c.policy_version == "models/m/revisions/r1"
+
+
+@pytest.mark.parametrize(
+    ("engine_mode", "mode", "sampling", "served"),
+    [
+        # raw_logprobs reports log_softmax(logits): RAW always, TEMPERATURE_SCALED only at T = 1.
+        ("raw_logprobs", RAW, SamplingSpec(temperature=0.7, top_k=20), True),
+        ("raw_logprobs", SCALED, SamplingSpec(temperature=1.0, top_p=0.9), True),
+        ("raw_logprobs", SCALED, SamplingSpec(temperature=0.7), False),
+        ("raw_logprobs", SCALED, SamplingSpec(temperature=0.7, skip_logprobs=True), True),
+        # processed_logprobs reports log_softmax(top_k_top_p(logits / T)) (T = 1 for greedy):
+        # the contract's numbers only when no top-k/top-p renormalises them.
+        ("processed_logprobs", SCALED, SamplingSpec(temperature=0.7), True),
+        ("processed_logprobs", SCALED, SamplingSpec(temperature=0.7, top_k=20), False),
+        ("processed_logprobs", SCALED, SamplingSpec(temperature=0.7, top_p=0.9), False),
+        ("processed_logprobs", RAW, SamplingSpec(temperature=0.7), False),
+        ("processed_logprobs", RAW, SamplingSpec(temperature=1.0), True),
+        ("processed_logprobs", RAW, SamplingSpec(temperature=0.0), True),
+        ("processed_logprobs", RAW, SamplingSpec(temperature=0.0, top_k=5), False),
+    ],
+)
+def test_which_logprobs_each_vllm_setting_serves(
+    engine_mode: str, mode: LogprobsMode, sampling: SamplingSpec, served: bool
+) -> None:
+    request = EngineRequest([[1, 2]], sampling, None, logprobs_mode=mode)
+    if served:
+        check_logprobs_mode(engine_mode, request)
+    else:
+        with pytest.raises(FailedPrecondition, match="TLM_ROLLOUT_VLLM_LOGPROBS_MODE"):
+            check_logprobs_mode(engine_mode, request)
+
+
+def test_the_vllm_logprobs_setting_is_one_of_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert RolloutSettings().vllm_logprobs_mode == "raw_logprobs"
+    monkeypatch.setenv("TLM_ROLLOUT_VLLM_LOGPROBS_MODE", "processed_logprobs")
+    assert RolloutSettings().vllm_logprobs_mode == "processed_logprobs"
+    monkeypatch.setenv("TLM_ROLLOUT_VLLM_LOGPROBS_MODE", "raw_logits")  # not log-probs at all
+    with pytest.raises(ValueError, match="vllm_logprobs_mode"):
+        RolloutSettings()
 
 
 def test_the_engine_table_builds_vllm_without_importing_it() -> None:
@@ -177,6 +225,31 @@ async def test_vllm_load_drains_and_restores_the_old_engine_on_failure(
     assert engine._engine.args.max_loras == 2 and engine._engine.args.logprobs_mode
     assert len(await _collect(engine, [[1, 2]])) == 1
     await engine.close()
+
+
+async def test_vllm_starts_with_the_configured_logprobs_mode_and_refuses_others(
+    fake_vllm: types.ModuleType, tiny_model_dir: Path
+) -> None:
+    raw = VllmEngine(EngineConfig(device="cuda"))
+    await raw.load_model(tiny_model_dir, "models/tiny/revisions/r1", "auto", None)
+    assert raw._engine.args.logprobs_mode == "raw_logprobs"
+    scaled = EngineRequest([[1, 2]], SamplingSpec(temperature=0.7), None, logprobs_mode=SCALED)
+    with pytest.raises(FailedPrecondition, match="raw_logprobs"):
+        await asyncio.wait_for(_gather(raw, scaled), 5)
+    assert raw.running == 0  # refused before it took a slot
+    await raw.close()
+    processed = VllmEngine(EngineConfig(device="cuda", vllm_logprobs_mode="processed_logprobs"))
+    await processed.load_model(tiny_model_dir, "models/tiny/revisions/r1", "auto", None)
+    assert processed._engine.args.logprobs_mode == "processed_logprobs"
+    (c,) = await asyncio.wait_for(_gather(processed, scaled), 5)
+    assert c.logprobs == [-1.0]  # what vLLM reported, unchanged
+    with pytest.raises(FailedPrecondition, match="processed_logprobs"):
+        await asyncio.wait_for(_collect(processed, [[1, 2]], temperature=0.7), 5)  # RAW
+    await processed.close()
+
+
+async def _gather(engine: VllmEngine, request: EngineRequest) -> list[Completion]:
+    return [c async for batch in engine.generate(request) for c in batch]
 
 
 async def test_vllm_without_raw_logprobs_is_refused(

@@ -135,11 +135,12 @@ async def test_missing_and_malformed_names(trainer: Stub, inputs: Inputs) -> Non
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and fields == ["spec.evaluator"]
 
 
-async def test_ppo_is_not_implemented_yet(trainer: Stub, inputs: Inputs) -> None:
+async def test_ppo_refuses_max_length_it_does_not_read(trainer: Stub, inputs: Inputs) -> None:
+    """PPO runs (tests/trainer/test_ppo.py); its completions are bounded by sampling.max_tokens."""
     job_spec = spec(pb.PPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator)
-    err, _, reason = await refused(trainer, job_spec)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "not implemented yet" in err.details() and reason == "NOT_IMPLEMENTED"
+    err, fields, _ = await refused(trainer, job_spec)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields == ["spec.training.max_length"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only host")

@@ -111,14 +111,14 @@ def test_jobs_plot_errors_are_clear_and_never_a_traceback(
 ) -> None:
     address, name = scripted
     cases = [
-        (["plot", "jobs/no-such-job", "--address", address], "NOT_FOUND"),
-        (["plot", name, "--metric", "reward", "--address", address], "no metric reward; the"),
-        (["plot", name, "--address", "127.0.0.1:1"], "UNAVAILABLE"),
+        (["plot", "jobs/no-such-job", "--address", address], "NOT_FOUND", 1),
+        (["plot", name, "--metric", "reward", "--address", address], "no metric reward; the", 1),
+        (["plot", name, "--address", "127.0.0.1:1"], "cannot reach the trainer service at", 2),
     ]
-    for args, message in cases:
+    for args, message, code in cases:
         out = runner.invoke(jobs_app, [*args, "--out", str(tmp_path)])
         text = " ".join(out.output.split())
-        assert out.exit_code == 1 and message in text, out.output
+        assert out.exit_code == code and message in text, out.output
         assert "Traceback" not in text and isinstance(out.exception, SystemExit)
     assert not list(tmp_path.iterdir())
 

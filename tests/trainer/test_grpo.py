@@ -32,6 +32,8 @@ LORA = pb.Tuning(lora=pb.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_p
 # within a group and the advantages are not all zero.
 VOWELS = {"scorers": [{"name": "vowels", "regex": {"pattern": "[aeiou]", "count": True}}]}
 STEPS, GROUP = 3, 4
+# Not 1: the rollout's log-probs must be temperature-scaled to match the trainer's.
+TEMPERATURE = 0.7
 # GRPO refuses training.max_length (its completions are bounded by sampling.max_tokens).
 TRAINING = pb.TrainingParams(max_steps=STEPS, per_device_batch_size=2, log_every=1)
 
@@ -48,7 +50,9 @@ def grpo_spec(inputs: Inputs, evaluator: str) -> pb.TrainingJobSpec:
             max_steps=STEPS, per_device_batch_size=2, log_every=1, learning_rate=1e-2, save_every=1
         ),
         grpo=pb.GrpoParams(
-            num_generations=GROUP, sync_every=1, sampling={"max_tokens": 8, "seed": 3}
+            num_generations=GROUP,
+            sync_every=1,
+            sampling={"max_tokens": 8, "seed": 3, "temperature": TEMPERATURE},
         ),
     )
 
@@ -101,8 +105,12 @@ async def test_grpo_lora_trains_pushes_policies_and_the_rollout_serves_the_last(
         )
         assert {"rewards/vowels/mean", "entropy", "time/generate", "time/publish"} <= set(m.values)
         assert m.values["valid_fraction"] == 1.0 and m.values["kl"] >= 0
-        # The trainer recomputes the sampler's log-probs: same weights, same convention.
+        # Every step samples right after a sync, at temperature 0.7: the trainer recomputes the
+        # sampler's (temperature-scaled) log-probs on the same weights, so the truncated
+        # importance ratios pi_old / pi_rollout are 1 (raw log-probs would be off by far more).
         assert m.values["logprob_mismatch"] < 1e-3
+        assert m.values["importance_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert m.values["importance_ratio_max"] == pytest.approx(1.0, abs=1e-2)
     assert any(m.values["reward_std"] > 0 for m in metrics)  # a learning signal existed
     assert metrics[-1].values["kl"] > 0  # the policy moved away from the reference
     checkpoints = [e.checkpoint for e in events if e.HasField("checkpoint")]

@@ -315,13 +315,15 @@ def test_an_unscorable_sample_is_as_if_it_were_not_in_the_batch(
     assert_same_gradients(policy.model, trainer.model)
 
 
-def test_the_correction_is_refused_where_the_rollout_log_probs_are_not_the_samplers() -> None:
-    """The rollout service returns log-probs at temperature 1, so at 0.7 they are not pi_sampler
-    and the correction is refused at creation, naming the field; off, or at 1, it is accepted."""
+def test_the_correction_is_accepted_at_any_sampling_temperature() -> None:
+    """GRPO asks the rollout service for temperature-scaled log-probs (LOGPROBS_MODE_
+    TEMPERATURE_SCALED) when the correction is on, so at 0.7 they are pi_sampler as the trainer
+    computes it: the correction is accepted on or off, at 0.7 as at 1. (That the rollout's
+    numbers then match the trainer's: tests/trainer/test_grpo.py.)"""
     at_07 = grpo_params()  # importance_sampling_correction defaults to true
-    assert [v.field for v in at_07.violations("spec.grpo")] == [
-        "spec.grpo.importance_sampling_correction"
-    ]
+    assert at_07.sampling.temperature == TEMPERATURE != 1
+    assert at_07.importance_sampling_correction and at_07.violations("spec.grpo") == []
+    assert objective(at_07).is_correction
     assert grpo_params(importance_sampling_correction=False).violations("spec.grpo") == []
     at_1 = GrpoParams(num_generations=G, sampling=Sampling(n=G, max_tokens=MAX_TOKENS))
     assert at_1.violations("spec.grpo") == []

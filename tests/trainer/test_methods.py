@@ -58,7 +58,7 @@ def test_every_path_a_method_reads_is_a_field_of_the_contract() -> None:
 
 def test_the_worker_and_conversion_read_the_table() -> None:
     assert {m: d.runner for m, d in METHODS.items() if d.runner} == worker.RUNNERS
-    assert Method.PPO not in worker.RUNNERS  # not implemented: no runner
+    assert worker.RUNNERS[Method.PPO] == "services.trainer.ppo"
     for method, d in METHODS.items():
         data = validate(_minimal(method)).to_dict() if d.implemented else None
         if data is not None:

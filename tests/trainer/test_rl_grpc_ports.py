@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from grpc_status import rpc_status
 
 from services.common.errors import FailedPrecondition, InvalidArgument, to_rpc_status
 from services.rollout.domain import AdapterIncompatible, NoModelLoaded, invalid
+from services.trainer.params import Sampling
 from services.trainer.rl.batch import ScoreStatus
-from services.trainer.rl.grpc_ports import _score, policy_lost, remote_error
+from services.trainer.rl.grpc_ports import GrpcSampler, _score, policy_lost, remote_error
+from services.trainer.rl.ports import PolicyRef
 from tlm.reward.v1 import reward_service_pb2 as rs
+from tlm.rollout.v1 import rollout_pb2
 
 
 def rpc_error(exc: Exception) -> grpc.aio.AioRpcError:
@@ -58,3 +62,36 @@ def test_scores_keep_status_and_only_ok_scorer_values() -> None:
     bad = _score(rs.SampleResult(status=rs.UNSCORABLE, reward=float("nan")))
     assert bad.status is ScoreStatus.UNSCORABLE and bad.reward == 0.0
     assert _score(rs.SampleResult(status=rs.PENDING)).status is ScoreStatus.PENDING
+
+
+class RecordingRollout:
+    """A rollout client whose Generate records the request and answers one completion per row."""
+
+    metadata = ()
+
+    def __init__(self) -> None:
+        self.requests: list[rollout_pb2.GenerateRequest] = []
+        self.stub = self
+
+    async def Generate(self, request, metadata):  # type: ignore[no-untyped-def]
+        self.requests.append(request)
+        completions = [
+            rollout_pb2.Completion(prompt_index=i, token_ids=[7], logprobs=[-0.5])
+            for i in range(len(request.prompts))
+        ]
+        yield rollout_pb2.GenerateResponse(completions=completions)
+
+
+async def test_the_sampler_asks_for_temperature_scaled_log_probs_when_told() -> None:
+    rows, sampling = [{"prompt": "hi"}], Sampling(temperature=0.7)
+    for scaled, mode in (
+        (True, rollout_pb2.LOGPROBS_MODE_TEMPERATURE_SCALED),
+        (False, rollout_pb2.LOGPROBS_MODE_RAW),
+    ):
+        rollout = RecordingRollout()
+        sampler = GrpcSampler(rollout, scaled_logprobs=scaled)  # type: ignore[arg-type]
+        (sample,) = await sampler.generate(rows, sampling, PolicyRef("m"), "r")
+        assert sample.logprobs == [-0.5]
+        (request,) = rollout.requests
+        assert request.sampling.logprobs_mode == mode
+        assert request.sampling.temperature == pytest.approx(0.7)

@@ -16,6 +16,8 @@ from services.trainer.domain import EventKind, Job, JobState, Method, Progress
 from services.trainer.resources import Devices, estimate, lora_trainable
 from services.trainer.spec import (
     DpoParams,
+    EvaluateParams,
+    GrpoParams,
     JobSpec,
     LoraParams,
     TrainingParams,
@@ -240,6 +242,28 @@ def test_unknown_enum_numbers_are_invalid_argument_naming_the_field() -> None:
     with pytest.raises(InvalidArgument) as err:
         convert.spec_from_proto(message)
     assert [v.field for v in err.value.violations] == ["spec.resources.explicit.strategy"]
+
+
+def test_a_job_cannot_choose_the_rollout_log_prob_mode() -> None:
+    """The trainer picks LogprobsMode itself (GRPO: per importance_sampling_correction), so a job
+    spec's sampling.logprobs_mode is refused, naming the field, rather than ignored."""
+    from tlm.rollout.v1 import rollout_pb2
+
+    for params in (GrpoParams(), EvaluateParams()):
+        method = Method.GRPO if isinstance(params, GrpoParams) else Method.EVALUATE
+        message = convert.spec_to_proto(
+            validate(JobSpec(method, BASE, DATA, params=params)).to_dict()
+        )
+        which = message.WhichOneof("method_params")
+        getattr(message, which).sampling.logprobs_mode = rollout_pb2.LOGPROBS_MODE_RAW
+        with pytest.raises(InvalidArgument) as err:
+            convert.spec_from_proto(message)
+        assert [v.field for v in err.value.violations] == [f"spec.{which}.sampling.logprobs_mode"]
+        getattr(message, which).sampling.logprobs_mode = rollout_pb2.LOGPROBS_MODE_UNSPECIFIED
+        assert (
+            convert.spec_from_proto(message).params
+            == validate(JobSpec(method, BASE, DATA, params=params)).params
+        )
 
 
 def test_kto_needs_two_rows_per_batch() -> None:

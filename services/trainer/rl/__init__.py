@@ -14,6 +14,13 @@ class AdvantageEstimator(enum.StrEnum):
     """How rewards become advantages (`algos.ADVANTAGE_ESTIMATORS`)."""
 
     GRPO = "grpo"  # group-relative outcome advantages (Shao et al. 2024)
+    RLOO = "rloo"  # leave-one-out baseline (Ahmadian et al. 2024)
+    REINFORCE_PP = "reinforce_pp"  # REINFORCE++-baseline: batch-whitened returns (Hu 2025)
+
+
+# The estimators whose KL penalty (`beta`) is in the reward, not in the loss: the reward of a
+# sample (RLOO) or of each token (REINFORCE++) is lowered by beta x KL_t before the baseline.
+KL_IN_REWARD = frozenset({AdvantageEstimator.RLOO, AdvantageEstimator.REINFORCE_PP})
 
 
 class ScaleRewards(enum.StrEnum):
@@ -37,4 +44,10 @@ class KlEstimator(enum.StrEnum):
     """Per-token estimators of KL(pi_theta || pi_ref) (Schulman 2020, `algos.KL_ESTIMATORS`)."""
 
     K1 = "k1"  # log pi_theta - log pi_ref: unbiased, can be negative (PPO's KL-in-reward)
+    K2 = "k2"  # (log pi_theta - log pi_ref)^2 / 2: biased, never negative, low variance
     K3 = "k3"  # exp(d) - d - 1, d = log pi_ref - log pi_theta: unbiased, never negative
+
+
+# The estimators a KL penalty in the reward may use (OpenRLHF's `compute_approx_kl`; REINFORCE++
+# names k1 and k2, Hu 2025). k3 stays GRPO's, in the loss.
+REWARD_KL_ESTIMATORS = (KlEstimator.K1, KlEstimator.K2)

@@ -24,9 +24,10 @@ from peft import LoraConfig, get_peft_model
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, get_scheduler
 
-from services.trainer.rl import LossType, algos
+from services.trainer.methods import METHODS
+from services.trainer.rl import KlEstimator, LossType, algos
 from services.trainer.rl.batch import TokenBatch
-from services.trainer.spec import ALL_LINEAR, GrpoParams, JobSpec
+from services.trainer.spec import ALL_LINEAR, GrpoParams, JobSpec, PpoParams
 from services.trainer.worker_io import check_lora_targets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,10 +64,15 @@ MICRO_WEIGHTS: dict[LossType, MicroWeight] = {
 
 
 def completion_logprobs(
-    model: Any, batch: TokenBatch, temperature: float = 1.0, entropy: bool = False
+    model: Any,
+    batch: TokenBatch,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(o_t | q, o_<t) of each completion token under softmax(logits / temperature), and
-    (when asked, without gradient) the entropy of that distribution at each position.
+    (when asked, without gradient unless `entropy_grad`: PPO's entropy bonus) the entropy of
+    that distribution at each position.
 
     Returns (N, T) and (N, T) or None, zero-padded past each completion."""
     logits = model(
@@ -78,7 +84,7 @@ def completion_logprobs(
         targets = batch.input_ids[i, p : p + c]  # (C_i,)
         rows.append(algos.token_logprobs(step_logits, targets, temperature))  # (C_i,)
         if entropy:
-            with torch.no_grad():
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 logp = torch.log_softmax(step_logits.float() / temperature, dim=-1)  # (C_i, V)
                 entropies.append(-(logp.exp() * logp).sum(dim=-1))  # (C_i,)
     logps = pad_sequence(rows, batch_first=True)  # (N, T)
@@ -89,7 +95,8 @@ def sampler_correction(
     old: torch.Tensor, batch: TokenBatch, objective: Objective
 ) -> tuple[torch.Tensor | None, dict[str, float]]:
     """The truncated IS weights (None when off), and how far the trainer's log pi_old is from
-    the sampler's log-probs: ~0 right after a sync at temperature 1 (same weights)."""
+    the sampler's log-probs: ~0 right after a sync (same weights) when they are temperature-scaled
+    (GRPO with the correction asks for them) or the temperature is 1."""
     mask, tokens = batch.mask, batch.mask.sum().clamp_min(1)
     gap = (old - batch.sampling_logp).abs() * mask  # (N, T)
     metrics = {"logprob_mismatch": float(gap.sum() / tokens)}
@@ -181,6 +188,18 @@ class Actor:
         with self._compute():
             return completion_logprobs(self.model, batch, self.temperature)[0]
 
+    def forward(
+        self, batch: TokenBatch, entropy_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_theta, differentiable, and the entropy at the sampling temperature, with its
+        gradient when `entropy_grad` (PPO's entropy bonus). (N, T) each."""
+        with self._compute():
+            logp, entropy = completion_logprobs(
+                self.model, batch, self.temperature, True, entropy_grad
+            )
+        assert entropy is not None
+        return logp, entropy
+
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """log pi_ref at the sampling temperature. (N, T)."""
@@ -189,6 +208,23 @@ class Actor:
                 with self.model.disable_adapter():
                     return completion_logprobs(self.model, batch, self.temperature)[0]
             return completion_logprobs(self.reference, batch, self.temperature)[0]
+
+    @torch.no_grad()
+    def reference_kl(
+        self, batch: TokenBatch, estimator: KlEstimator, micro_batch_size: int = 0
+    ) -> torch.Tensor:
+        """KL_t of the policy as it is (pi_old, before the batch's update) to the reference, per
+        loss token, `micro_batch_size` sequences per forward pass (0: all): the KL penalty in
+        the reward of RLOO and REINFORCE++. No gradient. (N, T)."""
+        n, width = len(batch), batch.mask.shape[1]
+        size, parts = micro_batch_size or n, []
+        for a in range(0, n, size):
+            mb = batch.rows(a, min(a + size, n))
+            kl = algos.KL_ESTIMATORS[estimator](
+                self.logprobs(mb).float(), self.reference_logprobs(mb).float(), mb.mask
+            )  # (n, t)
+            parts.append(torch.nn.functional.pad(kl, (0, width - kl.shape[1])))  # (n, T)
+        return torch.cat(parts)  # (N, T)
 
     def update(
         self, batch: TokenBatch, advantages: torch.Tensor, objective: Objective
@@ -310,7 +346,9 @@ def build_actor(path: Any, spec: JobSpec, precision: str, device: str) -> Actor:
     """LoRA loads the frozen base in `precision` (peft keeps the adapters fp32); full tuning
     loads fp32 weights and autocasts to a 16-bit precision, since 16-bit weights round small
     updates (lr 1e-6 x Adam's ~1 step) away. The frozen reference needs no master copy; with
-    beta 0 there is none. Dropout is off (eval mode), as TRL's `disable_dropout`."""
+    the method's KL coefficient 0 (GRPO's beta, PPO's kl_coef: the method table's
+    `reference_unless_zero`) there is none. Dropout is off (eval mode), as TRL's
+    `disable_dropout`."""
     torch.manual_seed(spec.training.seed)  # LoRA's A matrices
     compute = DTYPES[precision]
     autocast = compute if compute != torch.float32 else None
@@ -318,11 +356,11 @@ def build_actor(path: Any, spec: JobSpec, precision: str, device: str) -> Actor:
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=weights)
     model = model.to(torch.device(device))
     check_lora_targets(spec, model)
-    params: GrpoParams = spec.params
+    params: GrpoParams | PpoParams = spec.params
     temperature = params.sampling.temperature
     if spec.lora is None:
         reference = None
-        if params.beta:
+        if getattr(params, METHODS[spec.method].reference_unless_zero):
             reference = copy.deepcopy(model).to(compute).eval().requires_grad_(False)
         return Actor(model.eval(), reference, False, autocast, temperature)
     lora = spec.lora

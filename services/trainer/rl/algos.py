@@ -25,7 +25,12 @@ References: Shao et al. 2024, "DeepSeekMath" (GRPO, eq. 3-4, section 4.1.2); Sch
 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO); Yu et al. 2025, "DAPO"; Liu et al. 2025,
 "Part I: Tricks or Traps?" (Lite PPO: batch std); DeepSeek-AI 2025, "DeepSeek-V3.2" (the unbiased
 KL estimate weighted by pi_theta / pi_old); Yao et al. 2025, "Your Efficient RL Framework Secretly
-Brings You Off-Policy RL Training" (truncated importance sampling).
+Brings You Off-Policy RL Training" (truncated importance sampling); Ahmadian et al. 2024, "Back
+to Basics: Revisiting REINFORCE-Style Optimization for Learning from Human Feedback in LLMs"
+(RLOO) and Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; Hu 2025,
+"REINFORCE++" (REINFORCE++-baseline, as OpenRLHF's `ppo_utils/experience_maker.py`).
+RLOO and REINFORCE++ put the KL penalty in the reward (`AdvantageInputs.kl`, `kl_coef`), not in
+the loss; their masked samples, too, stay out of every statistic.
 """
 
 from __future__ import annotations
@@ -93,11 +98,13 @@ class AdvantageInputs:
     group_size: int  # G: samples b*G .. b*G + G - 1 answer prompt b
     mask: torch.Tensor  # (N, T) 0/1 tokens in the loss
     values: torch.Tensor | None = None  # (N, T) a critic's values (GAE); GRPO has none
+    kl: torch.Tensor | None = None  # (N, T) KL_t of pi_old to pi_ref, for a KL in the reward
 
 
 @dataclass(frozen=True)
 class AdvantageOptions:
     scale_rewards: ScaleRewards = ScaleRewards.GROUP
+    kl_coef: float = 0.0  # beta of a KL penalty in the reward (RLOO, REINFORCE++); needs `kl`
 
 
 # The std a GRPO advantage is divided by, over the OK rewards along these dims of (B, G).
@@ -153,9 +160,89 @@ def grpo_advantages(inputs: AdvantageInputs, options: AdvantageOptions) -> torch
     return adv.unsqueeze(1) * inputs.mask  # (N, T)
 
 
+def _reward_kl(inputs: AdvantageInputs, options: AdvantageOptions) -> torch.Tensor:
+    """beta x KL_t on the loss tokens, the penalty in the reward; zeros with beta 0. (N, T)."""
+    if options.kl_coef == 0:
+        return torch.zeros_like(inputs.mask, dtype=torch.float64)
+    if inputs.kl is None:
+        raise ValueError("a KL penalty in the reward needs the per-token KL estimates")
+    return options.kl_coef * inputs.kl.to(torch.float64) * inputs.mask  # (N, T)
+
+
+def leave_one_out_advantages(
+    rewards: torch.Tensor, valid: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, after Kool et al. 2019): A_i = r_i - mean_{j != i} r_j over
+    the OK samples of i's group, which is n / (n - 1) x (r_i - mean(r_group)) for n OK samples.
+    Samples that are not OK, and a group with one OK sample (no baseline), get 0; a group's
+    advantages sum to 0. rewards, valid: (N,), N = B * group_size. Returns (N,).
+
+    >>> ok = torch.tensor([True, True, True, False])
+    >>> leave_one_out_advantages(torch.tensor([1.0, 0, 0, float("nan")]), ok, 4)  # 1-0, 0-1/2
+    tensor([ 1.0000, -0.5000, -0.5000,  0.0000])
+    """
+    m = valid.view(-1, group_size)  # (B, G)
+    r = torch.where(m, rewards.view(-1, group_size).to(torch.float64), 0.0)  # (B, G)
+    n = m.sum(dim=1, keepdim=True)  # (B, 1)
+    others = (r.sum(dim=1, keepdim=True) - r) / (n - 1).clamp_min(1)  # (B, G) the rest's mean
+    return torch.where(m & (n > 1), r - others, 0.0).view(-1).to(rewards.dtype)  # (N,)
+
+
+def rloo_advantages(inputs: AdvantageInputs, options: AdvantageOptions) -> torch.Tensor:
+    """RLOO: the whole completion is one action (Ahmadian et al. 2024, as TRL's RLOOTrainer up
+    to 0.19): its reward R_i = r_i - beta * sum_t KL_t, then the leave-one-out advantage of R_i
+    on every loss token. Returns (N, T)."""
+    penalty = _reward_kl(inputs, options).sum(dim=1)  # (N,)
+    shaped = torch.where(inputs.valid, inputs.rewards.to(torch.float64) - penalty, 0.0)  # (N,)
+    adv = leave_one_out_advantages(shaped, inputs.valid, inputs.group_size)  # (N,)
+    return (adv.unsqueeze(1) * inputs.mask).to(inputs.rewards.dtype)  # (N, T)
+
+
+def returns_to_go(token_rewards: torch.Tensor) -> torch.Tensor:
+    """G_t = sum_{s >= t} r_s (REINFORCE's return, gamma 1). (N, T) -> (N, T).
+
+    >>> returns_to_go(torch.tensor([[1.0, 2.0, 3.0]]))
+    tensor([[6., 5., 3.]])
+    """
+    return token_rewards.flip(1).cumsum(dim=1).flip(1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the mask's entries (population std, variance floored at 1e-8 as
+    OpenRLHF's), 0 off the mask. (N, T) -> (N, T).
+
+    >>> whiten(torch.tensor([[1.0, 3.0, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    tensor([[-1.,  1.,  0.]])
+    """
+    count = mask.sum().clamp_min(1)
+    mean = (x * mask).sum() / count
+    var = (((x - mean) * mask) ** 2).sum() / count
+    return (x - mean) * var.clamp_min(1e-8).rsqrt() * mask
+
+
+def reinforce_pp_advantages(inputs: AdvantageInputs, options: AdvantageOptions) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu 2025; OpenRLHF's `reinforce_baseline`): the reward minus its
+    group's mean on the last token, a KL penalty on every token, returns-to-go, then whitened
+    over every loss token of the batch:
+
+        r_t = [t = last] (r_i - mean(r_group)) - beta * KL_t
+        A_t = whiten(sum_{s >= t} r_s)   over the batch's loss tokens
+
+    Only OK samples count in the group mean and the whitening (a group with one OK sample has
+    r_i - mean = 0, but its KL returns and tokens still count). Returns (N, T)."""
+    mask = inputs.mask.to(torch.float64)  # (N, T)
+    centred = group_advantages(inputs.rewards, inputs.valid, inputs.group_size, ScaleRewards.NONE)
+    last = inputs.mask.shape[1] - 1 - mask.fliplr().argmax(dim=1, keepdim=True)  # (N, 1)
+    outcome = torch.zeros_like(mask).scatter_(1, last, centred.to(torch.float64).unsqueeze(1))
+    token_rewards = (outcome - _reward_kl(inputs, options)) * mask  # (N, T)
+    return whiten(returns_to_go(token_rewards), mask).to(inputs.rewards.dtype)  # (N, T)
+
+
 AdvantageFn = Callable[[AdvantageInputs, AdvantageOptions], torch.Tensor]
 ADVANTAGE_ESTIMATORS: dict[AdvantageEstimator, AdvantageFn] = {
     AdvantageEstimator.GRPO: grpo_advantages,
+    AdvantageEstimator.RLOO: rloo_advantages,
+    AdvantageEstimator.REINFORCE_PP: reinforce_pp_advantages,
 }
 
 # KL estimators: (logp, ref_logp, mask) -> (N, T), 0 where mask is 0 --------------------------
@@ -181,8 +268,22 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.
     return (torch.exp(d) - d - 1) * mask
 
 
+def k2(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k2 = (log pi_theta - log pi_ref)^2 / 2 (Schulman 2020): biased but low-variance and never
+    negative; one of REINFORCE++'s KL-in-reward estimators (Hu 2025, OpenRLHF).
+
+    >>> k2(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -2.0]]), torch.ones(1, 2))
+    tensor([[0.5000, 0.0000]])
+    """
+    return (logp - ref_logp) ** 2 / 2 * mask
+
+
 KlFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-KL_ESTIMATORS: dict[KlEstimator, KlFn] = {KlEstimator.K1: k1, KlEstimator.K3: k3}
+KL_ESTIMATORS: dict[KlEstimator, KlFn] = {
+    KlEstimator.K1: k1,
+    KlEstimator.K2: k2,
+    KlEstimator.K3: k3,
+}
 
 # Policy losses: (ratio, advantages, epsilon) -> (per-token loss, clipped), all (N, T) ---------
 

@@ -5,7 +5,8 @@ code that orders one step,
 
 and decides when to publish the policy (`sync_every`, evaluations, the last step), evaluate
 (`eval_every`), save the resume state (`save_every`) and log. It reaches the services only
-through the ports (`rl/ports.py`) and the model only through the actor (`rl/actor.py`).
+through the ports (`rl/ports.py`) and the model only through the actor (`rl/actor.py`); PPO
+hands the update to a `Learner` (`rl/ppo_learner.py`: the critic and GAE), still in this loop.
 
 `max_policy_lag` is how many publications old a sample's policy may be: 0 today (synchronous:
 every sample comes from the policy being served); asynchronous rollout raises it, and the loop
@@ -28,9 +29,16 @@ from typing import Any, Protocol
 import structlog
 import torch
 
-from services.trainer.rl import AdvantageEstimator, ScaleRewards, algos
+from services.trainer.rl import AdvantageEstimator, KlEstimator, ScaleRewards, algos
 from services.trainer.rl.actor import Actor, Objective
-from services.trainer.rl.batch import Row, Sample, ScoreStatus, Trajectories, make_batch
+from services.trainer.rl.batch import (
+    Row,
+    Sample,
+    ScoreStatus,
+    TokenBatch,
+    Trajectories,
+    make_batch,
+)
 from services.trainer.rl.evaluation import evaluate
 from services.trainer.rl.ports import (
     PolicyLost,
@@ -61,6 +69,8 @@ class ControllerConfig:
     objective: Objective
     advantage: AdvantageEstimator = AdvantageEstimator.GRPO
     scale_rewards: ScaleRewards = ScaleRewards.GROUP
+    kl_in_reward: float = 0.0  # beta of a KL penalty in the reward (RLOO, REINFORCE++); 0: none
+    kl_estimator: KlEstimator = KlEstimator.K1  # of that penalty
     sync_every: int = 1
     save_every: int = 0  # 0: no resume state
     log_every: int = 1
@@ -84,6 +94,17 @@ class Reporter(Protocol):
         ...
 
 
+class Learner(Protocol):
+    """What trains on a batch in place of the actor's own update, with models of its own: PPO's
+    critic and GAE (`rl/ppo_learner.py`). Its state goes in the resume state."""
+
+    def learn(self, actor: Actor, batch: TokenBatch, t: Trajectories) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 def compute_advantages(
     rewards: torch.Tensor,
     valid: torch.Tensor,
@@ -91,11 +112,12 @@ def compute_advantages(
     mask: torch.Tensor,
     estimator: AdvantageEstimator,
     options: algos.AdvantageOptions,
+    kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The estimator's per-token advantages on the loss tokens. rewards, valid: (N,); mask and
-    the result: (N, T), on the mask's device."""
+    """The estimator's per-token advantages on the loss tokens. rewards, valid: (N,); mask, kl
+    (the KL_t of a KL penalty in the reward) and the result: (N, T), on the mask's device."""
     device = mask.device
-    inputs = algos.AdvantageInputs(rewards.to(device), valid.to(device), group_size, mask)
+    inputs = algos.AdvantageInputs(rewards.to(device), valid.to(device), group_size, mask, kl=kl)
     return algos.ADVANTAGE_ESTIMATORS[estimator](inputs, options)
 
 
@@ -113,12 +135,14 @@ class Controller:
         pad_id: int = 0,
         tokenizer: Any | None = None,
         eval_rows: list[Row] | None = None,
+        learner: Learner | None = None,  # PPO: trains actor and critic in place of actor.update
     ) -> None:
         self.config, self.actor = config, actor
         self.prompts, self.sampler, self.scorer = prompts, sampler, scorer
         self.publisher, self.reporter = publisher, reporter
         self.folder, self.pad_id, self.tokenizer = folder, pad_id, tokenizer
         self.eval_rows = eval_rows or []
+        self.learner = learner
         self.start_step = 0
         self.history: list[PolicyRef] = []  # published policies, the served one last
 
@@ -136,6 +160,8 @@ class Controller:
         if path.exists():
             state = torch.load(path, weights_only=False)
             self.actor.load_state_dict(state["actor"])
+            if self.learner is not None:
+                self.learner.load_state_dict(state["learner"])
             self.start_step, served = state["step"], PolicyRef(**state["policy"])
             log.info("rl_resumed", step=self.start_step, policy=served.version)
         self.history = [await self.publisher.serve(served)]
@@ -185,7 +211,10 @@ class Controller:
         trained = [ok and s.status is ScoreStatus.OK for ok, s in zip(fresh, scores, strict=True)]
         trajectories = Trajectories(rows, samples, scores, c.group_size, trained)
         batch = make_batch(samples, trajectories.valid(), self.pad_id, self.actor.device)
-        options = algos.AdvantageOptions(c.scale_rewards)
+        options = algos.AdvantageOptions(c.scale_rewards, kl_coef=c.kl_in_reward)
+        kl = None
+        if c.kl_in_reward > 0:  # pi_old's KL to the reference, before the update
+            kl = self.actor.reference_kl(batch, c.kl_estimator, c.objective.micro_batch_size)
         advantages = compute_advantages(
             trajectories.rewards(),
             trajectories.valid(),
@@ -193,8 +222,15 @@ class Controller:
             batch.mask,
             c.advantage,
             options,
+            kl,
         )
-        update = self.actor.update(batch, advantages, c.objective)
+        update = (
+            self.learner.learn(self.actor, batch, trajectories)
+            if self.learner is not None
+            else self.actor.update(batch, advantages, c.objective)
+        )
+        if kl is not None:  # the loss has no KL term: report the reward's
+            update["kl"] = float((kl * batch.mask).sum() / batch.mask.sum().clamp_min(1))
         t3 = time.monotonic()
         tokens = sum(batch.completion_lens)
         return {
@@ -280,6 +316,7 @@ class Controller:
             "step": step,
             "policy": dataclasses.asdict(self.policy),
             "actor": self.actor.state_dict(),
+            **({"learner": self.learner.state_dict()} if self.learner is not None else {}),
         }
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)

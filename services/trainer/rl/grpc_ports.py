@@ -148,15 +148,23 @@ class RolloutClient:
 
 
 class GrpcSampler:
-    """`Generate` on the rollout service, PROMPTS_PER_CALL prompts per call."""
+    """`Generate` on the rollout service, PROMPTS_PER_CALL prompts per call. With
+    `scaled_logprobs` the samples' log-probs are log_softmax(logits / temperature), what the
+    actor computes, so the importance-sampling correction compares like with like; else raw."""
 
-    def __init__(self, rollout: RolloutClient) -> None:
+    def __init__(self, rollout: RolloutClient, scaled_logprobs: bool = False) -> None:
         self.rollout = rollout
+        self.logprobs_mode = (
+            rollout_pb2.LOGPROBS_MODE_TEMPERATURE_SCALED
+            if scaled_logprobs
+            else rollout_pb2.LOGPROBS_MODE_RAW
+        )
 
     async def generate(
         self, rows: list[Row], sampling: Sampling, policy: PolicyRef, request_id: str
     ) -> list[Sample]:
         proto = sampling_to_proto(sampling.__dict__)
+        proto.logprobs_mode = self.logprobs_mode
         out: list[Sample] = []
         for start in range(0, len(rows), PROMPTS_PER_CALL):
             chunk = rows[start : start + PROMPTS_PER_CALL]
@@ -299,8 +307,14 @@ class GrpcPorts:
 
 
 def open_ports(
-    rollout_address: str, reward_address: str, evaluator: str, api_key: str | None, team: str
+    rollout_address: str,
+    reward_address: str,
+    evaluator: str,
+    api_key: str | None,
+    team: str,
+    scaled_logprobs: bool = False,
 ) -> GrpcPorts:
     metadata = call_metadata(api_key, team)
     rollout = RolloutClient(rollout_address, metadata)
-    return GrpcPorts(rollout, GrpcSampler(rollout), GrpcScorer(reward_address, metadata, evaluator))
+    sampler = GrpcSampler(rollout, scaled_logprobs)
+    return GrpcPorts(rollout, sampler, GrpcScorer(reward_address, metadata, evaluator))

@@ -21,6 +21,46 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _LogprobsMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LogprobsModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LogprobsMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOGPROBS_MODE_UNSPECIFIED: _LogprobsMode.ValueType  # 0
+    """Unset: the same as LOGPROBS_MODE_RAW."""
+    LOGPROBS_MODE_RAW: _LogprobsMode.ValueType  # 1
+    """log_softmax(logits), the model's own distribution at temperature 1, whatever the sampling
+    temperature.
+    """
+    LOGPROBS_MODE_TEMPERATURE_SCALED: _LogprobsMode.ValueType  # 2
+    """log_softmax(logits / temperature), the distribution sampled from before top-k/top-p, which is
+    what a trainer that divides its logits by the sampling temperature computes (TRL, verl, our
+    GRPO), so the importance ratio of the two is about 1 on the same weights. Refused with
+    temperature 0 (greedy sampling has no temperature to divide by; use LOGPROBS_MODE_RAW). The
+    vllm engine serves it only as its start-up setting allows (FAILED_PRECONDITION otherwise).
+    """
+
+class LogprobsMode(_LogprobsMode, metaclass=_LogprobsModeEnumTypeWrapper):
+    """The distribution whose log-probability of each sampled token Completion.logprobs reports. Both
+    are before top-k/top-p filtering and ignore stop strings; they differ only in the temperature.
+    """
+
+LOGPROBS_MODE_UNSPECIFIED: LogprobsMode.ValueType  # 0
+"""Unset: the same as LOGPROBS_MODE_RAW."""
+LOGPROBS_MODE_RAW: LogprobsMode.ValueType  # 1
+"""log_softmax(logits), the model's own distribution at temperature 1, whatever the sampling
+temperature.
+"""
+LOGPROBS_MODE_TEMPERATURE_SCALED: LogprobsMode.ValueType  # 2
+"""log_softmax(logits / temperature), the distribution sampled from before top-k/top-p, which is
+what a trainer that divides its logits by the sampling temperature computes (TRL, verl, our
+GRPO), so the importance ratio of the two is about 1 on the same weights. Refused with
+temperature 0 (greedy sampling has no temperature to divide by; use LOGPROBS_MODE_RAW). The
+vllm engine serves it only as its start-up setting allows (FAILED_PRECONDITION otherwise).
+"""
+Global___LogprobsMode: _TypeAlias = LogprobsMode  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -63,6 +103,7 @@ class SamplingParams(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SKIP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_MODE_FIELD_NUMBER: _builtins.int
     n: _builtins.int
     """Completions per prompt (default 1; the engine's max_n bounds it)."""
     temperature: _builtins.float
@@ -77,6 +118,10 @@ class SamplingParams(_message.Message):
     """Seed; the same seed, prompt and weights give the same output. Unset means random."""
     skip_logprobs: _builtins.bool
     """Do not return per-token log-probabilities (saves bandwidth when serving)."""
+    logprobs_mode: Global___LogprobsMode.ValueType
+    """Which distribution Completion.logprobs are taken from (default LOGPROBS_MODE_RAW). An enum,
+    not a bool, so that a third convention (after top-k/top-p, say) can be added later.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stop strings; the completion ends before the first one (finish_reason STOP)."""
@@ -92,10 +137,11 @@ class SamplingParams(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         seed: _builtins.int | None = ...,
         skip_logprobs: _builtins.bool = ...,
+        logprobs_mode: Global___LogprobsMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_n", b"_n", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_n", b"_n", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "skip_logprobs", b"skip_logprobs", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_n", b"_n", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "logprobs_mode", b"logprobs_mode", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "skip_logprobs", b"skip_logprobs", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -195,9 +241,10 @@ class Completion(_message.Message):
 
     @_builtins.property
     def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """log p(token) for each sampled token under the model's raw distribution: log-softmax of the
-        logits at temperature 1, before top-k/top-p filtering. (Not temperature-scaled; the trainer
-        recomputes log-probs the same way.) Empty when skip_logprobs.
+        """log p(token) for each sampled token, before top-k/top-p filtering, under the distribution
+        that sampling.logprobs_mode names: log-softmax of the logits at temperature 1 (RAW, the
+        default) or of the logits divided by the sampling temperature (TEMPERATURE_SCALED). Empty when
+        skip_logprobs.
         """
 
     @_builtins.property

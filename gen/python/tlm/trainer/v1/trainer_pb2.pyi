@@ -484,6 +484,8 @@ class GrpoParams(_message.Message):
     USE_BIAS_CORRECTION_KL_FIELD_NUMBER: _builtins.int
     IMPORTANCE_SAMPLING_CORRECTION_FIELD_NUMBER: _builtins.int
     IMPORTANCE_SAMPLING_CAP_FIELD_NUMBER: _builtins.int
+    ADVANTAGE_ESTIMATOR_FIELD_NUMBER: _builtins.int
+    KL_ESTIMATOR_FIELD_NUMBER: _builtins.int
     num_generations: _builtins.int
     """Completions per prompt, G (default 8)."""
     beta: _builtins.float
@@ -513,17 +515,35 @@ class GrpoParams(_message.Message):
     importance_sampling_correction: _builtins.bool
     """Multiply each token's policy loss by min(pi_old / pi_rollout, importance_sampling_cap):
     truncated importance sampling between the rollout's log-probs and the trainer's (TRL's
-    vllm_importance_sampling_correction, token_truncate). Default true; needs
-    sampling.temperature 1 until the rollout service returns temperature-scaled log-probs.
+    vllm_importance_sampling_correction, token_truncate). Default true. At any temperature: the
+    trainer then asks the rollout for LOGPROBS_MODE_TEMPERATURE_SCALED log-probs, the numbers it
+    computes itself.
     """
     importance_sampling_cap: _builtins.float
     """The cap C of importance_sampling_correction (default 3.0; in [1, 100]); refused when the
     correction is off.
     """
+    advantage_estimator: _builtins.str
+    """How rewards become advantages (default "grpo"): "grpo" (r - mean(group), scaled by
+    scale_rewards; Shao et al. 2024), "rloo" (r - the mean of the group's other samples, the
+    same on every token; Ahmadian et al. 2024) or "reinforce_pp" (REINFORCE++-baseline, Hu 2025:
+    r - mean(group) on the last token, returns-to-go, whitened over the batch's tokens). A field
+    and not a Method because only the baseline differs: the loop, the data, the clipped loss
+    and every other parameter are GRPO's (as verl's algorithm.adv_estimator). With "rloo" and
+    "reinforce_pp" the KL penalty beta is in the reward, not the loss: RLOO lowers a sample's
+    reward by beta times its summed KL_t, REINFORCE++ each token's by beta KL_t (KL_t of the
+    policy before the update to the reference, by kl_estimator). scale_rewards is refused with
+    them, use_bias_correction_kl too (there is no KL in the loss).
+    """
+    kl_estimator: _builtins.str
+    """The KL_t of the KL penalty in the reward of "rloo" and "reinforce_pp" (default "k1"): "k1"
+    (log pi - log pi_ref) or "k2" ((log pi - log pi_ref)^2 / 2), Schulman 2020. Refused for
+    "grpo", whose KL is k3 in the loss, and with beta 0.
+    """
     @_builtins.property
     def sampling(self) -> _rollout_pb2.SamplingParams:
-        """Sampling for rollouts: n is num_generations (another n is refused), and skip_logprobs is
-        refused (the importance correction needs them).
+        """Sampling for rollouts: n is num_generations (another n is refused), skip_logprobs is
+        refused (the importance correction needs them), and so is logprobs_mode (the trainer picks it).
         """
 
     def __init__(
@@ -540,10 +560,12 @@ class GrpoParams(_message.Message):
         use_bias_correction_kl: _builtins.bool | None = ...,
         importance_sampling_correction: _builtins.bool | None = ...,
         importance_sampling_cap: _builtins.float | None = ...,
+        advantage_estimator: _builtins.str = ...,
+        kl_estimator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "loss_type", b"loss_type", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "scale_rewards", b"scale_rewards", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "advantage_estimator", b"advantage_estimator", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "kl_estimator", b"kl_estimator", "loss_type", b"loss_type", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "scale_rewards", b"scale_rewards", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
     _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
@@ -595,14 +617,27 @@ class PpoParams(_message.Message):
     LAM_FIELD_NUMBER: _builtins.int
     PPO_EPOCHS_FIELD_NUMBER: _builtins.int
     SYNC_EVERY_FIELD_NUMBER: _builtins.int
+    CRITIC_MODEL_FIELD_NUMBER: _builtins.int
+    CRITIC_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    NUM_MINI_BATCHES_FIELD_NUMBER: _builtins.int
+    TARGET_KL_FIELD_NUMBER: _builtins.int
+    KL_HORIZON_FIELD_NUMBER: _builtins.int
+    WHITEN_REWARDS_FIELD_NUMBER: _builtins.int
+    REWARD_CLIP_FIELD_NUMBER: _builtins.int
+    WHITEN_ADVANTAGES_FIELD_NUMBER: _builtins.int
+    ENTROPY_COEF_FIELD_NUMBER: _builtins.int
     kl_coef: _builtins.float
-    """KL coefficient to the reference policy in the reward (default 0.05)."""
+    """KL coefficient to the reference policy in the per-token reward (default 0.05; 0 drops
+    the reference model).
+    """
     cliprange: _builtins.float
-    """Clip range (default 0.2)."""
+    """Policy clip range epsilon (default 0.2)."""
     cliprange_value: _builtins.float
-    """Value clip range (default 0.2)."""
+    """Value clip range: a new value moves at most this far from the old one (default 0.2)."""
     vf_coef: _builtins.float
-    """Value loss coefficient (default 0.1)."""
+    """Value loss coefficient in pg_loss + vf_coef * vf_loss, whose gradient norm over policy
+    and critic together is clipped to training.max_grad_norm, as TRL (default 0.1).
+    """
     gamma: _builtins.float
     """Discount gamma (default 1.0)."""
     lam: _builtins.float
@@ -611,9 +646,36 @@ class PpoParams(_message.Message):
     """PPO epochs per batch (default 4)."""
     sync_every: _builtins.int
     """Push new weights to the rollout service every this many steps (default 1)."""
+    critic_model: _builtins.str
+    """The critic's initial weights: a model revision ("models/{m}/revisions/{r}", or an alias),
+    e.g. a reward model whose score head becomes the value head (TRL's default). Unset: the
+    policy's base with a new value head. It trains as the job's tuning says (full or LoRA).
+    """
+    critic_learning_rate: _builtins.float
+    """The critic's learning rate (unset: training.learning_rate); same schedule as the policy."""
+    num_mini_batches: _builtins.int
+    """Shuffled mini-batches per PPO epoch, each one optimizer step of policy and critic
+    (default 1).
+    """
+    target_kl: _builtins.float
+    """Adaptive KL (Ziegler et al., 2019): a per-token KL the controller steers kl_coef towards
+    (default 0: kl_coef stays fixed).
+    """
+    kl_horizon: _builtins.int
+    """The adaptive controller's horizon in samples (default 10000); needs target_kl."""
+    whiten_rewards: _builtins.bool
+    """Divide the per-token rewards by their std over the batch before GAE (default false)."""
+    reward_clip: _builtins.float
+    """Clip the reward service's score to [-reward_clip, reward_clip] (default 0: no clipping)."""
+    whiten_advantages: _builtins.bool
+    """Whiten the advantages over the batch's tokens (default true)."""
+    entropy_coef: _builtins.float
+    """Entropy bonus: subtract this times the policy's token-mean entropy from its loss
+    (default 0).
+    """
     @_builtins.property
     def sampling(self) -> _rollout_pb2.SamplingParams:
-        """Sampling for rollouts."""
+        """Sampling for rollouts: n completions per prompt (default 1); skip_logprobs is refused."""
 
     def __init__(
         self,
@@ -627,43 +689,84 @@ class PpoParams(_message.Message):
         lam: _builtins.float | None = ...,
         ppo_epochs: _builtins.int | None = ...,
         sync_every: _builtins.int | None = ...,
+        critic_model: _builtins.str = ...,
+        critic_learning_rate: _builtins.float | None = ...,
+        num_mini_batches: _builtins.int | None = ...,
+        target_kl: _builtins.float | None = ...,
+        kl_horizon: _builtins.int | None = ...,
+        whiten_rewards: _builtins.bool | None = ...,
+        reward_clip: _builtins.float | None = ...,
+        whiten_advantages: _builtins.bool | None = ...,
+        entropy_coef: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange", "_cliprange_value", b"_cliprange_value", "_gamma", b"_gamma", "_kl_coef", b"_kl_coef", "_lam", b"_lam", "_ppo_epochs", b"_ppo_epochs", "_sync_every", b"_sync_every", "_vf_coef", b"_vf_coef", "cliprange", b"cliprange", "cliprange_value", b"cliprange_value", "gamma", b"gamma", "kl_coef", b"kl_coef", "lam", b"lam", "ppo_epochs", b"ppo_epochs", "sampling", b"sampling", "sync_every", b"sync_every", "vf_coef", b"vf_coef"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange", "_cliprange_value", b"_cliprange_value", "_critic_learning_rate", b"_critic_learning_rate", "_entropy_coef", b"_entropy_coef", "_gamma", b"_gamma", "_kl_coef", b"_kl_coef", "_kl_horizon", b"_kl_horizon", "_lam", b"_lam", "_num_mini_batches", b"_num_mini_batches", "_ppo_epochs", b"_ppo_epochs", "_reward_clip", b"_reward_clip", "_sync_every", b"_sync_every", "_target_kl", b"_target_kl", "_vf_coef", b"_vf_coef", "_whiten_advantages", b"_whiten_advantages", "_whiten_rewards", b"_whiten_rewards", "cliprange", b"cliprange", "cliprange_value", b"cliprange_value", "critic_learning_rate", b"critic_learning_rate", "entropy_coef", b"entropy_coef", "gamma", b"gamma", "kl_coef", b"kl_coef", "kl_horizon", b"kl_horizon", "lam", b"lam", "num_mini_batches", b"num_mini_batches", "ppo_epochs", b"ppo_epochs", "reward_clip", b"reward_clip", "sampling", b"sampling", "sync_every", b"sync_every", "target_kl", b"target_kl", "vf_coef", b"vf_coef", "whiten_advantages", b"whiten_advantages", "whiten_rewards", b"whiten_rewards"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange", "_cliprange_value", b"_cliprange_value", "_gamma", b"_gamma", "_kl_coef", b"_kl_coef", "_lam", b"_lam", "_ppo_epochs", b"_ppo_epochs", "_sync_every", b"_sync_every", "_vf_coef", b"_vf_coef", "cliprange", b"cliprange", "cliprange_value", b"cliprange_value", "gamma", b"gamma", "kl_coef", b"kl_coef", "lam", b"lam", "ppo_epochs", b"ppo_epochs", "sampling", b"sampling", "sync_every", b"sync_every", "vf_coef", b"vf_coef"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange", "_cliprange_value", b"_cliprange_value", "_critic_learning_rate", b"_critic_learning_rate", "_entropy_coef", b"_entropy_coef", "_gamma", b"_gamma", "_kl_coef", b"_kl_coef", "_kl_horizon", b"_kl_horizon", "_lam", b"_lam", "_num_mini_batches", b"_num_mini_batches", "_ppo_epochs", b"_ppo_epochs", "_reward_clip", b"_reward_clip", "_sync_every", b"_sync_every", "_target_kl", b"_target_kl", "_vf_coef", b"_vf_coef", "_whiten_advantages", b"_whiten_advantages", "_whiten_rewards", b"_whiten_rewards", "cliprange", b"cliprange", "cliprange_value", b"cliprange_value", "critic_learning_rate", b"critic_learning_rate", "critic_model", b"critic_model", "entropy_coef", b"entropy_coef", "gamma", b"gamma", "kl_coef", b"kl_coef", "kl_horizon", b"kl_horizon", "lam", b"lam", "num_mini_batches", b"num_mini_batches", "ppo_epochs", b"ppo_epochs", "reward_clip", b"reward_clip", "sampling", b"sampling", "sync_every", b"sync_every", "target_kl", b"target_kl", "vf_coef", b"vf_coef", "whiten_advantages", b"whiten_advantages", "whiten_rewards", b"whiten_rewards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cliprange: _TypeAlias = _typing.Literal["cliprange"]  # noqa: Y015
     _WhichOneofArgType__cliprange: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange"]  # noqa: Y015
     _WhichOneofReturnType__cliprange_value: _TypeAlias = _typing.Literal["cliprange_value"]  # noqa: Y015
     _WhichOneofArgType__cliprange_value: _TypeAlias = _typing.Literal["_cliprange_value", b"_cliprange_value"]  # noqa: Y015
+    _WhichOneofReturnType__critic_learning_rate: _TypeAlias = _typing.Literal["critic_learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__critic_learning_rate: _TypeAlias = _typing.Literal["_critic_learning_rate", b"_critic_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__entropy_coef: _TypeAlias = _typing.Literal["entropy_coef"]  # noqa: Y015
+    _WhichOneofArgType__entropy_coef: _TypeAlias = _typing.Literal["_entropy_coef", b"_entropy_coef"]  # noqa: Y015
     _WhichOneofReturnType__gamma: _TypeAlias = _typing.Literal["gamma"]  # noqa: Y015
     _WhichOneofArgType__gamma: _TypeAlias = _typing.Literal["_gamma", b"_gamma"]  # noqa: Y015
     _WhichOneofReturnType__kl_coef: _TypeAlias = _typing.Literal["kl_coef"]  # noqa: Y015
     _WhichOneofArgType__kl_coef: _TypeAlias = _typing.Literal["_kl_coef", b"_kl_coef"]  # noqa: Y015
+    _WhichOneofReturnType__kl_horizon: _TypeAlias = _typing.Literal["kl_horizon"]  # noqa: Y015
+    _WhichOneofArgType__kl_horizon: _TypeAlias = _typing.Literal["_kl_horizon", b"_kl_horizon"]  # noqa: Y015
     _WhichOneofReturnType__lam: _TypeAlias = _typing.Literal["lam"]  # noqa: Y015
     _WhichOneofArgType__lam: _TypeAlias = _typing.Literal["_lam", b"_lam"]  # noqa: Y015
+    _WhichOneofReturnType__num_mini_batches: _TypeAlias = _typing.Literal["num_mini_batches"]  # noqa: Y015
+    _WhichOneofArgType__num_mini_batches: _TypeAlias = _typing.Literal["_num_mini_batches", b"_num_mini_batches"]  # noqa: Y015
     _WhichOneofReturnType__ppo_epochs: _TypeAlias = _typing.Literal["ppo_epochs"]  # noqa: Y015
     _WhichOneofArgType__ppo_epochs: _TypeAlias = _typing.Literal["_ppo_epochs", b"_ppo_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__reward_clip: _TypeAlias = _typing.Literal["reward_clip"]  # noqa: Y015
+    _WhichOneofArgType__reward_clip: _TypeAlias = _typing.Literal["_reward_clip", b"_reward_clip"]  # noqa: Y015
     _WhichOneofReturnType__sync_every: _TypeAlias = _typing.Literal["sync_every"]  # noqa: Y015
     _WhichOneofArgType__sync_every: _TypeAlias = _typing.Literal["_sync_every", b"_sync_every"]  # noqa: Y015
+    _WhichOneofReturnType__target_kl: _TypeAlias = _typing.Literal["target_kl"]  # noqa: Y015
+    _WhichOneofArgType__target_kl: _TypeAlias = _typing.Literal["_target_kl", b"_target_kl"]  # noqa: Y015
     _WhichOneofReturnType__vf_coef: _TypeAlias = _typing.Literal["vf_coef"]  # noqa: Y015
     _WhichOneofArgType__vf_coef: _TypeAlias = _typing.Literal["_vf_coef", b"_vf_coef"]  # noqa: Y015
+    _WhichOneofReturnType__whiten_advantages: _TypeAlias = _typing.Literal["whiten_advantages"]  # noqa: Y015
+    _WhichOneofArgType__whiten_advantages: _TypeAlias = _typing.Literal["_whiten_advantages", b"_whiten_advantages"]  # noqa: Y015
+    _WhichOneofReturnType__whiten_rewards: _TypeAlias = _typing.Literal["whiten_rewards"]  # noqa: Y015
+    _WhichOneofArgType__whiten_rewards: _TypeAlias = _typing.Literal["_whiten_rewards", b"_whiten_rewards"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cliprange) -> _WhichOneofReturnType__cliprange | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cliprange_value) -> _WhichOneofReturnType__cliprange_value | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__critic_learning_rate) -> _WhichOneofReturnType__critic_learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__entropy_coef) -> _WhichOneofReturnType__entropy_coef | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gamma) -> _WhichOneofReturnType__gamma | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__kl_coef) -> _WhichOneofReturnType__kl_coef | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__kl_horizon) -> _WhichOneofReturnType__kl_horizon | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lam) -> _WhichOneofReturnType__lam | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_mini_batches) -> _WhichOneofReturnType__num_mini_batches | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ppo_epochs) -> _WhichOneofReturnType__ppo_epochs | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_clip) -> _WhichOneofReturnType__reward_clip | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sync_every) -> _WhichOneofReturnType__sync_every | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_kl) -> _WhichOneofReturnType__target_kl | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__vf_coef) -> _WhichOneofReturnType__vf_coef | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__whiten_advantages) -> _WhichOneofReturnType__whiten_advantages | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__whiten_rewards) -> _WhichOneofReturnType__whiten_rewards | None: ...
 
 Global___PpoParams: _TypeAlias = PpoParams  # noqa: Y015
 

@@ -1,0 +1,267 @@
+"""PPO's update of one generation batch: the critic beside the actor, GAE advantages, and
+`ppo_epochs` passes over shuffled mini-batches (Schulman et al. 2017; the RLHF form of Ziegler
+et al. 2019, Ouyang et al. 2022 and Huang et al. 2024, "The N+ Implementation Details of RLHF
+with PPO"). The controller calls `learn` in place of the actor's own update; it stays the only
+loop. Shapes as in `rl/batch.py`; the math is `ppo_algos` and `algos.clipped_surrogate`.
+
+Per batch, with no gradient: log pi_old (the policy before this batch's first step), log pi_ref,
+the critic's values V_old; the per-token rewards r_t = -kl_coef * (log pi_old - log pi_ref), plus
+the score on the last token; GAE advantages and returns. Then, per mini-batch (each one
+optimizer step of both models, accumulated over micro-batches of `micro_batch_size` sequences):
+
+    loss = pg_loss - entropy_coef * entropy + vf_coef * vf_loss,
+
+token means over the mini-batch, the gradient norm of policy and critic together clipped to
+`max_grad_norm`, as TRL's PPO clips its policy-and-value model. A sample whose reward is not OK
+has no token in the mask: it adds nothing, to any term or normaliser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, replace
+from typing import Any
+
+import torch
+
+from services.trainer.rl import algos, ppo_algos
+from services.trainer.rl.actor import Actor
+from services.trainer.rl.batch import TokenBatch, Trajectories
+from services.trainer.rl.critic import Critic
+
+
+@dataclass(frozen=True)
+class PpoConfig:
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    kl_coef: float = 0.05
+    target_kl: float = 0.0  # 0: kl_coef fixed
+    kl_horizon: int = 10_000
+    whiten_rewards: bool = False
+    reward_clip: float = 0.0
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+    micro_batch_size: int = 0  # sequences per forward pass (0: a whole mini-batch)
+    max_grad_norm: float = 1.0  # 0: no clipping
+    seed: int = 0  # of the mini-batches' shuffles (with the batch's number)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the update reads per token, fixed for the batch. All (N, T), no gradient."""
+
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def rows(self, index: torch.Tensor | slice, width: int) -> Targets:
+        return Targets(*(t[index, :width] for t in astuple(self)))
+
+
+class Means:
+    """Token-weighted means of per-micro-batch statistics over mini-batches and epochs."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, name: str, value: float, weight: float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value * weight
+        self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+def select(batch: TokenBatch, index: torch.Tensor) -> TokenBatch:
+    """The samples at `index` (a mini-batch), trimmed to their own longest sequence."""
+    rows = index.tolist()
+    prompt = [batch.prompt_lens[i] for i in rows]
+    completion = [batch.completion_lens[i] for i in rows]
+    length = max(p + c for p, c in zip(prompt, completion, strict=True))
+    width = max(completion)
+    index = index.to(batch.mask.device)
+    return replace(
+        batch,
+        input_ids=batch.input_ids[index, :length],
+        attention_mask=batch.attention_mask[index, :length],
+        prompt_lens=prompt,
+        completion_lens=completion,
+        sampling_logp=batch.sampling_logp[index, :width],
+        mask=batch.mask[index, :width],
+    )
+
+
+@torch.no_grad()
+def per_token(
+    fn: Callable[[TokenBatch], torch.Tensor], batch: TokenBatch, size: int
+) -> torch.Tensor:
+    """fn over micro-batches of `size` sequences (0: all at once), padded to (N, T) fp32."""
+    n, width = len(batch), batch.mask.shape[1]
+    size, parts = size or n, []
+    for a in range(0, n, size):
+        x = fn(batch.rows(a, min(a + size, n))).float()  # (n, t)
+        parts.append(torch.nn.functional.pad(x, (0, width - x.shape[1])))  # (n, T)
+    return torch.cat(parts)
+
+
+def joint_step(models: list[Any], max_grad_norm: float) -> float:
+    """Unscale each model's gradients, clip their norm together (TRL's PPO clips its
+    policy-and-value wrapper as one model), step each optimizer and schedule. `models` have
+    `optimizer`, `scaler`, `scheduler` and `trainable_parameters()` (Actor, Critic). Returns
+    the norm before clipping."""
+    parameters = []
+    for m in models:
+        m.scaler.unscale_(m.optimizer)
+        parameters += m.trainable_parameters()
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+    for m in models:
+        m.scaler.step(m.optimizer)  # skipped when fp16 gradients overflowed
+        m.scaler.update()
+        m.scheduler.step()
+    return float(norm)
+
+
+class PpoLearner:
+    """The critic, the KL controller and the update; its state goes in the resume state."""
+
+    def __init__(self, critic: Critic, config: PpoConfig) -> None:
+        self.critic, self.config = critic, config
+        self.kl = ppo_algos.KlController(config.kl_coef, config.target_kl, config.kl_horizon)
+        self.batches = 0  # batches learned: the shuffles' seed
+
+    def targets(self, actor: Actor, batch: TokenBatch, t: Trajectories) -> tuple[Targets, Any]:
+        """log pi_old, V_old, the KL-penalised rewards, GAE advantages and returns; and the
+        per-token KL (N, T). No gradient."""
+        c, mask = self.config, batch.mask
+        old = per_token(actor.logprobs, batch, c.micro_batch_size)  # (N, T)
+        ref = old
+        if c.kl_coef > 0:
+            ref = per_token(actor.reference_logprobs, batch, c.micro_batch_size)  # (N, T)
+        values = per_token(self.critic.values, batch, c.micro_batch_size) * mask  # (N, T)
+        kl = (old - ref) * mask  # (N, T) k1: Ziegler et al. 2019's KL in the reward
+        scores = t.rewards().to(mask.device)  # (N,) NaN where not OK: those rows are masked
+        rewards = ppo_algos.token_rewards(scores, kl, mask, self.kl.value, c.reward_clip)
+        if c.whiten_rewards:
+            rewards = ppo_algos.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = ppo_algos.gae(rewards, values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            advantages = ppo_algos.masked_whiten(advantages, mask)
+        return Targets(old, values, advantages, returns), kl
+
+    def learn(self, actor: Actor, batch: TokenBatch, t: Trajectories) -> dict[str, float]:
+        """ppo_epochs passes over shuffled mini-batches; the batch's metrics."""
+        assert actor.scheduler is not None and self.critic.scheduler is not None
+        c, mask = self.config, batch.mask
+        targets, kl = self.targets(actor, batch, t)
+        kl_coef = self.kl.value
+        before = {
+            "kl": float(ppo_algos.masked_mean(kl, mask)),
+            "kl_coef": kl_coef,
+            "explained_variance": ppo_algos.explained_variance(
+                targets.old_values, targets.returns, mask
+            ),
+            "returns_mean": float(ppo_algos.masked_mean(targets.returns, mask)),
+            "values_mean": float(ppo_algos.masked_mean(targets.old_values, mask)),
+            # As GRPO reports it: ~0 right after a sync at temperature 1 (the same weights).
+            "logprob_mismatch": float(
+                ppo_algos.masked_mean((targets.old_logp - batch.sampling_logp).abs(), mask)
+            ),
+            "learning_rate": float(actor.scheduler.get_last_lr()[0]),
+            "critic_learning_rate": float(self.critic.scheduler.get_last_lr()[0]),
+        }
+        stats, grad_norm = Means(), 0.0
+        generator = torch.Generator().manual_seed(c.seed + self.batches)
+        for epoch in range(c.ppo_epochs):
+            order = torch.randperm(len(batch), generator=generator)
+            for index in order.chunk(c.num_mini_batches):
+                grad_norm = self._mini_batch(actor, batch, targets, index, stats, epoch == 0)
+        rows = mask.sum(dim=1) > 0  # (N,) samples in the loss
+        per_sample = (kl.sum(dim=1) / mask.sum(dim=1).clamp_min(1))[rows]  # token means
+        self.kl.update(float(per_sample.mean()) if len(per_sample) else 0.0, int(rows.sum()))
+        self.batches += 1
+        return {**stats.means(), **before, "grad_norm": grad_norm}
+
+    def _mini_batch(
+        self,
+        actor: Actor,
+        batch: TokenBatch,
+        targets: Targets,
+        index: torch.Tensor,
+        stats: Means,
+        first_epoch: bool,
+    ) -> float:
+        """One optimizer step of actor and critic on the samples at `index`."""
+        assert actor.optimizer is not None and self.critic.optimizer is not None
+        mini = select(batch, index)
+        mine = targets.rows(index.to(batch.mask.device), mini.mask.shape[1])
+        tokens = float(mini.mask.sum())
+        actor.optimizer.zero_grad(set_to_none=True)
+        self.critic.optimizer.zero_grad(set_to_none=True)
+        n = len(mini)
+        size = self.config.micro_batch_size or n
+        for a in range(0, n, size):
+            micro = mini.rows(a, min(a + size, n))
+            part = mine.rows(slice(a, a + len(micro)), micro.mask.shape[1])
+            share = float(micro.mask.sum()) / max(tokens, 1.0)  # token means add up
+            self._accumulate(actor, micro, part, share, stats, first_epoch)
+        return joint_step([actor, self.critic], self.config.max_grad_norm)
+
+    def _accumulate(
+        self,
+        actor: Actor,
+        micro: TokenBatch,
+        part: Targets,
+        share: float,
+        stats: Means,
+        first_epoch: bool,
+    ) -> None:
+        """Forward and backward of one micro-batch, its token-mean losses weighted by its
+        share of the mini-batch's tokens."""
+        c, mask = self.config, micro.mask
+        tokens = float(mask.sum())
+        logp, entropy = actor.forward(micro, entropy_grad=c.entropy_coef > 0)  # (n, t) each
+        ratio = torch.exp(algos.log_ratio(logp, part.old_logp, mask))  # (n, t)
+        per_token_loss, clipped = algos.clipped_surrogate(ratio, part.advantages, c.cliprange)
+        mean_entropy = ppo_algos.masked_mean(entropy, mask)
+        policy_loss = ppo_algos.masked_mean(per_token_loss, mask) - c.entropy_coef * mean_entropy
+        value = ppo_algos.value_loss(
+            self.critic.values(micro), part.old_values, part.returns, mask, c.cliprange_value
+        )
+        assert actor.scaler is not None and self.critic.scaler is not None
+        actor.scaler.scale(policy_loss * share).backward()
+        self.critic.scaler.scale(c.vf_coef * value.loss * share).backward()
+        log_ratio = (logp.detach() - part.old_logp) * mask  # (n, t)
+        low = ((ratio < 1 - c.cliprange) & (part.advantages < 0)).float()  # (n, t)
+        values: dict[str, torch.Tensor | float] = {
+            "loss": policy_loss,
+            "value_loss": value.loss,
+            "value_clip_fraction": value.clip_fraction,
+            "clip_ratio/low": ppo_algos.masked_mean(low, mask),
+            "clip_ratio/high": ppo_algos.masked_mean(clipped - low, mask),
+            "clip_ratio/region": ppo_algos.masked_mean(clipped, mask),
+            # Schulman 2020's k2, TRL's PPO `approxkl`: how far the epochs moved the policy.
+            "approx_kl": 0.5 * ppo_algos.masked_mean(log_ratio**2, mask),
+        }
+        if first_epoch:  # before most of the batch's steps, as GRPO reports it
+            values["entropy"] = mean_entropy
+        for name, x in values.items():
+            stats.add(name, float(x.detach()) if isinstance(x, torch.Tensor) else x, tokens)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The critic's weights, optimizer, schedule and scaler; kl_coef; the batch count."""
+        return {
+            "critic": self.critic.state_dict(),
+            "kl_coef": self.kl.value,
+            "batches": self.batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.kl.value, self.batches = state["kl_coef"], state["batches"]
