@@ -254,11 +254,19 @@ class JobStore:
 
     # Events --------------------------------------------------------------------------------
 
-    def append(self, team: str, job_id: str, kind: EventKind, data: dict[str, Any]) -> Job:
-        """Record a non-state event; metrics/checkpoints also update the job's progress."""
+    def append(
+        self,
+        team: str,
+        job_id: str,
+        kind: EventKind,
+        data: dict[str, Any],
+        at: datetime | None = None,
+    ) -> Job:
+        """Record a non-state event (`at`: when it happened, default now); metrics/checkpoints
+        also update the job's progress."""
         with Session(self.engine) as s, s.begin():
             row = self._row(s, team, job_id)
-            self._append(s, row, kind, data)
+            self._append(s, row, kind, data, at)
             if kind is EventKind.METRICS:
                 row.step = int(data["step"])
                 row.epoch = float(data.get("epoch", 0.0))
@@ -297,9 +305,12 @@ class JobStore:
             setattr(row, key, value)
 
     @staticmethod
-    def _append(s: Session, row: JobRow, kind: EventKind, data: dict[str, Any]) -> None:
+    def _append(
+        s: Session, row: JobRow, kind: EventKind, data: dict[str, Any], at: datetime | None = None
+    ) -> None:
         row.last_seq += 1
-        s.add(EventRow(job_pk=row.pk, seq=row.last_seq, time=now(), kind=str(kind), data=data))
+        when = at or now()
+        s.add(EventRow(job_pk=row.pk, seq=row.last_seq, time=when, kind=str(kind), data=data))
 
 
 def new_job_id() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +247,7 @@ class Supervisor:
 
     def _record(self, key: Key, event: dict[str, Any], outcome: _Outcome) -> None:
         kind = event.get("kind")
+        at = _worker_time(event)
         if kind == "started":
             self.store.update(*key, total_steps=int(event.get("total_steps", 0)))
             message = f"training started: {event.get('total_steps', 0)} steps"
@@ -254,14 +257,14 @@ class Supervisor:
             if step <= self._recorded_step.get(key, 0):
                 return
             data = {"step": step, "epoch": float(event.get("epoch", 0.0)), "values": values}
-            self.store.append(*key, EventKind.METRICS, data)
+            self.store.append(*key, EventKind.METRICS, data, at)
             self._boards[key].scalars(step, values)
         elif kind == "checkpoint":
             data = {"step": int(event["step"]), "policy_revision": event.get("policy_revision", "")}
-            self.store.append(*key, EventKind.CHECKPOINT, data)
+            self.store.append(*key, EventKind.CHECKPOINT, data, at)
         elif kind == "log":
             data = {"level": event.get("level", "info"), "message": str(event.get("message", ""))}
-            self.store.append(*key, EventKind.LOG, data)
+            self.store.append(*key, EventKind.LOG, data, at)
         elif kind == "result":
             outcome.result = {
                 "output_model_revision": event.get("output_model_revision", ""),
@@ -334,3 +337,12 @@ def worker_env(environ: Mapping[str, str], api_key: str | None) -> dict[str, str
     if api_key:
         env[API_KEY_ENV] = api_key
     return env
+
+
+def _worker_time(event: Mapping[str, Any]) -> datetime | None:
+    """When the worker says it happened (its clock, to the microsecond): the events file is
+    read every `poll_s`, so the service's own clock would round step times to that poll."""
+    stamp = event.get("time")
+    if not isinstance(stamp, int | float) or not math.isfinite(stamp):
+        return None
+    return datetime.fromtimestamp(stamp, UTC)
