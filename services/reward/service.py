@@ -199,11 +199,3 @@ STREAM_IN_FLIGHT = 64
 def _context(team: str, remaining: float | None) -> ScoreContext:
     budget = MAX_REQUEST_S if remaining is None else min(remaining, MAX_REQUEST_S)
     return ScoreContext(team=team, deadline=time.monotonic() + budget)
-
-
-def spec_from_json_text(text: str) -> ev.EvaluatorSpec:
-    """Parse evaluator JSON (for the CLI); raise EvaluatorInvalid with every error."""
-    result = validate_json(text)
-    if result.normalized is None:
-        raise EvaluatorInvalid(result.errors)
-    return result.normalized

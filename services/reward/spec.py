@@ -9,8 +9,9 @@ service runs it off the event loop.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,10 +96,24 @@ def validate_spec(spec: ev.EvaluatorSpec, path: str = "") -> Validation:
 
 
 def require_valid(spec: ev.EvaluatorSpec) -> ev.EvaluatorSpec:
-    result = validate_spec(spec)
+    """The normalised spec, or EvaluatorInvalid. Every Score call resolves its spec (JSON Schema
+    checks can take ~0.4 s), so outcomes are cached by the spec's bytes; an oversized spec is
+    refused by `validate_spec` without becoming a cache key."""
+    if spec.ByteSize() > MAX_SPEC_BYTES:
+        raise EvaluatorInvalid(validate_spec(spec).errors)
+    normalized, errors = _validated(spec.SerializeToString(deterministic=True))
+    if normalized is None:
+        raise EvaluatorInvalid(errors)
+    return ev.EvaluatorSpec.FromString(normalized)  # a fresh copy: callers may change it
+
+
+@functools.lru_cache(maxsize=256)
+def _validated(data: bytes) -> tuple[bytes | None, tuple[FieldViolation, ...]]:
+    """validate_spec's outcome for a serialized spec: the normalised spec's bytes, or errors."""
+    result = validate_spec(ev.EvaluatorSpec.FromString(data))
     if result.normalized is None:
-        raise EvaluatorInvalid(result.errors)
-    return result.normalized
+        return None, tuple(result.errors)
+    return result.normalized.SerializeToString(deterministic=True), ()
 
 
 def check_spec(spec: ev.EvaluatorSpec, path: str = "") -> Errors:
@@ -356,7 +371,3 @@ TYPE_CHECKS: dict[str, Callable[[Message, str], Errors]] = {
     "remote": _check_remote,  # type: ignore[dict-item]
 }
 assert set(TYPE_CHECKS) == set(SCORER_TYPES), "every scorer type needs a check entry"
-
-
-def violations_text(errors: Sequence[FieldViolation]) -> str:
-    return "\n".join(f"{e.field}: {e.description}" for e in errors)

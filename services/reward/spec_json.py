@@ -105,11 +105,6 @@ def cut_nesting(text: str, limit: int) -> str:
     return "".join(kept)
 
 
-def check_message(value: Any, descriptor: Descriptor, path: str) -> list[FieldViolation]:
-    """Every structural problem of `value` as a JSON object of message type `descriptor`."""
-    return prune_message(value, descriptor, path)[0]
-
-
 def prune_message(
     value: Any, descriptor: Descriptor, path: str, depth: int = 0
 ) -> tuple[list[FieldViolation], dict[str, Any]]:

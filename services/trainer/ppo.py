@@ -16,7 +16,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from services.registry.client import ModelCache
 from services.trainer.grpo import GrpoRecipe, device_of, prompts_per_step
 from services.trainer.rl import LossType, algos
 from services.trainer.rl.actor import Objective
@@ -102,14 +101,7 @@ class PpoRecipe(GrpoRecipe):
 
     async def _critic_weights(self) -> Path:
         params: PpoParams = self.spec.params
-        if not params.critic_model:
-            return await self.ctx.base_model()
-        cache = Path(self.ctx.job.cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        _revision, folder = await ModelCache(self.ctx.registry, cache).get(
-            params.critic_model, self.ctx.team
-        )
-        return folder
+        return await self.ctx.model(params.critic_model or self.spec.base_model)
 
 
 async def run(ctx: WorkerContext) -> dict[str, Any]:

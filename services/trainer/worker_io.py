@@ -55,11 +55,13 @@ class WorkerContext:
         self.events.emit("log", level=level, message=message)
 
     async def base_model(self) -> Path:
+        return await self.model(self.spec.base_model)
+
+    async def model(self, name: str) -> Path:
+        """The folder of model revision `name`, fetched into the job's cache."""
         cache = Path(self.job.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
-        _revision, folder = await ModelCache(self.registry, cache).get(
-            self.spec.base_model, self.team
-        )
+        _revision, folder = await ModelCache(self.registry, cache).get(name, self.team)
         return folder
 
     async def rows(self, name: str, limit: int = 0) -> list[dict[str, Any]]:

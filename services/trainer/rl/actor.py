@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from services.trainer.methods import METHODS
 from services.trainer.rl import KlEstimator, LossType, algos
 from services.trainer.rl.batch import TokenBatch
-from services.trainer.spec import ALL_LINEAR, GrpoParams, JobSpec, PpoParams
+from services.trainer.spec import ALL_LINEAR, GrpoParams, JobSpec, LoraParams, PpoParams
 from services.trainer.worker_io import check_lora_targets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,8 +121,9 @@ class _Micro:
     weights: torch.Tensor | None = None  # (n, t)
 
 
-class _Sums:
-    """Token-weighted sums of per-token statistics over micro-batches and iterations."""
+class Means:
+    """Token-weighted means of per-token statistics over micro-batches and iterations (the
+    actor's update; PPO's mini-batches and epochs)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -250,7 +251,7 @@ class Actor:
                     MICRO_WEIGHTS[config.loss_type](mb.mask, batch.mask, -(-n // size)),
                 )
             )
-        stats, grad_norm = _Sums(), 0.0
+        stats, grad_norm = Means(), 0.0
         learning_rate = float(self.scheduler.get_last_lr()[0])  # what this batch's steps use
         for _ in range(objective.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -260,7 +261,7 @@ class Actor:
         return {**stats.means(), "grad_norm": grad_norm, "learning_rate": learning_rate}
 
     def _accumulate(
-        self, m: _Micro, objective: Objective, config: algos.LossConfig, stats: _Sums
+        self, m: _Micro, objective: Objective, config: algos.LossConfig, stats: Means
     ) -> float:
         """Forward and backward of one micro-batch, its loss weighted by its share; log pi_old,
         IS weights and entropy come from its first pass. Returns the weighted loss."""
@@ -285,7 +286,7 @@ class Actor:
 
     @staticmethod
     def _clip_stats(
-        stats: _Sums,
+        stats: Means,
         logp: torch.Tensor,
         old: torch.Tensor,
         adv: torch.Tensor,
@@ -316,30 +317,51 @@ class Actor:
     # State -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Trainable weights, optimizer, scheduler and loss scaler: what a resume needs."""
-        assert self.optimizer is not None and self.scaler is not None
-        trainable = {
-            n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
-        }
-        return {
-            "trainable": trainable,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+        return training_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.optimizer is not None and self.scaler is not None
-        self.model.load_state_dict(state["trainable"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_training_state(self, state)
 
     def export(self, folder: Path, tokenizer: Any | None = None) -> None:
         """The adapter (LoRA) or the full weights and tokenizer, as the registry stores them."""
         self.model.save_pretrained(folder)
         if not self.lora and tokenizer is not None:
             tokenizer.save_pretrained(folder)
+
+
+def training_state(owner: Any) -> dict[str, Any]:
+    """Trainable weights, optimizer, scheduler and loss scaler of a model being trained (Actor,
+    Critic: `model`, `optimizer`, `scheduler`, `scaler`): what a resume needs."""
+    assert owner.optimizer is not None and owner.scaler is not None
+    trainable = {
+        n: p.detach().clone() for n, p in owner.model.named_parameters() if p.requires_grad
+    }
+    return {
+        "trainable": trainable,
+        "optimizer": owner.optimizer.state_dict(),
+        "scheduler": owner.scheduler.state_dict(),
+        "scaler": owner.scaler.state_dict(),
+    }
+
+
+def load_training_state(owner: Any, state: dict[str, Any]) -> None:
+    assert owner.optimizer is not None and owner.scaler is not None
+    owner.model.load_state_dict(state["trainable"], strict=False)
+    owner.optimizer.load_state_dict(state["optimizer"])
+    owner.scheduler.load_state_dict(state["scheduler"])
+    owner.scaler.load_state_dict(state["scaler"])
+
+
+def lora_config(lora: LoraParams, task_type: str) -> LoraConfig:
+    """peft's config for the job's LoRA settings."""
+    targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type=task_type,
+    )
 
 
 def build_actor(path: Any, spec: JobSpec, precision: str, device: str) -> Actor:
@@ -363,13 +385,5 @@ def build_actor(path: Any, spec: JobSpec, precision: str, device: str) -> Actor:
         if getattr(params, METHODS[spec.method].reference_unless_zero):
             reference = copy.deepcopy(model).to(compute).eval().requires_grad_(False)
         return Actor(model.eval(), reference, False, autocast, temperature)
-    lora = spec.lora
-    targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
+    config = lora_config(spec.lora, "CAUSAL_LM")
     return Actor(get_peft_model(model, config).eval(), None, True, autocast, temperature)

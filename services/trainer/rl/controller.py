@@ -211,24 +211,23 @@ class Controller:
         trained = [ok and s.status is ScoreStatus.OK for ok, s in zip(fresh, scores, strict=True)]
         trajectories = Trajectories(rows, samples, scores, c.group_size, trained)
         batch = make_batch(samples, trajectories.valid(), self.pad_id, self.actor.device)
-        options = algos.AdvantageOptions(c.scale_rewards, kl_coef=c.kl_in_reward)
         kl = None
         if c.kl_in_reward > 0:  # pi_old's KL to the reference, before the update
             kl = self.actor.reference_kl(batch, c.kl_estimator, c.objective.micro_batch_size)
-        advantages = compute_advantages(
-            trajectories.rewards(),
-            trajectories.valid(),
-            c.group_size,
-            batch.mask,
-            c.advantage,
-            options,
-            kl,
-        )
-        update = (
-            self.learner.learn(self.actor, batch, trajectories)
-            if self.learner is not None
-            else self.actor.update(batch, advantages, c.objective)
-        )
+        if self.learner is not None:  # PPO: GAE over its critic, not the estimator's
+            update = self.learner.learn(self.actor, batch, trajectories)
+        else:
+            options = algos.AdvantageOptions(c.scale_rewards, kl_coef=c.kl_in_reward)
+            advantages = compute_advantages(
+                trajectories.rewards(),
+                trajectories.valid(),
+                c.group_size,
+                batch.mask,
+                c.advantage,
+                options,
+                kl,
+            )
+            update = self.actor.update(batch, advantages, c.objective)
         if kl is not None:  # the loss has no KL term: report the reward's
             update["kl"] = float((kl * batch.mask).sum() / batch.mask.sum().clamp_min(1))
         t3 = time.monotonic()

@@ -15,13 +15,19 @@ import math
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForSequenceClassification, get_scheduler
 
-from services.trainer.rl.actor import DTYPES, SCHEDULERS
+from services.trainer.rl.actor import (
+    DTYPES,
+    SCHEDULERS,
+    load_training_state,
+    lora_config,
+    training_state,
+)
 from services.trainer.rl.batch import TokenBatch
-from services.trainer.spec import ALL_LINEAR, JobSpec
+from services.trainer.spec import JobSpec
 from services.trainer.worker_io import check_lora_targets
 
 
@@ -82,24 +88,10 @@ class Critic:
             return completion_values(self.model, batch)
 
     def state_dict(self) -> dict[str, Any]:
-        """Trainable weights, optimizer, scheduler and loss scaler: what a resume needs."""
-        assert self.optimizer is not None and self.scaler is not None
-        trainable = {
-            n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
-        }
-        return {
-            "trainable": trainable,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+        return training_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.optimizer is not None and self.scaler is not None
-        self.model.load_state_dict(state["trainable"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_training_state(self, state)
 
 
 def build_critic(path: Any, spec: JobSpec, precision: str, device: str) -> Critic:
@@ -117,15 +109,7 @@ def build_critic(path: Any, spec: JobSpec, precision: str, device: str) -> Criti
     if spec.lora is None:
         return Critic(model.eval(), autocast)
     check_lora_targets(spec, model)
-    lora = spec.lora
-    targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        task_type="SEQ_CLS",  # keeps the score head trainable (modules_to_save)
-    )
+    config = lora_config(spec.lora, "SEQ_CLS")  # keeps the score head trainable (modules_to_save)
     peft_model = get_peft_model(model, config)
     for p in peft_model.parameters():  # the head trains in fp32 whatever the base's dtype
         if p.requires_grad:

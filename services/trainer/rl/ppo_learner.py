@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from services.trainer.rl import algos, ppo_algos
-from services.trainer.rl.actor import Actor
+from services.trainer.rl.actor import Actor, Means
 from services.trainer.rl.batch import TokenBatch, Trajectories
 from services.trainer.rl.critic import Critic
 
@@ -62,21 +62,6 @@ class Targets:
 
     def rows(self, index: torch.Tensor | slice, width: int) -> Targets:
         return Targets(*(t[index, :width] for t in astuple(self)))
-
-
-class Means:
-    """Token-weighted means of per-micro-batch statistics over mini-batches and epochs."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-
-    def add(self, name: str, value: float, weight: float) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + value * weight
-        self.weights[name] = self.weights.get(name, 0.0) + weight
-
-    def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
 def select(batch: TokenBatch, index: torch.Tensor) -> TokenBatch:
