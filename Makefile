@@ -7,7 +7,7 @@ NODE_STAMP := tests/node/node_modules/.installed
 # buf (protobuf linter) comes pinned from npm with the Node.js test client: no other installer.
 BUF := tests/node/node_modules/.bin/buf
 
-.PHONY: setup protos lint test demo bench clean
+.PHONY: setup protos lint test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP) $(NODE_STAMP)
 
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The quick lane while editing: no lint, nothing that trains or generates with a model (`slow`).
+test-fast: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not slow' $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python -m services.devtools.demo

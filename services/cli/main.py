@@ -16,9 +16,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.engine_cmds import engine_app
 from services.cli.errors import HandledGroup, UserError, err_console, print_error, unreachable
+from services.cli.estimate_cmds import estimate
 from services.cli.health import check_health
 from services.cli.registry_cmds import datasets_app, evaluators_list, evaluators_show, models_app
+from services.cli.registry_manage import add_commands, datasets_append
+from services.cli.review_cmds import reviews_app
 from services.cli.reward_cmds import init as evaluators_init
 from services.cli.reward_cmds import push as evaluators_push
 from services.cli.reward_cmds import score
@@ -35,6 +39,9 @@ dev_app = typer.Typer(cls=HandledGroup, help="Developer tools.", no_args_is_help
 app.add_typer(dev_app, name="dev")
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
+add_commands(models_app, "models")
+add_commands(datasets_app, "datasets")
+datasets_app.command("append")(datasets_append)
 evaluators_app = typer.Typer(
     cls=HandledGroup, help="Evaluator specs: the JSON that scores samples.", no_args_is_help=True
 )
@@ -43,10 +50,14 @@ evaluators_app.command("show")(evaluators_show)
 evaluators_app.command("init")(evaluators_init)
 evaluators_app.command("validate")(evaluators_validate)
 evaluators_app.command("push")(evaluators_push)
+add_commands(evaluators_app, "evaluators")
 app.add_typer(evaluators_app, name="evaluators")
 app.command("score")(score)
 app.command("generate")(generate)
+jobs_app.command("estimate")(estimate)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(reviews_app, name="reviews")
+app.add_typer(engine_app, name="engine")
 console = Console()
 
 PortOpt = Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one.")]

@@ -168,7 +168,7 @@ def _table(results: list[rs.SampleResult]) -> Table:
     names = [s.scorer for s in results[0].scorers] if results else []
     table = Table("sample", "status", "reward", *names, "gate / reason")
     for r in results:
-        reward = f"{r.reward:.4g}" if r.status == rs.OK else "-"
+        reward = f"{r.reward:.4g}" if r.HasField("reward") or r.status == rs.OK else "—"
         cells = [
             f"{s.value:.3g}" if s.status == rs.OK else rs.ScoreStatus.Name(s.status)
             for s in r.scorers

@@ -158,11 +158,7 @@ def create(
     Everything not set by a flag comes from --spec (a TrainingJobSpec, `tlm jobs show`'s
     `spec`), else from the service's defaults."""
     flags = {k: v for k, v in locals().items() if k not in NOT_SPEC}
-    try:
-        base = read_spec_file(spec_file) if spec_file is not None else None
-        spec = build_spec(base, method, flags)
-    except SpecError as exc:
-        raise UserError(str(exc)) from exc
+    spec = spec_from(spec_file, method, flags)
     request = pb.CreateTrainingJobRequest(
         spec=spec, request_id=request_id, display_name=display_name, validate_only=validate_only
     )
@@ -179,6 +175,17 @@ def create(
 NOT_SPEC = frozenset(
     {"method", "spec_file", "request_id", "display_name", "validate_only", "watch_job", "address"}
 )
+
+
+def spec_from(
+    spec_file: Path | None, method: str | None, flags: Mapping[str, object]
+) -> pb.TrainingJobSpec:
+    """The spec `create`'s (and `estimate`'s) flags describe, on top of --spec's file."""
+    try:
+        base = read_spec_file(spec_file) if spec_file is not None else None
+        return build_spec(base, method, flags)
+    except SpecError as exc:
+        raise UserError(str(exc)) from exc
 
 
 @jobs_app.command("list")

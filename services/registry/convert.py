@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from services.common.errors import FieldViolation, InvalidArgument
 from services.common.timestamps import to_timestamp
-from services.registry.store import Resource, Revision
+from services.registry.store import Resource, ResourceChanges, Revision
 from tlm.registry.v1 import registry_pb2
 
 
@@ -45,6 +45,47 @@ def _check_number(field: FieldDescriptor, number: int, path: str) -> Iterator[Fi
     if enum is not None and number not in enum.values_by_number:
         known = ", ".join(v.name for v in enum.values if v.number) or enum.values[0].name
         yield FieldViolation(path, f"{number} is not a {enum.name} (one of {known})")
+
+
+MUTABLE = ("description", "labels")  # what Update methods change; the rest has its own method
+
+
+def resource_changes(
+    resource: registry_pb2.Model | registry_pb2.Dataset | registry_pb2.Evaluator,
+    mask: field_mask_pb2.FieldMask,
+) -> ResourceChanges:
+    """An Update request's resource and update_mask (AIP-134) as the changes to make. No mask
+    means the mutable fields that are set; "*" means all of them."""
+    paths = list(mask.paths)
+    if not paths:
+        paths = [f for f in MUTABLE if getattr(resource, f)]
+    elif paths == ["*"]:
+        paths = list(MUTABLE)
+    bad = [
+        FieldViolation(f"update_mask.paths[{i}]", _why_not(resource, path))
+        for i, path in enumerate(paths)
+        if path not in MUTABLE
+    ]
+    if bad:
+        raise InvalidArgument(f"{bad[0].field}: {bad[0].description}", violations=bad)
+    if not paths:
+        raise InvalidArgument(
+            "update_mask: names no field to change",
+            violations=[FieldViolation("update_mask", f"name one of {', '.join(MUTABLE)}")],
+        )
+    return ResourceChanges(
+        description=resource.description if "description" in paths else None,
+        labels=dict(resource.labels) if "labels" in paths else None,
+    )
+
+
+def _why_not(resource: Message, path: str) -> str:
+    kind = resource.DESCRIPTOR.name
+    if path not in resource.DESCRIPTOR.fields_by_name:
+        return f"{path[:80]!r} is not a field of {kind}; updatable: {', '.join(MUTABLE)}"
+    if path == "aliases":
+        return f"'aliases' change through Set{kind}Alias"
+    return f"{path!r} cannot be changed; updatable: {', '.join(MUTABLE)}"
 
 
 def _common(r: Resource) -> dict[str, Any]:

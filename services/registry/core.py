@@ -31,6 +31,7 @@ from services.registry.store import (
     BaseRevisionGone,
     MetadataStore,
     Resource,
+    ResourceChanges,
     Revision,
     StaleBase,
 )
@@ -118,6 +119,18 @@ class Registry:
     ) -> Resource:
         r = parse_resource(name, coll)
         return self.store.set_alias(team, coll, r.resource_id, alias, target, etag)
+
+    def update(
+        self,
+        team: str,
+        name: str,
+        coll: Collection,
+        changes: ResourceChanges,
+        etag: str,
+        field: str = "name",
+    ) -> Resource:
+        r = parse_resource(name, coll, field)
+        return self.store.update_resource(team, coll, r.resource_id, changes, etag)
 
     def read_blob(self, key: str, chunk_size: int) -> Iterator[bytes]:
         return self.blobs.read(key, chunk_size)

@@ -228,6 +228,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
         return convert.model(r)
 
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Ctx) -> pb.Model:
+        changes = convert.resource_changes(request.model, request.update_mask)
+        r = await _run(
+            self.r.update,
+            current_team(),
+            request.model.name,
+            Collection.MODELS,
+            changes,
+            request.model.etag,
+            "model.name",
+        )
+        return convert.model(r)
+
     # Datasets -------------------------------------------------------------------------------
 
     async def CreateDataset(self, request: pb.CreateDatasetRequest, context: Ctx) -> pb.Dataset:
@@ -363,6 +376,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
         return convert.dataset(r)
 
+    async def UpdateDataset(self, request: pb.UpdateDatasetRequest, context: Ctx) -> pb.Dataset:
+        changes = convert.resource_changes(request.dataset, request.update_mask)
+        r = await _run(
+            self.r.update,
+            current_team(),
+            request.dataset.name,
+            Collection.DATASETS,
+            changes,
+            request.dataset.etag,
+            "dataset.name",
+        )
+        return convert.dataset(r)
+
     # Evaluators -----------------------------------------------------------------------------
 
     async def CreateEvaluator(
@@ -431,5 +457,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             request.alias,
             request.revision_id,
             request.etag,
+        )
+        return convert.evaluator(r)
+
+    async def UpdateEvaluator(
+        self, request: pb.UpdateEvaluatorRequest, context: Ctx
+    ) -> pb.Evaluator:
+        changes = convert.resource_changes(request.evaluator, request.update_mask)
+        r = await _run(
+            self.r.update,
+            current_team(),
+            request.evaluator.name,
+            Collection.EVALUATORS,
+            changes,
+            request.evaluator.etag,
+            "evaluator.name",
         )
         return convert.evaluator(r)

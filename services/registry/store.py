@@ -64,6 +64,14 @@ class Revision:
         return f"{self.parent.name}/revisions/{self.revision_id}"
 
 
+@dataclass(frozen=True)
+class ResourceChanges:
+    """What an Update method changes; None leaves a field as it is. `labels` replaces them all."""
+
+    description: str | None = None
+    labels: dict[str, str] | None = None
+
+
 class StaleBase(Aborted):
     """A revision built on the newest one lost a race with another writer; rebuild and retry."""
 
@@ -110,6 +118,15 @@ def _revision(row: RevisionRow, parent: Resource) -> Revision:
         _utc(row.create_time),
         aliases,
     )
+
+
+def _check_etag(row: ResourceRow, etag: str) -> None:
+    """An etag the caller read must still be current (empty skips the check)."""
+    if etag and etag != row.etag:
+        raise Aborted(
+            f"{row.collection}/{row.resource_id} changed since etag {etag}; re-read it and retry",
+            metadata={"current_etag": row.etag},
+        )
 
 
 def _name_key(row: ResourceRow) -> dict[str, str]:
@@ -335,11 +352,7 @@ class MetadataStore:
             raise field_error("revision_id", f"{target[:80]!r} is not a revision id such as 'r3'")
         with self._write() as s:
             row = self._row(s, team, coll, rid, lock=True)
-            if etag and etag != row.etag:
-                raise Aborted(
-                    f"{coll}/{rid} changed since etag {etag}; re-read it and retry",
-                    metadata={"current_etag": row.etag},
-                )
+            _check_etag(row, etag)
             aliases = dict(row.aliases or {})
             if target:
                 if not self._has_revision(s, row, int(target[1:])):
@@ -350,6 +363,22 @@ class MetadataStore:
             else:
                 del aliases[alias]
             row.aliases = aliases
+            row.etag = secrets.token_hex(8)
+            row.update_time = _now()
+            s.flush()
+            return _resource(row)
+
+    def update_resource(
+        self, team: str, coll: Collection, rid: str, changes: ResourceChanges, etag: str
+    ) -> Resource:
+        """Apply `changes` under the row's lock; a non-empty `etag` must be the current one."""
+        with self._write() as s:
+            row = self._row(s, team, coll, rid, lock=True)
+            _check_etag(row, etag)
+            if changes.description is not None:
+                row.description = changes.description
+            if changes.labels is not None:
+                row.labels = dict(changes.labels)
             row.etag = secrets.token_hex(8)
             row.update_time = _now()
             s.flush()

@@ -8,7 +8,7 @@ from datetime import timedelta
 from google.protobuf import duration_pb2, json_format
 
 from services.common.timestamps import to_timestamp_or_none
-from services.reward.domain import Prompt, Sample, SampleResult, ScorerResult
+from services.reward.domain import Prompt, Sample, SampleResult, ScorerResult, Status
 from services.reward.reviews import Answer, Review
 from services.reward.spec import Validation
 from tlm.common.v1 import common_pb2
@@ -72,10 +72,11 @@ def scorer_result_to_proto(r: ScorerResult) -> rs.ScorerResult:
 
 
 def sample_result_to_proto(r: SampleResult) -> rs.SampleResult:
+    """`reward` is set only for an OK sample: a missing reward is how the wire says "none"."""
     return rs.SampleResult(
         sample_id=r.sample_id,
         status=int(r.status),  # type: ignore[arg-type]
-        reward=r.reward if r.reward is not None else 0.0,
+        reward=r.reward if r.status is Status.OK else None,
         scorers=[scorer_result_to_proto(s) for s in r.scorers],
         gate=r.gate,
         reason=r.reason,

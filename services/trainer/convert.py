@@ -88,7 +88,16 @@ def _lora_from_proto(tuning: pb.Tuning) -> LoraParams | None:
         return None
     lora = tuning.lora
     modules = tuple(lora.target_modules) or (ALL_LINEAR,)
-    return LoraParams(**_set(lora, "r", "alpha", "dropout"), target_modules=modules)
+    values = _set(lora, "r", "dropout", "alpha_value", "alpha")
+    if "alpha_value" in values and "alpha" in values:
+        raise field_error(
+            "spec.tuning.lora.alpha_value",
+            "set alpha_value or the deprecated alpha (spec.tuning.lora.alpha), not both",
+        )
+    alpha = values.pop("alpha_value", values.pop("alpha", None))
+    if alpha is not None:  # both wire fields mean one float
+        values["alpha"] = float(alpha)
+    return LoraParams(**values, target_modules=modules)
 
 
 def _plan_from_proto(resources: pb.Resources) -> tuple[DevicePlan, bool]:
@@ -179,7 +188,7 @@ def spec_to_proto(data: dict[str, Any]) -> pb.TrainingJobSpec:
         spec.tuning.lora.CopyFrom(
             pb.LoraConfig(
                 r=lora["r"],
-                alpha=lora["alpha"],
+                alpha_value=float(lora["alpha"]),
                 dropout=lora["dropout"],
                 target_modules=list(lora["target_modules"]),
             )

@@ -89,18 +89,30 @@ class LoraParams:
     """LoRA (Hu et al., 2021). `target_modules` empty means all linear layers."""
 
     r: int = 16
-    alpha: int = 32
+    alpha: float = 32.0  # LoraConfig.alpha_value, or its deprecated int32 alpha
     dropout: float = 0.05
     target_modules: tuple[str, ...] = (ALL_LINEAR,)
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "r": Bound(1, 1024),
-        "alpha": Bound(1, 4096),
+        "alpha": Bound(1, 4096, note="alpha_value, or the deprecated int32 alpha"),
         "dropout": Bound(0, 1, open_hi=True),
     }
 
     def violations(self, at: str) -> list[FieldViolation]:
         return _out_of_bounds(self, at) + self._module_violations(f"{at}.target_modules")
+
+    @property
+    def peft_alpha(self) -> int:
+        """alpha for peft's LoraConfig, which annotates it int: whole values stay ints (the
+        adapter_config.json of an int alpha is unchanged), others pass as floats, which peft
+        only divides by r.
+
+        >>> (LoraParams(alpha=32.0).peft_alpha, LoraParams(alpha=12.5).peft_alpha)
+        (32, 12.5)
+        """
+        alpha = float(self.alpha)
+        return int(alpha) if alpha.is_integer() else alpha  # type: ignore[return-value]
 
     def _module_violations(self, at: str) -> list[FieldViolation]:
         """Names peft matches against module paths, or the one wildcard it knows."""

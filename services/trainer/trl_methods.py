@@ -213,7 +213,7 @@ def peft_config(spec: JobSpec, recipe: Recipe) -> LoraConfig | None:
     targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.peft_alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
         task_type="SEQ_CLS" if recipe.sequence_classification else "CAUSAL_LM",

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 TLM = [sys.executable, "-m", "services.cli.main"]
 
 
@@ -85,6 +87,7 @@ def test_serve_without_keys_refuses_to_start(tmp_path: Path) -> None:
     assert out.returncode != 0 and "no API keys configured" in out.stderr
 
 
+@pytest.mark.slow  # builds a model in a subprocess (~10 s)
 def test_tiny_model_command(tmp_path: Path) -> None:
     out = subprocess.run(
         [*TLM, "dev", "tiny-model", str(tmp_path / "m")],

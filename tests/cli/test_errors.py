@@ -3,7 +3,6 @@ is its status and message, literally, exit code 1; `--debug` shows the traceback
 
 from __future__ import annotations
 
-import doctest
 import json
 import os
 import socket
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from services.cli import errors, main, paging, registry_cmds
+from services.cli import main, registry_cmds
 from services.cli.main import app
 from services.cli.reward_cmds import TEMPLATES
 from services.common.ids import ID_RULE
@@ -213,8 +212,3 @@ def test_list_commands_page_through_everything(
     )
     assert listed.exit_code == 0, listed.output
     assert [n for n in names if f"evaluators/{n} " in listed.stdout] == names
-
-
-def test_doctests() -> None:
-    for module in (errors, paging, registry_cmds):
-        assert doctest.testmod(module).failed == 0, module.__name__

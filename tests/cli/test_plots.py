@@ -1,25 +1,13 @@
-"""Plots of job metrics, pure: events -> series -> PNG files (and the doctests of the modules
-behind `tlm jobs plot/create/watch` and the TensorBoard log)."""
+"""Plots of job metrics, pure: events -> series -> PNG files."""
 
 from __future__ import annotations
 
-import doctest
 from pathlib import Path
-from types import ModuleType
 
-import pytest
 from PIL import Image
 
-from services.cli import job_spec, plots, trainer_cmds
 from services.cli.plots import file_name, metric_series, write_plots
-from services.trainer import tensorboard_log
 from tlm.trainer.v1 import trainer_pb2 as pb
-
-
-@pytest.mark.parametrize("module", [plots, job_spec, trainer_cmds, tensorboard_log])
-def test_docstring_examples(module: ModuleType) -> None:
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def metrics(step: int, **values: float) -> pb.JobEvent:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import grpc
-from google.rpc import code_pb2, error_details_pb2
+from google.rpc import code_pb2
 
 from services.common.errors import (
     FailedPrecondition,
@@ -13,6 +13,7 @@ from services.common.errors import (
     status_code_for,
     to_rpc_status,
 )
+from tests.rpc_details import status_details
 
 
 class DatasetRowsInvalid(InvalidArgument):
@@ -38,14 +39,10 @@ def test_status_carries_error_info_and_field_violations() -> None:
     )
     status = to_rpc_status(exc)
     assert status.code == code_pb2.INVALID_ARGUMENT and status.message == "2 rows invalid"
-    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(info) and status.details[1].Unpack(bad)
-    assert (info.reason, info.domain, dict(info.metadata)) == (
-        "INVALID_FIELD",
-        "tlm.dev",
-        {"dataset": "datasets/d"},
-    )
-    assert [(v.field, v.description) for v in bad.field_violations] == [
+    details = status_details(status)
+    assert details.error_info is not None and details.error_info.domain == "tlm.dev"
+    assert (details.reason, details.metadata) == ("INVALID_FIELD", {"dataset": "datasets/d"})
+    assert details.violations == [
         ("rows[3].chosen", "must be a non-empty string"),
         ("rows[7].label", "must be a boolean, got 'yes'"),
     ]

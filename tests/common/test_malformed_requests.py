@@ -7,11 +7,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from structlog.testing import capture_logs
 
 from services.devtools.server_thread import ServerThread
+from tests.rpc_details import rpc_details
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 
 TEAM_A = (("authorization", "Bearer key-team-a"),)
@@ -57,13 +56,10 @@ def _raw(channel: grpc.Channel, kind: str, method: str):  # type: ignore[no-unty
 def _assert_malformed(err: grpc.RpcError) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
     assert "not a valid protobuf message" in (err.details() or "")
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
-    assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
-    assert any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR))
-    assert info.reason == "INVALID_FIELD" and info.metadata["cause"] == "MALFORMED_REQUEST"
-    assert bad.field_violations[0].description == err.details()
+    details = rpc_details(err)
+    assert details.error_info is not None and details.bad_request is not None
+    assert details.reason == "INVALID_FIELD" and details.metadata["cause"] == "MALFORMED_REQUEST"
+    assert details.violations[0][1] == err.details()
 
 
 def _still_serving(channel: grpc.Channel) -> None:

@@ -7,10 +7,10 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 from structlog.testing import capture_logs
 
 from services.devtools.server_thread import ServerThread
+from tests.rpc_details import rpc_details
 from tlm.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 TLM_SERVICES = {
@@ -66,14 +66,9 @@ def test_a_service_key_must_name_the_team(secured: ServerThread) -> None:
 
 
 def _error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "no google.rpc.Status details"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo in details")
+    info = rpc_details(err).error_info
+    assert info is not None, "no ErrorInfo in details"
+    return info
 
 
 def test_one_structured_log_line_per_rpc(secured: ServerThread) -> None:

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from pydantic import ValidationError
 
 from services.common.auth import Authenticator
@@ -17,6 +15,7 @@ from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.ids import team_dir
 from services.common.settings import ServerSettings
 from services.devtools.server_thread import ServerThread
+from tests.rpc_details import rpc_details
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
@@ -94,11 +93,9 @@ def test_keyless_servers_serve_every_caller_as_dev(embedded: ServerThread) -> No
 
 
 def _reason(err: grpc.RpcError) -> str:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
-    return info.reason
+    details = rpc_details(err)
+    assert details.error_info is not None, "no ErrorInfo in details"
+    return details.reason
 
 
 def test_the_rollouts_startup_team_follows_the_rule() -> None:

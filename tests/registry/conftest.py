@@ -12,12 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.devtools.server_thread import ServerThread
 from services.registry.app import binding
 from services.registry.settings import RegistrySettings
+from tests.rpc_details import rpc_details
 from tlm.registry.v1 import registry_pb2 as pb
 from tlm.registry.v1 import registry_pb2_grpc
 
@@ -87,19 +86,8 @@ def unique(prefix: str) -> str:
 
 def details(err: grpc.RpcError) -> tuple[str, list[tuple[str, str]]]:
     """(ErrorInfo reason, [(field, description)]) from an error's google.rpc details."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, f"no details on {err}"
-    reason, violations = "", []
-    for d in status.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            reason = info.reason
-        elif d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            d.Unpack(bad)
-            violations = [(v.field, v.description) for v in bad.field_violations]
-    return reason, violations
+    found = rpc_details(err)
+    return found.reason, found.violations
 
 
 def dataset_requests(

@@ -34,3 +34,10 @@ def sample(sample_id: str, completion: str, **metadata: Any) -> rs.Sample:
 
 def code_spec(**code: Any) -> ev.EvaluatorSpec:
     return spec({"scorers": [{"name": "tests", "code": code}]})
+
+
+def in_flight() -> float:
+    """Score calls admitted by the reward services of this process (their in-flight gauge)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("tlm_reward_requests_in_flight") or 0.0

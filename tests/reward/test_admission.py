@@ -19,7 +19,8 @@ from services.devtools.server_thread import ServerThread
 from services.reward.admission import Admission, StreamClaim
 from tests.conftest import API_KEYS
 from tests.reward.conftest import start_reward
-from tests.reward.helpers import sample, spec
+from tests.reward.helpers import in_flight, sample, spec
+from tests.waiting import wait_for
 from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
@@ -174,9 +175,11 @@ def test_a_team_at_its_share_cannot_lock_out_another(tmp_path: Path, blackhole: 
                 threading.Thread(target=lambda: stub.Score(slow, metadata=A, timeout=30))
                 for _ in range(2)
             ]
+            before = in_flight()
             for worker in workers:
                 worker.start()
-            time.sleep(1.0)  # both are in flight (the remote answers after 3 s)
+            # Both are in flight (the remote answers after 3 s).
+            wait_for(lambda: in_flight() == before + 2, timeout=5, what="A's two calls admitted")
             quick = rs.ScoreRequest(spec=QUICK, samples=[sample("b", "yes")])
             start = time.monotonic()
             assert stub.Score(quick, metadata=B, timeout=10).results[0].reward == 1.0

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
 from services.devtools.server_thread import ServerThread
 from services.reward.spec import validate_json
 from tests.reward.conftest import start_reward
-from tests.reward.helpers import MATH_SPEC, code_spec, sample, spec
+from tests.reward.helpers import MATH_SPEC, code_spec, in_flight, sample, spec
+from tests.rpc_details import rpc_details
+from tests.waiting import wait_for
 from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
@@ -42,8 +42,10 @@ def test_score_inline_spec_hand_checked(reward: Stub) -> None:
     assert [s.scorer for s in good.scorers] == ["format", "correct", "short"]
     assert wrong.reward == pytest.approx(0.7)
     assert (no_format.reward, no_format.gate) == (-1.0, "format")
-    # No reference: UNSCORABLE, no reward (never a zero).
-    assert no_ref.status == rs.UNSCORABLE and no_ref.reward == 0.0
+    # No reference: UNSCORABLE, and no reward on the wire (never a zero); OK ones carry theirs,
+    # the gate's -1 included.
+    assert no_ref.status == rs.UNSCORABLE and not no_ref.HasField("reward")
+    assert good.HasField("reward") and no_format.HasField("reward")
     assert "reference" in no_ref.reason
     assert response.evaluator_revision == ""
 
@@ -53,19 +55,8 @@ def test_invalid_inline_spec_is_invalid_argument_with_paths(reward: Stub) -> Non
     with pytest.raises(grpc.RpcError) as err:
         reward.Score(rs.ScoreRequest(spec=bad, samples=[sample("a", "b")]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
-    assert status is not None
-    fields, reasons = [], []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields = [v.field for v in bad_request.field_violations]
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reasons.append(info.reason)
-    assert fields == ["scorers[0].regex.pattern"] and reasons == ["EVALUATOR_INVALID"]
+    details = rpc_details(err.value)
+    assert details.fields == ["scorers[0].regex.pattern"] and details.reason == "EVALUATOR_INVALID"
 
 
 def test_validate_evaluator_json(reward: Stub) -> None:
@@ -108,15 +99,7 @@ def test_reviewed_specs_are_refused_with_their_path(reward: Stub, data: dict, pa
 
 
 def violation_fields(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    fields: list[str] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields.extend(v.field for v in bad_request.field_violations)
-    return fields
+    return rpc_details(err).fields
 
 
 def test_list_scorer_types_examples_are_valid_specs(reward: Stub) -> None:
@@ -198,8 +181,9 @@ def test_overload_is_resource_exhausted(tmp_path: Path) -> None:
                 samples=[sample("slow", "import time\ntime.sleep(1.5)", tests="")],
             )
             worker = threading.Thread(target=lambda: stub.Score(slow, timeout=30))
+            before = in_flight()
             worker.start()
-            time.sleep(0.5)
+            wait_for(lambda: in_flight() == before + 1, timeout=5, what="the slow call admitted")
             quick = rs.ScoreRequest(spec=spec(MATH_SPEC), samples=[sample("q", GOOD)])
             with pytest.raises(grpc.RpcError) as err:
                 stub.Score(quick, timeout=10)

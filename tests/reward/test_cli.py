@@ -47,10 +47,15 @@ def test_score_prints_rewards(reward_server: ServerThread, tmp_path: Path) -> No
         "completion": "<think>x</think><answer>2</answer>",
     }
     good["metadata"] = {"reference": "2"}
-    rows.write_text(json.dumps(good) + "\n" + json.dumps({"completion": "2"}) + "\n")
+    unscorable = {**good, "sample_id": "no-ref", "metadata": {}}
+    lines = [good, {"completion": "2"}, unscorable]
+    rows.write_text("".join(json.dumps(r) + "\n" for r in lines))
     app = typer.Typer()
     app.command()(score)
     args = ["--evaluator", str(spec), "--input", str(rows), "--address", reward_server.address]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "good" in result.output and "1.2" in result.output and "-1" in result.output
+    # An UNSCORABLE sample has no reward: a dash, not 0.
+    no_ref = next(line for line in result.output.splitlines() if "no-ref" in line)
+    assert "UNSCORABLE" in no_ref and "—" in no_ref and " 0 " not in no_ref

@@ -5,7 +5,6 @@ slow-to-parse tests never block the server's event loop."""
 from __future__ import annotations
 
 import asyncio
-import doctest
 import json
 import os
 import re
@@ -24,7 +23,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from services.devtools.server_thread import ServerThread
-from services.reward import sandbox_memory
 from services.reward.domain import Status
 from services.reward.sandbox import (
     LAUNCHER,
@@ -120,11 +118,6 @@ def reward(server: ServerThread) -> Iterator[rs_grpc.RewardServiceStub]:
 
 def forks(children: int = CHILDREN) -> str:
     return FORKS.format(children=children, target=TARGET_MB)
-
-
-def test_memory_module_examples() -> None:
-    result = doctest.testmod(sandbox_memory, verbose=False)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # --- Finding 1: memory_mb bounds the whole process tree --------------------------------------

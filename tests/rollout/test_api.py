@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tests.conftest import API_KEYS
 from tests.rollout.conftest import (
@@ -23,6 +20,8 @@ from tests.rollout.conftest import (
     STRICT_CHAT_MODEL,
     RolloutServerFactory,
 )
+from tests.rpc_details import rpc_details
+from tests.waiting import wait_for
 from tlm.common.v1 import common_pb2
 from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
@@ -47,22 +46,7 @@ def collect(responses) -> list[rollout_pb2.Completion]:  # type: ignore[no-untyp
 
 
 def violations(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+    return rpc_details(err).fields
 
 
 @pytest.fixture
@@ -176,6 +160,7 @@ def test_bad_loads(stub: rollout_pb2_grpc.RolloutServiceStub) -> None:
     assert violations(err.value) == ["adapter_revision"]
 
 
+@pytest.mark.slow  # generates with the tiny model and two adapters
 def test_adapter_hot_swap_while_a_request_is_in_flight(
     stub: rollout_pb2_grpc.RolloutServiceStub,
 ) -> None:

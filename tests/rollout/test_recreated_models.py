@@ -185,6 +185,7 @@ def rollout_address(registry: ResettableRegistry, tmp_path: Path) -> Iterator[st
         yield server.address
 
 
+@pytest.mark.slow  # generates with two models and an adapter
 async def test_a_reused_name_serves_its_new_model_and_adapter(
     registry: ResettableRegistry,
     rollout_address: str,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from tests.rpc_details import rpc_details
 from tests.trainer.conftest import Inputs, spec
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
@@ -22,18 +21,8 @@ async def refused(
     """Create must fail: (error, violated fields, ErrorInfo reason)."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(spec=job_spec))
-    status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
-    fields, reason = [], ""
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = [v.field for v in bad.field_violations]
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-    return err.value, fields, reason
+    details = rpc_details(err.value)
+    return err.value, details.fields, details.reason
 
 
 async def test_bad_hyperparameters_are_invalid_argument_per_field(
@@ -162,7 +151,8 @@ async def test_validate_only_fills_defaults_and_creates_nothing(
     job = await trainer.CreateTrainingJob(request)
     s = job.spec
     assert s.base_model == inputs.base and s.train_dataset == inputs.sft  # aliases resolved
-    assert s.tuning.lora.r == 16 and s.tuning.lora.alpha == 32
+    assert s.tuning.lora.r == 16 and s.tuning.lora.alpha_value == 32.0
+    assert not s.tuning.lora.HasField("alpha")  # the deprecated int32 is never sent back
     assert s.tuning.lora.dropout == pytest.approx(0.05)
     assert s.training.learning_rate == pytest.approx(2e-4)  # the LoRA default
     assert (s.training.per_device_batch_size, s.training.max_length) == (8, 1024)
@@ -172,6 +162,35 @@ async def test_validate_only_fills_defaults_and_creates_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=job.name))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_lora_alpha_is_a_float_and_the_int32_alpha_still_works(
+    trainer: Stub, inputs: Inputs
+) -> None:
+    async def alpha(lora: pb.LoraConfig) -> pb.LoraConfig:
+        job_spec = spec(pb.SFT, inputs.base, inputs.sft, tuning=pb.Tuning(lora=lora))
+        request = pb.CreateTrainingJobRequest(spec=job_spec, validate_only=True)
+        return (await trainer.CreateTrainingJob(request)).spec.tuning.lora
+
+    assert (await alpha(pb.LoraConfig(r=4, alpha_value=12.5))).alpha_value == 12.5
+    old = await alpha(pb.LoraConfig(r=4, alpha=8))  # a client from before alpha_value
+    assert old.alpha_value == 8.0 and not old.HasField("alpha")
+    both = spec(
+        pb.SFT,
+        inputs.base,
+        inputs.sft,
+        tuning=pb.Tuning(lora=pb.LoraConfig(alpha=8, alpha_value=8)),
+    )
+    err, fields, _ = await refused(trainer, both)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields == ["spec.tuning.lora.alpha_value"] and "spec.tuning.lora.alpha" in (
+        err.details() or ""
+    )
+    low = spec(
+        pb.SFT, inputs.base, inputs.sft, tuning=pb.Tuning(lora=pb.LoraConfig(alpha_value=0.5))
+    )
+    err, fields, _ = await refused(trainer, low)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and fields == ["spec.tuning.lora.alpha"]
 
 
 async def test_get_and_cancel_unknown_or_malformed(trainer: Stub) -> None:

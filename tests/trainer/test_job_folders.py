@@ -4,7 +4,6 @@ instead of writing outside the trainer's folder."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +15,7 @@ from services.trainer.domain import Job, JobState, Method, Progress
 from services.trainer.spec import JobSpec, validate
 from services.trainer.store import JobStore, new_job_id
 from services.trainer.supervisor import Supervisor, WorkerConfig, job_folder
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -48,10 +48,7 @@ async def test_a_job_of_a_bad_team_fails_without_writing_outside_the_root(
     supervisor = Supervisor(store, config, lambda key: None)
     key = _create(store, "../escape")
     supervisor.submit(*key)
-    for _ in range(200):
-        if store.get(*key).state.terminal and supervisor.running == 0:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: store.get(*key).state.terminal and supervisor.running == 0, timeout=10)
     assert store.get(*key).state is JobState.FAILED
     assert not (tmp_path / "trainer" / "escape").exists()
     assert not list(tmp_path.rglob(key[1]))  # no folder for the job anywhere

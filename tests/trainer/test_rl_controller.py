@@ -452,11 +452,3 @@ def test_rollout_metrics_by_hand() -> None:
         [{"loss": 1.0, "completions/min_length": 3.0}, {"loss": 2.0, "completions/min_length": 1.0}]
     )
     assert window == {"loss": 1.5, "completions/min_length": 1.0}
-
-
-def test_doctests_of_the_evaluation() -> None:
-    import doctest
-
-    from services.trainer.rl import evaluation
-
-    assert doctest.testmod(evaluation).failed == 0

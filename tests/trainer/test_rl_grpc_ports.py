@@ -62,6 +62,10 @@ def test_scores_keep_status_and_only_ok_scorer_values() -> None:
     bad = _score(rs.SampleResult(status=rs.UNSCORABLE, reward=float("nan")))
     assert bad.status is ScoreStatus.UNSCORABLE and bad.reward == 0.0
     assert _score(rs.SampleResult(status=rs.PENDING)).status is ScoreStatus.PENDING
+    # A reward outside OK is ignored; an OK result without one is a pre-`optional` server's zero.
+    assert _score(rs.SampleResult(status=rs.ERROR, reward=3.0)).reward == 0.0
+    old_zero = _score(rs.SampleResult(status=rs.OK))
+    assert (old_zero.status, old_zero.reward) == (ScoreStatus.OK, 0.0)
 
 
 class RecordingRollout:

@@ -19,6 +19,7 @@ from services.trainer.spec import JobSpec, validate
 from services.trainer.store import JobStore, new_job_id
 from services.trainer.supervisor import Key, Supervisor, WorkerConfig
 from services.trainer.worker_protocol import SCRATCH
+from tests.waiting import until
 
 BASE = "models/tiny/revisions/r1"
 DATA = "datasets/d/revisions/r1"
@@ -61,14 +62,6 @@ def _spawned(supervisor: Supervisor) -> list[subprocess.Popen[bytes]]:
     return procs
 
 
-async def _until(condition: Any, timeout: float = 20.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 async def test_stop_kills_running_workers_and_starts_no_queued_job(
     store: JobStore, tmp_path: Path
 ) -> None:
@@ -77,7 +70,7 @@ async def test_stop_kills_running_workers_and_starts_no_queued_job(
     running, queued = _create(store, "sleep"), _create(store, "sleep")
     supervisor.submit(*running)
     supervisor.submit(*queued)
-    await _until(lambda: store.get(*running).state is JobState.RUNNING)
+    await until(lambda: store.get(*running).state is JobState.RUNNING)
     await supervisor.stop()
     await asyncio.sleep(0.3)  # a task started during shutdown would run now
     assert len(procs) == 1 and procs[0].poll() is not None  # killed and reaped
@@ -97,10 +90,10 @@ async def test_a_failing_supervision_fails_the_job_and_kills_its_worker(
     supervisor._record = broken  # type: ignore[method-assign]
     key = _create(store, "sleep")
     supervisor.submit(*key)
-    await _until(lambda: store.get(*key).state.terminal)
+    await until(lambda: store.get(*key).state.terminal)
     job = store.get(*key)
     assert job.state is JobState.FAILED and job.error and job.error.code == "INTERNAL"
-    await _until(lambda: supervisor.running == 0)
+    await until(lambda: supervisor.running == 0)
     assert procs[0].poll() is not None
 
 
@@ -108,7 +101,7 @@ async def test_a_succeeded_job_leaves_no_scratch_folders(store: JobStore, tmp_pa
     supervisor = _supervisor(store, tmp_path / "jobs")
     key = _create(store, "succeed")
     supervisor.submit(*key)
-    await _until(lambda: store.get(*key).state.terminal and supervisor.running == 0)
+    await until(lambda: store.get(*key).state.terminal and supervisor.running == 0)
     assert store.get(*key).state is JobState.SUCCEEDED
     folder = tmp_path / "jobs" / key[0] / key[1]
     assert (folder / "job.json").exists()
@@ -124,7 +117,7 @@ async def test_a_resumed_job_records_each_step_once(store: JobStore, tmp_path: P
     store.transition(*key, JobState.PENDING, "restarted")
     supervisor = _supervisor(store, tmp_path / "jobs")
     supervisor.submit(*key)
-    await _until(lambda: store.get(*key).state.terminal and supervisor.running == 0)
+    await until(lambda: store.get(*key).state.terminal and supervisor.running == 0)
     steps = [e.data["step"] for e in store.events(*key, 0) if e.kind is EventKind.METRICS]
     assert steps == [4, 5, 6]
     job_file = json.loads((tmp_path / "jobs" / key[0] / key[1] / "job.json").read_text())

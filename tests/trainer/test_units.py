@@ -1,17 +1,16 @@
 """Pure pieces of the trainer: spec defaults and validation, conversion, the resource
-estimate, the job store and the evaluation summary (doctests included)."""
+estimate, the job store and the evaluation summary."""
 
 from __future__ import annotations
 
 import dataclasses
-import doctest
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.trainer import convert, evaluate, resources, supervisor
+from services.trainer import convert
 from services.trainer.domain import EventKind, Job, JobState, Method, Progress
 from services.trainer.resources import Devices, estimate, lora_trainable
 from services.trainer.spec import (
@@ -37,11 +36,6 @@ TINY = {
     "intermediate_size": 128,
     "vocab_size": 512,
 }
-
-
-@pytest.mark.parametrize("module", [evaluate, resources, supervisor])
-def test_doctests(module: object) -> None:
-    assert doctest.testmod(module).failed == 0  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -357,7 +357,7 @@ def lora_config(lora: LoraParams, task_type: str) -> LoraConfig:
     targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.peft_alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
         task_type=task_type,

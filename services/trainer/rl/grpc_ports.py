@@ -254,7 +254,10 @@ class GrpcScorer:
 def _score(result: rs.SampleResult) -> Score:
     status = STATUSES.get(result.status, ScoreStatus.ERROR)
     scorers = {s.scorer: s.value for s in result.scorers if s.status == rs.OK}
-    reward = result.reward if status is ScoreStatus.OK and math.isfinite(result.reward) else 0.0
+    # Only an OK result carries a reward. An OK one without it is from a server older than
+    # `optional reward`, which left a zero reward off the wire.
+    has = result.HasField("reward") and math.isfinite(result.reward)
+    reward = result.reward if status is ScoreStatus.OK and has else 0.0
     return Score(status, reward, scorers)
 
 

@@ -5,6 +5,7 @@ The catalogue: models, datasets and evaluators with immutable revisions and line
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -331,7 +332,9 @@ class Model(_message.Message):
     latest_revision_id: _builtins.str
     """The newest revision id, empty while the model has none."""
     etag: _builtins.str
-    """Changes whenever aliases change; send it back to guard alias updates."""
+    """Changes whenever the model changes (aliases, description, labels, a new revision); send
+    it back to guard SetModelAlias and UpdateModel.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels for filtering, e.g. {"family": "qwen2"}."""
@@ -346,7 +349,7 @@ class Model(_message.Message):
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the model last changed (a revision or alias)."""
+        """When the model last changed (a revision, an alias, its description or labels)."""
 
     def __init__(
         self,
@@ -962,6 +965,42 @@ class SetModelAliasRequest(_message.Message):
 Global___SetModelAliasRequest: _TypeAlias = SetModelAliasRequest  # noqa: Y015
 
 @_typing.final
+class UpdateModelRequest(_message.Message):
+    """Request for UpdateModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model with its new values. Its name says which one; its etag, if set, must be the
+        current one. Fields not named in update_mask are ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: "description" and/or "labels" (labels are replaced as a whole; an
+        empty map clears them). "*" names both; an empty mask means those of the two that are set.
+        Any other field is refused: the name and create_time are immutable, aliases change
+        through SetModelAlias, revisions through their own methods.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
+
+@_typing.final
 class Dataset(_message.Message):
     """A named dataset of one kind: a sequence of immutable revisions."""
 
@@ -1025,7 +1064,7 @@ class Dataset(_message.Message):
     latest_revision_id: _builtins.str
     """The newest revision id."""
     etag: _builtins.str
-    """Changes whenever aliases change."""
+    """Changes whenever the dataset changes; guards SetDatasetAlias and UpdateDataset."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels."""
@@ -1820,6 +1859,42 @@ class SetDatasetAliasRequest(_message.Message):
 Global___SetDatasetAliasRequest: _TypeAlias = SetDatasetAliasRequest  # noqa: Y015
 
 @_typing.final
+class UpdateDatasetRequest(_message.Message):
+    """Request for UpdateDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The dataset with its new values. Its name says which one; its etag, if set, must be the
+        current one. Fields not named in update_mask are ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: "description" and/or "labels" (labels are replaced as a whole; an
+        empty map clears them). "*" names both; an empty mask means those of the two that are set.
+        Any other field is refused: the name, kind and create_time are immutable, aliases change
+        through SetDatasetAlias, revisions through their own methods.
+        """
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDatasetRequest: _TypeAlias = UpdateDatasetRequest  # noqa: Y015
+
+@_typing.final
 class Evaluator(_message.Message):
     """---------------------------------------------------------------------------------------------
     Evaluators.
@@ -1884,7 +1959,7 @@ class Evaluator(_message.Message):
     latest_revision_id: _builtins.str
     """The newest revision id."""
     etag: _builtins.str
-    """Changes whenever aliases change."""
+    """Changes whenever the evaluator changes; guards SetEvaluatorAlias and UpdateEvaluator."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels."""
@@ -2323,3 +2398,39 @@ class SetEvaluatorAliasRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetEvaluatorAliasRequest: _TypeAlias = SetEvaluatorAliasRequest  # noqa: Y015
+
+@_typing.final
+class UpdateEvaluatorRequest(_message.Message):
+    """Request for UpdateEvaluator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATOR_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def evaluator(self) -> Global___Evaluator:
+        """The evaluator with its new values. Its name says which one; its etag, if set, must be the
+        current one. Fields not named in update_mask are ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: "description" and/or "labels" (labels are replaced as a whole; an
+        empty map clears them). "*" names both; an empty mask means those of the two that are set.
+        Any other field is refused: the name and create_time are immutable, aliases change
+        through SetEvaluatorAlias, revisions through their own methods.
+        """
+
+    def __init__(
+        self,
+        *,
+        evaluator: Global___Evaluator | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluator", b"evaluator", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluator", b"evaluator", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateEvaluatorRequest: _TypeAlias = UpdateEvaluatorRequest  # noqa: Y015

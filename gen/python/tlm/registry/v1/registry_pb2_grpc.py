@@ -87,6 +87,11 @@ class RegistryServiceStub:
                 request_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.SetModelAliasRequest.SerializeToString,
                 response_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/tlm.registry.v1.RegistryService/UpdateModel',
+                request_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
+                _registered_method=True)
         self.CreateDataset = channel.unary_unary(
                 '/tlm.registry.v1.RegistryService/CreateDataset',
                 request_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.CreateDatasetRequest.SerializeToString,
@@ -142,6 +147,11 @@ class RegistryServiceStub:
                 request_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.SetDatasetAliasRequest.SerializeToString,
                 response_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Dataset.FromString,
                 _registered_method=True)
+        self.UpdateDataset = channel.unary_unary(
+                '/tlm.registry.v1.RegistryService/UpdateDataset',
+                request_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateDatasetRequest.SerializeToString,
+                response_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Dataset.FromString,
+                _registered_method=True)
         self.CreateEvaluator = channel.unary_unary(
                 '/tlm.registry.v1.RegistryService/CreateEvaluator',
                 request_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.CreateEvaluatorRequest.SerializeToString,
@@ -180,6 +190,11 @@ class RegistryServiceStub:
         self.SetEvaluatorAlias = channel.unary_unary(
                 '/tlm.registry.v1.RegistryService/SetEvaluatorAlias',
                 request_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.SetEvaluatorAliasRequest.SerializeToString,
+                response_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Evaluator.FromString,
+                _registered_method=True)
+        self.UpdateEvaluator = channel.unary_unary(
+                '/tlm.registry.v1.RegistryService/UpdateEvaluator',
+                request_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateEvaluatorRequest.SerializeToString,
                 response_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Evaluator.FromString,
                 _registered_method=True)
 
@@ -255,6 +270,14 @@ class RegistryServiceServicer:
 
     def SetModelAlias(self, request, context):
         """Points a user alias (e.g. "prod") at a revision, or removes it; guarded by the model's etag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
+        """Changes a model's description and labels, the fields named in update_mask (AIP-134);
+        guarded by the model's etag (ABORTED when stale).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -338,6 +361,14 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateDataset(self, request, context):
+        """Changes a dataset's description and labels, the fields named in update_mask (AIP-134);
+        guarded by the dataset's etag (ABORTED when stale).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateEvaluator(self, request, context):
         """Creates an evaluator (a named, versioned EvaluatorSpec).
         """
@@ -394,6 +425,14 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateEvaluator(self, request, context):
+        """Changes a evaluator's description and labels, the fields named in update_mask (AIP-134);
+        guarded by the evaluator's etag (ABORTED when stale).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -440,6 +479,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'SetModelAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.SetModelAlias,
                     request_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.SetModelAliasRequest.FromString,
+                    response_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Model.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.FromString,
                     response_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Model.SerializeToString,
             ),
             'CreateDataset': grpc.unary_unary_rpc_method_handler(
@@ -497,6 +541,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     request_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.SetDatasetAliasRequest.FromString,
                     response_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Dataset.SerializeToString,
             ),
+            'UpdateDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDataset,
+                    request_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateDatasetRequest.FromString,
+                    response_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Dataset.SerializeToString,
+            ),
             'CreateEvaluator': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEvaluator,
                     request_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.CreateEvaluatorRequest.FromString,
@@ -535,6 +584,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'SetEvaluatorAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.SetEvaluatorAlias,
                     request_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.SetEvaluatorAliasRequest.FromString,
+                    response_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Evaluator.SerializeToString,
+            ),
+            'UpdateEvaluator': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateEvaluator,
+                    request_deserializer=tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateEvaluatorRequest.FromString,
                     response_serializer=tlm_dot_registry_dot_v1_dot_registry__pb2.Evaluator.SerializeToString,
             ),
     }
@@ -788,6 +842,33 @@ class RegistryService:
             target,
             '/tlm.registry.v1.RegistryService/SetModelAlias',
             tlm_dot_registry_dot_v1_dot_registry__pb2.SetModelAliasRequest.SerializeToString,
+            tlm_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlm.registry.v1.RegistryService/UpdateModel',
+            tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
             tlm_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
             options,
             channel_credentials,
@@ -1097,6 +1178,33 @@ class RegistryService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlm.registry.v1.RegistryService/UpdateDataset',
+            tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateDatasetRequest.SerializeToString,
+            tlm_dot_registry_dot_v1_dot_registry__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateEvaluator(request,
             target,
             options=(),
@@ -1301,6 +1409,33 @@ class RegistryService:
             target,
             '/tlm.registry.v1.RegistryService/SetEvaluatorAlias',
             tlm_dot_registry_dot_v1_dot_registry__pb2.SetEvaluatorAliasRequest.SerializeToString,
+            tlm_dot_registry_dot_v1_dot_registry__pb2.Evaluator.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateEvaluator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlm.registry.v1.RegistryService/UpdateEvaluator',
+            tlm_dot_registry_dot_v1_dot_registry__pb2.UpdateEvaluatorRequest.SerializeToString,
             tlm_dot_registry_dot_v1_dot_registry__pb2.Evaluator.FromString,
             options,
             channel_credentials,

@@ -63,6 +63,10 @@ class RegistryServiceStub:
     """Streams a model revision's files: a manifest first, then chunks."""
     SetModelAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetModelAliasRequest, _registry_pb2.Model]
     """Points a user alias (e.g. "prod") at a revision, or removes it; guarded by the model's etag."""
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateModelRequest, _registry_pb2.Model]
+    """Changes a model's description and labels, the fields named in update_mask (AIP-134);
+    guarded by the model's etag (ABORTED when stale).
+    """
     CreateDataset: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateDatasetRequest, _registry_pb2.Dataset]
     """Creates an empty dataset of a declared kind."""
     GetDataset: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetDatasetRequest, _registry_pb2.Dataset]
@@ -87,6 +91,10 @@ class RegistryServiceStub:
     """Streams a revision's stored file (canonical JSONL) as chunks."""
     SetDatasetAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetDatasetAliasRequest, _registry_pb2.Dataset]
     """Points a user alias at a dataset revision; guarded by the dataset's etag."""
+    UpdateDataset: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateDatasetRequest, _registry_pb2.Dataset]
+    """Changes a dataset's description and labels, the fields named in update_mask (AIP-134);
+    guarded by the dataset's etag (ABORTED when stale).
+    """
     CreateEvaluator: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateEvaluatorRequest, _registry_pb2.Evaluator]
     """Creates an evaluator (a named, versioned EvaluatorSpec)."""
     GetEvaluator: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetEvaluatorRequest, _registry_pb2.Evaluator]
@@ -103,6 +111,10 @@ class RegistryServiceStub:
     """Lists an evaluator's revisions, newest first."""
     SetEvaluatorAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetEvaluatorAliasRequest, _registry_pb2.Evaluator]
     """Points a user alias at an evaluator revision; guarded by the evaluator's etag."""
+    UpdateEvaluator: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateEvaluatorRequest, _registry_pb2.Evaluator]
+    """Changes a evaluator's description and labels, the fields named in update_mask (AIP-134);
+    guarded by the evaluator's etag (ABORTED when stale).
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -139,6 +151,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Streams a model revision's files: a manifest first, then chunks."""
     SetModelAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetModelAliasRequest, _registry_pb2.Model]  # type: ignore[assignment]
     """Points a user alias (e.g. "prod") at a revision, or removes it; guarded by the model's etag."""
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateModelRequest, _registry_pb2.Model]  # type: ignore[assignment]
+    """Changes a model's description and labels, the fields named in update_mask (AIP-134);
+    guarded by the model's etag (ABORTED when stale).
+    """
     CreateDataset: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateDatasetRequest, _registry_pb2.Dataset]  # type: ignore[assignment]
     """Creates an empty dataset of a declared kind."""
     GetDataset: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetDatasetRequest, _registry_pb2.Dataset]  # type: ignore[assignment]
@@ -163,6 +179,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Streams a revision's stored file (canonical JSONL) as chunks."""
     SetDatasetAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetDatasetAliasRequest, _registry_pb2.Dataset]  # type: ignore[assignment]
     """Points a user alias at a dataset revision; guarded by the dataset's etag."""
+    UpdateDataset: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateDatasetRequest, _registry_pb2.Dataset]  # type: ignore[assignment]
+    """Changes a dataset's description and labels, the fields named in update_mask (AIP-134);
+    guarded by the dataset's etag (ABORTED when stale).
+    """
     CreateEvaluator: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateEvaluatorRequest, _registry_pb2.Evaluator]  # type: ignore[assignment]
     """Creates an evaluator (a named, versioned EvaluatorSpec)."""
     GetEvaluator: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetEvaluatorRequest, _registry_pb2.Evaluator]  # type: ignore[assignment]
@@ -179,6 +199,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Lists an evaluator's revisions, newest first."""
     SetEvaluatorAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetEvaluatorAliasRequest, _registry_pb2.Evaluator]  # type: ignore[assignment]
     """Points a user alias at an evaluator revision; guarded by the evaluator's etag."""
+    UpdateEvaluator: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateEvaluatorRequest, _registry_pb2.Evaluator]  # type: ignore[assignment]
+    """Changes a evaluator's description and labels, the fields named in update_mask (AIP-134);
+    guarded by the evaluator's etag (ABORTED when stale).
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The catalogue of models, datasets and evaluator specs.
@@ -266,6 +290,16 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.Model, _abc.Awaitable[_registry_pb2.Model]]:
         """Points a user alias (e.g. "prod") at a revision, or removes it; guarded by the model's etag."""
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _registry_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Model, _abc.Awaitable[_registry_pb2.Model]]:
+        """Changes a model's description and labels, the fields named in update_mask (AIP-134);
+        guarded by the model's etag (ABORTED when stale).
+        """
 
     @_abc_1.abstractmethod
     def CreateDataset(
@@ -358,6 +392,16 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Points a user alias at a dataset revision; guarded by the dataset's etag."""
 
     @_abc_1.abstractmethod
+    def UpdateDataset(
+        self,
+        request: _registry_pb2.UpdateDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Dataset, _abc.Awaitable[_registry_pb2.Dataset]]:
+        """Changes a dataset's description and labels, the fields named in update_mask (AIP-134);
+        guarded by the dataset's etag (ABORTED when stale).
+        """
+
+    @_abc_1.abstractmethod
     def CreateEvaluator(
         self,
         request: _registry_pb2.CreateEvaluatorRequest,
@@ -420,5 +464,15 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.Evaluator, _abc.Awaitable[_registry_pb2.Evaluator]]:
         """Points a user alias at an evaluator revision; guarded by the evaluator's etag."""
+
+    @_abc_1.abstractmethod
+    def UpdateEvaluator(
+        self,
+        request: _registry_pb2.UpdateEvaluatorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Evaluator, _abc.Awaitable[_registry_pb2.Evaluator]]:
+        """Changes a evaluator's description and labels, the fields named in update_mask (AIP-134);
+        guarded by the evaluator's etag (ABORTED when stale).
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -267,7 +267,10 @@ class SampleResult(_message.Message):
     A sample that is not OK has no reward: callers mask it, never treat it as zero.
     """
     reward: _builtins.float
-    """The aggregated reward; meaningful only when OK."""
+    """The aggregated reward, present only when status is OK: an UNSCORABLE, TIMEOUT, ERROR or
+    PENDING sample has none on the wire, so test presence, not the value. (Before it was
+    `optional`, servers sent 0 for those; the wire format is the same.)
+    """
     gate: _builtins.str
     """The gate that fired, if any."""
     reason: _builtins.str
@@ -281,16 +284,18 @@ class SampleResult(_message.Message):
         *,
         sample_id: _builtins.str = ...,
         status: Global___ScoreStatus.ValueType = ...,
-        reward: _builtins.float = ...,
+        reward: _builtins.float | None = ...,
         scorers: _abc.Iterable[Global___ScorerResult] | None = ...,
         gate: _builtins.str = ...,
         reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reward", b"_reward", "reward", b"reward"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate", "reason", b"reason", "reward", b"reward", "sample_id", b"sample_id", "scorers", b"scorers", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reward", b"_reward", "gate", b"gate", "reason", b"reason", "reward", b"reward", "sample_id", b"sample_id", "scorers", b"scorers", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__reward: _TypeAlias = _typing.Literal["reward"]  # noqa: Y015
+    _WhichOneofArgType__reward: _TypeAlias = _typing.Literal["_reward", b"_reward"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reward) -> _WhichOneofReturnType__reward | None: ...
 
 Global___SampleResult: _TypeAlias = SampleResult  # noqa: Y015
 

@@ -20,6 +20,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _Method:
@@ -128,12 +133,29 @@ class LoraConfig(_message.Message):
     ALPHA_FIELD_NUMBER: _builtins.int
     DROPOUT_FIELD_NUMBER: _builtins.int
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    ALPHA_VALUE_FIELD_NUMBER: _builtins.int
     r: _builtins.int
     """Rank (default 16)."""
-    alpha: _builtins.int
-    """Scaling alpha (default 32)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def alpha(self) -> _builtins.int:
+        """Deprecated: whole-number scaling alpha; use alpha_value. Still accepted, but refused
+        together with alpha_value. Responses carry alpha_value only.
+        """
+
+    @alpha.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def alpha(self, value: _builtins.int) -> None:
+        """Deprecated: whole-number scaling alpha; use alpha_value. Still accepted, but refused
+        together with alpha_value. Responses carry alpha_value only.
+        """
+
     dropout: _builtins.float
     """Dropout on the LoRA path (default 0.05)."""
+    alpha_value: _builtins.float
+    """Scaling alpha, in [1, 4096] (default 32); the adapter scales by alpha / r. Supersedes the
+    int32 `alpha`, since alpha need not be whole (ModelMetadata.adapter_alpha is a float too).
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Module names to adapt (default: all linear projections of attention and MLP)."""
@@ -145,19 +167,24 @@ class LoraConfig(_message.Message):
         alpha: _builtins.int | None = ...,
         dropout: _builtins.float | None = ...,
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        alpha_value: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_dropout", b"_dropout", "_r", b"_r", "alpha", b"alpha", "dropout", b"dropout", "r", b"r"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_alpha_value", b"_alpha_value", "_dropout", b"_dropout", "_r", b"_r", "alpha", b"alpha", "alpha_value", b"alpha_value", "dropout", b"dropout", "r", b"r"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_dropout", b"_dropout", "_r", b"_r", "alpha", b"alpha", "dropout", b"dropout", "r", b"r", "target_modules", b"target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_alpha_value", b"_alpha_value", "_dropout", b"_dropout", "_r", b"_r", "alpha", b"alpha", "alpha_value", b"alpha_value", "dropout", b"dropout", "r", b"r", "target_modules", b"target_modules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__alpha_value: _TypeAlias = _typing.Literal["alpha_value"]  # noqa: Y015
+    _WhichOneofArgType__alpha_value: _TypeAlias = _typing.Literal["_alpha_value", b"_alpha_value"]  # noqa: Y015
     _WhichOneofReturnType__dropout: _TypeAlias = _typing.Literal["dropout"]  # noqa: Y015
     _WhichOneofArgType__dropout: _TypeAlias = _typing.Literal["_dropout", b"_dropout"]  # noqa: Y015
     _WhichOneofReturnType__r: _TypeAlias = _typing.Literal["r"]  # noqa: Y015
     _WhichOneofArgType__r: _TypeAlias = _typing.Literal["_r", b"_r"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha) -> _WhichOneofReturnType__alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha_value) -> _WhichOneofReturnType__alpha_value | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dropout) -> _WhichOneofReturnType__dropout | None: ...
     @_typing.overload

@@ -1,0 +1,43 @@
+"""`tlm engine status`: what the rollout service serves and how busy it is. Mounted by main.py
+as `engine_app`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from services.cli.errors import HandledGroup, remote
+from services.common.client import call_metadata, sync_channel
+from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+
+console = Console()
+engine_app = typer.Typer(cls=HandledGroup, help="The rollout engine.", no_args_is_help=True)
+
+
+@engine_app.command("status")
+def status(
+    address: Annotated[str | None, typer.Option(help="Rollout service address.")] = None,
+) -> None:
+    """Loaded model and adapters, queue depth and tokens per second."""
+    request = rollout_pb2.GetEngineStatusRequest()
+    with remote("rollout", address) as target, sync_channel(target) as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        s = stub.GetEngineStatus(request, metadata=call_metadata(), timeout=10)
+    adapters = "\n".join(a.adapter_revision for a in s.adapters)
+    rows = {
+        "engine": f"{s.engine} on {s.device}",
+        "model": s.model_revision or "(none loaded)",
+        "adapters": adapters or "(none)",
+        "queue": f"{s.queue_depth} waiting of {s.max_queue}, {s.running} running",
+        "tokens/s": f"{s.tokens_per_second:.1f} (last minute)",
+        "generated": f"{s.generated_tokens_total:,} tokens",
+        "limits": f"context {s.max_model_len or '-'} tokens, n <= {s.max_n}",
+    }
+    table = Table("", "", title="rollout engine", show_header=False)
+    for key, value in rows.items():
+        table.add_row(key, Text(value))
+    console.print(table)
