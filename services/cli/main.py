@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -185,6 +186,9 @@ def tiny_model(
 
 
 def main() -> None:
+    # `tlm ... | head`: a closed pipe ends the command quietly, as for any Unix tool, rather
+    # than as an "internal error" from the next write.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     app()
 
 

@@ -131,7 +131,7 @@ def models_list(prefix: str = "", address: AddressOpt = None) -> None:
 
 @models_app.command("show")
 def models_show(
-    ref: Annotated[str, typer.Argument(help="NAME[@REV]")], address: AddressOpt = None
+    ref: Annotated[str, typer.Argument(help="NAME\\[@REV]")], address: AddressOpt = None
 ) -> None:
     """Show a model revision as JSON."""
     show_json(run(address, lambda c: c.get_model_revision(revision_name("models", ref))))
@@ -182,7 +182,7 @@ def datasets_list(prefix: str = "", address: AddressOpt = None) -> None:
 
 @datasets_app.command("show")
 def datasets_show(
-    ref: Annotated[str, typer.Argument(help="NAME[@REV]")], address: AddressOpt = None
+    ref: Annotated[str, typer.Argument(help="NAME\\[@REV]")], address: AddressOpt = None
 ) -> None:
     """Show a dataset revision (rows, schema, length statistics) as JSON."""
     show_json(
@@ -198,7 +198,7 @@ def datasets_show(
 
 @datasets_app.command("head")
 def datasets_head(
-    ref: Annotated[str, typer.Argument(help="NAME[@REV]")],
+    ref: Annotated[str, typer.Argument(help="NAME\\[@REV]")],
     n: Annotated[int, typer.Option("-n", help="Rows to print.")] = 5,
     address: AddressOpt = None,
 ) -> None:
@@ -222,7 +222,7 @@ def evaluators_list(prefix: str = "", address: AddressOpt = None) -> None:
 
 
 def evaluators_show(
-    ref: Annotated[str, typer.Argument(help="NAME[@REV]")], address: AddressOpt = None
+    ref: Annotated[str, typer.Argument(help="NAME\\[@REV]")], address: AddressOpt = None
 ) -> None:
     """Print an evaluator revision's spec JSON."""
     rev = run(address, lambda c: c.get_evaluator_revision(revision_name("evaluators", ref)))

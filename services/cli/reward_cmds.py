@@ -138,7 +138,7 @@ def _sample(row: Any, default_id: str) -> rs.Sample:
 
 def score(
     evaluator: Annotated[
-        str, typer.Option(help="NAME[@REV] or evaluators/{e}/revisions/{r}, or a JSON file")
+        str, typer.Option(help="NAME\\[@REV] or evaluators/{e}/revisions/{r}, or a JSON file")
     ],
     input: Annotated[Path, typer.Option(help="JSONL: sample_id, prompt, completion, metadata")],
     address: AddressOpt = None,

@@ -86,7 +86,7 @@ def _generate(
 
 
 def generate(
-    model: Annotated[str, typer.Option("--model", help="NAME[@REV] of a model in the registry.")],
+    model: Annotated[str, typer.Option("--model", help="NAME\\[@REV] of a model in the registry.")],
     prompt: Annotated[str, typer.Option("--prompt", help="The prompt text.")],
     adapter: Annotated[
         str | None, typer.Option("--adapter", help="NAME@REV of a LoRA adapter on that model.")

@@ -58,16 +58,16 @@ def create(
     method: Annotated[
         str | None, typer.Option(help="sft, dpo, kto, reward_model, grpo, evaluate")
     ] = None,
-    base_model: Annotated[str | None, typer.Option(help="NAME[@REV] of the base model")] = None,
+    base_model: Annotated[str | None, typer.Option(help="NAME\\[@REV] of the base model")] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="NAME[@REV] of the training (or eval) data")
+        str | None, typer.Option(help="NAME\\[@REV] of the training (or eval) data")
     ] = None,
     spec_file: Annotated[
         Path | None,
         typer.Option("--spec", help="A TrainingJobSpec in proto JSON or YAML; flags override it"),
     ] = None,
-    eval_dataset: Annotated[str | None, typer.Option(help="NAME[@REV] of held-out data")] = None,
-    evaluator: Annotated[str | None, typer.Option(help="NAME[@REV] of an evaluator")] = None,
+    eval_dataset: Annotated[str | None, typer.Option(help="NAME\\[@REV] of held-out data")] = None,
+    evaluator: Annotated[str | None, typer.Option(help="NAME\\[@REV] of an evaluator")] = None,
     lora: Annotated[
         bool | None, typer.Option("--lora/--full", help="LoRA (default) or full")
     ] = None,
@@ -139,7 +139,7 @@ def create(
         float | None, typer.Option(help="PPO: entropy bonus (default 0)")
     ] = None,
     critic_model: Annotated[
-        str | None, typer.Option(help="PPO: NAME[@REV] of the critic's start (default: base)")
+        str | None, typer.Option(help="PPO: NAME\\[@REV] of the critic's start (default: base)")
     ] = None,
     critic_learning_rate: Annotated[
         float | None, typer.Option(help="PPO: the critic's learning rate (default: the policy's)")

@@ -212,3 +212,26 @@ def test_list_commands_page_through_everything(
     )
     assert listed.exit_code == 0, listed.output
     assert [n for n in names if f"evaluators/{n} " in listed.stdout] == names
+
+
+def test_a_closed_pipe_ends_the_command_quietly() -> None:
+    """`tlm ... | head`: the reader goes away before the command writes its output."""
+    proc = subprocess.Popen(
+        [*TLM, "evaluators", "init", "--template", "math"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # nobody reads: the first write hits a closed pipe
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "internal error" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_help_shows_bracketed_syntax_literally() -> None:
+    """Help goes through Rich markup: `NAME[@REV]` must not lose its `[@REV]`."""
+    env = {**os.environ, "COLUMNS": "160"}
+    out = subprocess.run(
+        [*TLM, "models", "show", "--help"], capture_output=True, text=True, env=env, timeout=60
+    ).stdout
+    assert "NAME[@REV]" in out
