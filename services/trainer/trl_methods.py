@@ -34,7 +34,8 @@ from trl import (
 )
 
 from services.trainer.domain import Method
-from services.trainer.spec import ALL_LINEAR, JobSpec
+from services.trainer.rl.actor import lora_config
+from services.trainer.spec import JobSpec
 from services.trainer.worker_io import WorkerContext, check_lora_targets
 from services.trainer.worker_protocol import CHECKPOINTS, OUTPUT
 
@@ -207,17 +208,9 @@ def trl_config(spec: JobSpec, plan: dict[str, Any], folder: Path, recipe: Recipe
 
 
 def peft_config(spec: JobSpec, recipe: Recipe) -> LoraConfig | None:
-    lora = spec.lora
-    if lora is None:
+    if spec.lora is None:
         return None
-    targets = ALL_LINEAR if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.peft_alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        task_type="SEQ_CLS" if recipe.sequence_classification else "CAUSAL_LM",
-    )
+    return lora_config(spec.lora, "SEQ_CLS" if recipe.sequence_classification else "CAUSAL_LM")
 
 
 def load_model(path: Path, recipe: Recipe, spec: JobSpec, precision: str, pad_id: int | None):

@@ -166,18 +166,11 @@ class Actor:
     def configure_optimizer(self, spec: JobSpec, precision: str, total_updates: int) -> None:
         """AdamW with the job's schedule over `total_updates` optimizer steps; fp16 scales the
         loss, or small gradients underflow (bf16 has fp32's range)."""
-        t = spec.training
-        self.optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=t.learning_rate or 0.0, weight_decay=t.weight_decay
+        lr = spec.training.learning_rate or 0.0
+        self.optimizer, self.scheduler, self.scaler = optimizer_parts(
+            self.trainable_parameters(), spec, lr, precision, total_updates, self.device
         )
-        self.scheduler = get_scheduler(
-            SCHEDULERS[t.lr_scheduler],
-            self.optimizer,
-            num_warmup_steps=math.ceil(t.warmup_ratio * total_updates),
-            num_training_steps=total_updates,
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.max_grad_norm = t.max_grad_norm
+        self.max_grad_norm = spec.training.max_grad_norm
 
     def _compute(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast is None:
@@ -350,6 +343,27 @@ def load_training_state(owner: Any, state: dict[str, Any]) -> None:
     owner.optimizer.load_state_dict(state["optimizer"])
     owner.scheduler.load_state_dict(state["scheduler"])
     owner.scaler.load_state_dict(state["scaler"])
+
+
+def optimizer_parts(
+    params: list[torch.nn.Parameter],
+    spec: JobSpec,
+    learning_rate: float,
+    precision: str,
+    total_updates: int,
+    device: torch.device,
+) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """AdamW at `learning_rate`, the job's schedule over `total_updates` optimizer steps, and
+    the loss scaler (on for fp16 only): the same for the actor and the critic."""
+    t = spec.training
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=t.weight_decay)
+    scheduler = get_scheduler(
+        SCHEDULERS[t.lr_scheduler],
+        optimizer,
+        num_warmup_steps=math.ceil(t.warmup_ratio * total_updates),
+        num_training_steps=total_updates,
+    )
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def lora_config(lora: LoraParams, task_type: str) -> LoraConfig:

@@ -11,19 +11,18 @@ compute precision's autocast, its own AdamW, schedule and loss scaler. Shapes as
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
 from peft import get_peft_model
 from torch.nn.utils.rnn import pad_sequence
-from transformers import AutoModelForSequenceClassification, get_scheduler
+from transformers import AutoModelForSequenceClassification
 
 from services.trainer.rl.actor import (
     DTYPES,
-    SCHEDULERS,
     load_training_state,
     lora_config,
+    optimizer_parts,
     training_state,
 )
 from services.trainer.rl.batch import TokenBatch
@@ -67,17 +66,9 @@ class Critic:
         self, spec: JobSpec, learning_rate: float, precision: str, total_updates: int
     ) -> None:
         """AdamW at `learning_rate` with the job's schedule over `total_updates` steps."""
-        t = spec.training
-        self.optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=learning_rate, weight_decay=t.weight_decay
+        self.optimizer, self.scheduler, self.scaler = optimizer_parts(
+            self.trainable_parameters(), spec, learning_rate, precision, total_updates, self.device
         )
-        self.scheduler = get_scheduler(
-            SCHEDULERS[t.lr_scheduler],
-            self.optimizer,
-            num_warmup_steps=math.ceil(t.warmup_ratio * total_updates),
-            num_training_steps=total_updates,
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
     def values(self, batch: TokenBatch) -> torch.Tensor:
         """V per completion token, differentiable. (N, T) fp32."""

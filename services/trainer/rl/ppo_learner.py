@@ -30,25 +30,28 @@ from services.trainer.rl.batch import TokenBatch, Trajectories
 from services.trainer.rl.critic import Critic
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PpoConfig:
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    ppo_epochs: int = 4
-    num_mini_batches: int = 1
-    kl_coef: float = 0.05
-    target_kl: float = 0.0  # 0: kl_coef fixed
-    kl_horizon: int = 10_000
-    whiten_rewards: bool = False
-    reward_clip: float = 0.0
-    whiten_advantages: bool = True
-    entropy_coef: float = 0.0
-    micro_batch_size: int = 0  # sequences per forward pass (0: a whole mini-batch)
-    max_grad_norm: float = 1.0  # 0: no clipping
-    seed: int = 0  # of the mini-batches' shuffles (with the batch's number)
+    """The learner's settings, all from the job (`ppo.ppo_config`): the defaults live once, in
+    `params.PpoParams`."""
+
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+    gamma: float
+    lam: float
+    ppo_epochs: int
+    num_mini_batches: int
+    kl_coef: float
+    target_kl: float  # 0: kl_coef fixed
+    kl_horizon: int
+    whiten_rewards: bool
+    reward_clip: float
+    whiten_advantages: bool
+    entropy_coef: float
+    micro_batch_size: int  # sequences per forward pass (0: a whole mini-batch)
+    max_grad_norm: float  # 0: no clipping
+    seed: int  # of the mini-batches' shuffles (with the batch's number)
 
 
 @dataclass(frozen=True)
