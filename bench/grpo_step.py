@@ -8,8 +8,13 @@ metrics events, stamped by the worker. TRL's is `GRPOTrainer.train()` timed by a
 around each optimizer step (its generation, reward, update). Both: steady-state median after
 warm-up steps. Prints both and the ratio (target <= 1.0). Mode `ppo` runs a PPO job on the same
 shape (critic included) and prints its step time beside GRPO's (TRL 1.16 has no PPO trainer).
+Mode `async` compares our own loops on the same job (full tuning): synchronous (max_policy_lag
+0) and asynchronous rollout (max_policy_lag 1: batch k+1 generated and scored while batch k
+trains), `--rounds` jobs of each, interleaved (sync, async, sync, ...) so that drift in the
+machine's load hits both alike; the median steady step of each and the ratio async / sync.
 
-    .venv/bin/python bench/grpo_step.py [--steps 12] [--warmup 3] [--modes full,lora,ppo]
+    .venv/bin/python bench/grpo_step.py [--steps 12] [--warmup 3] [--rounds 2]
+        [--modes full,lora,ppo,async]
 """
 
 from __future__ import annotations
@@ -32,15 +37,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from services.clients.registry import RegistryClient
+from services.clients.trainer import TrainerClient
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings
 from services.devtools.server_thread import ServerThread
 from services.devtools.tiny_models import cached_tiny_model
-from services.registry.client import RegistryClient
 from tlm.registry.v1 import registry_pb2
 from tlm.rollout.v1 import rollout_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
-from tlm.trainer.v1 import trainer_pb2_grpc
 
 PROMPTS, G, NEW_TOKENS, BETA, LR = 8, 4, 48, 0.04, 1e-5
 LORA_R, LORA_ALPHA, LORA_MODULES = 8, 16, ["q_proj", "v_proj"]
@@ -56,7 +61,7 @@ def ppo_spec(base: str, dataset: str, evaluator: str, steps: int) -> pb.Training
     ppo_epochs 1 with one mini-batch, so each step is one update of policy and critic."""
     spec = grpo_spec(base, dataset, evaluator, False, steps)
     spec.ClearField("grpo")
-    spec.method = pb.PPO
+    spec.method = pb.METHOD_PPO
     spec.output_model = "models/bench-ppo"
     spec.ppo.CopyFrom(
         pb.PpoParams(
@@ -69,6 +74,14 @@ def ppo_spec(base: str, dataset: str, evaluator: str, steps: int) -> pb.Training
     return spec
 
 
+def lag_spec(base: str, dataset: str, evaluator: str, lag: int, steps: int) -> pb.TrainingJobSpec:
+    """GRPO, full tuning, with rollout `lag` publications behind (0: synchronous)."""
+    spec = grpo_spec(base, dataset, evaluator, False, steps)
+    spec.output_model = f"models/bench-grpo-lag{lag}"
+    spec.grpo.max_policy_lag = lag
+    return spec
+
+
 def grpo_spec(
     base: str, dataset: str, evaluator: str, lora: bool, steps: int
 ) -> pb.TrainingJobSpec:
@@ -78,7 +91,7 @@ def grpo_spec(
         else pb.Tuning(full=pb.FullTuning())
     )
     return pb.TrainingJobSpec(
-        method=pb.GRPO,
+        method=pb.METHOD_GRPO,
         base_model=base,
         train_dataset=dataset,
         evaluator=evaluator,
@@ -98,13 +111,13 @@ def grpo_spec(
 async def upload_inputs(address: str, model: Path, folder: Path) -> tuple[str, str, str]:
     registry = RegistryClient(address)
     try:
-        await registry.stub.CreateModel(
-            registry_pb2.CreateModelRequest(model_id="bench"), metadata=registry.metadata()
-        )
+        await registry.create_model("bench")
         base = await registry.upload_model_revision("models/bench", model)
         rows = folder / "prompts.jsonl"
         rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-        data = await registry.upload_dataset_file("datasets/bench", rows, registry_pb2.PROMPT)
+        data = await registry.upload_dataset_file(
+            "datasets/bench", rows, registry_pb2.DATASET_KIND_PROMPT
+        )
         evaluator = {"scorers": [{"name": "vowels", "regex": {"pattern": PATTERN, "count": True}}]}
         spec = await registry.create_evaluator_revision("evaluators/bench", json.dumps(evaluator))
         return base.name, data.name, spec.name
@@ -113,18 +126,14 @@ async def upload_inputs(address: str, model: Path, folder: Path) -> tuple[str, s
 
 
 async def our_step_times(address: str, spec: pb.TrainingJobSpec) -> list[float]:
-    import grpc
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        trainer = trainer_pb2_grpc.TrainerServiceStub(channel)
-        job = await trainer.CreateTrainingJob(pb.CreateTrainingJobRequest(spec=spec))
+    async with TrainerClient(address) as trainer:
+        job = await trainer.create_job(pb.CreateTrainingJobRequest(spec=spec))
         stamps: list[float] = []
-        request = pb.WatchTrainingJobRequest(name=job.name)
-        async for event in trainer.WatchTrainingJob(request, timeout=3600):
+        async for event in trainer.watch(job.name, timeout_s=3600):
             if event.HasField("metrics"):
                 stamps.append(event.time.ToNanoseconds() / 1e9)
-        done = await trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=job.name))
-        if done.state != pb.TrainingJob.SUCCEEDED:
+        done = await trainer.get_job(job.name)
+        if done.state != pb.TrainingJob.STATE_SUCCEEDED:
             raise SystemExit(f"GRPO job {job.name} ended {done.state}: {done.error.message}")
     return [b - a for a, b in itertools.pairwise(stamps)]
 
@@ -186,11 +195,27 @@ def steady(times: list[float], warmup: int) -> float:
     return statistics.median(times[warmup:] or times)
 
 
+def sync_vs_async(address: str, inputs: tuple[str, str, str], args: argparse.Namespace) -> None:
+    """Interleaved jobs of max_policy_lag 0 and 1; the median of their steady steps."""
+    runs: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(args.rounds):
+        for lag in (0, 1):
+            ours = asyncio.run(our_step_times(address, lag_spec(*inputs, lag, args.steps + 1)))
+            runs[lag] += ours[args.warmup :] or ours
+    sync, async_ = statistics.median(runs[0]), statistics.median(runs[1])
+    print(f"[async] TLM GRPO step, max_policy_lag 0 (synchronous): {sync:.3f} s  n={len(runs[0])}")
+    print(
+        f"[async] TLM GRPO step, max_policy_lag 1 (asynchronous): {async_:.3f} s  n={len(runs[1])}"
+    )
+    print(f"[async] ratio async / sync: {async_ / sync:.2f} (below 1.0: the overlap pays)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--modes", default="full,lora,ppo")
+    parser.add_argument("--rounds", type=int, default=2)  # jobs of each loop in mode async
+    parser.add_argument("--modes", default="full,lora,ppo,async")
     args = parser.parse_args()
     configure_logging(json=True, level="warning")
     model = cached_tiny_model("bench")
@@ -204,6 +229,9 @@ def main() -> None:
                   f"tiny 'bench' model, CPU, torch threads {torch.get_num_threads()}")  # fmt: skip
             grpo_full = None
             for mode in args.modes.split(","):
+                if mode == "async":
+                    sync_vs_async(server.address, (base, data, evaluator), args)
+                    continue
                 if mode == "ppo":  # TRL 1.16 has no PPO trainer: beside our GRPO step instead
                     spec = ppo_spec(base, data, evaluator, args.steps + 1)
                     ours = asyncio.run(our_step_times(server.address, spec))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.registry.client import RegistryClient
+from services.clients.registry import RegistryClient
 from services.registry.datasets import validate_file
 from tlm.registry.v1 import registry_pb2
 
@@ -140,8 +140,8 @@ def main() -> None:
         start = time.perf_counter()
         facts = validate_file(
             data,
-            registry_pb2.JSONL,
-            registry_pb2.PREFERENCE,
+            registry_pb2.DATASET_FORMAT_JSONL,
+            registry_pb2.DATASET_KIND_PREFERENCE,
             root / "out.jsonl",
             max_row_bytes=1 << 20,
             max_errors=20,

@@ -23,7 +23,7 @@ from services.reward import app, convert
 from services.reward.aggregate import combine, scorer_result
 from services.reward.rule_runner import run_chunk
 from services.reward.settings import RewardSettings
-from services.reward.spec import require_valid
+from services.specs.evaluator import require_valid
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
@@ -88,7 +88,7 @@ def over_grpc(stub: rs_grpc.RewardServiceStub, samples: list[rs.Sample]) -> floa
         response = stub.Score(request, timeout=120)
         statuses |= {r.status for r in response.results}
     rate = len(samples) / (time.perf_counter() - start)
-    if statuses != {rs.OK}:  # a fast stream of errors is not throughput
+    if statuses != {rs.SCORE_STATUS_OK}:  # a fast stream of errors is not throughput
         raise SystemExit(f"unexpected statuses {statuses}")
     return rate
 

@@ -10,6 +10,8 @@ from typing import Any
 from services.common.auth import SERVICE_TEAM
 from services.common.server import ServiceBinding
 from services.common.settings import ServerSettings
+from services.deploy import app as deploy_app
+from services.deploy.settings import DeploySettings
 from services.registry import app as registry_app
 from services.registry.settings import RegistrySettings
 from services.reward import app as reward_app
@@ -24,6 +26,7 @@ SERVICES: dict[str, tuple[ModuleType, type[ServerSettings]]] = {
     "reward": (reward_app, RewardSettings),
     "rollout": (rollout_app, RolloutSettings),
     "trainer": (trainer_app, TrainerSettings),
+    "deploy": (deploy_app, DeploySettings),
 }
 SERVICE_ORDER = tuple(SERVICES)
 

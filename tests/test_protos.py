@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from google.api import field_behavior_pb2  # registers the option, so descriptors parse it
 from google.protobuf import descriptor_pb2
 
 from services.devtools import protogen
@@ -78,6 +79,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> list[descriptor_pb2.FileD
 def test_packages_are_versioned_and_match_directories(files) -> None:  # type: ignore[no-untyped-def]
     assert {f.package for f in files} == {
         "tlm.common.v1",
+        "tlm.deploy.v1",
         "tlm.registry.v1",
         "tlm.reward.v1",
         "tlm.rollout.v1",
@@ -90,7 +92,7 @@ def test_packages_are_versioned_and_match_directories(files) -> None:  # type: i
 
 def test_services_and_methods_follow_aip_naming(files) -> None:  # type: ignore[no-untyped-def]
     services = [(f, s) for f in files for s in f.service]
-    assert len(services) == 4
+    assert len(services) == 5
     for f, service in services:
         assert service.name.endswith("Service"), service.name
         for m in service.method:
@@ -163,3 +165,73 @@ def test_every_message_field_and_method_has_a_comment(files) -> None:  # type: i
             for j, method in enumerate(service.method):
                 check((6, i, 2, j), f"{service.name}.{method.name}")
     assert not missing, missing
+
+
+def _behaviours(field: descriptor_pb2.FieldDescriptorProto) -> set[str]:
+    behaviours = field.options.Extensions[field_behavior_pb2.field_behavior]
+    return {field_behavior_pb2.FieldBehavior.Name(b) for b in behaviours}
+
+
+def _commented_fields(files):  # type: ignore[no-untyped-def]
+    """(file, message, field, its comment) for every field of every top-level message."""
+    for f in files:
+        comments = {
+            tuple(loc.path): loc.leading_comments + loc.trailing_comments
+            for loc in f.source_code_info.location
+        }
+        for i, msg in enumerate(f.message_type):
+            for j, field in enumerate(msg.field):
+                yield f, msg, field, comments.get((4, i, 2, j), "")
+
+
+def test_request_fields_say_whether_they_are_required(files) -> None:  # type: ignore[no-untyped-def]
+    """AIP-203: every field of a request (and of an upload's header) is REQUIRED or OPTIONAL,
+    so clients in any language see which ones the service refuses to go without."""
+    unmarked = [
+        f"{msg.name}.{field.name}: {sorted(_behaviours(field))}"
+        for _f, msg, field, _ in _commented_fields(files)
+        if msg.name.endswith(("Request", "Header"))
+        and len(_behaviours(field) & {"REQUIRED", "OPTIONAL"}) != 1
+    ]
+    assert not unmarked, unmarked
+
+
+def test_resources_mark_their_identifier_and_what_the_service_sets(files) -> None:  # type: ignore[no-untyped-def]
+    """A resource (its `name` is a "Resource name") has `name` IDENTIFIER, every field
+    annotated, and its times and revision ids OUTPUT_ONLY."""
+    resources = {
+        msg.name
+        for f, msg, field, comment in _commented_fields(files)
+        if field.name == "name" and comment.strip().startswith("Resource name")
+    }
+    assert {"Model", "DatasetRevision", "TrainingJob", "Review"} <= resources
+    wrong = []
+    for _f, msg, field, _ in _commented_fields(files):
+        if msg.name not in resources:
+            continue
+        have = _behaviours(field)
+        expected = (
+            {"IDENTIFIER"}
+            if field.name == "name"
+            else {"OUTPUT_ONLY"}
+            if field.name.endswith(("_time", "revision_id"))
+            else None
+        )
+        if not have or (expected is not None and have != expected):
+            wrong.append(f"{msg.name}.{field.name}: {sorted(have)}, expected {expected or 'any'}")
+    assert not wrong, wrong
+
+
+def test_field_comments_and_annotations_agree(files) -> None:  # type: ignore[no-untyped-def]
+    """What a comment says (`(required, > 0)`, `output only`) the annotation says too, and no
+    field is both required and optional or both set by the client and output only."""
+    wrong = []
+    for _f, msg, field, comment in _commented_fields(files):
+        have, text = _behaviours(field), comment.lower()
+        if "(required" in text and "REQUIRED" not in have:
+            wrong.append(f"{msg.name}.{field.name}: comment says required")
+        if "output only" in text and "OUTPUT_ONLY" not in have:
+            wrong.append(f"{msg.name}.{field.name}: comment says output only")
+        if len(have & {"REQUIRED", "OPTIONAL", "OUTPUT_ONLY"}) > 1:
+            wrong.append(f"{msg.name}.{field.name}: {sorted(have)}")
+    assert not wrong, wrong

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from services.cli.errors import HandledGroup, remote
-from services.common.client import call_metadata, sync_channel
-from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+from services.cli import errors
+from services.cli.errors import HandledGroup
+from services.clients.rollout import RolloutClient
 
 console = Console()
 engine_app = typer.Typer(cls=HandledGroup, help="The rollout engine.", no_args_is_help=True)
@@ -23,10 +23,7 @@ def status(
     address: Annotated[str | None, typer.Option(help="Rollout service address.")] = None,
 ) -> None:
     """Loaded model and adapters, queue depth and tokens per second."""
-    request = rollout_pb2.GetEngineStatusRequest()
-    with remote("rollout", address) as target, sync_channel(target) as channel:
-        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
-        s = stub.GetEngineStatus(request, metadata=call_metadata(), timeout=10)
+    s = errors.call(RolloutClient, address, lambda c: c.engine_status(timeout_s=10))
     adapters = "\n".join(a.adapter_revision for a in s.adapters)
     rows = {
         "engine": f"{s.engine} on {s.device}",

@@ -2,7 +2,8 @@
 TLM_DEBUG=1, re-raises so the traceback shows).
 
 Commands raise; `HandledGroup.invoke`, the group class of `tlm` and of its sub-apps, is the one
-place that turns an exception into that line, through `describe`:
+place that turns an exception into that line, through `describe`. Remote errors arrive as the
+clients' domain errors (services/clients/errors.py), whose `remote` says what the service sent:
 
 | exception                                      | exit | line                                   |
 |------------------------------------------------|------|----------------------------------------|
@@ -10,18 +11,22 @@ place that turns an exception into that line, through `describe`:
 | `OSError` naming a file (missing input)        | 2    | `PATH: No such file or directory`      |
 | `CannotBind` (`tlm up --port <busy>`)          | 2    | `cannot listen on HOST:PORT ...`       |
 | `RemoteError`, nothing answered at the address | 2    | `cannot reach the SERVICE service ...` |
-| `RemoteError`, the service refused             | 1    | `CODE: message`, then its violations   |
+| `RemoteError`, the service refused             | 2    | `CODE: message`, then its violations   |
 | anything else (a bug)                          | 1    | `internal error: ...; rerun with ...`  |
 
+Every error the user can act on is exit 2; 1 is left for a bug in `tlm` (and for commands whose
+answer is "no": `tlm health` when a service is down, `evaluators validate` on an invalid spec).
 Server text is printed literally (never read as Rich markup, so `[a-z0-9._-]` survives).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import typer
@@ -30,12 +35,17 @@ from rich.text import Text
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+from services.clients.base import ServiceClient
+from services.clients.errors import RemoteStatus, classify
 from services.common.client import resolve_address
+from services.common.errors import TlmError
 from services.common.server import CannotBind
 
-USAGE = 2  # the command could not run as asked: fix the command line, a file or the address
-REFUSED = 1  # a service answered with an error
+USAGE = 2  # the command could not run as asked: the command line, a file, the address, a refusal
+BUG = 1  # an error in tlm itself
 err_console = Console(stderr=True)
+T = TypeVar("T")
+C = TypeVar("C", bound=ServiceClient)
 
 
 class UserError(Exception):
@@ -43,22 +53,53 @@ class UserError(Exception):
 
 
 class RemoteError(Exception):
-    """A gRPC error from `service`, called at `address` (which the error itself does not say)."""
+    """An error from `service`, called at `address`; `option` is the flag that sets it."""
 
-    def __init__(self, service: str, address: str, error: grpc.RpcError, option: str) -> None:
-        super().__init__(f"{service} at {address}: {error}")
-        self.service, self.address, self.error, self.option = service, address, error, option
+    def __init__(self, service: str, address: str, status: RemoteStatus, option: str) -> None:
+        super().__init__(f"{service} at {address}: {status.code.name}: {status.message}")
+        self.service, self.address, self.status, self.option = service, address, status, option
 
 
 @contextmanager
 def remote(service: str, address: str | None, option: str = "--address") -> Iterator[str]:
     """Resolve `service`'s address (flag, TLM_<SERVICE>_ADDRESS, TLM_ADDRESS, default) and tag
-    any gRPC error raised inside the block with it. `option` is the flag that sets it."""
+    any remote error raised inside the block with it. `option` is the flag that sets it."""
     target = resolve_address(service, address)
     try:
         yield target
+    except TlmError as exc:
+        if exc.remote is None or exc.remote.service not in ("", service):
+            raise  # not from this service: an enclosing `remote` block tags it
+        raise RemoteError(service, target, exc.remote, option) from exc
     except grpc.RpcError as exc:
-        raise RemoteError(service, target, exc, option) from exc
+        raise RemoteError(service, target, classify(exc, service, target), option) from exc
+
+
+def call(
+    client_class: type[C],
+    address: str | None,
+    fn: Callable[[C], Awaitable[T]],
+    option: str = "--address",
+) -> T:
+    """Run `fn` with a client of `client_class`'s service; its errors are reported here."""
+    with remote(client_class.service, address, option) as target:
+
+        async def main() -> T:
+            async with client_class(target) as client:
+                return await fn(client)
+
+        return run_sync(main())
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine to its end: on a new event loop, in a thread of its own when
+    the caller already runs one (a notebook, an asyncio test invoking the CLI)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def unreachable(
@@ -82,37 +123,8 @@ def unreachable(
     )
 
 
-def _connection_failure(error: grpc.RpcError) -> str | None:
-    """Why nothing answered ('connection refused', 'unknown host'), or None if a server did.
-
-    Our services attach google.rpc details to every error they send, UNAVAILABLE included; the
-    client library's own connection failures carry none."""
-    code, details = error.code(), (error.details() or "")  # type: ignore[attr-defined]
-    # Sync errors carry (key, value) namedtuples, asyncio ones a grpc.aio.Metadata of pairs.
-    metadata: Any = error.trailing_metadata() or ()  # type: ignore[attr-defined]
-    details_sent = any(pair[0] == "grpc-status-details-bin" for pair in metadata)
-    if code != grpc.StatusCode.UNAVAILABLE or details_sent:
-        return None
-    lowered = details.lower()
-    if "resolv" in lowered or "lookup" in lowered:
-        return "unknown host"
-    if "connection refused" in lowered:
-        return "connection refused"
-    return "unavailable"
-
-
-def _violations(error: grpc.RpcError) -> list[str]:
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    lines: list[str] = []
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            lines.extend(f"  {v.field}: {v.description}" for v in bad.field_violations)
-    return lines
+def _violations(status: RemoteStatus) -> list[str]:
+    return [f"  {v.field}: {v.description}" for v in status.violations]
 
 
 def describe(exc: BaseException) -> tuple[str, list[str], int]:
@@ -124,14 +136,15 @@ def describe(exc: BaseException) -> tuple[str, list[str], int]:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}", [], USAGE
     if isinstance(exc, RemoteError):
-        reason = _connection_failure(exc.error)
-        if reason is not None:
-            return unreachable([exc.service], exc.address, reason, exc.option), [], USAGE
-        return describe(exc.error)
-    if isinstance(exc, grpc.RpcError):
-        line = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-        return line, _violations(exc), REFUSED
-    return f"internal error: {type(exc).__name__}: {exc}; rerun with --debug", [], REFUSED
+        status = exc.status
+        if status.unreachable is not None:
+            return (
+                unreachable([exc.service], exc.address, status.unreachable, exc.option),
+                [],
+                USAGE,
+            )
+        return f"{status.code.name}: {status.message}", _violations(status), USAGE
+    return f"internal error: {type(exc).__name__}: {exc}; rerun with --debug", [], BUG
 
 
 def print_error(line: str, details: list[str] | tuple[()] = ()) -> None:

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from services.cli.trainer_cmds import NOT_SPEC, call, create, spec_from
-from services.common.client import call_metadata
+from services.common import proto_json
 from tlm.trainer.v1 import trainer_pb2 as pb
 
 console = Console()
@@ -39,12 +39,15 @@ def estimate(**given: Any) -> None:
     Takes `tlm jobs create`'s flags and --spec file; prints the plan and memory breakdown."""
     address, method, spec_file = given.pop("address"), given.pop("method"), given.pop("spec_file")
     spec = spec_from(spec_file, method, {k: v for k, v in given.items() if k not in NOT_SPEC})
-    request = pb.EstimateResourcesRequest(spec=spec)
-    result = call(address, lambda s: s.EstimateResources(request, metadata=call_metadata()))
+    result = call(address, lambda c: c.estimate(spec))
     console.print(plan_table(result))
     console.print(memory_table(result))
     for note in result.notes:
         console.print(Text(note))  # literal: server text
+
+
+def _short(enum: proto_json.EnumLike, number: int) -> str:
+    return proto_json.short_name(enum, number).lower()
 
 
 def plan_table(r: pb.EstimateResourcesResponse) -> Table:
@@ -53,11 +56,12 @@ def plan_table(r: pb.EstimateResourcesResponse) -> Table:
     nodes = plan.num_nodes or 1
     table = Table("plan", "", title="resources", show_header=False)
     rows = {
-        "devices": f"{devices * nodes} {pb.DeviceType.Name(plan.device_type).lower()}"
+        "devices": f"{devices * nodes} {_short(pb.DeviceType, plan.device_type)}"
         + (f" on {nodes} nodes" if nodes > 1 else ""),
-        "strategy": pb.ParallelStrategy.Name(plan.strategy).lower(),
+        "strategy": _short(pb.ParallelStrategy, plan.strategy),
         "precision": plan.precision,
         "gradient checkpointing": "yes" if plan.gradient_checkpointing else "no",
+        "cpu offload": "yes" if plan.cpu_offload else "no",
         "parameters": f"{r.parameter_count:,}",
         "trainable": f"{r.trainable_parameter_count:,}",
         "memory per device": human_bytes(r.memory_per_device_bytes),

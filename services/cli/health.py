@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.client import call_metadata, sync_channel
+from tlm.deploy.v1 import deploy_pb2
 from tlm.registry.v1 import registry_pb2
 from tlm.reward.v1 import reward_service_pb2
 from tlm.rollout.v1 import rollout_pb2
@@ -16,6 +17,7 @@ SERVICE_NAMES = {
     "reward": reward_service_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
     "rollout": rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
     "trainer": trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
+    "deploy": deploy_pb2.DESCRIPTOR.services_by_name["DeploymentService"].full_name,
 }
 
 

@@ -16,17 +16,18 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from services.cli.registry_cmds import revision_name
+from services.common import proto_json
 from tlm.trainer.v1 import trainer_pb2 as pb
 
 # Each method's params message in `TrainingJobSpec.method_params`.
 PARAMS_FIELD = {
-    pb.SFT: "sft",
-    pb.DPO: "dpo",
-    pb.KTO: "kto",
-    pb.REWARD_MODEL: "reward_model",
-    pb.GRPO: "grpo",
-    pb.PPO: "ppo",
-    pb.EVALUATE: "evaluate",
+    pb.METHOD_SFT: "sft",
+    pb.METHOD_DPO: "dpo",
+    pb.METHOD_KTO: "kto",
+    pb.METHOD_REWARD_MODEL: "reward_model",
+    pb.METHOD_GRPO: "grpo",
+    pb.METHOD_PPO: "ppo",
+    pb.METHOD_EVALUATE: "evaluate",
 }
 # Flag -> field of TrainingParams.
 TRAINING_FLAGS = {
@@ -48,6 +49,8 @@ METHOD_FLAGS = (
     "kl_estimator",
     "num_iterations",
     "sync_every",
+    "publish_every",
+    "max_policy_lag",
     "kl_coef",
     "target_kl",
     "cliprange",
@@ -92,7 +95,8 @@ def read_spec_file(path: Path) -> pb.TrainingJobSpec:
         )
     spec = pb.TrainingJobSpec()
     try:
-        json_format.ParseDict(data, spec)
+        # Enum names as people type them (`grpo`) and as v1.0 wrote them (`GRPO`) load too.
+        proto_json.parse_dict(data, spec, any_case=True)
     except json_format.ParseError as exc:
         raise SpecError(f"{path}: {_parse_error(str(exc))}") from exc
     return spec
@@ -155,7 +159,7 @@ def build_spec(
         if not getattr(spec, field) and not (field == "train_dataset" and spec.eval_dataset):
             flag = FLAG_OF.get(field, field).replace("_", "-")
             raise SpecError(f"--{flag} is needed (or `{field}` in the spec file)")
-    if spec.method == pb.EVALUATE and not spec.eval_dataset:
+    if spec.method == pb.METHOD_EVALUATE and not spec.eval_dataset:
         # EVALUATE reads eval_dataset; --dataset is the natural flag for it.
         spec.eval_dataset, spec.train_dataset = spec.train_dataset, ""
     return spec
@@ -163,7 +167,7 @@ def build_spec(
 
 def _method(method: str) -> pb.Method.ValueType:
     try:
-        return pb.Method.Value(method.upper())
+        return proto_json.enum_number(pb.Method, method)  # type: ignore[return-value]
     except ValueError as exc:
         known = ", ".join(m.lower() for m in PARAMS_FIELD.values())
         raise SpecError(f"--method: unknown method {method!r}; one of {known}") from exc
@@ -205,7 +209,7 @@ def _method_settings(spec: pb.TrainingJobSpec, flags: Mapping[str, Any]) -> None
             target = getattr(params, "sampling")  # noqa: B009 (a field named by the table)
         name = FIELD_OF.get(flag, flag)
         if name not in target.DESCRIPTOR.fields_by_name:
-            method = pb.Method.Name(spec.method).lower()
+            method = proto_json.short_name(pb.Method, spec.method).lower()
             raise SpecError(f"--{flag.replace('_', '-')}: {method} jobs have no such setting")
         value = flags[flag]
         if flag == "critic_model":  # NAME[@REV], as --base-model

@@ -1,7 +1,8 @@
 """The `tlm` command line: run the services, check them, and drive them.
 
-Errors are one red line on stderr (exit 2 for a mistake in the command, 1 when a service
-refuses); `tlm --debug ...` shows the traceback instead. See services/cli/errors.py."""
+Errors are one red line on stderr, exit 2 (a mistake in the command, an unreachable address,
+a service's refusal; 1 only for a bug in tlm); `tlm --debug ...` shows the traceback instead.
+Commands call the services through services/clients/. See services/cli/errors.py."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.console_cmds import serve_console
+from services.cli.deploy_cmds import deployments_app, serve_gateway
 from services.cli.engine_cmds import engine_app
 from services.cli.errors import HandledGroup, UserError, err_console, print_error, unreachable
 from services.cli.estimate_cmds import estimate
+from services.cli.export_cmds import merge as models_merge
+from services.cli.export_cmds import pull as models_pull
 from services.cli.health import check_health
 from services.cli.registry_cmds import datasets_app, evaluators_list, evaluators_show, models_app
 from services.cli.registry_manage import add_commands, datasets_append
@@ -41,6 +46,8 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 add_commands(models_app, "models")
+models_app.command("pull")(models_pull)
+models_app.command("merge")(models_merge)
 add_commands(datasets_app, "datasets")
 datasets_app.command("append")(datasets_append)
 evaluators_app = typer.Typer(
@@ -59,6 +66,7 @@ jobs_app.command("estimate")(estimate)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(reviews_app, name="reviews")
 app.add_typer(engine_app, name="engine")
+app.add_typer(deployments_app, name="deployments")
 console = Console()
 
 PortOpt = Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one.")]
@@ -107,21 +115,29 @@ def up(
     data_dir: Annotated[Path | None, typer.Option(help="SQLite, blobs and job files.")] = None,
     insecure_dev: InsecureOpt = None,
     ready_file: ReadyOpt = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="Also serve the HTTP gateway and web console here.")
+    ] = None,
 ) -> None:
-    """Run all four services in one process on one port (SQLite, local blobs, transformers)."""
-    from services.common.server import serve_forever
+    """Run every service in one process on one port (SQLite, local blobs, transformers)."""
     from services.embedded import SERVICE_ORDER, bindings_for, up_settings
+    from services.gateway.server import serve_up
 
     settings = up_settings(port, host, data_dir, insecure_dev)
     configure_logging(settings.log_json, settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     bindings = bindings_for(SERVICE_ORDER, settings)
-    asyncio.run(serve_forever(bindings, settings, _ready_writer(ready_file)))
+    asyncio.run(serve_up(bindings, settings, http_port, _ready_writer(ready_file)))
 
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="registry, reward, rollout or trainer")],
+    service: Annotated[
+        str,
+        typer.Argument(
+            help="registry, reward, rollout, trainer, deploy, gateway or console (HTTP)"
+        ),
+    ],
     port: PortOpt = None,
     host: HostOpt = None,
     insecure_dev: InsecureOpt = None,
@@ -132,6 +148,12 @@ def serve(
     from services.embedded import SERVICES as MODULES
     from services.embedded import service_settings
 
+    if service == "gateway":
+        serve_gateway(port, host, insecure_dev, ready_file)
+        return
+    if service == "console":
+        serve_console(port, host, insecure_dev, ready_file)
+        return
     if service not in MODULES:
         raise UserError(f"unknown service {service!r}; expected one of {', '.join(MODULES)}")
     settings = service_settings(service, port=port, host=host, insecure_dev=insecure_dev)

@@ -1,9 +1,8 @@
 """`tlm models ...`, `tlm datasets ...` and `tlm evaluators list|show`: the registry from the
-shell. Each command is one or two RPCs through services.registry.client."""
+shell. Each command is one or two calls of the registry client (services/clients/registry.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -14,9 +13,10 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.errors import HandledGroup, UserError, remote
-from services.cli.paging import every_page_async
-from services.registry.client import RegistryClient
+from services.cli import errors
+from services.cli.errors import HandledGroup, UserError
+from services.clients.registry import RegistryClient
+from services.common import proto_json
 from tlm.registry.v1 import registry_pb2 as pb
 
 T = TypeVar("T")
@@ -28,10 +28,10 @@ datasets_app = typer.Typer(
 PAGE_SIZE = 1000  # per List call; the list commands follow next_page_token to the end
 AddressOpt = Annotated[str | None, typer.Option(help="Registry address.")]
 KINDS = {
-    "sft": pb.SFT,
-    "preference": pb.PREFERENCE,
-    "unpaired_preference": pb.UNPAIRED_PREFERENCE,
-    "prompt": pb.PROMPT,
+    "sft": pb.DATASET_KIND_SFT,
+    "preference": pb.DATASET_KIND_PREFERENCE,
+    "unpaired_preference": pb.DATASET_KIND_UNPAIRED_PREFERENCE,
+    "prompt": pb.DATASET_KIND_PROMPT,
 }
 
 
@@ -54,27 +54,14 @@ def run(
     option: str = "--address",
 ) -> T:
     """Run one client call on the registry; its errors are reported by services/cli/errors.py."""
-    with remote("registry", address, option) as target:
-
-        async def main() -> T:
-            client = RegistryClient(target)
-            try:
-                return await call(client)
-            finally:
-                await client.close()
-
-        return asyncio.run(main())
+    return errors.call(RegistryClient, address, call, option)
 
 
-def list_all(address: str | None, rpc: str, request: Any, items: str) -> Sequence[Any]:
-    """Every item of a registry List call (`rpc`), page after page."""
-
-    async def call(c: RegistryClient) -> Sequence[Any]:
-        request.page_size = PAGE_SIZE
-        list_rpc = getattr(c.stub, rpc)
-        return await every_page_async(lambda r: list_rpc(r, metadata=c.metadata()), request, items)
-
-    return run(address, call)
+def list_all(address: str | None, collection: str, prefix: str) -> Sequence[Any]:
+    """Every resource of `collection` whose name starts with `prefix`, page after page."""
+    return run(
+        address, lambda c: c.list_resources(collection, page_size=PAGE_SIZE, name_prefix=prefix)
+    )
 
 
 def show_json(message: Any) -> None:
@@ -96,7 +83,7 @@ def models_push(
     lineage = pb.Lineage(
         base_model_revision=revision_name("models", adapter_of) if adapter_of else ""
     )
-    fmt = pb.LORA_ADAPTER if adapter_of else pb.FULL_WEIGHTS
+    fmt = pb.MODEL_FORMAT_LORA_ADAPTER if adapter_of else pb.MODEL_FORMAT_FULL_WEIGHTS
     rev = run(
         address,
         lambda c: c.upload_model_revision(
@@ -117,7 +104,7 @@ def models_push(
 @models_app.command("list")
 def models_list(prefix: str = "", address: AddressOpt = None) -> None:
     """List models."""
-    models = list_all(address, "ListModels", pb.ListModelsRequest(name_prefix=prefix), "models")
+    models = list_all(address, "models", prefix)
     table = Table("name", "latest", "aliases", "updated")
     for m in models:
         table.add_row(
@@ -149,7 +136,7 @@ def datasets_push(
     """Upload a JSONL or Parquet file as a new revision, validated row by row."""
     if kind not in KINDS:
         raise UserError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    fmt = pb.PARQUET if file.suffix == ".parquet" else pb.JSONL
+    fmt = pb.DATASET_FORMAT_PARQUET if file.suffix == ".parquet" else pb.DATASET_FORMAT_JSONL
     rev = run(
         address,
         lambda c: c.upload_dataset_file(
@@ -167,13 +154,12 @@ def datasets_push(
 @datasets_app.command("list")
 def datasets_list(prefix: str = "", address: AddressOpt = None) -> None:
     """List datasets."""
-    request = pb.ListDatasetsRequest(name_prefix=prefix)
-    datasets = list_all(address, "ListDatasets", request, "datasets")
+    datasets = list_all(address, "datasets", prefix)
     table = Table("name", "kind", "latest", "aliases")
     for d in datasets:
         table.add_row(
             d.name,
-            pb.DatasetKind.Name(d.kind).lower(),
+            proto_json.short_name(pb.DatasetKind, d.kind).lower(),
             d.latest_revision_id,
             json.dumps(dict(d.aliases)),
         )
@@ -185,15 +171,7 @@ def datasets_show(
     ref: Annotated[str, typer.Argument(help="NAME\\[@REV]")], address: AddressOpt = None
 ) -> None:
     """Show a dataset revision (rows, schema, length statistics) as JSON."""
-    show_json(
-        run(
-            address,
-            lambda c: c.stub.GetDatasetRevision(
-                pb.GetDatasetRevisionRequest(name=revision_name("datasets", ref)),
-                metadata=c.metadata(),
-            ),
-        )
-    )
+    show_json(run(address, lambda c: c.get_dataset_revision(revision_name("datasets", ref))))
 
 
 @datasets_app.command("head")
@@ -213,8 +191,7 @@ def datasets_head(
 
 def evaluators_list(prefix: str = "", address: AddressOpt = None) -> None:
     """List evaluators."""
-    request = pb.ListEvaluatorsRequest(name_prefix=prefix)
-    evaluators = list_all(address, "ListEvaluators", request, "evaluators")
+    evaluators = list_all(address, "evaluators", prefix)
     table = Table("name", "latest", "aliases")
     for e in evaluators:
         table.add_row(e.name, e.latest_revision_id, json.dumps(dict(e.aliases)))

@@ -1,13 +1,13 @@
-"""`tlm models|datasets|evaluators alias set|rm` and `... delete`, and `tlm datasets append`:
-changing what the registry holds. One table names each collection's RPCs; `add_commands`
-mounts the same commands on each collection's group (main.py).
+"""`tlm models|datasets|evaluators alias set|rm`, `... update` and `... delete`, and
+`tlm datasets append`: changing what the registry holds, through the registry client's
+collection calls. `add_commands` mounts the same commands on each collection's group (main.py).
 
 No `from __future__ import annotations`: the commands' help texts name their collection, so
 their annotations must be evaluated where the closure can see it."""
 
 import json
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,62 +17,13 @@ from rich.text import Text
 
 from services.cli.errors import HandledGroup, UserError
 from services.cli.registry_cmds import KINDS, AddressOpt, revision_name, run
-from services.registry.client import RegistryClient
+from services.clients.registry import RegistryClient
 from tlm.registry.v1 import registry_pb2 as pb
 
 console = Console()
 
 
-@dataclass(frozen=True)
-class Collection:
-    """One registry collection's RPCs (stub method names) and their request types."""
-
-    noun: str
-    get: str
-    get_request: Any
-    get_revision: str
-    get_revision_request: Any
-    set_alias: str
-    set_alias_request: Any
-    delete: str
-    delete_request: Any
-
-
-COLLECTIONS = {
-    "models": Collection(
-        "model",
-        "GetModel",
-        pb.GetModelRequest,
-        "GetModelRevision",
-        pb.GetModelRevisionRequest,
-        "SetModelAlias",
-        pb.SetModelAliasRequest,
-        "DeleteModel",
-        pb.DeleteModelRequest,
-    ),
-    "datasets": Collection(
-        "dataset",
-        "GetDataset",
-        pb.GetDatasetRequest,
-        "GetDatasetRevision",
-        pb.GetDatasetRevisionRequest,
-        "SetDatasetAlias",
-        pb.SetDatasetAliasRequest,
-        "DeleteDataset",
-        pb.DeleteDatasetRequest,
-    ),
-    "evaluators": Collection(
-        "evaluator",
-        "GetEvaluator",
-        pb.GetEvaluatorRequest,
-        "GetEvaluatorRevision",
-        pb.GetEvaluatorRevisionRequest,
-        "SetEvaluatorAlias",
-        pb.SetEvaluatorAliasRequest,
-        "DeleteEvaluator",
-        pb.DeleteEvaluatorRequest,
-    ),
-}
+NOUNS = {"models": "model", "datasets": "dataset", "evaluators": "evaluator"}
 
 
 def short_name(collection: str, ref: str) -> str:
@@ -87,7 +38,7 @@ def short_name(collection: str, ref: str) -> str:
     """
     name = ref.removeprefix(f"{collection}/")
     if "@" in name or "/" in name:
-        raise UserError(f"{ref} is a revision; give the {COLLECTIONS[collection].noun}'s NAME")
+        raise UserError(f"{ref} is a revision; give the {NOUNS[collection]}'s NAME")
     return name
 
 
@@ -97,34 +48,70 @@ async def _set_alias(
     """(the alias's previous target, the resource after the change); `revision` None removes.
 
     The etag read first makes "previous" exact: a change in between is refused (ABORTED)."""
-    coll, md = COLLECTIONS[collection], c.metadata()
     full = f"{collection}/{name}"
-    current = await getattr(c.stub, coll.get)(coll.get_request(name=full), metadata=md)
+    current = await c.get(collection, full)
     target = ""
     if revision is not None:  # an id or an alias ("latest", "prod"): the id it names now
         ref = revision_name(collection, f"{name}@{revision}")
-        rev = await getattr(c.stub, coll.get_revision)(
-            coll.get_revision_request(name=ref), metadata=md
-        )
-        target = rev.revision_id
-    request = coll.set_alias_request(name=full, alias=alias, revision_id=target, etag=current.etag)
-    changed = await getattr(c.stub, coll.set_alias)(request, metadata=md)
+        target = (await c.get_revision(collection, ref)).revision_id
+    changed = await c.set_alias(collection, full, alias, target, etag=current.etag)
     return current.aliases.get(alias, ""), changed
 
 
+def parse_labels(given: list[str]) -> dict[str, str]:
+    """`--label k=v` flags as a dict; a flag without `=` is a UserError.
+
+    >>> parse_labels(["team=nlp", "stage=prod=1"])
+    {'team': 'nlp', 'stage': 'prod=1'}
+    >>> parse_labels(["oops"])
+    Traceback (most recent call last):
+    ...
+    services.cli.errors.UserError: --label oops: expected KEY=VALUE
+    """
+    labels: dict[str, str] = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--label {item}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+async def _update(
+    c: RegistryClient,
+    collection: str,
+    full: str,
+    description: str | None,
+    set_labels: Mapping[str, str],
+    remove: list[str],
+) -> Any:
+    """UpdateX with a mask of what the flags change; labels are read first (with the etag, so
+    a concurrent change is refused, ABORTED) because the service replaces them whole."""
+    labels, etag = None, ""
+    if set_labels or remove:
+        current = await c.get(collection, full)
+        unknown = [k for k in remove if k not in current.labels and k not in set_labels]
+        if unknown:
+            raise UserError(f"{full} has no label {', '.join(unknown)}")
+        labels = {k: v for k, v in current.labels.items() if k not in remove}
+        labels.update(set_labels)
+        etag = current.etag
+    return await c.update(collection, full, description=description, labels=labels, etag=etag)
+
+
 def add_commands(app: typer.Typer, collection: str) -> None:
-    """Mount `alias set|rm` and `delete` for `collection` on its group."""
-    coll = COLLECTIONS[collection]
+    """Mount `alias set|rm`, `update` and `delete` for `collection` on its group."""
+    noun = NOUNS[collection]
     alias_app = typer.Typer(
-        cls=HandledGroup, help=f"Point {coll.noun} aliases at revisions.", no_args_is_help=True
+        cls=HandledGroup, help=f"Point {noun} aliases at revisions.", no_args_is_help=True
     )
     app.add_typer(alias_app, name="alias")
 
     @alias_app.command(
-        "set", help=f"Point a {coll.noun}'s ALIAS at REVISION (an id, or an alias resolved now)."
+        "set", help=f"Point a {noun}'s ALIAS at REVISION (an id, or an alias resolved now)."
     )
     def alias_set(
-        name: Annotated[str, typer.Argument(help=f"The {coll.noun}'s NAME.")],
+        name: Annotated[str, typer.Argument(help=f"The {noun}'s NAME.")],
         alias: Annotated[str, typer.Argument(help="The alias, e.g. prod.")],
         revision: Annotated[str, typer.Argument(help="A revision id (r3) or an alias (latest).")],
         address: AddressOpt = None,
@@ -135,9 +122,9 @@ def add_commands(app: typer.Typer, collection: str) -> None:
         moved = f" (was {was})" if was and was != now.aliases[alias] else ""
         console.print(Text(f"{now.name}@{alias} -> {now.aliases[alias]}{moved}"))
 
-    @alias_app.command("rm", help=f"Remove a {coll.noun}'s ALIAS; the revision it named stays.")
+    @alias_app.command("rm", help=f"Remove a {noun}'s ALIAS; the revision it named stays.")
     def alias_rm(
-        name: Annotated[str, typer.Argument(help=f"The {coll.noun}'s NAME.")],
+        name: Annotated[str, typer.Argument(help=f"The {noun}'s NAME.")],
         alias: Annotated[str, typer.Argument(help="The alias to remove.")],
         address: AddressOpt = None,
     ) -> None:
@@ -146,9 +133,9 @@ def add_commands(app: typer.Typer, collection: str) -> None:
         was, now = run(address, lambda c: _set_alias(c, collection, short, alias, None))
         console.print(Text(f"removed {now.name}@{alias} (was {was})"))
 
-    @app.command("delete", help=f"Delete a {coll.noun} and all its revisions (asks unless --yes).")
+    @app.command("delete", help=f"Delete a {noun} and all its revisions (asks unless --yes).")
     def delete(
-        name: Annotated[str, typer.Argument(help=f"The {coll.noun}'s NAME.")],
+        name: Annotated[str, typer.Argument(help=f"The {noun}'s NAME.")],
         yes: Annotated[
             bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")
         ] = False,
@@ -158,9 +145,34 @@ def add_commands(app: typer.Typer, collection: str) -> None:
         full = f"{collection}/{short_name(collection, name)}"
         if not yes:
             confirm(full)
-        request = coll.delete_request(name=full)
-        run(address, lambda c: getattr(c.stub, coll.delete)(request, metadata=c.metadata()))
+        run(address, lambda c: c.delete(collection, full))
         console.print(Text(f"deleted {full}"))
+
+    @app.command("update", help=f"Change a {noun}'s description or labels.")
+    def update(
+        name: Annotated[str, typer.Argument(help=f"The {noun}'s NAME.")],
+        description: Annotated[
+            str | None, typer.Option(help="The new description ('' clears it).")
+        ] = None,
+        label: Annotated[
+            list[str] | None, typer.Option(help="Set label KEY=VALUE (repeat it).")
+        ] = None,
+        remove_label: Annotated[
+            list[str] | None, typer.Option(help="Remove label KEY (repeat it).")
+        ] = None,
+        address: AddressOpt = None,
+    ) -> None:
+        """Change the description and labels; only what a flag names changes."""
+        full = f"{collection}/{short_name(collection, name)}"
+        set_labels, remove = parse_labels(label or []), remove_label or []
+        if description is None and not set_labels and not remove:
+            raise UserError("nothing to change: give --description, --label or --remove-label")
+        both = sorted(set(set_labels) & set(remove))
+        if both:
+            raise UserError(f"label {', '.join(both)} is both set and removed")
+        now = run(address, lambda c: _update(c, collection, full, description, set_labels, remove))
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(now.labels.items())) or "(none)"
+        console.print(Text(f"updated {now.name}: {now.description!r}; labels {labels}"))
 
 
 def interactive() -> bool:

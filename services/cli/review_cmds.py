@@ -3,7 +3,7 @@ reviews its human scorers ask for). Mounted by main.py as `reviews_app`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
@@ -11,13 +11,13 @@ from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
-from services.cli.errors import HandledGroup, UserError, remote
-from services.cli.paging import every_page
-from services.common.client import call_metadata, sync_channel
+from services.cli import errors
+from services.cli.errors import HandledGroup, UserError
+from services.clients.reward import RewardClient
+from services.common import proto_json
 from tlm.common.v1 import common_pb2
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
-from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
 T = TypeVar("T")
 console = Console()
@@ -25,7 +25,7 @@ reviews_app = typer.Typer(
     cls=HandledGroup, help="Human reviews the reward service waits on.", no_args_is_help=True
 )
 AddressOpt = Annotated[str | None, typer.Option(help="Reward service address.")]
-STATES = {"pending": rs.Review.PENDING, "answered": rs.Review.ANSWERED, "all": 0}
+STATES = {"pending": rs.Review.STATE_PENDING, "answered": rs.Review.STATE_ANSWERED, "all": 0}
 CHOICES = {"A": 0, "B": 1}  # candidate letters, as `reviews list` shows them
 PAGE_SIZE = 100
 
@@ -35,10 +35,9 @@ def review_name(review: str) -> str:
     return review if review.startswith("reviews/") else f"reviews/{review}"
 
 
-def call(address: str | None, rpc: Callable[[rs_grpc.RewardServiceStub], T]) -> T:
-    """Run `rpc` on a reward stub; its errors are reported by services/cli/errors.py."""
-    with remote("reward", address) as target, sync_channel(target) as channel:
-        return rpc(rs_grpc.RewardServiceStub(channel))
+def call(address: str | None, fn: Callable[[RewardClient], Awaitable[T]]) -> T:
+    """Run `fn` with a reward client; its errors are reported by services/cli/errors.py."""
+    return errors.call(RewardClient, address, fn)
 
 
 def prompt_text(prompt: common_pb2.Prompt) -> str:
@@ -75,13 +74,7 @@ def list_reviews(
     """The team's reviews, oldest pending first; answer one with `tlm reviews answer`."""
     if state not in STATES:
         raise UserError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
-    request = rs.ListReviewsRequest(page_size=PAGE_SIZE, state=STATES[state])  # type: ignore[arg-type]
-    reviews = call(
-        address,
-        lambda s: every_page(
-            lambda r: s.ListReviews(r, metadata=call_metadata()), request, "reviews"
-        ),
-    )
+    reviews = call(address, lambda c: c.list_reviews(STATES[state], page_size=PAGE_SIZE))
     table = Table(
         Column("review", no_wrap=True),  # the id, whole, to copy into `tlm reviews answer`
         Column("kind", no_wrap=True),
@@ -90,7 +83,7 @@ def list_reviews(
     )
     for r in reviews:
         texts = [c.completion for c in r.candidates]
-        if r.kind == ev.PAIRWISE:
+        if r.kind == ev.REVIEW_KIND_PAIRWISE:
             kind = "pairwise"
             texts = [f"{letter}: {text}" for letter, text in zip("AB", texts, strict=False)]
         else:
@@ -125,9 +118,7 @@ def answer(
         reply.chosen_index = CHOICES[choice.upper()]
     else:
         reply.rating = rating  # type: ignore[assignment]
-    request = rs.SubmitReviewRequest(name=review_name(review), answer=reply)
-    done = call(address, lambda s: s.SubmitReview(request, metadata=call_metadata()))
+    done = call(address, lambda c: c.submit_review(review_name(review), reply))
     written = f"; written to {done.dataset_revision}" if done.dataset_revision else ""
-    console.print(
-        Text(f"{done.name} {rs.Review.State.Name(done.state)}: {answer_text(done)}{written}")
-    )
+    state = proto_json.short_name(rs.Review.State, done.state)
+    console.print(Text(f"{done.name} {state}: {answer_text(done)}{written}"))

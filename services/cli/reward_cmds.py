@@ -16,11 +16,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from services.cli.errors import HandledGroup, UserError, remote
+from services.cli import errors
+from services.cli.errors import HandledGroup, UserError
 from services.cli.registry_cmds import revision_name, run
-from services.common.client import call_metadata, sync_channel
+from services.clients.reward import RewardClient
+from services.common import proto_json
 from tlm.reward.v1 import reward_service_pb2 as rs
-from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
 evaluators_app = typer.Typer(
     cls=HandledGroup, help="Evaluator specs: init, validate, push.", no_args_is_help=True
@@ -54,7 +55,11 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "description": "Reasoning format and a length budget.",
         "scorers": [
             {"name": "format", "format": {"tags": ["think", "answer"], "partial_credit": True}},
-            {"name": "length", "weight": 0.2, "length": {"unit": "WORDS", "max_length": 400}},
+            {
+                "name": "length",
+                "weight": 0.2,
+                "length": {"unit": "LENGTH_UNIT_WORDS", "max_length": 400},
+            },
         ],
     },
 }
@@ -73,10 +78,8 @@ def init(
 
 
 def _validate(path: Path, address: str | None) -> rs.ValidateEvaluatorResponse:
-    request = rs.ValidateEvaluatorRequest(spec_json=path.read_text())
-    with remote("reward", address) as target, sync_channel(target) as channel:
-        stub = rs_grpc.RewardServiceStub(channel)
-        return stub.ValidateEvaluator(request, metadata=call_metadata(), timeout=30)
+    spec_json = path.read_text()
+    return errors.call(RewardClient, address, lambda c: c.validate_evaluator(spec_json))
 
 
 def _print_errors(response: rs.ValidateEvaluatorResponse) -> None:
@@ -133,7 +136,7 @@ def _sample(row: Any, default_id: str) -> rs.Sample:
     row.setdefault("sample_id", default_id)
     if isinstance(row.get("prompt"), str):
         row["prompt"] = {"text": row["prompt"]}
-    return json_format.ParseDict(row, rs.Sample(), ignore_unknown_fields=False)
+    return proto_json.parse_dict(row, rs.Sample(), any_case=True)
 
 
 def score(
@@ -147,32 +150,37 @@ def score(
     request = rs.ScoreRequest()
     if evaluator.endswith(".json") or Path(evaluator).is_file():
         try:
-            json_format.Parse(Path(evaluator).read_text(), request.spec)
+            proto_json.parse(Path(evaluator).read_text(), request.spec, any_case=True)
         except json_format.ParseError as exc:
             raise UserError(f"{evaluator}: {exc}") from exc
     else:
         request.evaluator = revision_name("evaluators", evaluator)
     samples = _samples(input)
-    results: list[rs.SampleResult] = []
-    with remote("reward", address) as target, sync_channel(target) as channel:
-        stub = rs_grpc.RewardServiceStub(channel)
+
+    async def score_all(client: RewardClient) -> list[rs.SampleResult]:
+        results: list[rs.SampleResult] = []
         for start in range(0, len(samples), BATCH):
             request.ClearField("samples")
             request.samples.extend(samples[start : start + BATCH])
-            response = stub.Score(request, metadata=call_metadata(), timeout=600)
-            results.extend(response.results)
-    console.print(_table(results))
+            results.extend((await client.score(request, timeout_s=600)).results)
+        return results
+
+    console.print(_table(errors.call(RewardClient, address, score_all)))
 
 
 def _table(results: list[rs.SampleResult]) -> Table:
     names = [s.scorer for s in results[0].scorers] if results else []
     table = Table("sample", "status", "reward", *names, "gate / reason")
     for r in results:
-        reward = f"{r.reward:.4g}" if r.HasField("reward") or r.status == rs.OK else "—"
+        reward = (
+            f"{r.reward:.4g}" if r.HasField("reward") or r.status == rs.SCORE_STATUS_OK else "—"
+        )
         cells = [
-            f"{s.value:.3g}" if s.status == rs.OK else rs.ScoreStatus.Name(s.status)
+            f"{s.value:.3g}"
+            if s.status == rs.SCORE_STATUS_OK
+            else proto_json.short_name(rs.ScoreStatus, s.status)
             for s in r.scorers
         ]
-        status = rs.ScoreStatus.Name(r.status)
+        status = proto_json.short_name(rs.ScoreStatus, r.status)
         table.add_row(Text(r.sample_id), status, reward, *cells, Text(r.gate or r.reason))
     return table

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import grpc
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -18,15 +17,20 @@ from rich.table import Table
 from rich.text import Text
 
 from services.cli import registry_cmds
-from services.cli.errors import UserError, remote
-from services.common.client import call_metadata, sync_channel
+from services.cli.errors import UserError, remote, run_sync
+from services.clients.registry import RegistryClient
+from services.clients.rollout import RolloutClient
+from services.common.errors import NotFound
 from tlm.common.v1 import common_pb2
-from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
-from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+from tlm.rollout.v1 import rollout_pb2
 
 console = Console()
 err_console = Console(stderr=True)
-FINISH = {rollout_pb2.STOP: "stop", rollout_pb2.LENGTH: "length", rollout_pb2.ABORT: "abort"}
+FINISH = {
+    rollout_pb2.FINISH_REASON_STOP: "stop",
+    rollout_pb2.FINISH_REASON_LENGTH: "length",
+    rollout_pb2.FINISH_REASON_ABORT: "abort",
+}
 
 
 def revision_name(spec: str) -> str:
@@ -38,51 +42,50 @@ def revision_name(spec: str) -> str:
     return registry_cmds.revision_name("models", spec)
 
 
-def _resolve(name: str, registry_address: str | None) -> str:
+async def _resolve(registry: RegistryClient, name: str) -> str:
     """The registry's resolved name for `name`; `name` itself if the registry does not know it
     (the rollout service then reports it)."""
-    with (
-        remote("registry", registry_address, "--registry-address") as target,
-        sync_channel(target) as channel,
-    ):
-        stub = registry_pb2_grpc.RegistryServiceStub(channel)
-        try:
-            request = registry_pb2.GetModelRevisionRequest(name=name)
-            return stub.GetModelRevision(request, metadata=call_metadata(), timeout=10).name
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return name
-            raise
+    try:
+        return (await registry.get_model_revision(name)).name
+    except NotFound:
+        return name
 
 
-def _generate(
-    stub: rollout_pb2_grpc.RolloutServiceStub,
+async def _generate(
+    rollout: RolloutClient,
+    registry: RegistryClient,
     model: str,
     adapter: str | None,
     request: rollout_pb2.GenerateRequest,
-    registry_address: str | None,
     load: bool,
 ) -> list[rollout_pb2.Completion]:
-    md = call_metadata()
-    status = stub.GetEngineStatus(rollout_pb2.GetEngineStatusRequest(), metadata=md, timeout=10)
-    wanted = _resolve(revision_name(model), registry_address)
+    status = await rollout.engine_status(timeout_s=10)
+    wanted = await _resolve(registry, revision_name(model))
     if status.model_revision and status.model_revision != wanted and not load:
         raise UserError(
             f"the rollout service serves {status.model_revision}, not {wanted}; "
             "pass --load to replace it"
         )
     if status.model_revision != wanted:
-        load_model = rollout_pb2.LoadModelRequest(model_revision=wanted)
-        loaded = stub.LoadModel(load_model, metadata=md, timeout=600)
+        loaded = await rollout.load_model(wanted, timeout_s=600)
         err_console.print(f"loaded [bold]{escape(loaded.policy_version)}[/]")
     if adapter is not None:
-        lora = _resolve(revision_name(adapter), registry_address)
+        lora = await _resolve(registry, revision_name(adapter))
         if lora not in {a.adapter_revision for a in status.adapters}:
-            load_adapter = rollout_pb2.LoadAdapterRequest(adapter_revision=lora)
-            stub.LoadAdapter(load_adapter, metadata=md, timeout=600)
+            await rollout.load_adapter(lora, timeout_s=600)
             err_console.print(f"loaded adapter [bold]{escape(lora)}[/]")
         request.adapter_revision = lora
-    return [c for r in stub.Generate(request, metadata=md, timeout=600) for c in r.completions]
+    return await rollout.generate_all(request, timeout_s=600)
+
+
+async def _run(
+    rollout_address: str, registry_address: str, *args: object
+) -> list[rollout_pb2.Completion]:
+    async with (
+        RolloutClient(rollout_address) as rollout,
+        RegistryClient(registry_address) as registry,
+    ):
+        return await _generate(rollout, registry, *args)  # type: ignore[arg-type]
 
 
 def generate(
@@ -115,9 +118,11 @@ def generate(
         n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
     )
     request = rollout_pb2.GenerateRequest(prompts=[_prompt(prompt, chat)], sampling=sampling)
-    with remote("rollout", address) as target, sync_channel(target) as channel:
-        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
-        completions = _generate(stub, model, adapter, request, registry_address, load)
+    with (
+        remote("rollout", address) as target,
+        remote("registry", registry_address, "--registry-address") as registry_target,
+    ):
+        completions = run_sync(_run(target, registry_target, model, adapter, request, load))
     table = Table("#", "finish", "tokens", "policy version", "text", show_lines=True)
     for c in sorted(completions, key=lambda c: c.sample_index):
         finish = FINISH.get(c.finish_reason, "?")

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
@@ -15,22 +14,27 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.cli.errors import HandledGroup, UserError, remote
+from services.cli import errors
+from services.cli.errors import HandledGroup, UserError
 from services.cli.job_spec import SpecError, build_spec, read_spec_file
-from services.cli.paging import every_page
 from services.cli.plots import OVERVIEW, main_metric, metric_series, write_plots
-from services.common.client import call_metadata, sync_channel
+from services.clients.trainer import TrainerClient
+from services.common import proto_json
+from services.common.errors import DeadlineExceeded
 from tlm.trainer.v1 import trainer_pb2 as pb
-from tlm.trainer.v1 import trainer_pb2_grpc
 
 T = TypeVar("T")
 console = Console()
-err = Console(stderr=True)
 jobs_app = typer.Typer(cls=HandledGroup, help="Training and evaluation jobs.", no_args_is_help=True)
 AddressOpt = Annotated[str | None, typer.Option(help="Trainer address.")]
-Stub = trainer_pb2_grpc.TrainerServiceStub
-ENDED = (pb.TrainingJob.SUCCEEDED, pb.TrainingJob.FAILED, pb.TrainingJob.CANCELLED)
+ENDED = (
+    pb.TrainingJob.STATE_SUCCEEDED,
+    pb.TrainingJob.STATE_FAILED,
+    pb.TrainingJob.STATE_CANCELLED,
+)
 STATE_COLOURS = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow"}
+STATES = ", ".join(proto_json.choices(pb.TrainingJob.State))  # what --state takes
+METHODS = ", ".join(proto_json.choices(pb.Method))
 
 
 def job_name(job: str) -> str:
@@ -38,14 +42,24 @@ def job_name(job: str) -> str:
     return job if job.startswith("jobs/") else f"jobs/{job}"
 
 
-def call(address: str | None, rpc: Callable[[Stub], T]) -> T:
-    """Run `rpc` on a trainer stub; its errors are reported by services/cli/errors.py."""
-    with remote("trainer", address) as target, sync_channel(target) as channel:
-        return rpc(Stub(channel))
+def call(address: str | None, fn: Callable[[TrainerClient], Awaitable[T]]) -> T:
+    """Run `fn` with a trainer client; its errors are reported by services/cli/errors.py."""
+    return errors.call(TrainerClient, address, fn)
 
 
 def state_name(state: int) -> str:
-    return pb.TrainingJob.State.Name(state)  # type: ignore[arg-type]
+    """`RUNNING`, as tables and messages show a state (the enum value is `STATE_RUNNING`)."""
+    return proto_json.short_name(pb.TrainingJob.State, state)
+
+
+def _flag(enum: proto_json.EnumLike, flag: str, value: str | None) -> int:
+    """A flag's enum value (`--state running`), 0 when not given; UserError naming the choices."""
+    if not value:
+        return 0
+    try:
+        return proto_json.enum_number(enum, value)
+    except ValueError as exc:
+        raise UserError(f"{flag}: {exc}") from exc
 
 
 def show_json(message: object) -> None:
@@ -114,6 +128,14 @@ def create(
     sync_every: Annotated[
         int | None, typer.Option(help="GRPO/PPO: steps between policy syncs (default 1)")
     ] = None,
+    publish_every: Annotated[
+        int | None,
+        typer.Option(help="GRPO/PPO: steps between registry revisions (default 0: checkpoints)"),
+    ] = None,
+    max_policy_lag: Annotated[
+        int | None,
+        typer.Option(help="GRPO: 1 generates the next batch while this one trains (default 0)"),
+    ] = None,
     kl_coef: Annotated[
         float | None, typer.Option(help="PPO: KL penalty in the reward (default 0.05)")
     ] = None,
@@ -162,7 +184,7 @@ def create(
     request = pb.CreateTrainingJobRequest(
         spec=spec, request_id=request_id, display_name=display_name, validate_only=validate_only
     )
-    job = call(address, lambda s: s.CreateTrainingJob(request, metadata=call_metadata()))
+    job = call(address, lambda c: c.create_job(request))
     if validate_only:
         show_json(job)
         return
@@ -190,29 +212,24 @@ def spec_from(
 
 @jobs_app.command("list")
 def list_jobs(
-    state: Annotated[str | None, typer.Option(help="Only jobs in this state")] = None,
-    method: Annotated[str | None, typer.Option(help="Only jobs of this method")] = None,
+    state: Annotated[str | None, typer.Option(help=f"Only jobs in this state: {STATES}")] = None,
+    method: Annotated[str | None, typer.Option(help=f"Only jobs of this method: {METHODS}")] = None,
     page_size: Annotated[int, typer.Option(help="Jobs per call (all are listed)")] = 50,
     address: AddressOpt = None,
 ) -> None:
     """The team's jobs, newest first."""
     request = pb.ListTrainingJobsRequest(
         page_size=page_size,
-        state=pb.TrainingJob.State.Value(state.upper()) if state else 0,  # type: ignore[arg-type]
-        method=pb.Method.Value(method.upper()) if method else 0,  # type: ignore[arg-type]
+        state=_flag(pb.TrainingJob.State, "--state", state),  # type: ignore[arg-type]
+        method=_flag(pb.Method, "--method", method),  # type: ignore[arg-type]
     )
-    jobs = call(
-        address,
-        lambda s: every_page(
-            lambda r: s.ListTrainingJobs(r, metadata=call_metadata()), request, "jobs"
-        ),
-    )
+    jobs = call(address, lambda c: c.list_jobs(request))
     table = Table("job", "method", "state", "step", "output")
     for job in jobs:
         colour = STATE_COLOURS.get(state_name(job.state), "white")
         table.add_row(
             job.name,
-            pb.Method.Name(job.spec.method),
+            proto_json.short_name(pb.Method, job.spec.method),
             f"[{colour}]{state_name(job.state)}[/]",
             f"{job.progress.step}/{job.progress.total_steps}",
             job.output_model_revision,
@@ -223,23 +240,20 @@ def list_jobs(
 @jobs_app.command("show")
 def show(job: str, address: AddressOpt = None) -> None:
     """A job as JSON: spec with defaults, state, progress, result or error."""
-    request = pb.GetTrainingJobRequest(name=job_name(job))
-    show_json(call(address, lambda s: s.GetTrainingJob(request, metadata=call_metadata())))
+    show_json(call(address, lambda c: c.get_job(job_name(job))))
 
 
 @jobs_app.command("cancel")
 def cancel(job: str, address: AddressOpt = None) -> None:
     """Ask a job to stop."""
-    request = pb.CancelTrainingJobRequest(name=job_name(job))
-    result = call(address, lambda s: s.CancelTrainingJob(request, metadata=call_metadata()))
+    result = call(address, lambda c: c.cancel_job(job_name(job)))
     console.print(f"{result.name} {state_name(result.state)}")
 
 
 @jobs_app.command("watch")
 def watch(job: str, from_sequence: int = 0, address: AddressOpt = None) -> None:
     """Follow a job's events: a progress bar over steps, state changes and the result."""
-    request = pb.WatchTrainingJobRequest(name=job_name(job), from_sequence=from_sequence)
-    final = call(address, lambda s: render(s.WatchTrainingJob(request, metadata=call_metadata())))
+    final = call(address, lambda c: render(c.watch(job_name(job), from_sequence)))
     if final not in ("SUCCEEDED", ""):
         raise typer.Exit(1)
 
@@ -266,7 +280,7 @@ def progress_line(values: Mapping[str, float]) -> str:
     return " ".join(f"{label}={values[name]:.4g}" for label, name in shown if name)
 
 
-def render(events: Iterable[pb.JobEvent]) -> str:
+async def render(events: AsyncIterable[pb.JobEvent]) -> str:
     """Draw the events; returns the last state seen."""
     last_state = ""
     latest: dict[str, float] = {}
@@ -279,7 +293,7 @@ def render(events: Iterable[pb.JobEvent]) -> str:
     )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("steps", total=None, metrics="")
-        for event in events:
+        async for event in events:
             kind = event.WhichOneof("event")
             if kind == "state_change":
                 last_state = state_name(event.state_change.state)
@@ -320,17 +334,14 @@ def plot(
     job_message, events = read_job(address, job)
     series = metric_series(events)
     if not series:
-        err.print(f"[red]error[/]: {job_message.name} has no step metrics yet")
-        raise typer.Exit(1)
+        raise UserError(f"{job_message.name} has no step metrics yet")
     missing = [m for m in metric or [] if m not in series]
     if missing:
-        err.print(f"[red]error[/]: no metric {', '.join(missing)}; the job has {', '.join(series)}")
-        raise typer.Exit(1)
+        raise UserError(f"no metric {', '.join(missing)}; the job has {', '.join(series)}")
     try:
         paths = write_plots(series, out, metric)
     except OSError as exc:
-        err.print(f"[red]error[/]: cannot write to {out}: {exc.strerror or exc}")
-        raise typer.Exit(1) from exc
+        raise UserError(f"cannot write to {out}: {exc.strerror or exc}") from exc
     for path in paths:
         console.print(str(path))
 
@@ -340,22 +351,18 @@ RUNNING_READ_S = 3.0
 
 
 def read_job(address: str | None, job: str) -> tuple[pb.TrainingJob, list[pb.JobEvent]]:
-    """The job and every event it has so far (errors printed, exit 1, as every command)."""
+    """The job and every event it has so far (errors reported as every command's)."""
     name = job_name(job)
 
-    def rpc(stub: Stub) -> tuple[pb.TrainingJob, list[pb.JobEvent]]:
-        found = stub.GetTrainingJob(pb.GetTrainingJobRequest(name=name), metadata=call_metadata())
+    async def rpc(c: TrainerClient) -> tuple[pb.TrainingJob, list[pb.JobEvent]]:
+        found = await c.get_job(name)
         ended = found.state in ENDED
-        stream = stub.WatchTrainingJob(
-            pb.WatchTrainingJobRequest(name=name),
-            metadata=call_metadata(),
-            timeout=None if ended else RUNNING_READ_S,
-        )
         events: list[pb.JobEvent] = []
         try:
-            events.extend(stream)
-        except grpc.RpcError as exc:  # a running job: its events so far
-            if ended or exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+            async for event in c.watch(name, timeout_s=None if ended else RUNNING_READ_S):
+                events.append(event)
+        except DeadlineExceeded:  # a running job: its events so far
+            if ended:
                 raise
         return found, events
 

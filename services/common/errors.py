@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from tlm.common.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from services.clients.errors import RemoteStatus
 
 ERROR_DOMAIN = "tlm.dev"
 
@@ -30,6 +34,8 @@ class TlmError(Exception):
     """Base of every error a user can cause or act on. Subclasses pick the status code."""
 
     reason: int = common_pb2.ERROR_REASON_UNSPECIFIED
+    # Set when the error came from another service (services/clients/errors.py): what it sent.
+    remote: RemoteStatus | None = None
 
     def __init__(
         self,
@@ -89,6 +95,15 @@ class Unauthenticated(TlmError):
     reason = common_pb2.API_KEY_INVALID
 
 
+class PermissionDenied(TlmError):
+    """The caller is known but may not do this (sent by a service or a proxy in front of it)."""
+
+
+class DependencyFailed(TlmError):
+    """Another service failed unexpectedly (INTERNAL, UNKNOWN, DATA_LOSS): INTERNAL here too,
+    with that service's message rather than a generic one."""
+
+
 class NotImplementedYet(TlmError):
     reason = common_pb2.NOT_IMPLEMENTED
 
@@ -107,6 +122,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotImplementedYet, grpc.StatusCode.UNIMPLEMENTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     # The generated base servicers raise NotImplementedError for RPCs a service lacks.

@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +117,7 @@ class _Rpc:
         self._pending_abort: grpc.Status | None = None
         self.peer = ""
 
-    def _begin(self, context: grpc.aio.ServicerContext) -> float:
+    def _begin(self, context: grpc.aio.ServicerContext) -> None:
         # Read the peer now: after a cancelled call ends, context.peer() touches a freed call
         # object in grpc.aio (seen as a segfault).
         self.peer = context.peer()
@@ -126,7 +127,6 @@ class _Rpc:
         team = self.team = self.auth.team_for(self.method, self.metadata)
         bind_team(team)
         structlog.contextvars.bind_contextvars(team=team)
-        return time.perf_counter()
 
     def _finish(
         self, context: grpc.aio.ServicerContext, start: float, code: grpc.StatusCode
@@ -151,38 +151,48 @@ class _Rpc:
         self._pending_abort = status
         return code
 
+    @asynccontextmanager
+    async def _guarded(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """The one error path of unary and streaming calls: bind the call, map what escapes
+        the handler to a status (sent by `_abort_if_failed` after the block), log it. The block
+        starts with `_begin`, so a refused API key takes this path too."""
+        start, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            yield
+            code = _code_set_on(context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if _is_abort(exc):
+                code = _code_set_on(context)
+                raise
+            code = await self._fail(context, exc)
+        finally:
+            self._finish(context, start, code)
+
+    async def _abort_if_failed(self, context: grpc.aio.ServicerContext) -> None:
+        if self._pending_abort is not None:
+            await _abort(context, self._pending_abort)
+
     def wrap_unary(self, behavior: Behavior, streamed: bool) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
-                start = self._begin(context)
+            result = None
+            async with self._guarded(context):
+                self._begin(context)
                 request = _checked_stream(request) if streamed else _checked(request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
-                code = _code_set_on(context)
-                return result
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                if _is_abort(exc):
-                    code = _code_set_on(context)
-                    raise
-                code = await self._fail(context, exc)
-            finally:
-                self._finish(context, start, code)
-            if self._pending_abort is not None:
-                await _abort(context, self._pending_abort)
-            return None
+            await self._abort_if_failed(context)
+            return result
 
         return wrapped
 
     def wrap_stream(self, behavior: Behavior, streamed: bool) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
-                start = self._begin(context)
+            async with self._guarded(context):
+                self._begin(context)
                 request = _checked_stream(request) if streamed else _checked(request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
@@ -190,19 +200,7 @@ class _Rpc:
                 if result is not None:
                     async for item in result:
                         yield item
-                code = _code_set_on(context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                if _is_abort(exc):
-                    code = _code_set_on(context)
-                    raise
-                code = await self._fail(context, exc)
-            finally:
-                self._finish(context, start, code)
-            if self._pending_abort is not None:
-                await _abort(context, self._pending_abort)
+            await self._abort_if_failed(context)
 
         return wrapped
 

@@ -36,9 +36,10 @@ def _run(*args: str, env: dict[str, str]) -> str:
 
 def _start(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     ready = data_dir / "address"
+    ready_args = ["--ready-file", str(ready)]
     log_file = (data_dir / "server.log").open("w")
     proc = subprocess.Popen(
-        [*TLM, "up", "--port", "0", "--data-dir", str(data_dir), "--ready-file", str(ready)],
+        [*TLM, "up", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir), *ready_args],
         stderr=log_file,
         text=True,
         env=env,
@@ -51,13 +52,40 @@ def _start(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], 
     return proc, ready.read_text()
 
 
+def _gateway_url(data_dir: Path) -> str:
+    """The OpenAI-compatible endpoint's URL, from `tlm up`'s log (it starts before ready)."""
+    for line in (data_dir / "server.log").read_text().splitlines():
+        event = json.loads(line) if line.startswith("{") else {}
+        if event.get("event") == "gateway_started":
+            return str(event["url"])
+    raise SystemExit(f"tlm up started no gateway; see {data_dir / 'server.log'}")
+
+
+def _deploy_and_ask(data_dir: Path, env: dict[str, str]) -> None:
+    """Deploy the trained revision and ask it through the OpenAI-compatible endpoint with the
+    official client, streamed; the same question unstreamed must give the same answer."""
+    from openai import OpenAI  # a dev dependency, as the demo is
+
+    _run("deployments", "create", "demo-chat", "--model", "tiny-sft", "--wait", env=env)
+    client = OpenAI(base_url=f"{_gateway_url(data_dir)}/v1", api_key="demo", max_retries=0)
+    ask = {"model": "demo-chat", "temperature": 0, "max_tokens": 16}
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    console.print("[bold]$ openai: client.chat.completions.create(model='demo-chat', ...)[/]")
+    whole = client.chat.completions.create(messages=question, **ask)  # type: ignore[call-overload]
+    chunks = client.chat.completions.create(messages=question, stream=True, **ask)  # type: ignore[call-overload]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    console.print(f"answer: {whole.choices[0].message.content!r} (streamed: {streamed!r})")
+    if streamed != whole.choices[0].message.content:
+        raise SystemExit("the streamed answer differs from the whole one")
+
+
 # GRPO on the demo's arithmetic prompts with a rule reward the random tiny model rarely earns
 # at first: answer with a number (a digit within 6 tokens, about 1 in 7 samples). Full tuning
 # at a high learning rate learns it in about 20 steps (seconds each on CPU); the seeds are
 # fixed, so the curve is the same every run.
 DIGITS = {"scorers": [{"name": "digit", "regex": {"pattern": "[0-9]"}}]}
 GRPO_SPEC = {
-    "method": "GRPO",
+    "method": "METHOD_GRPO",
     "tuning": {"full": {}},
     "training": {"max_steps": 25, "per_device_batch_size": 8, "learning_rate": 0.01, "seed": 1},
     "grpo": {"num_generations": 8, "sampling": {"max_tokens": 6, "seed": 1}},
@@ -215,6 +243,7 @@ def main() -> None:
             # Serve the trained revision and ask it the question in its chat format.
             ask = ["generate", "--model", "tiny-sft", "--load", "--chat", "--temperature", "0"]
             _run(*ask, "--prompt", "What is 2 + 2?", "--max-tokens", "16", env=env)
+            _deploy_and_ask(data_dir, env)
             passed = _grpo(data_dir, address, env)
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ from services.registry.core import Registry
 from services.registry.servicer import RegistryServicer
 from services.registry.settings import RegistrySettings
 from services.registry.store import MetadataStore
+from services.specs.evaluator import EvaluatorInvalid, validate_json
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 from tlm.reward.v1 import evaluator_pb2
 
@@ -15,11 +16,8 @@ SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_
 
 
 def validate_evaluator_json(spec_json: str) -> evaluator_pb2.EvaluatorSpec:
-    """The reward service's own spec validation (pure code): every error with its JSON path,
-    and the normalised spec (defaults filled in) that the registry stores."""
-    from services.reward.domain import EvaluatorInvalid
-    from services.reward.spec import validate_json
-
+    """The shared spec validation (`services/specs`, as the reward service runs it): every error
+    with its JSON path, and the normalised spec (defaults filled in) that the registry stores."""
     result = validate_json(spec_json)
     if result.normalized is None:
         raise EvaluatorInvalid(result.errors)

@@ -1,17 +1,31 @@
-"""All protobuf <-> domain conversion of the registry in one place."""
+"""All protobuf <-> domain conversion of the registry in one place: requests into the domain
+types of `domain.py`, domain results into response messages."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
-from google.protobuf import field_mask_pb2, json_format
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from services.common import proto_json
 from services.common.errors import FieldViolation, InvalidArgument
 from services.common.timestamps import to_timestamp
-from services.registry.store import Resource, ResourceChanges, Revision
+from services.registry.domain import (
+    DatasetHeader,
+    EvaluatorDraft,
+    ModelHeader,
+    NewResource,
+    Resource,
+    ResourceChanges,
+    ResourceQuery,
+    Revision,
+    RevisionQuery,
+    RowQuery,
+)
 from tlm.registry.v1 import registry_pb2
 
 
@@ -115,7 +129,7 @@ def evaluator(r: Resource) -> registry_pb2.Evaluator:
 
 
 def _fill(message, rev: Revision):  # type: ignore[no-untyped-def]
-    json_format.ParseDict(rev.body, message, ignore_unknown_fields=True)
+    message.CopyFrom(rev.body)
     message.name = rev.name
     message.revision_id = rev.revision_id
     message.create_time.CopyFrom(to_timestamp(rev.create_time))
@@ -133,4 +147,122 @@ def dataset_revision(rev: Revision) -> registry_pb2.DatasetRevision:
 
 
 def evaluator_revision(rev: Revision) -> registry_pb2.EvaluatorRevision:
-    return _fill(registry_pb2.EvaluatorRevision(), rev)  # type: ignore[no-any-return]
+    message: registry_pb2.EvaluatorRevision = _fill(registry_pb2.EvaluatorRevision(), rev)
+    # spec_json is the normalised spec as JSON; one stored before the enum rename says
+    # `"unit": "WORDS"`, so it is written again from the (upgraded) spec: readers see one form.
+    message.spec_json = proto_json.to_json(message.spec)
+    return message
+
+
+# Requests -> domain -------------------------------------------------------------------------
+
+
+def new_resource(resource_id: str, request: Any) -> NewResource:
+    """A Create{Model,Dataset,Evaluator}Request's resource; its enums checked."""
+    check_enums(request)
+    return NewResource(
+        resource_id=resource_id,
+        description=request.description,
+        labels=dict(request.labels),
+        dataset_kind=getattr(request, "kind", 0),
+    )
+
+
+def resource_query(request: Any) -> ResourceQuery:
+    """A List{Models,Datasets,Evaluators}Request's filters and page."""
+    return ResourceQuery(
+        prefix=request.name_prefix,
+        labels=dict(request.labels),
+        dataset_kind=getattr(request, "kind", 0),
+        page_size=request.page_size,
+        page_token=request.page_token,
+    )
+
+
+def revision_query(request: Any) -> RevisionQuery:
+    return RevisionQuery(request.parent, request.page_size, request.page_token)
+
+
+def model_header(header: registry_pb2.ModelRevisionHeader) -> ModelHeader:
+    check_enums(header, "header.")
+    return ModelHeader(
+        parent=header.parent,
+        format=header.format,
+        manifest=header.manifest,
+        lineage=header.lineage,
+        description=header.description,
+        labels=dict(header.labels),
+        request_id=header.request_id,
+    )
+
+
+def dataset_header(header: registry_pb2.DatasetRevisionHeader) -> DatasetHeader:
+    check_enums(header, "header.")
+    return DatasetHeader(
+        parent=header.parent,
+        kind=header.kind,
+        format=header.format,
+        size_bytes=header.size_bytes,
+        sha256=header.sha256,
+        description=header.description,
+        labels=dict(header.labels),
+        request_id=header.request_id,
+    )
+
+
+def row_query(request: registry_pb2.ReadDatasetRowsRequest) -> RowQuery:
+    return RowQuery(
+        name=request.name,
+        shard_index=request.shard_index,
+        shard_count=request.shard_count,
+        offset=request.offset,
+        limit=request.limit,
+        shuffle=request.shuffle,
+        shuffle_seed=request.shuffle_seed,
+    )
+
+
+def evaluator_draft(request: registry_pb2.CreateEvaluatorRevisionRequest) -> EvaluatorDraft:
+    """The spec as JSON text, from exactly one of `spec` and `spec_json`. No check_enums: the
+    spec is the only part with enums, and spec validation refuses unknown numbers there, with
+    paths relative to the spec."""
+    if request.HasField("spec") == bool(request.spec_json):
+        raise InvalidArgument(
+            "set exactly one of spec and spec_json",
+            violations=[FieldViolation("spec_json", "exactly one of spec, spec_json")],
+        )
+    spec_json = request.spec_json or json_format.MessageToJson(
+        request.spec, preserving_proto_field_name=True
+    )
+    return EvaluatorDraft(request.parent, spec_json, request.description, request.request_id)
+
+
+def appended_rows(request: registry_pb2.AppendDatasetRowsRequest) -> list[dict[str, Any]]:
+    check_enums(request)
+    return [json_format.MessageToDict(r) for r in request.rows]
+
+
+# Domain -> responses ------------------------------------------------------------------------
+
+
+def row_batches(
+    rows: Iterator[tuple[int, bytes]], batch_size: int
+) -> Iterator[registry_pb2.ReadDatasetRowsResponse]:
+    """(row index, JSON line) pairs as responses of up to `batch_size` rows."""
+    batch = registry_pb2.ReadDatasetRowsResponse()
+    for index, line in rows:
+        row = struct_pb2.Struct()
+        row.update(json.loads(line))
+        batch.rows.append(row)
+        batch.row_indices.append(index)
+        if len(batch.rows) >= batch_size:
+            yield batch
+            batch = registry_pb2.ReadDatasetRowsResponse()
+    if batch.rows:
+        yield batch
+
+
+def dataset_manifest(rev: registry_pb2.DatasetRevision, path: str) -> registry_pb2.Manifest:
+    """A dataset revision's one file as a download manifest."""
+    entry = registry_pb2.ArtifactFile(path=path, size_bytes=rev.size_bytes, sha256=rev.sha256)
+    return registry_pb2.Manifest(files=[entry], total_bytes=rev.size_bytes)

@@ -1,59 +1,55 @@
 """The registry's domain core: models, datasets and evaluators over a metadata store and a
-blob store. Synchronous and free of gRPC; the servicer runs it in worker threads."""
+blob store. Synchronous and free of gRPC; the servicer converts requests to the domain types of
+`domain.py`, and runs these methods in worker threads. Listing, paging and upload staging
+happen here too: the servicer never reaches the store or the staging folder."""
 
 from __future__ import annotations
 
-import array
-import functools
-import itertools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from google.protobuf import json_format
 
+from services.common import proto_json
 from services.common.errors import (
     Aborted,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
+    field_error,
 )
-from services.registry import models
-from services.registry.blobs import BlobStore, remove_tree
+from services.common.pagination import decode_token, encode_token, page_size
+from services.registry.blobs import BlobStore
 from services.registry.datasets import validate_file
-from services.registry.names import Collection, parse_resource, parse_revision
-from services.registry.store import (
-    BaseRevisionGone,
-    MetadataStore,
+from services.registry.domain import (
+    DatasetHeader,
+    EvaluatorDraft,
+    ModelHeader,
+    NewResource,
+    Page,
     Resource,
     ResourceChanges,
+    ResourceQuery,
     Revision,
+    RevisionQuery,
+    RowQuery,
     StaleBase,
 )
-from services.registry.uploads import StagedFiles, check_manifest
+from services.registry.rows import RowReader, check_row_query
+from services.registry.store import MetadataStore
+from services.registry.uploads import DATA_FILE, DatasetUpload, ModelUpload
+from services.specs.names import Collection, check_id, parse_resource, parse_revision
 from tlm.registry.v1 import registry_pb2
 from tlm.reward.v1 import evaluator_pb2
 
-DATA_FILE = "data.jsonl"
-BASE_FIELD = "header.lineage.base_model_revision"
 APPEND_RETRIES = 20
 SpecValidator = Callable[[str], evaluator_pb2.EvaluatorSpec]
-
-
-def _lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
-    """Lines of a stream of byte blocks, without their newlines."""
-    rest = b""
-    for block in blocks:
-        lines = (rest + block).split(b"\n")
-        rest = lines.pop()
-        yield from lines
-    if rest:
-        yield rest
+__all__ = ["DATA_FILE", "Registry", "parse_spec_json", "temp_file"]
 
 
 def temp_file(folder: Path, prefix: str) -> Path:
@@ -62,15 +58,11 @@ def temp_file(folder: Path, prefix: str) -> Path:
     return Path(name)
 
 
-def _to_json(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(message)  # type: ignore[no-any-return]
-
-
 def parse_spec_json(spec_json: str) -> evaluator_pb2.EvaluatorSpec:
-    """Minimal spec check used until the reward service's validator is plugged in."""
+    """Minimal spec check used until the shared validator (services/specs) is plugged in."""
     spec = evaluator_pb2.EvaluatorSpec()
     try:
-        json_format.Parse(spec_json, spec)
+        proto_json.parse(spec_json, spec)  # v1.0 enum names (`"unit": "WORDS"`) load too
     except json_format.ParseError as exc:
         raise InvalidArgument(
             f"spec_json: {exc}", violations=[FieldViolation("spec_json", str(exc))]
@@ -93,19 +85,60 @@ class Registry:
         self.max_row_bytes = max_row_bytes
         self.max_row_errors = max_row_errors
         self.validate_spec = validate_spec
-        # Blobs are immutable, so a dataset's line offsets are computed once: readers that page
-        # through a shuffled revision (GRPO reads a batch per step) do not rescan the file.
-        self._line_offsets = functools.lru_cache(maxsize=16)(self._scan_line_offsets)
+        self.rows = RowReader(blobs)
 
     # Shared ---------------------------------------------------------------------------------
+
+    def create_resource(self, team: str, coll: Collection, new: NewResource) -> Resource:
+        field = {Collection.MODELS: "model_id", Collection.DATASETS: "dataset_id"}
+        check_id(new.resource_id, field.get(coll, "evaluator_id"))
+        if coll is Collection.DATASETS and new.dataset_kind == 0:
+            raise InvalidArgument(
+                "kind must be set", violations=[FieldViolation("kind", "required")]
+            )
+        return self.store.create_resource(
+            team, coll, new.resource_id, new.description, new.labels, new.dataset_kind
+        )
 
     def get_resource(self, team: str, name: str, coll: Collection) -> Resource:
         r = parse_resource(name, coll)
         return self.store.get_resource(team, coll, r.resource_id)
 
+    def list_resources(self, team: str, coll: Collection, query: ResourceQuery) -> Page[Resource]:
+        """A page of resources by id; the token carries the filters it was made for."""
+        filters: dict[str, Any] = {"c": coll.value, "p": query.prefix, "l": dict(query.labels)}
+        filters["k"] = query.dataset_kind
+        size = page_size(query.page_size)
+        after = decode_token(query.page_token, filters)
+        if after is not None and not isinstance(after, str):
+            raise field_error("page_token", "not a token returned by this list method")
+        rows = self.store.list_resources(
+            team,
+            coll,
+            after=after,
+            limit=size,
+            prefix=query.prefix,
+            labels=query.labels,
+            dataset_kind=query.dataset_kind,
+        )
+        token = encode_token(rows[size - 1].resource_id, filters) if len(rows) > size else ""
+        return Page(rows[:size], token)
+
     def get_revision(self, team: str, name: str, coll: Collection, field: str = "name") -> Revision:
         r = parse_revision(name, coll, field)
         return self.store.get_revision(team, coll, r.parent.resource_id, r.revision)
+
+    def list_revisions(self, team: str, coll: Collection, query: RevisionQuery) -> Page[Revision]:
+        """A page of revisions, newest first."""
+        parent = parse_resource(query.parent, coll, "parent")
+        size = page_size(query.page_size)
+        filters = {"parent": query.parent}
+        before = decode_token(query.page_token, filters)
+        if before is not None and (not isinstance(before, int) or before < 1):
+            raise field_error("page_token", "not a token returned by this list method")
+        rows = self.store.list_revisions(team, coll, parent.resource_id, before=before, limit=size)
+        token = encode_token(rows[size - 1].seq, filters) if len(rows) > size else ""
+        return Page(rows[:size], token)
 
     def delete(self, team: str, name: str, coll: Collection) -> None:
         r = parse_resource(name, coll)
@@ -137,59 +170,10 @@ class Registry:
 
     # Models ---------------------------------------------------------------------------------
 
-    def begin_model_upload(
-        self, team: str, header: registry_pb2.ModelRevisionHeader
-    ) -> ModelUpload:
-        parent = parse_resource(header.parent, Collection.MODELS, "header.parent")
-        if header.format not in (registry_pb2.FULL_WEIGHTS, registry_pb2.LORA_ADAPTER):
-            raise InvalidArgument(
-                "header.format must be FULL_WEIGHTS or LORA_ADAPTER",
-                violations=[FieldViolation("header.format", "must be set")],
-            )
-        check_manifest(header.manifest, "header.manifest")
-        lineage = registry_pb2.Lineage()
-        lineage.CopyFrom(header.lineage)
-        base = None
-        if header.lineage.base_model_revision:
-            base = self.get_revision(
-                team, header.lineage.base_model_revision, Collection.MODELS, BASE_FIELD
-            )
-            lineage.base_model_revision = base.name  # aliases resolved: lineage is immutable
-            if (
-                header.format == registry_pb2.LORA_ADAPTER
-                and base.body.get("format") != "FULL_WEIGHTS"
-            ):
-                raise FailedPrecondition(
-                    f"{base.name} is not a full-weights revision; adapters apply to full weights",
-                    violations=[FieldViolation(BASE_FIELD, "not full weights")],
-                )
-        elif header.format == registry_pb2.LORA_ADAPTER:
-            raise InvalidArgument(
-                f"a LORA_ADAPTER revision needs {BASE_FIELD}",
-                violations=[FieldViolation(BASE_FIELD, "required")],
-            )
-        for i, ds in enumerate(header.lineage.dataset_revisions):
-            field = f"header.lineage.dataset_revisions[{i}]"
-            lineage.dataset_revisions[i] = self.get_revision(
-                team, ds, Collection.DATASETS, field
-            ).name
-        return ModelUpload(self, team, parent.resource_id, header, lineage, base)
+    def begin_model_upload(self, team: str, header: ModelHeader) -> ModelUpload:
+        return ModelUpload.begin(self, team, header)
 
     # Datasets -------------------------------------------------------------------------------
-
-    def create_dataset(
-        self, team: str, dataset_id: str, kind: int, description: str, labels: dict[str, str]
-    ) -> Resource:
-        from services.registry.names import check_id
-
-        check_id(dataset_id, "dataset_id")
-        if kind == registry_pb2.DATASET_KIND_UNSPECIFIED:
-            raise InvalidArgument(
-                "kind must be set", violations=[FieldViolation("kind", "required")]
-            )
-        return self.store.create_resource(
-            team, Collection.DATASETS, dataset_id, description, labels, dataset_kind=kind
-        )
 
     def _dataset_kind(self, team: str, rid: str, kind: int, field: str) -> int:
         try:
@@ -203,87 +187,94 @@ class Registry:
             return kind
         if kind and kind != existing.dataset_kind:
             have = registry_pb2.DatasetKind.Name(existing.dataset_kind)  # type: ignore[arg-type]
+            says = registry_pb2.DatasetKind.Name(kind)  # type: ignore[arg-type]
             raise FailedPrecondition(
-                f"datasets/{rid} is of kind {have}; {field} says "
-                f"{registry_pb2.DatasetKind.Name(kind)}",  # type: ignore[arg-type]
+                f"datasets/{rid} is of kind {have}; {field} says {says}",
                 violations=[FieldViolation(field, f"must be {have} or unset")],
             )
         return existing.dataset_kind
 
-    def check_dataset_header(
-        self, team: str, header: registry_pb2.DatasetRevisionHeader
-    ) -> tuple[Any, int]:
-        """The parent and kind an upload targets; checked before any bytes are received."""
+    def check_dataset_header(self, team: str, header: DatasetHeader) -> tuple[str, int]:
+        """The dataset id and kind an upload targets; checked before any bytes are received."""
         parent = parse_resource(header.parent, Collection.DATASETS, "header.parent")
-        return parent, self._dataset_kind(team, parent.resource_id, header.kind, "header.kind")
+        kind = self._dataset_kind(team, parent.resource_id, header.kind, "header.kind")
+        return parent.resource_id, kind
+
+    def begin_dataset_upload(self, team: str, header: DatasetHeader) -> DatasetUpload:
+        return DatasetUpload.begin(self, team, header)
 
     def upload_dataset(
         self,
         team: str,
-        header: registry_pb2.DatasetRevisionHeader,
+        header: DatasetHeader,
         staged: Path,
         base: Revision | None = None,
         expect_seq: int | None = None,
     ) -> Revision:
         """Validate the staged file and store it as a revision (or return the earlier one for
         a known request_id). With `base`, the new rows extend that revision's rows."""
-        parent, kind = self.check_dataset_header(team, header)
-        done = self.store.find_request(
-            team, Collection.DATASETS, parent.resource_id, header.request_id
-        )
+        rid, kind = self.check_dataset_header(team, header)
+        done = self.store.find_request(team, Collection.DATASETS, rid, header.request_id)
         if done is not None:
             return done
-        fmt = header.format or registry_pb2.JSONL
         staging = self.blobs.staging_dir()
         temps = [temp_file(staging, "ds-") for _ in range(3)]
-        out, new_rows, combined = temps
-        limits = {"max_row_bytes": self.max_row_bytes, "max_errors": self.max_row_errors}
         try:
-            if base is None:
-                facts = validate_file(staged, fmt, kind, out, **limits)
-            else:
-                # Validate the new rows alone so errors carry their own row numbers.
-                validate_file(staged, fmt, kind, new_rows, **limits)
-                with combined.open("wb") as f:
-                    for block in self.blobs.read(base.body["sha256"]):
-                        f.write(block)
-                    f.write(new_rows.read_bytes())
-                # The base's rows were validated when stored; only re-derive the facts.
-                facts = validate_file(
-                    combined, registry_pb2.JSONL, kind, out, max_row_bytes=2**62, max_errors=1
-                )
-            self.blobs.put(out, facts.sha256)
-            body = registry_pb2.DatasetRevision(
-                kind=kind,  # type: ignore[arg-type]
-                row_count=facts.row_count,
-                sha256=facts.sha256,
-                size_bytes=facts.size_bytes,
-                columns=facts.columns(),
-                length_stats=facts.length_stats(),
-                description=header.description,
-                labels=dict(header.labels),
-                parent_revision=base.name if base else "",
-            )
+            body = self._validated_rows(header, kind, staged, base, temps)
             revision, _new = self.store.add_revision(
                 team,
                 Collection.DATASETS,
-                parent.resource_id,
+                rid,
                 request_id=header.request_id,
-                body=lambda _rid: _to_json(body),
-                blobs=[facts.sha256],
+                body=lambda _rid: body,
+                blobs=[body.sha256],
                 expect_seq=expect_seq,
                 create_parent=lambda: self.store.create_resource(
-                    team,
-                    Collection.DATASETS,
-                    parent.resource_id,
-                    dataset_kind=kind,
-                    exist_ok=True,
+                    team, Collection.DATASETS, rid, dataset_kind=kind, exist_ok=True
                 ),
             )
             return revision
         finally:
             for t in temps:
                 t.unlink(missing_ok=True)
+
+    def _validated_rows(
+        self,
+        header: DatasetHeader,
+        kind: int,
+        staged: Path,
+        base: Revision | None,
+        temps: list[Path],
+    ) -> registry_pb2.DatasetRevision:
+        """Validate the staged rows (after `base`'s), store the canonical file as a blob, and
+        return the new revision's facts."""
+        out, new_rows, combined = temps
+        fmt = header.format or registry_pb2.DATASET_FORMAT_JSONL
+        limits = {"max_row_bytes": self.max_row_bytes, "max_errors": self.max_row_errors}
+        if base is None:
+            facts = validate_file(staged, fmt, kind, out, **limits)
+        else:
+            # Validate the new rows alone so errors carry their own row numbers.
+            validate_file(staged, fmt, kind, new_rows, **limits)
+            with combined.open("wb") as f:
+                for block in self.blobs.read(_dataset_blob(base)):
+                    f.write(block)
+                f.write(new_rows.read_bytes())
+            # The base's rows were validated when stored; only re-derive the facts.
+            jsonl = registry_pb2.DATASET_FORMAT_JSONL
+            facts = validate_file(combined, jsonl, kind, out, max_row_bytes=2**62, max_errors=1)
+        self.blobs.put(out, facts.sha256)
+        return registry_pb2.DatasetRevision(
+            kind=kind,  # type: ignore[arg-type]
+            row_count=facts.row_count,
+            sha256=facts.sha256,
+            size_bytes=facts.size_bytes,
+            columns=facts.columns(),
+            length_stats=facts.length_stats(),
+            description=header.description,
+            labels=dict(header.labels),
+            parent_revision=base.name if base else "",
+        )
 
     def append_rows(
         self, team: str, parent_name: str, kind: int, rows: list[dict[str, Any]], request_id: str
@@ -295,10 +286,10 @@ class Registry:
             raise InvalidArgument(
                 "rows must not be empty", violations=[FieldViolation("rows", "empty")]
             )
-        header = registry_pb2.DatasetRevisionHeader(
+        header = DatasetHeader(
             parent=parent_name,
-            kind=kind,  # type: ignore[arg-type]
-            format=registry_pb2.JSONL,
+            kind=kind,
+            format=registry_pb2.DATASET_FORMAT_JSONL,
             request_id=request_id,
         )
         staged = temp_file(self.blobs.staging_dir(), "append-")
@@ -323,79 +314,26 @@ class Registry:
         except NotFound:
             return None
 
-    def read_rows(
-        self, team: str, request: registry_pb2.ReadDatasetRowsRequest
-    ) -> tuple[Revision, Iterator[tuple[int, bytes]]]:
+    def read_rows(self, team: str, query: RowQuery) -> tuple[Revision, Iterator[tuple[int, bytes]]]:
         """The revision and its rows for this reader: (row index, JSON line) pairs."""
-        count = request.shard_count or 1
-        if count < 1 or not 0 <= request.shard_index < count:
-            raise InvalidArgument(
-                f"shard_index must be in [0, {count})",
-                violations=[FieldViolation("shard_index", f"must be in [0, shard_count={count})")],
-            )
-        if request.offset < 0 or request.limit < 0:
-            raise InvalidArgument("offset and limit must be >= 0")
-        revision = self.get_revision(team, request.name, Collection.DATASETS)
-        return revision, self._shard_rows(revision, request, count)
-
-    def _scan_line_offsets(self, key: str) -> array.array[int]:
-        """Byte offsets of each line start, plus the end (8 bytes per row)."""
-        offsets = array.array("Q", [0])
-        with self.blobs.local_copy(key).open("rb") as f:
-            for line in f:
-                offsets.append(offsets[-1] + len(line))
-        return offsets
-
-    def _shard_rows(
-        self, revision: Revision, request: registry_pb2.ReadDatasetRowsRequest, count: int
-    ) -> Iterator[tuple[int, bytes]]:
-        """This shard's rows, streamed: never the whole file in memory."""
-        key = revision.body["sha256"]
-        stop = request.offset + request.limit if request.limit else None
-        if not request.shuffle:
-            mine = (
-                (i, line)
-                for i, line in enumerate(_lines(self.blobs.read(key)))
-                if i % count == request.shard_index
-            )
-            yield from itertools.islice(mine, request.offset, stop)
-            return
-        # A seeded permutation every shard computes alike, then seeks to each of its rows.
-        path = self.blobs.local_copy(key)
-        offsets = self._line_offsets(key)
-        rows = len(offsets) - 1
-        order = np.random.default_rng(request.shuffle_seed).permutation(rows)
-        with path.open("rb") as f:
-            for index in order[request.shard_index :: count][request.offset : stop]:
-                f.seek(offsets[index])
-                yield int(index), f.read(offsets[index + 1] - offsets[index]).rstrip(b"\n")
+        count = check_row_query(query)
+        revision = self.get_revision(team, query.name, Collection.DATASETS)
+        return revision, self.rows.rows(_dataset_blob(revision), query, count)
 
     # Evaluators -----------------------------------------------------------------------------
 
-    def create_evaluator_revision(
-        self, team: str, request: registry_pb2.CreateEvaluatorRevisionRequest
-    ) -> Revision:
-        parent = parse_resource(request.parent, Collection.EVALUATORS, "parent")
-        has_spec = request.HasField("spec")
-        if has_spec == bool(request.spec_json):
-            raise InvalidArgument(
-                "set exactly one of spec and spec_json",
-                violations=[FieldViolation("spec_json", "exactly one of spec, spec_json")],
-            )
-        spec_json = request.spec_json or json_format.MessageToJson(
-            request.spec, preserving_proto_field_name=True
-        )
-        spec = self.validate_spec(spec_json)
-        normalized = json_format.MessageToJson(spec, preserving_proto_field_name=True, indent=2)
+    def create_evaluator_revision(self, team: str, draft: EvaluatorDraft) -> Revision:
+        parent = parse_resource(draft.parent, Collection.EVALUATORS, "parent")
+        spec = self.validate_spec(draft.spec_json)
         body = registry_pb2.EvaluatorRevision(
-            spec=spec, spec_json=normalized, description=request.description
+            spec=spec, spec_json=proto_json.to_json(spec), description=draft.description
         )
         revision, _ = self.store.add_revision(
             team,
             Collection.EVALUATORS,
             parent.resource_id,
-            request_id=request.request_id,
-            body=lambda _rid: _to_json(body),
+            request_id=draft.request_id,
+            body=lambda _rid: body,
             blobs=[],
             create_parent=lambda: self.store.create_resource(
                 team, Collection.EVALUATORS, parent.resource_id, exist_ok=True
@@ -404,78 +342,7 @@ class Registry:
         return revision
 
 
-class ModelUpload:
-    """One UploadModelRevision stream: chunks staged and verified, then stored atomically."""
-
-    def __init__(
-        self,
-        registry: Registry,
-        team: str,
-        model_id: str,
-        header: registry_pb2.ModelRevisionHeader,
-        lineage: registry_pb2.Lineage,
-        base: Revision | None,
-    ) -> None:
-        self.registry = registry
-        self.team = team
-        self.model_id = model_id
-        self.header = header
-        self.lineage = lineage
-        self.base = base  # checked again when the revision is stored: it may be deleted meanwhile
-        self.done = registry.store.find_request(
-            team, Collection.MODELS, model_id, header.request_id
-        )
-        self.staged = StagedFiles(registry.blobs.staging_dir(), header.manifest)
-
-    def write(self, chunk: registry_pb2.FileChunk) -> None:
-        if self.done is None:  # a retried upload's bytes are not needed again
-            self.staged.write(chunk.path, chunk.offset, chunk.data)
-
-    def finish(self) -> Revision:
-        if self.done is not None:
-            return self.done
-        folder = self.staged.finish()
-        fmt = self.header.format
-        metadata = (
-            models.adapter_metadata(folder)
-            if fmt == registry_pb2.LORA_ADAPTER
-            else models.full_weights_metadata(folder)
-        )
-        for entry in self.header.manifest.files:
-            self.registry.blobs.put(folder / entry.path, entry.sha256)
-        body = registry_pb2.ModelRevision(
-            format=fmt,
-            lineage=self.lineage,
-            metadata=metadata,
-            manifest=registry_pb2.Manifest(
-                files=self.header.manifest.files,
-                total_bytes=sum(f.size_bytes for f in self.header.manifest.files),
-            ),
-            description=self.header.description,
-            labels=dict(self.header.labels),
-        )
-        store = self.registry.store
-        try:
-            revision, _ = store.add_revision(
-                self.team,
-                Collection.MODELS,
-                self.model_id,
-                request_id=self.header.request_id,
-                body=lambda _rid: _to_json(body),
-                blobs=[f.sha256 for f in self.header.manifest.files],
-                create_parent=lambda: store.create_resource(
-                    self.team, Collection.MODELS, self.model_id, exist_ok=True
-                ),
-                base=self.base,
-            )
-        except BaseRevisionGone as exc:
-            raise NotFound(
-                exc.message,
-                violations=[FieldViolation(BASE_FIELD, "deleted during the upload")],
-                metadata=exc.metadata,
-            ) from None
-        return revision
-
-    def cleanup(self) -> None:
-        self.staged.cleanup()
-        remove_tree(self.staged.root)
+def _dataset_blob(revision: Revision) -> str:
+    """The content key of a dataset revision's canonical JSONL file."""
+    assert isinstance(revision.body, registry_pb2.DatasetRevision)
+    return revision.body.sha256

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.common import proto_json
 from services.common.errors import FieldViolation, InvalidArgument
 from tlm.common.v1 import common_pb2
 from tlm.registry.v1 import registry_pb2
@@ -108,10 +109,10 @@ def check_prompt(row: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 CHECKS: dict[int, Check] = {
-    registry_pb2.SFT: check_sft,
-    registry_pb2.PREFERENCE: check_preference,
-    registry_pb2.UNPAIRED_PREFERENCE: check_unpaired,
-    registry_pb2.PROMPT: check_prompt,
+    registry_pb2.DATASET_KIND_SFT: check_sft,
+    registry_pb2.DATASET_KIND_PREFERENCE: check_preference,
+    registry_pb2.DATASET_KIND_UNPAIRED_PREFERENCE: check_unpaired,
+    registry_pb2.DATASET_KIND_PROMPT: check_prompt,
 }
 
 
@@ -301,7 +302,11 @@ def validate_file(
     check = CHECKS.get(kind)
     if check is None:
         raise InvalidArgument(f"kind {kind} is not a dataset kind")
-    rows = iter_parquet(src) if fmt == registry_pb2.PARQUET else iter_jsonl(src, max_row_bytes)
+    rows = (
+        iter_parquet(src)
+        if fmt == registry_pb2.DATASET_FORMAT_PARQUET
+        else iter_jsonl(src, max_row_bytes)
+    )
     facts, digest = DatasetFacts(), hashlib.sha256()
     violations: list[FieldViolation] = []
     bad_rows = 0
@@ -332,9 +337,9 @@ def validate_file(
             facts.observe(value)
     total = facts.row_count + bad_rows
     if bad_rows:
+        kind_name = proto_json.short_name(registry_pb2.DatasetKind, kind).lower()
         raise DatasetRowsInvalid(
-            f"{bad_rows} of {total} rows are invalid for kind "
-            f"{registry_pb2.DatasetKind.Name(kind).lower()}; nothing was stored. "  # type: ignore[arg-type]
+            f"{bad_rows} of {total} rows are invalid for kind {kind_name}; nothing was stored. "
             f"First: {violations[0].field}: {violations[0].description}",
             violations=violations,
             metadata={"invalid_rows": str(bad_rows), "rows": str(total)},

@@ -8,76 +8,34 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, select
+from google.protobuf import json_format
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from services.common import proto_json, sql
 from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, field_error
-from services.registry.names import LATEST, Collection, check_id, is_revision_id, revision_id
+from services.registry.domain import (
+    BODY_TYPES,
+    BaseRevisionGone,
+    Resource,
+    ResourceChanges,
+    Revision,
+    RevisionBody,
+    StaleBase,
+    revision_aliases,
+)
 from services.registry.tables import ResourceRow, RetiredNameRow, RevisionRow
+from services.specs.names import LATEST, Collection, check_id, is_revision_id, revision_id
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-@dataclass(frozen=True)
-class Resource:
-    team: str
-    collection: Collection
-    resource_id: str
-    description: str
-    labels: dict[str, str]
-    dataset_kind: int
-    aliases: dict[str, str]
-    etag: str
-    latest_revision_id: str
-    create_time: datetime
-    update_time: datetime
-
-    @property
-    def name(self) -> str:
-        return f"{self.collection}/{self.resource_id}"
-
-
-@dataclass(frozen=True)
-class Revision:
-    parent: Resource
-    seq: int
-    request_id: str
-    body: dict[str, Any]
-    blobs: list[str]
-    create_time: datetime
-    aliases: list[str] = field(default_factory=list)
-
-    @property
-    def revision_id(self) -> str:
-        return revision_id(self.seq)
-
-    @property
-    def name(self) -> str:
-        return f"{self.parent.name}/revisions/{self.revision_id}"
-
-
-@dataclass(frozen=True)
-class ResourceChanges:
-    """What an Update method changes; None leaves a field as it is. `labels` replaces them all."""
-
-    description: str | None = None
-    labels: dict[str, str] | None = None
-
-
-class StaleBase(Aborted):
-    """A revision built on the newest one lost a race with another writer; rebuild and retry."""
-
-
-class BaseRevisionGone(NotFound):
-    """The revision a new one names as its base was deleted before the new one was stored."""
+# Alembic's default name: registry databases made before the other stores had migrations
+# record their revision there.
+VERSION_TABLE = "alembic_version"
 
 
 def _now() -> datetime:
@@ -105,18 +63,18 @@ def _resource(row: ResourceRow) -> Resource:
 
 
 def _revision(row: RevisionRow, parent: Resource) -> Revision:
-    rid = revision_id(row.seq)
-    aliases = [a for a, r in sorted(parent.aliases.items()) if r == rid]
-    if parent.latest_revision_id == rid:
-        aliases.insert(0, LATEST)
+    # Bodies stored before the enum rename carry v1.0 names (`LORA_ADAPTER`): they still load.
+    body = proto_json.parse_dict(
+        row.body, BODY_TYPES[parent.collection](), ignore_unknown_fields=True
+    )
     return Revision(
         parent,
         row.seq,
         row.request_id,
-        dict(row.body),
+        body,
         list(row.blobs),
         _utc(row.create_time),
-        aliases,
+        revision_aliases(parent, row.seq),
     )
 
 
@@ -133,65 +91,18 @@ def _name_key(row: ResourceRow) -> dict[str, str]:
     return {"team": row.team, "collection": row.collection, "resource_id": row.resource_id}
 
 
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # let BEGIN IMMEDIATE below take the write lock
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Any) -> None:
-            # Writers take the lock up front (no deadlocking lock upgrades); readers use WAL.
-            write = conn.get_execution_options().get("tlm_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10)
-
-
-class _Transaction:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def __enter__(self) -> Session:
-        self.session.begin()
-        return self.session
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            if exc_type is None:
-                self.session.commit()
-            else:
-                self.session.rollback()
-        finally:
-            self.session.close()
-
-
 class MetadataStore:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = sql.make_engine(url)
 
-    def _write(self) -> Any:
+    def _write(self) -> AbstractContextManager[Session]:
         """A session in a write transaction (on SQLite: BEGIN IMMEDIATE)."""
-        session = Session(self.engine.execution_options(tlm_write=True))
-        return _Transaction(session)
+        return sql.write_session(self.engine)
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration (idempotent)."""
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        cfg.set_main_option("sqlalchemy.url", self.url)
-        with self.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        sql.migrate(self.engine, MIGRATIONS, VERSION_TABLE)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -393,13 +304,14 @@ class MetadataStore:
         rid: str,
         *,
         request_id: str,
-        body: Callable[[str], dict[str, Any]],
+        body: Callable[[str], RevisionBody],
         blobs: list[str],
         create_parent: Callable[[], Resource] | None = None,
         expect_seq: int | None = None,
         base: Revision | None = None,
     ) -> tuple[Revision, bool]:
-        """Append a revision atomically. `body(revision_id)` builds its facts. Returns it and
+        """Append a revision atomically. `body(revision_id)` builds its facts (stored as proto3
+        JSON, so that new facts need no migration). Returns it and
         whether it is new; a known request_id returns the earlier revision unchanged. With
         `expect_seq`, raise StaleBase unless the newest revision is still that one. With
         `base` (a revision of this collection it is built on), raise BaseRevisionGone unless
@@ -428,7 +340,7 @@ class MetadataStore:
                 resource_pk=row.pk,
                 seq=seq,
                 request_id=request_id,
-                body=body(revision_id(seq)),
+                body=json_format.MessageToDict(body(revision_id(seq))),
                 blobs=blobs,
                 create_time=now,
             )

@@ -1,5 +1,7 @@
-"""Staging of chunked uploads: bytes land in a private temporary folder, are hashed as they
-arrive, and are checked against the declared sizes and sha256 before anything is stored."""
+"""Chunked uploads: bytes land in a private temporary folder, are hashed as they arrive, and are
+checked against the declared sizes and sha256 before anything is stored (`StagedFiles`); one
+upload session per stream checks its header first and stores the revision at the end
+(`ModelUpload`, `DatasetUpload`)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,29 @@ import re
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from services.common.errors import FieldViolation, InvalidArgument, field_error
+from services.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    field_error,
+)
+from services.registry import models
+from services.registry.blobs import remove_tree
+from services.registry.domain import BaseRevisionGone, DatasetHeader, ModelHeader, Revision
+from services.specs.names import Collection, parse_resource
 from tlm.common.v1 import common_pb2
 from tlm.registry.v1 import registry_pb2
 
+if TYPE_CHECKING:
+    from services.registry.core import Registry
+
 SHA256 = re.compile(r"[0-9a-f]{64}")
+DATA_FILE = "data.jsonl"  # a dataset revision's one file, as downloads name it
+BASE_FIELD = "header.lineage.base_model_revision"
+UPLOAD_FORMATS = (registry_pb2.MODEL_FORMAT_FULL_WEIGHTS, registry_pb2.MODEL_FORMAT_LORA_ADAPTER)
 MAX_CHUNK = 4 * 1024 * 1024
 # Staged files keep their manifest paths, so a path must fit the filesystem: 255 bytes a name
 # (ext4, xfs), and a total well under PATH_MAX once under the staging folder.
@@ -152,3 +170,164 @@ class StagedFiles:
             if f.handle is not None:
                 f.handle.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class ModelUpload:
+    """One UploadModelRevision stream: chunks staged and verified, then stored atomically."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        team: str,
+        model_id: str,
+        header: ModelHeader,
+        lineage: registry_pb2.Lineage,
+        base: Revision | None,
+    ) -> None:
+        self.registry = registry
+        self.team = team
+        self.model_id = model_id
+        self.header = header
+        self.lineage = lineage
+        self.base = base  # checked again when the revision is stored: it may be deleted meanwhile
+        self.done = registry.store.find_request(
+            team, Collection.MODELS, model_id, header.request_id
+        )
+        self.staged = StagedFiles(registry.blobs.staging_dir(), header.manifest)
+
+    @classmethod
+    def begin(cls, registry: Registry, team: str, header: ModelHeader) -> ModelUpload:
+        """Check the header (resolving the lineage's aliases) before any bytes arrive."""
+        parent = parse_resource(header.parent, Collection.MODELS, "header.parent")
+        if header.format not in UPLOAD_FORMATS:
+            raise InvalidArgument(
+                "header.format must be FULL_WEIGHTS or LORA_ADAPTER",
+                violations=[FieldViolation("header.format", "must be set")],
+            )
+        check_manifest(header.manifest, "header.manifest")
+        lineage = registry_pb2.Lineage()
+        lineage.CopyFrom(header.lineage)
+        base = None
+        if header.lineage.base_model_revision:
+            base = registry.get_revision(
+                team, header.lineage.base_model_revision, Collection.MODELS, BASE_FIELD
+            )
+            lineage.base_model_revision = base.name  # aliases resolved: lineage is immutable
+            assert isinstance(base.body, registry_pb2.ModelRevision)
+            full = base.body.format == registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
+            if header.format == registry_pb2.MODEL_FORMAT_LORA_ADAPTER and not full:
+                raise FailedPrecondition(
+                    f"{base.name} is not a full-weights revision; adapters apply to full weights",
+                    violations=[FieldViolation(BASE_FIELD, "not full weights")],
+                )
+        elif header.format == registry_pb2.MODEL_FORMAT_LORA_ADAPTER:
+            raise InvalidArgument(
+                f"a LORA_ADAPTER revision needs {BASE_FIELD}",
+                violations=[FieldViolation(BASE_FIELD, "required")],
+            )
+        for i, ds in enumerate(header.lineage.dataset_revisions):
+            field = f"header.lineage.dataset_revisions[{i}]"
+            lineage.dataset_revisions[i] = registry.get_revision(
+                team, ds, Collection.DATASETS, field
+            ).name
+        return cls(registry, team, parent.resource_id, header, lineage, base)
+
+    def write(self, chunk: registry_pb2.FileChunk) -> None:
+        if self.done is None:  # a retried upload's bytes are not needed again
+            self.staged.write(chunk.path, chunk.offset, chunk.data)
+
+    def finish(self) -> Revision:
+        if self.done is not None:
+            return self.done
+        folder = self.staged.finish()
+        fmt = self.header.format
+        metadata = (
+            models.adapter_metadata(folder)
+            if fmt == registry_pb2.MODEL_FORMAT_LORA_ADAPTER
+            else models.full_weights_metadata(folder)
+        )
+        for entry in self.header.manifest.files:
+            self.registry.blobs.put(folder / entry.path, entry.sha256)
+        body = registry_pb2.ModelRevision(
+            format=fmt,  # type: ignore[arg-type]
+            lineage=self.lineage,
+            metadata=metadata,
+            manifest=registry_pb2.Manifest(
+                files=self.header.manifest.files,
+                total_bytes=sum(f.size_bytes for f in self.header.manifest.files),
+            ),
+            description=self.header.description,
+            labels=dict(self.header.labels),
+        )
+        store = self.registry.store
+        try:
+            revision, _ = store.add_revision(
+                self.team,
+                Collection.MODELS,
+                self.model_id,
+                request_id=self.header.request_id,
+                body=lambda _rid: body,
+                blobs=[f.sha256 for f in self.header.manifest.files],
+                create_parent=lambda: store.create_resource(
+                    self.team, Collection.MODELS, self.model_id, exist_ok=True
+                ),
+                base=self.base,
+            )
+        except BaseRevisionGone as exc:
+            raise NotFound(
+                exc.message,
+                violations=[FieldViolation(BASE_FIELD, "deleted during the upload")],
+                metadata=exc.metadata,
+            ) from None
+        return revision
+
+    def cleanup(self) -> None:
+        self.staged.cleanup()
+        remove_tree(self.staged.root)
+
+
+class DatasetUpload:
+    """One UploadDatasetRevision stream: the file staged and verified against the header's size
+    and sha256, then validated row by row and stored."""
+
+    def __init__(self, registry: Registry, team: str, header: DatasetHeader) -> None:
+        self.registry = registry
+        self.team = team
+        self.header = header
+        entry = registry_pb2.ArtifactFile(
+            path=DATA_FILE, size_bytes=header.size_bytes, sha256=header.sha256
+        )
+        self.staged = StagedFiles(
+            registry.blobs.staging_dir(), registry_pb2.Manifest(files=[entry])
+        )
+        self.received = 0
+
+    @classmethod
+    def begin(cls, registry: Registry, team: str, header: DatasetHeader) -> DatasetUpload:
+        """Check the header before any bytes arrive: the dataset, its kind, size and sha256."""
+        registry.check_dataset_header(team, header)
+        violations = []
+        if header.size_bytes < 0:
+            violations.append(FieldViolation("header.size_bytes", "must be >= 0"))
+        if not SHA256.fullmatch(header.sha256):
+            violations.append(FieldViolation("header.sha256", "must be 64 lowercase hex digits"))
+        if violations:
+            raise InvalidArgument(
+                f"{violations[0].field}: {violations[0].description}", violations=violations
+            )
+        return cls(registry, team, header)
+
+    def write(self, data: bytes) -> None:
+        self.staged.write(DATA_FILE, self.received, data)
+        self.received += len(data)
+
+    def finish(self) -> Revision:
+        if self.received == 0 and self.header.size_bytes == 0:
+            raise InvalidArgument(
+                "the file is empty", violations=[FieldViolation("data", "empty file")]
+            )
+        folder = self.staged.finish()
+        return self.registry.upload_dataset(self.team, self.header, folder / DATA_FILE)
+
+    def cleanup(self) -> None:
+        self.staged.cleanup()

@@ -48,10 +48,12 @@ def _weighted(values: Sequence[tuple[float, float]], kind: int) -> float:
     """Combine (weight, value) pairs.
 
     >>> pairs = [(1.0, 1.0), (0.5, 0.0), (2.0, 0.5)]
-    >>> [_weighted(pairs, k) for k in (ev.WEIGHTED_SUM, ev.WEIGHTED_MEAN, ev.MIN, ev.MAX)]
+    >>> kinds = (ev.AGGREGATION_WEIGHTED_SUM, ev.AGGREGATION_WEIGHTED_MEAN, ev.AGGREGATION_MIN,
+    ...          ev.AGGREGATION_MAX)
+    >>> [_weighted(pairs, k) for k in kinds]
     [2.0, 0.5714285714285714, 0.0, 1.0]
     """
-    return AGGREGATIONS[kind or ev.WEIGHTED_SUM](values)
+    return AGGREGATIONS[kind or ev.AGGREGATION_WEIGHTED_SUM](values)
 
 
 def _mean(values: Sequence[tuple[float, float]]) -> float:
@@ -59,10 +61,10 @@ def _mean(values: Sequence[tuple[float, float]]) -> float:
 
 
 AGGREGATIONS: Mapping[int, Callable[[Sequence[tuple[float, float]]], float]] = {
-    ev.WEIGHTED_SUM: lambda vs: sum(w * v for w, v in vs),
-    ev.WEIGHTED_MEAN: _mean,
-    ev.MIN: lambda vs: min(w * v for w, v in vs),
-    ev.MAX: lambda vs: max(w * v for w, v in vs),
+    ev.AGGREGATION_WEIGHTED_SUM: lambda vs: sum(w * v for w, v in vs),
+    ev.AGGREGATION_WEIGHTED_MEAN: _mean,
+    ev.AGGREGATION_MIN: lambda vs: min(w * v for w, v in vs),
+    ev.AGGREGATION_MAX: lambda vs: max(w * v for w, v in vs),
 }
 
 

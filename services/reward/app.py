@@ -19,7 +19,7 @@ from services.reward.sandbox_memory import choose_policy
 from services.reward.service import RewardCore
 from services.reward.servicer import RewardServicer
 from services.reward.settings import RewardSettings
-from services.reward.spec import MAX_CODE_TIMEOUT_S
+from services.specs.evaluator import MAX_CODE_TIMEOUT_S
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2, reward_service_pb2_grpc
 
@@ -57,7 +57,8 @@ def binding(settings: RewardSettings) -> ServiceBinding:
         settings.service_api_key, allowed_addresses=settings.judge_rollout_addresses
     )
     (settings.data_dir / "reward").mkdir(parents=True, exist_ok=True)
-    store = ReviewStore(f"sqlite:///{settings.data_dir / 'reward' / 'reviews.db'}")
+    sqlite = f"sqlite:///{settings.data_dir / 'reward' / 'reviews.db'}"
+    store = ReviewStore(settings.database_url or sqlite)
     reviews = ReviewQueue(store)
     adapters: dict[str, AsyncScorer] = {
         "code": CodeScorerAdapter(sandbox, settings.sandbox_max_source_kb),

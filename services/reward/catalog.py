@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from services.reward.spec_defaults import BOUNDS, DEFAULT_TIMEOUT_S, DEFAULTS, SCORER_TIMEOUT_S
-from services.reward.spec_json import enum_names, msg_type
+from services.specs.evaluator_defaults import BOUNDS, DEFAULT_TIMEOUT_S, DEFAULTS, SCORER_TIMEOUT_S
+from services.specs.evaluator_json import enum_names, msg_type
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
 
@@ -26,31 +26,35 @@ class ScorerInfo:
     required: tuple[str, ...] = ()
 
 
+# Scorer families, short for the table below.
+RULE, MODEL, HUMAN = rs.SCORER_FAMILY_RULE, rs.SCORER_FAMILY_MODEL, rs.SCORER_FAMILY_HUMAN
+JUDGE, REMOTE = rs.SCORER_FAMILY_JUDGE, rs.SCORER_FAMILY_REMOTE
 SCORERS: Mapping[str, ScorerInfo] = {
-    "exact_match": ScorerInfo(rs.RULE, "1.0 when the completion equals the reference.", True,
+    "exact_match": ScorerInfo(RULE, "1.0 when the completion equals the reference.", True,
                               {"reference_field": "reference", "extraction": {"tag": "answer"}}),
-    "contains": ScorerInfo(rs.RULE, "Whether the completion contains substrings.", True,
-                           {"substrings": ["because"], "mode": "ANY"}),
-    "regex": ScorerInfo(rs.RULE, "Matches an RE2 pattern (linear time).", True,
+    "contains": ScorerInfo(RULE, "Whether the completion contains substrings.", True,
+                           {"substrings": ["because"], "mode": "MATCH_MODE_ANY"}),
+    "regex": ScorerInfo(RULE, "Matches an RE2 pattern (linear time).", True,
                         {"pattern": "^Answer: [0-9]+$", "full_match": True}, ("pattern",)),
-    "json": ScorerInfo(rs.RULE, "Valid JSON, optionally conforming to a JSON Schema.", True,
+    "json": ScorerInfo(RULE, "Valid JSON, optionally conforming to a JSON Schema.", True,
                        {"schema": {"type": "object", "required": ["name"]}}),
-    "length": ScorerInfo(rs.RULE, "1.0 inside the length bounds, penalised outside.", True,
-                         {"unit": "WORDS", "min_length": 20, "max_length": 200}, ("max_length",)),
-    "format": ScorerInfo(rs.RULE, "Tags such as <think>...</think><answer>...</answer>.", True,
+    "length": ScorerInfo(RULE, "1.0 inside the length bounds, penalised outside.", True,
+                         {"unit": "LENGTH_UNIT_WORDS", "min_length": 20, "max_length": 200},
+                         ("max_length",)),
+    "format": ScorerInfo(RULE, "Tags such as <think>...</think><answer>...</answer>.", True,
                          {"tags": ["think", "answer"]}, ("tags",)),
-    "math": ScorerInfo(rs.RULE, "Answer equivalent to the reference (math-verify).", True,
+    "math": ScorerInfo(RULE, "Answer equivalent to the reference (math-verify).", True,
                        {"reference_field": "reference", "extraction": {"tag": "answer"}}),
-    "code": ScorerInfo(rs.RULE, "Runs the code with the row's tests in a sandbox.", False,
+    "code": ScorerInfo(RULE, "Runs the code with the row's tests in a sandbox.", False,
                        {"tests_field": "tests", "timeout": "5s", "memory_mb": 256}),
-    "model": ScorerInfo(rs.MODEL, "A sequence-classification reward model's logit.", False,
+    "model": ScorerInfo(MODEL, "A sequence-classification reward model's logit.", False,
                         {"model_revision": "models/rm/revisions/latest"}, ("model_revision",)),
-    "human": ScorerInfo(rs.HUMAN, "People answer a review queue (rating or pairwise).", False,
-                        {"kind": "RATING", "instructions": "Rate helpfulness 1-5."}),
-    "judge": ScorerInfo(rs.JUDGE, "A rubric prompt to a model served by rollout.", False,
+    "human": ScorerInfo(HUMAN, "People answer a review queue (rating or pairwise).", False,
+                        {"kind": "REVIEW_KIND_RATING", "instructions": "Rate helpfulness 1-5."}),
+    "judge": ScorerInfo(JUDGE, "A rubric prompt to a model served by rollout.", False,
                         {"rubric": "Rate 0-10.\n{prompt}\n{completion}\nAnswer 'Score: N'."},
                         ("rubric",)),
-    "remote": ScorerInfo(rs.REMOTE, "Another team's reward service, by address.", False,
+    "remote": ScorerInfo(REMOTE, "Another team's reward service, by address.", False,
                          {"address": "rm.team-b:50051", "evaluator": "evaluators/e/revisions/1"},
                          ("address",)),
 }  # fmt: skip
@@ -75,14 +79,18 @@ DOCS: Mapping[str, str] = {
     "TextNormalization.remove_punctuation": "Remove punctuation.",
 }
 SCALAR_TYPES = {
-    F.TYPE_STRING: rs.STRING, F.TYPE_BOOL: rs.BOOLEAN, F.TYPE_DOUBLE: rs.NUMBER,
-    F.TYPE_FLOAT: rs.NUMBER, F.TYPE_INT32: rs.INTEGER, F.TYPE_INT64: rs.INTEGER,
-    F.TYPE_ENUM: rs.ENUM,
-}  # fmt: skip
+    F.TYPE_STRING: rs.PARAMETER_TYPE_STRING,
+    F.TYPE_BOOL: rs.PARAMETER_TYPE_BOOLEAN,
+    F.TYPE_DOUBLE: rs.PARAMETER_TYPE_NUMBER,
+    F.TYPE_FLOAT: rs.PARAMETER_TYPE_NUMBER,
+    F.TYPE_INT32: rs.PARAMETER_TYPE_INTEGER,
+    F.TYPE_INT64: rs.PARAMETER_TYPE_INTEGER,
+    F.TYPE_ENUM: rs.PARAMETER_TYPE_ENUM,
+}
 SPECIAL_MESSAGES = {
-    "google.protobuf.Duration": rs.DURATION,
-    "google.protobuf.Struct": rs.JSON_OBJECT,
-    "tlm.reward.v1.EvaluatorSpec": rs.JSON_OBJECT,
+    "google.protobuf.Duration": rs.PARAMETER_TYPE_DURATION,
+    "google.protobuf.Struct": rs.PARAMETER_TYPE_JSON_OBJECT,
+    "tlm.reward.v1.EvaluatorSpec": rs.PARAMETER_TYPE_JSON_OBJECT,
 }
 
 
@@ -100,9 +108,9 @@ def parameters(
             name=name, required=f.name in required, description=DOCS.get(key, "")
         )
         if f.type == F.TYPE_MESSAGE:
-            info.type = SPECIAL_MESSAGES.get(msg_type(f).full_name, rs.MESSAGE)  # type: ignore[assignment]
+            info.type = SPECIAL_MESSAGES.get(msg_type(f).full_name, rs.PARAMETER_TYPE_MESSAGE)  # type: ignore[assignment]
         elif f.is_repeated:
-            info.type = rs.STRING_LIST
+            info.type = rs.PARAMETER_TYPE_STRING_LIST
         else:
             info.type = SCALAR_TYPES[f.type]  # type: ignore[assignment]
         if f.type == F.TYPE_ENUM:
@@ -116,7 +124,7 @@ def parameters(
             if not bound.open_low:  # "above 0s" has no lowest allowed value to report
                 info.minimum = bound.low
         params.append(info)
-        if info.type == rs.MESSAGE:
+        if info.type == rs.PARAMETER_TYPE_MESSAGE:
             params.extend(parameters(msg_type(f), name + "."))
     return params
 

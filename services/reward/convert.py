@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2, json_format
 from services.common.timestamps import to_timestamp_or_none
 from services.reward.domain import Prompt, Sample, SampleResult, ScorerResult, Status
 from services.reward.reviews import Answer, Review
-from services.reward.spec import Validation
+from services.specs.evaluator import Validation
 from tlm.common.v1 import common_pb2
 from tlm.reward.v1 import reward_service_pb2 as rs
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from services.common.errors import FailedPrecondition
 from tlm.common.v1 import common_pb2
 
 
@@ -101,17 +101,6 @@ class SampleResult:
     scorers: Sequence[ScorerResult]
     gate: str = ""
     reason: str = ""
-
-
-class EvaluatorInvalid(InvalidArgument):
-    """An evaluator spec has errors; each violation's field is a JSON path."""
-
-    reason = common_pb2.EVALUATOR_INVALID
-
-    def __init__(self, violations: Sequence[FieldViolation]) -> None:
-        first = violations[0] if violations else FieldViolation("", "invalid")
-        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-        super().__init__(f"{first.field}: {first.description}{more}", violations=violations)
 
 
 class ModelIncompatible(FailedPrecondition):

@@ -18,7 +18,7 @@ from services.reward.domain import Outcome, Sample, SampleResult, ScorerResult
 from services.reward.metrics import SAMPLES, SCORER_LATENCY, SCORER_RESULTS
 from services.reward.rule_runner import RuleRunner
 from services.reward.rules import RULES
-from services.reward.spec_defaults import DEFAULT_TIMEOUT_S, duration_s
+from services.specs.evaluator_defaults import DEFAULT_TIMEOUT_S, duration_s
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 log = structlog.get_logger("tlm.reward")

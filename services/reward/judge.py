@@ -7,15 +7,16 @@ import math
 import re
 from collections.abc import Sequence
 
-import grpc
 import re2
 
-from services.common.client import aio_channel, call_metadata
+from services.clients.rollout import RolloutClient
+from services.common.client import call_metadata
+from services.common.errors import TlmError
 from services.reward.domain import Outcome, Sample
 from services.reward.engine import ScoreContext, scorer_timeout
 from tlm.common.v1 import common_pb2
 from tlm.reward.v1 import evaluator_pb2 as ev
-from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+from tlm.rollout.v1 import rollout_pb2
 
 # Prompts per Generate call.
 CHUNK = 64
@@ -80,7 +81,10 @@ def judge_request(cfg: ev.JudgeScorer, samples: Sequence[Sample]) -> rollout_pb2
         n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, skip_logprobs=True
     )
     return rollout_pb2.GenerateRequest(
-        prompts=prompts, sampling=sampling, adapter_revision=cfg.adapter_revision
+        prompts=prompts,
+        sampling=sampling,
+        adapter_revision=cfg.adapter_revision,
+        model_revision=cfg.model_revision,
     )
 
 
@@ -98,7 +102,7 @@ class JudgeScorerAdapter:
         self.default_address = default_address
         self.allowed_addresses = set(allowed_addresses)
         self._service_key = service_api_key
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._clients: dict[str, RolloutClient] = {}
 
     def problem(self, cfg: ev.JudgeScorer) -> str | None:
         """Why this deployment refuses the scorer's rollout address, or None."""
@@ -107,10 +111,10 @@ class JudgeScorerAdapter:
             return None
         return "not the configured rollout address (TLM_REWARD_JUDGE_ROLLOUT_ADDRESSES)"
 
-    def _stub(self, address: str) -> rollout_pb2_grpc.RolloutServiceStub:
-        if address not in self._channels:
-            self._channels[address] = aio_channel(address)  # TLS when TLM_TLS_CA_FILE is set
-        return rollout_pb2_grpc.RolloutServiceStub(self._channels[address])
+    def _client(self, address: str) -> RolloutClient:
+        if address not in self._clients:
+            self._clients[address] = RolloutClient(address)  # TLS when TLM_TLS_CA_FILE is set
+        return self._clients[address]
 
     async def score(
         self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
@@ -125,8 +129,10 @@ class JudgeScorerAdapter:
             chunk = samples[start : start + CHUNK]
             try:
                 texts.extend(await self._generate(address, cfg, chunk, scorer, ctx))
-            except grpc.aio.AioRpcError as exc:
-                why = f"rollout {address} failed: {exc.code().name}: {exc.details()}"
+            except TlmError as exc:
+                if exc.remote is None:
+                    raise
+                why = f"rollout {address} failed: {exc.remote.code.name}: {exc.remote.message}"
                 return [Outcome.error(why)] * len(samples)
         low, high = cfg.score_min, cfg.score_max
         return [parse_score(text, cfg.score_pattern, low, high) for text in texts]
@@ -142,14 +148,16 @@ class JudgeScorerAdapter:
         request = judge_request(cfg, samples)
         budget = min(scorer_timeout(scorer), ctx.remaining() - 0.1)
         texts = [""] * len(samples)
-        stream = self._stub(address).Generate(
-            request, timeout=max(budget, 0.01), metadata=call_metadata(self._service_key, ctx.team)
+        stream = self._client(address).generate(
+            request,
+            timeout_s=max(budget, 0.01),
+            metadata=call_metadata(self._service_key, ctx.team),
         )
-        async for response in stream:  # type: ignore[attr-defined]
+        async for response in stream:
             for completion in response.completions:
                 texts[completion.prompt_index] = completion.text
         return texts
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close(None)
+        for client in self._clients.values():
+            await client.close()

@@ -1,5 +1,5 @@
-"""The reward service's view of the registry: the calls it makes, with gRPC errors turned into
-domain errors so the core never sees a grpc exception."""
+"""The reward service's view of the registry: the calls it makes through the registry client,
+whose domain errors (services/clients/errors.py) reach the core naming what they are about."""
 
 from __future__ import annotations
 
@@ -8,34 +8,24 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from services.common.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    TlmError,
-    Unavailable,
-)
-from services.registry.client import ModelCache, RegistryClient
+from services.clients.artifacts import ModelCache
+from services.clients.errors import in_context
+from services.clients.registry import RegistryClient
+from services.common.errors import TlmError
 from tlm.registry.v1 import registry_pb2
 from tlm.reward.v1 import evaluator_pb2 as ev
-
-CODES: Mapping[grpc.StatusCode, type[TlmError]] = {
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.PERMISSION_DENIED: NotFound,
-}
 
 
 @asynccontextmanager
 async def mapped_errors(what: str) -> AsyncIterator[None]:
+    """The registry client's domain errors, keeping their meaning, say which name they are
+    about."""
     try:
         yield
-    except grpc.aio.AioRpcError as exc:
-        cls = CODES.get(exc.code(), Unavailable)
-        raise cls(f"registry: {what}: {exc.details()}") from exc
+    except TlmError as exc:
+        if exc.remote is None:
+            raise
+        raise in_context(exc, f"registry: {what}") from exc
 
 
 class RegistryPort:
@@ -58,7 +48,7 @@ class RegistryPort:
         parent = dataset if dataset.startswith("datasets/") else f"datasets/{dataset}"
         async with mapped_errors(parent):
             revision = await self.client.append_dataset_rows(
-                parent, registry_pb2.PREFERENCE, rows, request_id=request_id, team=team
+                parent, registry_pb2.DATASET_KIND_PREFERENCE, rows, request_id=request_id, team=team
             )
         return revision.name
 

@@ -1,9 +1,9 @@
-"""The remote scorer: another RewardService with the same contract, called with a deadline,
-retries with exponential backoff, and a circuit breaker per address."""
+"""The remote scorer: another RewardService with the same contract, called through the reward
+client (services/clients/reward.py) with a deadline and its retry policy (the spec's
+`max_retries`), and a circuit breaker per address."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -12,19 +12,25 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.client import CHANNEL_OPTIONS, call_metadata
+from services.clients.errors import classify
+from services.clients.reward import RewardClient
+from services.common.client import CHANNEL_OPTIONS, RetryPolicy, call_metadata
+from services.common.errors import TlmError
 from services.reward import convert
 from services.reward.domain import Outcome, Sample, Status
 from services.reward.engine import ScoreContext
-from services.reward.spec_defaults import duration_s
+from services.specs.evaluator_defaults import duration_s
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
-from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # Only these say the remote is unwell; other codes are the caller's own mistake.
-BREAKER_CODES = RETRYABLE | {grpc.StatusCode.RESOURCE_EXHAUSTED}
-BACKOFF_S = 0.1
+BREAKER_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+BACKOFF_S = 0.1  # the first retry's backoff; then doubling, at most MAX_BACKOFF_S
+MAX_BACKOFF_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 # Operator bounds on what a spec may ask of its breaker.
 BREAKER_FAILURES = (1, 20)
@@ -86,7 +92,8 @@ async def probe_address(address: str, tls: bool) -> str | None:
             stub = health_pb2_grpc.HealthStub(channel)
             await stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            return f"{address} does not answer ({exc.code().name}: {exc.details()})"
+            status = classify(exc, "remote reward", address)
+            return f"{address} does not answer ({status.code.name}: {status.message})"
     return None
 
 
@@ -95,7 +102,7 @@ class RemoteScorerAdapter:
     anywhere; the service's own key (which acts for any team) never goes to a spec's address."""
 
     def __init__(self, remote_keys: Mapping[str, str] | None = None) -> None:
-        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
+        self._clients: dict[tuple[str, bool, int], RewardClient] = {}
         self._breakers: dict[tuple[str, bool, str], Breaker] = {}
         self.remote_keys = dict(remote_keys or {})
 
@@ -105,11 +112,21 @@ class RemoteScorerAdapter:
             return f"not an API key the operator allows for {cfg.address} (TLM_REWARD_REMOTE_KEYS)"
         return None
 
-    def _stub(self, cfg: ev.RemoteScorer) -> rs_grpc.RewardServiceStub:
-        key = (cfg.address, cfg.tls)
-        if key not in self._channels:
-            self._channels[key] = _channel(cfg.address, cfg.tls)
-        return rs_grpc.RewardServiceStub(self._channels[key])
+    def _client(self, cfg: ev.RemoteScorer) -> RewardClient:
+        """One client per (address, tls, retries): the spec's retries are its channel's."""
+        retries = cfg.max_retries if cfg.HasField("max_retries") else 2
+        attempts = max(1, min(retries + 1, 5))  # gRPC's cap on attempts
+        key = (cfg.address, cfg.tls, attempts)
+        if key not in self._clients:
+            policy = RetryPolicy(attempts, BACKOFF_S, MAX_BACKOFF_S)
+            self._clients[key] = RewardClient(
+                cfg.address,
+                retry=policy,
+                credentials=grpc.ssl_channel_credentials() if cfg.tls else None,
+                insecure=not cfg.tls,
+                metadata=(),
+            )
+        return self._clients[key]
 
     def _breaker(self, cfg: ev.RemoteScorer, team: str) -> Breaker:
         """One per (address, tls, team): a team's failures and settings affect only itself."""
@@ -137,9 +154,12 @@ class RemoteScorerAdapter:
             request.spec.CopyFrom(cfg.spec)
         try:
             response = await self._call(cfg, request, ctx)
-        except grpc.aio.AioRpcError as exc:
-            breaker.record(exc.code() not in BREAKER_CODES, time.monotonic())
-            why = f"remote {cfg.address} failed: {exc.code().name}: {exc.details()}"
+        except TlmError as exc:
+            if exc.remote is None:
+                raise
+            code = exc.remote.code
+            breaker.record(code not in BREAKER_CODES, time.monotonic())
+            why = f"remote {cfg.address} failed: {code.name}: {exc.remote.message}"
             return [Outcome.error(why)] * len(samples)
         except BaseException:
             breaker.trial = False  # a cancelled trial decides nothing
@@ -155,24 +175,15 @@ class RemoteScorerAdapter:
         self, cfg: ev.RemoteScorer, request: rs.ScoreRequest, ctx: ScoreContext
     ) -> rs.ScoreResponse:
         timeout = duration_s(cfg.timeout) if cfg.HasField("timeout") else 10.0
-        retries = cfg.max_retries if cfg.HasField("max_retries") else 2
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         metadata = call_metadata(key, None) if key else ()
-        for attempt in range(retries + 1):
-            budget = min(timeout, ctx.remaining() - 0.1)
-            try:
-                return await self._stub(cfg).Score(  # type: ignore[misc]
-                    request, timeout=max(budget, 0.01), metadata=metadata
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == retries:
-                    raise
-                await asyncio.sleep(min(BACKOFF_S * 2**attempt, max(ctx.remaining() - 0.2, 0)))
-        raise AssertionError("unreachable")
+        budget = min(timeout, ctx.remaining() - 0.1)  # for every attempt together
+        client = self._client(cfg)
+        return await client.score(request, timeout_s=max(budget, 0.01), metadata=metadata)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close(None)
+        for client in self._clients.values():
+            await client.close()
 
 
 def _outcome(result: rs.SampleResult) -> Outcome:

@@ -16,7 +16,7 @@ from services.common.pagination import decode_token, encode_token, page_size
 from services.reward.domain import Outcome, Sample, Status
 from services.reward.engine import ScoreContext
 from services.reward.registry_port import RegistryPort
-from services.reward.review_store import ReviewStore
+from services.reward.review_store import ReviewStore, TeamLock
 from services.reward.reviews import (
     Answer,
     Candidate,
@@ -56,7 +56,7 @@ class ReviewQueue:
         cfg = scorer.human
         keys = [candidate_key(cfg, s) for s in samples]
         outcomes: dict[int, Outcome] = {}
-        if cfg.kind == ev.PAIRWISE:
+        if cfg.kind == ev.REVIEW_KIND_PAIRWISE:
             for i, key in enumerate(keys):
                 done = self.store.answered_with(team, key)
                 if done is not None:
@@ -83,7 +83,7 @@ class ReviewQueue:
         draft = Review(
             review_id="",
             team=team,
-            kind=cfg.kind or ev.RATING,
+            kind=cfg.kind or ev.REVIEW_KIND_RATING,
             state=ReviewState.PENDING,
             prompt=samples[0].prompt,
             candidates=tuple(
@@ -116,7 +116,11 @@ class ReviewQueue:
         serialised (they come at human pace) so the rows written match the answer recorded."""
         review_id = review_id_from_name(name)
         async with self._submit_lock:
-            return await self._submit(team, name, review_id, answer)
+            lock = await _acquire(self.store, team)  # replicas sharing the queue take turns
+            try:
+                return await self._submit(team, name, review_id, answer)
+            finally:
+                await asyncio.to_thread(lock.release)
 
     async def _submit(self, team: str, name: str, review_id: str, answer: Answer) -> Review:
         review = await asyncio.to_thread(self.store.get, team, review_id)
@@ -125,7 +129,7 @@ class ReviewQueue:
         check_answer(review, answer)
         answered = replace(review, answer=answer, state=ReviewState.ANSWERED)
         earlier: list[Review] = []
-        if review.kind != ev.PAIRWISE:
+        if review.kind != ev.REVIEW_KIND_PAIRWISE:
             earlier = await asyncio.to_thread(
                 self.store.answered_ratings, team, review.dataset, prompt_key(review.prompt)
             )
@@ -146,6 +150,18 @@ class ReviewQueue:
             raise ReviewAlreadyAnswered(f"{name} is already answered")
         log.info("review_answered", review=name, team=team, rows=len(rows), revision=revision)
         return await asyncio.to_thread(self.store.get, team, review_id)
+
+
+async def _acquire(store: ReviewStore, team: str) -> TeamLock:
+    """The team's submit lock; released even if the caller is cancelled while waiting."""
+    waiting = asyncio.ensure_future(asyncio.to_thread(store.lock_team, team))
+    try:
+        return await asyncio.shield(waiting)
+    except asyncio.CancelledError:
+        waiting.add_done_callback(
+            lambda f: f.result().release() if not f.cancelled() and not f.exception() else None
+        )
+        raise
 
 
 def _answered(review: Review, key: str) -> Outcome:

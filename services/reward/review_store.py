@@ -1,12 +1,16 @@
-"""The review queue's storage: one SQLAlchemy table, SQLite under the data directory by default
-(any SQLAlchemy URL works). The schema is created on open; it has no migrations yet, so a
-change to it needs one (or a new file). Calls are blocking; the queue runs them in a thread."""
+"""The review queue's storage: one SQLAlchemy table, SQLite under the data directory by default,
+PostgreSQL when deployed (`TLM_REWARD_DATABASE_URL`), so that every reward replica sees one
+queue. The shared SQL setup (`services.common.sql`) opens it and runs the Alembic migrations in
+`migrations/`; a change to the table needs a new migration. Calls are blocking; the queue runs
+them in a thread."""
 
 from __future__ import annotations
 
 import uuid
+import zlib
 from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -16,17 +20,22 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
-    create_engine,
-    event,
     select,
+    text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from services.common import sql
 from services.reward.domain import Prompt
 from services.reward.reviews import Answer, Candidate, Review, ReviewNotFound, ReviewState
 from tlm.reward.v1 import evaluator_pb2 as ev
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "reward_alembic_version"  # its own, so the stores can share one database
+TEAM_LOCKS = 0x7265_7677  # PostgreSQL advisory lock space of the review queue ("revw")
 
 
 class Base(DeclarativeBase):
@@ -87,15 +96,24 @@ def _review(row: ReviewRow) -> Review:
     )
 
 
+class TeamLock:
+    """One team's submit lock, held until `release`. On PostgreSQL a session advisory lock on a
+    connection of its own (closed on release, which frees the lock even if unlocking fails);
+    elsewhere nothing: an SQLite queue belongs to one replica, which serialises its submits."""
+
+    def __init__(self, connection: Connection | None) -> None:
+        self.connection = connection
+
+    def release(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
 class ReviewStore:
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(self.engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.execute("PRAGMA journal_mode=WAL")
-
-        Base.metadata.create_all(self.engine)
+        self.engine = sql.make_engine(url)
+        sql.migrate(self.engine, MIGRATIONS, VERSION_TABLE)
 
     def find_or_create(self, draft: Review, key: str, prompt_key: str) -> Review:
         """The team's review for `key`, created from `draft` if there is none."""
@@ -126,7 +144,7 @@ class ReviewStore:
             create_time=draft.create_time,
         )
         try:
-            with Session(self.engine) as session, session.begin():
+            with sql.write_session(self.engine) as session:
                 session.add(row)
         except IntegrityError:  # created concurrently: use that one
             found = self._by_key(draft.team, key)
@@ -181,7 +199,7 @@ class ReviewStore:
                     ReviewRow.team == team,
                     ReviewRow.dataset == dataset,
                     ReviewRow.prompt_key == prompt_key,
-                    ReviewRow.kind == ev.RATING,
+                    ReviewRow.kind == ev.REVIEW_KIND_RATING,
                     ReviewRow.state == int(ReviewState.ANSWERED),
                 )
                 .order_by(ReviewRow.pk)
@@ -192,7 +210,7 @@ class ReviewStore:
         self, team: str, review_id: str, answer: Answer, revision: str, when: datetime
     ) -> bool:
         """Record the answer if the review is still pending; False if it was answered first."""
-        with Session(self.engine) as session, session.begin():
+        with sql.write_session(self.engine) as session:
             result = session.execute(
                 update(ReviewRow)
                 .where(
@@ -208,6 +226,19 @@ class ReviewStore:
                 )
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def lock_team(self, team: str) -> TeamLock:
+        """Wait for, then hold, `team`'s submit lock: replicas sharing the queue record one
+        answer of a team at a time, so the rows appended match the answers recorded."""
+        if self.engine.dialect.name != "postgresql":
+            return TeamLock(None)
+        connection = self.engine.connect()
+        connection.detach()  # closing it ends the server session, and with it the lock
+        key = zlib.crc32(team.encode()) - 2**31  # the lock key is a signed int4
+        connection.execute(
+            text("SELECT pg_advisory_lock(:space, :key)"), {"space": TEAM_LOCKS, "key": key}
+        )
+        return TeamLock(connection)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -126,7 +126,7 @@ def pairs_by_group(samples: Sequence[Sample]) -> tuple[list[tuple[int, int]], di
 
 def check_answer(review: Review, answer: Answer) -> None:
     """InvalidArgument unless the answer fits the review's kind and scale."""
-    if review.kind == ev.PAIRWISE:
+    if review.kind == ev.REVIEW_KIND_PAIRWISE:
         if answer.chosen_index not in (0, 1):
             raise _bad("answer.chosen_index", "a pairwise review needs chosen_index 0 or 1")
         return
@@ -145,13 +145,13 @@ def answer_value(review: Review, candidate_key: str) -> float:
     """The reward of one candidate from the answer: a rating mapped linearly to [0, 1]; for a
     pairwise choice 1.0 for the chosen completion and 0.0 for the other.
 
-    >>> r = Review("r", "t", ev.RATING, ReviewState.ANSWERED, Prompt("p"), (Candidate("a", "x",
-    ...     "k"),), "", 1.0, 5.0, "d", "s", datetime.now(), Answer(rating=4.0))
+    >>> r = Review("r", "t", ev.REVIEW_KIND_RATING, ReviewState.ANSWERED, Prompt("p"),
+    ...     (Candidate("a", "x", "k"),), "", 1.0, 5.0, "d", "s", datetime.now(), Answer(rating=4.0))
     >>> answer_value(r, "k")
     0.75
     """
     assert review.answer is not None
-    if review.kind == ev.PAIRWISE:
+    if review.kind == ev.REVIEW_KIND_PAIRWISE:
         chosen = review.candidates[review.answer.chosen_index or 0]
         return 1.0 if chosen.key == candidate_key else 0.0
     rating = review.answer.rating or 0.0
@@ -172,14 +172,14 @@ def preference_rows(review: Review, earlier: Sequence[Review]) -> list[dict[str,
     compared after mapping to [0, 1]); a first rating, or a tie, adds none.
 
     >>> def rated(c, v):
-    ...     return Review(c, "t", ev.RATING, ReviewState.ANSWERED, Prompt("p"),
+    ...     return Review(c, "t", ev.REVIEW_KIND_RATING, ReviewState.ANSWERED, Prompt("p"),
     ...         (Candidate(c, c, c),), "", 1.0, 5.0, "d", "s", datetime.now(), Answer(rating=v))
     >>> preference_rows(rated("x", 4.0), [rated("y", 2.0), rated("z", 4.0)])
     [{'prompt': 'p', 'chosen': 'x', 'rejected': 'y'}]
     """
     assert review.answer is not None
     prompt = prompt_row(review.prompt)
-    if review.kind == ev.PAIRWISE:
+    if review.kind == ev.REVIEW_KIND_PAIRWISE:
         chosen = review.answer.chosen_index or 0
         return [
             {
@@ -191,7 +191,11 @@ def preference_rows(review: Review, earlier: Sequence[Review]) -> list[dict[str,
     rows = []
     mine, value = review.candidates[0], answer_value(review, review.candidates[0].key)
     for other in earlier:
-        if other.kind == ev.PAIRWISE or other.answer is None or other.answer.rating is None:
+        if (
+            other.kind == ev.REVIEW_KIND_PAIRWISE
+            or other.answer is None
+            or other.answer.rating is None
+        ):
             continue
         theirs = other.candidates[0]
         # Compared on [0, 1], so ratings given on different scales still order correctly.

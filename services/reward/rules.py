@@ -20,8 +20,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from services.reward.domain import Outcome, Sample, Status
-from services.reward.json_schema import SchemaUnusable, validator
 from services.reward.text import TextNorm, extract, normalize
+from services.specs.json_schema import SchemaUnusable, validator
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 # Pure value functions --------------------------------------------------------------------------
@@ -41,17 +41,17 @@ def exact_match_value(text: str, reference: str, norm: TextNorm = TextNorm()) ->
 def contains_value(text: str, items: Sequence[str], mode: int) -> float:
     """ALL (1), ANY (2) or FRACTION (3) of `items` found in `text`.
 
-    >>> contains_value("a cat and a dog", ["cat", "cow"], ev.ALL)
+    >>> contains_value("a cat and a dog", ["cat", "cow"], ev.MATCH_MODE_ALL)
     0.0
-    >>> contains_value("a cat and a dog", ["cat", "cow"], ev.ANY)
+    >>> contains_value("a cat and a dog", ["cat", "cow"], ev.MATCH_MODE_ANY)
     1.0
-    >>> contains_value("a cat and a dog", ["cat", "cow", "dog", "eel"], ev.FRACTION)
+    >>> contains_value("a cat and a dog", ["cat", "cow", "dog", "eel"], ev.MATCH_MODE_FRACTION)
     0.5
     """
     found = [item in text for item in items]
-    if mode == ev.FRACTION:
+    if mode == ev.MATCH_MODE_FRACTION:
         return sum(found) / len(found) if found else 0.0
-    hit = any(found) if mode == ev.ANY else all(found)
+    hit = any(found) if mode == ev.MATCH_MODE_ANY else all(found)
     return 1.0 if hit else 0.0
 
 
@@ -263,7 +263,7 @@ def score_contains(cfg: ev.ContainsScorer, sample: Sample) -> Outcome:
         return _missing_part(cfg.extraction)
     norm = text_norm(cfg.normalization)
     needles = [normalize(i, norm) for i in items]
-    return Outcome.ok(contains_value(normalize(text, norm), needles, cfg.mode or ev.ALL))
+    return Outcome.ok(contains_value(normalize(text, norm), needles, cfg.mode or ev.MATCH_MODE_ALL))
 
 
 def score_regex(cfg: ev.RegexScorer, sample: Sample) -> Outcome:
@@ -301,9 +301,9 @@ def _unusable_reason(exc: Exception) -> str:
 
 def score_length(cfg: ev.LengthScorer, sample: Sample) -> Outcome:
     text = sample.completion
-    if cfg.unit == ev.TOKENS and sample.token_ids:
+    if cfg.unit == ev.LENGTH_UNIT_TOKENS and sample.token_ids:
         n = len(sample.token_ids)
-    elif cfg.unit in (ev.WORDS, ev.TOKENS):
+    elif cfg.unit in (ev.LENGTH_UNIT_WORDS, ev.LENGTH_UNIT_TOKENS):
         n = len(text.split())
     else:
         n = len(text)

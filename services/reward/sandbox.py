@@ -45,8 +45,8 @@ from services.reward.sandbox_memory import (
     SampleCgroup,
     choose_policy,
 )
-from services.reward.spec_defaults import duration_s
 from services.reward.text import extract
+from services.specs.evaluator_defaults import duration_s
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 log = structlog.get_logger("tlm.reward.sandbox")

@@ -18,10 +18,16 @@ import structlog
 
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from services.reward.admission import Admission, StreamClaim, idle_error
-from services.reward.domain import EvaluatorInvalid, Sample, SampleResult
+from services.reward.domain import Sample, SampleResult
 from services.reward.engine import MAX_REQUEST_S, Engine, ScoreContext
 from services.reward.registry_port import RegistryPort
-from services.reward.spec import Validation, require_valid, validate_json, validate_spec
+from services.specs.evaluator import (
+    EvaluatorInvalid,
+    Validation,
+    require_valid,
+    validate_json,
+    validate_spec,
+)
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 log = structlog.get_logger("tlm.reward")

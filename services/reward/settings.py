@@ -19,6 +19,9 @@ class RewardSettings(ServerSettings):
     # Unset: the server's own address (`tlm up` runs every service in one process).
     registry_address: str | None = None
     rollout_address: str | None = None
+    # The review queue's database (an SQLAlchemy URL). Unset: SQLite under data_dir, which only
+    # this replica sees; with several replicas, one PostgreSQL database shared by all of them.
+    database_url: str | None = None
     # Batches of samples scored at once (a Score call, or a StreamScore stream while it has
     # samples being scored); each active team is guaranteed max(1, this // active teams) of
     # them, and a call beyond its team's share when all are taken gets RESOURCE_EXHAUSTED.

@@ -21,6 +21,9 @@ def binding(settings: RolloutSettings, weights: WeightSource | None = None) -> S
         settings.max_queue,
         settings.max_batch_prompts,
         settings.vllm_logprobs_mode,
+        settings.vllm_tensor_parallel_size,
+        settings.vllm_gpu_memory_utilization,
+        settings.vllm_max_lora_rank,
     )
     engine = make_engine(settings.engine, config)
     holder: dict[str, RegistryWeights] = {}
@@ -34,7 +37,7 @@ def binding(settings: RolloutSettings, weights: WeightSource | None = None) -> S
         async def resolve(self, name: str, team: str) -> str:
             return await (weights or holder["registry"]).resolve(name, team)
 
-    core = RolloutCore(engine, _LateWeights(), settings.max_n, settings.takeover_idle_s)
+    core = RolloutCore(engine, _LateWeights(), settings.max_n, settings.cache_bytes)
     servicer = RolloutServicer(core)
 
     async def on_start(address: str) -> None:

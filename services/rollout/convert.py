@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable, Iterator
+
 from services.common.timestamps import to_timestamp
 from services.rollout.domain import (
     Completion,
@@ -12,13 +14,14 @@ from services.rollout.domain import (
     SamplingSpec,
     invalid,
 )
+from services.rollout.push import PushHeader, TensorPiece
 from tlm.common.v1 import common_pb2
 from tlm.rollout.v1 import rollout_pb2
 
 FINISH_REASONS = {
-    FinishReason.STOP: rollout_pb2.STOP,
-    FinishReason.LENGTH: rollout_pb2.LENGTH,
-    FinishReason.ABORT: rollout_pb2.ABORT,
+    FinishReason.STOP: rollout_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: rollout_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: rollout_pb2.FINISH_REASON_ABORT,
 }
 DEFAULTS = SamplingSpec()
 LOGPROBS_MODES = {
@@ -91,4 +94,65 @@ def status_to_proto(s: EngineStatusInfo) -> rollout_pb2.EngineStatus:
         max_model_len=s.max_model_len,
         max_n=s.max_n,
         generated_tokens_total=s.generated_tokens_total,
+        cached_models=s.cached_models,
+        cache_bytes=s.cache_bytes,
+        cache_budget_bytes=s.cache_budget_bytes,
     )
+
+
+PUSHED_FORMATS = {
+    rollout_pb2.PUSHED_WEIGHTS_FORMAT_FULL: False,
+    rollout_pb2.PUSHED_WEIGHTS_FORMAT_LORA_ADAPTER: True,
+}
+
+
+async def push_from_proto(
+    requests: AsyncIterator[rollout_pb2.PushWeightsRequest],
+) -> tuple[PushHeader, AsyncIterator[TensorPiece]]:
+    """A PushWeights stream -> its header and the rest of the stream as tensor pieces."""
+    first = await anext(aiter(requests), None)
+    if first is None or not first.HasField("header"):
+        raise invalid("header", "the first message must carry the header")
+    h = first.header
+    if h.format not in PUSHED_FORMATS:
+        raise invalid("header.format", "expected PUSHED_WEIGHTS_FORMAT_FULL or _LORA_ADAPTER")
+    header = PushHeader(
+        policy=h.policy,
+        step=h.step,
+        base_model_revision=h.base_model_revision,
+        lora=PUSHED_FORMATS[h.format],
+        adapter_config_json=h.adapter_config_json,
+        tensor_count=h.tensor_count,
+    )
+
+    async def pieces() -> AsyncIterator[TensorPiece]:
+        async for request in requests:
+            if not request.HasField("chunk"):
+                raise invalid("header", "only the first message may carry the header")
+            c = request.chunk
+            yield TensorPiece(c.name, c.dtype, tuple(c.shape), c.offset, c.data)
+
+    return header, pieces()
+
+
+def push_to_proto(
+    header: PushHeader, pieces: Iterable[TensorPiece]
+) -> Iterator[rollout_pb2.PushWeightsRequest]:
+    """The client side (the trainer): header first, then one message per piece."""
+    lora = rollout_pb2.PUSHED_WEIGHTS_FORMAT_LORA_ADAPTER
+    full = rollout_pb2.PUSHED_WEIGHTS_FORMAT_FULL
+    yield rollout_pb2.PushWeightsRequest(
+        header=rollout_pb2.PushWeightsHeader(
+            policy=header.policy,
+            step=header.step,
+            base_model_revision=header.base_model_revision,
+            format=lora if header.lora else full,
+            adapter_config_json=header.adapter_config_json,
+            tensor_count=header.tensor_count,
+        )
+    )
+    for p in pieces:
+        chunk = rollout_pb2.TensorChunk(
+            name=p.name, dtype=p.dtype, shape=p.shape, offset=p.offset, data=p.data
+        )
+        yield rollout_pb2.PushWeightsRequest(chunk=chunk)

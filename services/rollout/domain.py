@@ -1,7 +1,8 @@
 """The rollout domain: sampling parameters, requests, completions and errors. No grpc here.
 
-A request is validated once (`SamplingSpec.validate`, `check_prompt_lengths`) before it reaches
-an engine; engines take token ids, never raw protobufs.
+A request is validated once (`SamplingSpec.validate`, shared with the trainer in
+`services/specs/sampling.py`, and `check_prompt_lengths`) before it reaches an engine; engines
+take token ids, never raw protobufs.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from services.common.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
+from services.specs.sampling import SamplingSpec
 from tlm.common.v1 import common_pb2
 
 MAX_PROMPTS = 1024  # the contract's bound on GenerateRequest.prompts
-# Both engines sample at temperatures in [0, MAX_TEMPERATURE] (the OpenAI API's bound);
-# above it the distribution is close to uniform over the vocabulary.
-MAX_TEMPERATURE = 2.0
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # LoadModelRequest.dtype
 
 
@@ -68,8 +67,13 @@ class QueueFull(ResourceExhausted):
     """The bounded queue is full; the caller retries with backoff."""
 
 
-class ModelOwnedByAnotherTeam(FailedPrecondition):
-    """LoadModel from a team while another team's model is loaded and in use."""
+class PolicyVersionUnknown(FailedPrecondition):
+    """A pushed policy version this replica does not hold (never pushed here, evicted, or lost
+    in a restart): the trainer pushes it again (WRONG_STATE, as for a model not loaded)."""
+
+
+class CacheTooSmall(ResourceExhausted):
+    """One model is larger than the whole weight cache budget."""
 
 
 class PromptRejected(InvalidArgument):
@@ -80,56 +84,6 @@ def invalid(field_path: str, description: str) -> InvalidArgument:
     return InvalidArgument(
         f"{field_path}: {description}", violations=[FieldViolation(field_path, description)]
     )
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """Sampling shared by every prompt of a request; defaults follow the contract."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 64
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    skip_logprobs: bool = False
-
-    def validate(self, max_n: int, max_model_len: int) -> None:
-        """Raise InvalidArgument naming every bad field (`sampling.top_p`, ...)."""
-        bad = self.problems(max_n, max_model_len)
-        if bad:
-            raise InvalidArgument(
-                "; ".join(f"{v.field}: {v.description}" for v in bad), violations=bad
-            )
-
-    def problems(
-        self, max_n: int, max_model_len: int, at: str = "sampling"
-    ) -> list[FieldViolation]:
-        """Every bad field, named under `at`; the trainer checks job specs with the same rules."""
-        bad: list[FieldViolation] = []
-        if not 1 <= self.n <= max_n:
-            bad.append(FieldViolation(f"{at}.n", f"must be in [1, {max_n}], got {self.n}"))
-        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also catches NaN and inf
-            bad.append(FieldViolation(f"{at}.temperature", f"must be in [0, {MAX_TEMPERATURE:g}]"))
-        elif self.temperature == 0 and 1 < self.n <= max_n:
-            bad.append(
-                FieldViolation(
-                    f"{at}.n",
-                    "must be 1 with temperature 0 (greedy decoding gives n identical completions)",
-                )
-            )
-        if not 0 < self.top_p <= 1:
-            bad.append(FieldViolation(f"{at}.top_p", "must be in (0, 1]"))
-        if self.top_k < 0:
-            bad.append(FieldViolation(f"{at}.top_k", "must be >= 0 (0 disables)"))
-        if not 1 <= self.max_tokens <= max_model_len:
-            bad.append(
-                FieldViolation(f"{at}.max_tokens", f"must be in [1, {max_model_len}] (the context)")
-            )
-        if any(not s for s in self.stop):
-            bad.append(FieldViolation(f"{at}.stop", "stop strings must be non-empty"))
-        return bad
 
 
 @dataclass(frozen=True)
@@ -191,3 +145,6 @@ class EngineStatusInfo:
     max_model_len: int
     max_n: int
     generated_tokens_total: int
+    cached_models: list[str] = field(default_factory=list)  # this team's, least recent first
+    cache_bytes: int = 0
+    cache_budget_bytes: int = 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from services.common.errors import InvalidArgument
 from services.rollout.domain import Completion, LogprobsMode, PromptInput, SamplingSpec
 
@@ -25,6 +27,7 @@ class EngineRequest:
     # Not in SamplingSpec: the trainer's job specs reuse that class, and the trainer picks the
     # mode itself (a job spec cannot set it).
     logprobs_mode: LogprobsMode = LogprobsMode.RAW
+    model_slot: str | None = None  # which loaded model (see Engine.load_model); None: the last
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,19 @@ class EngineConfig:
     max_queue: int = 256
     max_batch_prompts: int = 64
     vllm_logprobs_mode: str = "raw_logprobs"  # vLLM's engine-wide setting (SERVES_LOGPROBS)
+    vllm_tensor_parallel_size: int = 1  # GPUs one vLLM engine spans
+    vllm_gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM takes
+    vllm_max_lora_rank: int = 64  # the largest adapter rank the vLLM engine can load
 
 
 class Engine(Protocol):
+    """Models are held under `slot` names the core picks (the weight cache's keys); `version` is
+    what their completions report. A method's `slot=None` means the model loaded last."""
+
     name: str
     device: str
     max_queue: int
+    max_resident: int  # full models held at once (0: as many as the cache budget allows)
 
     @property
     def max_model_len(self) -> int: ...
@@ -55,16 +65,43 @@ class Engine(Protocol):
     def tokens_per_second(self) -> float: ...
 
     async def load_model(
-        self, path: Path, version: str, dtype: str, max_model_len: int | None
+        self,
+        path: Path,
+        version: str,
+        dtype: str,
+        max_model_len: int | None,
+        slot: str | None = None,
     ) -> None:
-        """Serve these full weights; drops every adapter (they belong to the old base)."""
+        """Hold these full weights under `slot` (default: `version`), replacing what the slot
+        held (and its adapters); requests already accepted keep the old weights."""
 
-    async def load_adapter(self, path: Path, version: str) -> None: ...
+    async def unload_model(self, slot: str) -> None:
+        """Drop a slot's weights; requests already accepted on them finish first."""
 
-    async def unload_adapter(self, version: str) -> None:
+    async def push_weights(
+        self,
+        path: Path,
+        slot: str,
+        version: str,
+        tensors: dict[str, torch.Tensor],
+        reuse: str | None,
+    ) -> None:
+        """Hold under `slot` the model at `path` with `tensors` loaded over its weights. `reuse`:
+        a slot of the same architecture that no request uses, whose weights may be overwritten
+        in place (and which is then gone) instead of loading `path` again."""
+
+    def context_len(self, slot: str | None = None) -> int: ...
+
+    def model_bytes(self, slot: str | None = None) -> int: ...
+
+    async def load_adapter(self, path: Path, version: str, slot: str | None = None) -> None: ...
+
+    async def unload_adapter(self, version: str, slot: str | None = None) -> None:
         """Forget an adapter; requests already accepted on it finish first."""
 
-    def encode(self, prompts: Sequence[PromptInput]) -> list[list[int]]: ...
+    def encode(
+        self, prompts: Sequence[PromptInput], slot: str | None = None
+    ) -> list[list[int]]: ...
 
     def generate(self, request: EngineRequest) -> AsyncIterator[list[Completion]]:
         """Completions in groups, as they finish; closing the iterator cancels the rest."""

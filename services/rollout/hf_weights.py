@@ -32,6 +32,9 @@ DTYPES: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
 }
 assert tuple(DTYPES) == DTYPE_NAMES
+# from_pretrained builds on process-global state (the meta-device init context): two loads that
+# overlap in one process (two engines, as tests run replicas) corrupt each other's weights.
+_LOADING = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -82,7 +85,8 @@ class LoadedModel:
         if dtype not in DTYPES:
             raise invalid("dtype", f"expected one of {sorted(DTYPES)}, got {dtype!r}")
         torch_dtype = DTYPES[dtype] or (torch.float32 if device == "cpu" else "auto")
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        with _LOADING:
+            model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         self.model: Any = model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         limit = int(self.model.config.max_position_embeddings)
@@ -91,6 +95,7 @@ class LoadedModel:
         self.max_model_len = max_model_len or limit
         self.version = version
         self.device = torch.device(device)
+        self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids))
@@ -110,6 +115,25 @@ class LoadedModel:
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    # Pushed weights (blocking: call from a worker thread) -----------------------------------
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy pushed tensors over the weights of the same names, in place (cast to the model's
+        dtype and device). Every name and shape is checked before any weight changes."""
+        own = self.model.state_dict()
+        for name, tensor in tensors.items():
+            if name not in own:
+                raise invalid("chunk.name", f"{name!r} is not a weight of {self.version}")
+            if tuple(own[name].shape) != tuple(tensor.shape):
+                raise invalid(
+                    "chunk.shape",
+                    f"{name} has shape {list(tensor.shape)}; "
+                    f"the model's is {list(own[name].shape)}",
+                )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                own[name].copy_(tensor)
 
     # Adapters (blocking: call from a worker thread) ----------------------------------------
 

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
-
-from services.common.errors import InvalidArgument, Unavailable
-from services.registry.client import ModelCache, RegistryClient, manifest_digest
+from services.clients.artifacts import ModelCache, manifest_digest
+from services.clients.registry import RegistryClient
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from services.rollout.weights import ResolvedRevision, RevisionNotFound, WeightFormat
 from tlm.registry.v1 import registry_pb2
 
 FORMATS = {
-    registry_pb2.FULL_WEIGHTS: WeightFormat.FULL,
-    registry_pb2.LORA_ADAPTER: WeightFormat.LORA,
+    registry_pb2.MODEL_FORMAT_FULL_WEIGHTS: WeightFormat.FULL,
+    registry_pb2.MODEL_FORMAT_LORA_ADAPTER: WeightFormat.LORA,
 }
 # Registry answers that mean "that name is no revision you can use", not an outage.
-NOT_FOUND_CODES = {
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.PERMISSION_DENIED,
-}
+NOT_FOUND = (NotFound, InvalidArgument)
 
 
 class RegistryWeights:
@@ -31,17 +33,13 @@ class RegistryWeights:
         self.cache = ModelCache(self.client, cache_root)
 
     async def resolve(self, name: str, team: str) -> str:
-        try:
+        with _registry_errors(name):
             revision = await self.client.get_model_revision(name, team)
-        except grpc.RpcError as exc:
-            raise _translate(exc, name) from exc
         return revision.name
 
     async def fetch(self, name: str, team: str) -> ResolvedRevision:
-        try:
+        with _registry_errors(name):
             revision, folder = await self.cache.get(name, team)
-        except grpc.RpcError as exc:
-            raise _translate(exc, name) from exc
         if revision.format not in FORMATS:
             raise InvalidArgument(f"{revision.name} has no usable format")
         return ResolvedRevision(
@@ -56,9 +54,15 @@ class RegistryWeights:
         await self.client.close()
 
 
-def _translate(exc: grpc.RpcError, name: str) -> Exception:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else ""
-    if code in NOT_FOUND_CODES:
-        return RevisionNotFound(f"{name}: {details or 'not found in the registry'}")
-    return Unavailable(f"the registry did not answer for {name}: {details or code}")
+@contextmanager
+def _registry_errors(name: str) -> Iterator[None]:
+    """The registry's answers about `name`, as the rollout reports them (the client kept their
+    meaning; PERMISSION_DENIED stays that)."""
+    try:
+        yield
+    except NOT_FOUND as exc:
+        if exc.remote is None:
+            raise
+        raise RevisionNotFound(f"{name}: {exc.message or 'not found in the registry'}") from exc
+    except (Unavailable, DeadlineExceeded) as exc:
+        raise Unavailable(f"the registry did not answer for {name}: {exc.message}") from exc

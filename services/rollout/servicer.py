@@ -9,6 +9,7 @@ import grpc
 from services.common.auth import current_team
 from services.rollout import convert
 from services.rollout.core import RolloutCore
+from services.rollout.push import assemble
 from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
 
@@ -26,6 +27,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             request.return_prompt_token_ids,
             current_team(),
             convert.logprobs_mode_from_proto(request.sampling),
+            request.model_revision,
         )
         try:
             async for completions in stream:
@@ -54,6 +56,18 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     ) -> rollout_pb2.UnloadAdapterResponse:
         await self.core.unload_adapter(request.adapter_revision, current_team())
         return rollout_pb2.UnloadAdapterResponse()
+
+    async def PushWeights(
+        self,
+        request_iterator: AsyncIterator[rollout_pb2.PushWeightsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> rollout_pb2.PushWeightsResponse:
+        header, pieces = await convert.push_from_proto(request_iterator)
+        header.check()  # before the bytes arrive
+        tensors = await assemble(pieces, header.tensor_count)
+        version = await self.core.push(header, tensors, current_team())
+        received = sum(t.numel() * t.element_size() for t in tensors.values())
+        return rollout_pb2.PushWeightsResponse(policy_version=version, bytes_received=received)
 
     async def GetEngineStatus(
         self, request: rollout_pb2.GetEngineStatusRequest, context: grpc.aio.ServicerContext

@@ -9,6 +9,8 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import torch
+
 from services.rollout.decoding import DecodeContext, Row, decode
 from services.rollout.domain import LOGPROB_TEMPERATURE, Completion, NoModelLoaded, PromptInput
 from services.rollout.engine import EngineConfig, EngineRequest
@@ -19,11 +21,13 @@ from services.rollout.scheduler import END, Chunk, Job, Scheduler, Throughput
 
 class TransformersEngine:
     name = "transformers"
+    max_resident = 0  # as many models as the weight cache's budget allows
 
     def __init__(self, config: EngineConfig) -> None:
         self.device = config.device
         self.max_queue = config.max_queue
-        self._loaded: LoadedModel | None = None
+        self._models: dict[str, LoadedModel] = {}  # slot -> model
+        self._last = ""  # the slot loaded last: what `slot=None` means
         self._meter = Throughput()
         self._decoding = False  # a batch is in the decode thread
         self._scheduler = Scheduler(
@@ -34,7 +38,15 @@ class TransformersEngine:
 
     @property
     def max_model_len(self) -> int:
-        return self._loaded.max_model_len if self._loaded else 0
+        return self.context_len()
+
+    def context_len(self, slot: str | None = None) -> int:
+        model = self._models.get(self._last if slot is None else slot)
+        return model.max_model_len if model else 0
+
+    def model_bytes(self, slot: str | None = None) -> int:
+        model = self._models.get(self._last if slot is None else slot)
+        return model.nbytes if model else 0
 
     @property
     def queue_depth(self) -> int:
@@ -53,47 +65,80 @@ class TransformersEngine:
 
     # Weights ---------------------------------------------------------------------------------
 
-    def _model(self) -> LoadedModel:
-        if self._loaded is None:
+    def _model(self, slot: str | None = None) -> LoadedModel:
+        model = self._models.get(self._last if slot is None else slot)
+        if model is None:
             raise NoModelLoaded("no model is loaded; call LoadModel first")
-        return self._loaded
+        return model
 
     def _idle(self) -> bool:
         return not (self._decoding or self._scheduler.running or self._scheduler.queue_depth)
 
     async def load_model(
-        self, path: Path, version: str, dtype: str, max_model_len: int | None
+        self,
+        path: Path,
+        version: str,
+        dtype: str,
+        max_model_len: int | None,
+        slot: str | None = None,
     ) -> None:
-        """Batches already accepted keep the old object. With none, the old model is dropped
-        before the new one loads (half the peak memory); if that load then fails, none is
-        loaded."""
+        """Batches already accepted keep the old object. With none, the slot's old model is
+        dropped before the new one loads (half the peak memory); if that load then fails, the
+        slot is empty."""
+        slot = slot or version
         await asyncio.to_thread(check_load_args, path, dtype, max_model_len)
-        if self._idle() and self._loaded is not None:
-            self._loaded = None
-            await asyncio.to_thread(gc.collect)  # peft and hooks keep reference cycles
-        self._loaded = await asyncio.to_thread(
+        if self._idle() and slot in self._models:
+            await self.unload_model(slot)
+        self._models[slot] = await asyncio.to_thread(
             LoadedModel, path, version, dtype, max_model_len, self.device
         )
+        self._last = slot
 
-    async def load_adapter(self, path: Path, version: str) -> None:
-        model = self._model()
+    async def unload_model(self, slot: str) -> None:
+        if self._models.pop(slot, None) is not None:
+            await asyncio.to_thread(gc.collect)  # peft and hooks keep reference cycles
+
+    async def push_weights(
+        self,
+        path: Path,
+        slot: str,
+        version: str,
+        tensors: dict[str, torch.Tensor],
+        reuse: str | None,
+    ) -> None:
+        """`load_state_dict` of the pushed tensors into the reused model (in place) or into a
+        fresh copy of `path`; a tensor the model does not have, or of another shape, is refused
+        before any weight changes."""
+        model = self._models.get(reuse) if reuse else None
+        if model is None:
+            model = await asyncio.to_thread(LoadedModel, path, version, "auto", None, self.device)
+        await asyncio.to_thread(model.load_weights, tensors)
+        if reuse:
+            self._models.pop(reuse, None)
+        model.version = version
+        self._models[slot] = model
+
+    async def load_adapter(self, path: Path, version: str, slot: str | None = None) -> None:
+        model = self._model(slot)
         if version not in model.adapters:
             await asyncio.to_thread(model.add_adapter, path, version)
 
-    async def unload_adapter(self, version: str) -> None:
-        model = self._model()
+    async def unload_adapter(self, version: str, slot: str | None = None) -> None:
+        model = self._models.get(self._last if slot is None else slot)
+        if model is None:
+            return
         model.retire(version)
         if not self._decoding:  # else the decode thread deletes it before its next step
             await asyncio.to_thread(model.purge)
 
     # Generation ------------------------------------------------------------------------------
 
-    def encode(self, prompts: Sequence[PromptInput]) -> list[list[int]]:
-        model = self._model()
+    def encode(self, prompts: Sequence[PromptInput], slot: str | None = None) -> list[list[int]]:
+        model = self._model(slot)
         return [model.encode(p) for p in prompts]
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[Completion]]:
-        model = self._model()
+        model = self._model(request.model_slot)
         handle = model.acquire(request.adapter_version) if request.adapter_version else None
         seed = request.sampling.seed
         job = Job(

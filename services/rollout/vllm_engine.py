@@ -8,6 +8,13 @@ sampled-token log-probs. vLLM's `logprobs_mode` is an engine setting, not a requ
 not equal is refused (FAILED_PRECONDITION), never answered with other numbers. A vLLM without
 that option is refused at LoadModel.
 
+Pinned release: the `vllm` extra of pyproject.toml (vLLM 0.30.0, built on torch 2.13.0, the
+base pin). A replica configured for vLLM where vLLM does not import refuses to start (no silent
+fall back to transformers: a GPU deployment that quietly serves from the CPU engine is slower by
+orders of magnitude and reports other log-probs). vLLM's request validation errors
+(`vllm.exceptions.VLLMValidationError`, a VLLMClientError and no longer a ValueError, and plain
+ValueErrors from older checks) become INVALID_ARGUMENT naming the field.
+
 NOTE: written against vLLM's documented AsyncLLMEngine (= v1 AsyncLLM) API; it has never run
 in this repository's CI (no GPU there). Its tests are marked `gpu`.
 """
@@ -16,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import itertools
+import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -26,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from services.common.errors import FailedPrecondition, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.rollout.domain import (
     Completion,
     FinishReason,
@@ -41,11 +50,11 @@ from services.rollout.engine import EngineConfig, EngineRequest
 from services.rollout.hf_weights import DTYPES, encode_prompt
 from services.rollout.sampling import derive_seed
 from services.rollout.scheduler import Throughput
+from tlm.common.v1 import common_pb2
 
 log = structlog.get_logger("tlm.rollout.vllm")
 
 FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
-MAX_LORA_RANK = 64
 MAX_LORAS = 2  # a new adapter revision loads while requests still run on the old one
 # Whether an engine started with vLLM's `logprobs_mode` reports the numbers a request's mode asks
 # for. vLLM v1's Sampler: raw_logprobs = log_softmax(logits) before any processing (at any
@@ -106,16 +115,74 @@ def check_logprobs_mode(engine_mode: str, request: EngineRequest) -> None:
     )
 
 
+def require_vllm() -> None:
+    """Refuse to start (SystemExit, one clear line) when vLLM does not import here."""
+    try:
+        importlib.import_module("vllm")
+    except (ImportError, OSError) as exc:  # OSError: a CUDA library vLLM links is missing
+        raise SystemExit(
+            f"TLM_ROLLOUT_ENGINE=vllm, but vLLM does not import ({exc}): install the `vllm` "
+            "extra on a CUDA host (pip install '.[vllm]', or the deploy/ GPU image), or set "
+            "TLM_ROLLOUT_ENGINE=transformers"
+        ) from exc
+
+
+def request_errors() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a request it refuses: `VLLMValidationError` (vllm.exceptions, since
+    0.2x; not a ValueError) and the ValueErrors of its older checks."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMValidationError)
+
+
+def rejected(field: str, exc: BaseException) -> InvalidArgument:
+    """INVALID_ARGUMENT for a request vLLM refused; VLLMValidationError names its parameter
+    (`sampling.top_k`), a plain ValueError only the part of the request (`sampling`)."""
+    parameter = getattr(exc, "parameter", None)
+    where = f"{field}.{parameter}" if field == "sampling" and parameter else field
+    return invalid(where, f"rejected by vLLM: {exc}")
+
+
+def device_ids(device: str, tensor_parallel_size: int) -> list[int] | None:
+    """vLLM's `device_ids` for TLM_ROLLOUT_DEVICE: "cuda:2" with 2 GPUs -> [2, 3]; None (vLLM's
+    default, the first visible GPUs) for "cuda" or "cpu" (the setting's CPU default).
+
+    >>> device_ids("cuda:2", 2), device_ids("cuda", 4), device_ids("cpu", 1)
+    ([2, 3], None, None)
+    """
+    if not device.startswith("cuda:"):
+        return None
+    first = int(device.removeprefix("cuda:"))
+    return list(range(first, first + tensor_parallel_size))
+
+
+def adapter_rank(path: Path) -> int | None:
+    """The LoRA rank `r` of a PEFT adapter folder, None when its config does not say."""
+    try:
+        rank = json.loads((path / "adapter_config.json").read_text()).get("r")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rank if isinstance(rank, int) else None
+
+
 class VllmEngine:
     name = "vllm"
+    max_resident = 1  # one engine per GPU: the weight cache holds one model
 
     def __init__(self, config: EngineConfig) -> None:
+        require_vllm()
         self.device = config.device if config.device != "cpu" else "cuda"
         self.max_queue = config.max_queue
         self.logprobs_mode = config.vllm_logprobs_mode  # vLLM's, for the whole engine
+        self.tensor_parallel_size = config.vllm_tensor_parallel_size
+        self.gpu_memory_utilization = config.vllm_gpu_memory_utilization
+        self.max_lora_rank = config.vllm_max_lora_rank
         self._engine: Any = None
         self._tokenizer: Any = None
         self._version = ""
+        self._slot = ""  # the weight cache's name for the served model
         self._max_model_len = 0
         self._loras: dict[str, _Lora] = {}
         self._lora_ids = itertools.count(1)
@@ -143,8 +210,22 @@ class VllmEngine:
     def tokens_per_second(self) -> float:
         return self._meter.rate()
 
+    def context_len(self, slot: str | None = None) -> int:
+        return self._max_model_len
+
+    def model_bytes(self, slot: str | None = None) -> int:
+        return 0  # vLLM takes gpu_memory_utilization of the GPU, whatever the weights' size
+
+    async def unload_model(self, slot: str) -> None:
+        """Nothing to free early: the next load_model replaces the one engine."""
+
     async def load_model(
-        self, path: Path, version: str, dtype: str, max_model_len: int | None
+        self,
+        path: Path,
+        version: str,
+        dtype: str,
+        max_model_len: int | None,
+        slot: str | None = None,
     ) -> None:
         """Drain, shut the old engine down (one engine fits the GPU), start the new one; if it
         fails to start, start the old one again (its adapters too) and re-raise."""
@@ -152,7 +233,8 @@ class VllmEngine:
 
         if dtype not in DTYPES:
             raise invalid("dtype", f"expected one of {sorted(DTYPES)}, got {dtype!r}")
-        if "logprobs_mode" not in {f.name for f in dataclasses.fields(AsyncEngineArgs)}:
+        fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        if "logprobs_mode" not in fields:
             raise FailedPrecondition(
                 "the installed vLLM has no logprobs_mode option, and the contract needs it to "
                 "know which log-probs it reports: install a vLLM release that has "
@@ -163,10 +245,21 @@ class VllmEngine:
             "dtype": dtype,
             "max_model_len": max_model_len,
             "enable_lora": True,
-            "max_lora_rank": MAX_LORA_RANK,
+            "max_lora_rank": self.max_lora_rank,
             "max_loras": MAX_LORAS,
             "logprobs_mode": self.logprobs_mode,
+            "worker_extension_cls": WEIGHT_PUSH_EXTENSION,  # PushWeights, in place
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
         }
+        ids = device_ids(self.device, self.tensor_parallel_size)
+        if ids is not None:
+            if "device_ids" not in fields:
+                raise FailedPrecondition(
+                    f"TLM_ROLLOUT_DEVICE={self.device} needs vLLM's device_ids option, which the "
+                    "installed vLLM lacks: use the pinned release, or CUDA_VISIBLE_DEVICES"
+                )
+            options["device_ids"] = ids
         self._draining = True
         try:
             while self._in_flight:
@@ -175,6 +268,7 @@ class VllmEngine:
             await self._shutdown()
             try:
                 await self._start(options, version)
+                self._slot = slot or version
             except BaseException:
                 if old[0]:
                     await self._restore(*old)
@@ -217,17 +311,24 @@ class VllmEngine:
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
 
-    async def load_adapter(self, path: Path, version: str) -> None:
-        from vllm.lora.request import LoRARequest
-
+    async def load_adapter(self, path: Path, version: str, slot: str | None = None) -> None:
         if self._engine is None:
             raise NoModelLoaded("no model is loaded; call LoadModel first")
+        rank = adapter_rank(path)
+        if rank is not None and rank > self.max_lora_rank:
+            raise FailedPrecondition(
+                f"the adapter's LoRA rank {rank} is above this vLLM engine's max_lora_rank "
+                f"{self.max_lora_rank} (TLM_ROLLOUT_VLLM_MAX_LORA_RANK)",
+                reason=common_pb2.MODEL_INCOMPATIBLE,
+            )
         if version not in self._loras:
+            from vllm.lora.request import LoRARequest
+
             request = LoRARequest(version, next(self._lora_ids), str(path))
             await self._engine.add_lora(request)
             self._loras[version] = _Lora(version, request)
 
-    async def unload_adapter(self, version: str) -> None:
+    async def unload_adapter(self, version: str, slot: str | None = None) -> None:
         lora = self._loras.pop(version, None)
         if lora is not None:
             lora.retired = True
@@ -237,7 +338,7 @@ class VllmEngine:
         if lora.retired and lora.users == 0 and self._engine is not None:
             await self._engine.remove_lora(lora.request.lora_int_id)
 
-    def encode(self, prompts: Sequence[PromptInput]) -> list[list[int]]:
+    def encode(self, prompts: Sequence[PromptInput], slot: str | None = None) -> list[list[int]]:
         if self._tokenizer is None:
             raise NoModelLoaded("no model is loaded; call LoadModel first")
         return [encode_prompt(self._tokenizer, p) for p in prompts]
@@ -248,6 +349,8 @@ class VllmEngine:
         if self._engine is None:
             raise NoModelLoaded("no model is loaded; call LoadModel first")
         check_logprobs_mode(self.logprobs_mode, request)
+        if request.model_slot not in (None, self._slot):  # the one engine moved on meanwhile
+            raise Unavailable("this replica switched models; retry")
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"the rollout queue is full ({self.max_queue} requests)")
         lora = self._loras.get(request.adapter_version or "")
@@ -292,8 +395,8 @@ class VllmEngine:
                     lora_request=lora.request if lora else None,
                 ):
                     final = partial  # FINAL_ONLY: one output, when every sample is done
-            except ValueError as exc:  # vLLM's request validation (length, token ids, ...)
-                raise invalid(f"prompts[{index}]", f"rejected by vLLM: {exc}") from exc
+            except request_errors() as exc:  # vLLM's request validation (length, ids, ...)
+                raise rejected(f"prompts[{index}]", exc) from exc
             assert final is not None
             done = [
                 completion_from_output(o, index, version, prompt_ids, request)
@@ -307,6 +410,52 @@ class VllmEngine:
     async def close(self) -> None:
         await self._shutdown()
 
+    # Weight push (PushWeights) -- owned by the rollout-at-scale work ------------------------
+    # Written against vLLM's documented in-place paths, never run here (no GPU in CI): full
+    # weights go to every worker by `AsyncLLM.collective_rpc` into the method that
+    # `worker_extension_cls` mixes into vLLM's worker (vLLM's RLHF example pattern), which calls
+    # the model's own `load_weights` (it shards for tensor parallelism); the prefix cache is
+    # reset since its KV entries came from the old weights. Adapters need nothing here: the core
+    # writes a pushed adapter as a PEFT folder and calls load_adapter (add_lora, no restart).
+
+    async def push_weights(
+        self,
+        path: Path,
+        slot: str,
+        version: str,
+        tensors: dict[str, Any],
+        reuse: str | None,
+    ) -> None:
+        """Drain, then overwrite the served weights in place. If the engine serves neither the
+        reused slot nor `path`, start it on `path` first (the one restart of a job's run)."""
+        if self._engine is None or (
+            reuse != self._slot and self._options.get("model") != str(path)
+        ):
+            await self.load_model(path, version, "auto", None, slot)
+        self._draining = True
+        try:
+            while self._in_flight:
+                await asyncio.sleep(0.05)
+            weights = list(tensors.items())
+            await self._engine.collective_rpc("tlm_load_weights", args=(weights,))
+            await self._engine.reset_prefix_cache()
+            self._version, self._slot = version, slot
+        finally:
+            self._draining = False
+
+
+WEIGHT_PUSH_EXTENSION = "services.rollout.vllm_engine.WeightPushExtension"
+
+
+class WeightPushExtension:
+    """Mixed into vLLM's GPU worker (`worker_extension_cls`); `self` is the worker."""
+
+    model_runner: Any
+
+    def tlm_load_weights(self, weights: list[tuple[str, Any]]) -> None:
+        device = next(self.model_runner.model.parameters()).device
+        self.model_runner.model.load_weights(weights=[(n, t.to(device)) for n, t in weights])
+
 
 def _sampling_params(request: EngineRequest, index: int) -> Any:
     """vLLM SamplingParams for one prompt; its validation errors become INVALID_ARGUMENT."""
@@ -314,6 +463,7 @@ def _sampling_params(request: EngineRequest, index: int) -> Any:
     from vllm.sampling_params import RequestOutputKind
 
     s = request.sampling
+    refused: tuple[type[BaseException], ...] = (*request_errors(), TypeError)
     seed = secrets.randbits(63) if s.seed is None else derive_seed(s.seed, index, 0)
     try:
         return SamplingParams(
@@ -327,5 +477,5 @@ def _sampling_params(request: EngineRequest, index: int) -> Any:
             logprobs=None if s.skip_logprobs else 0,  # 0: only the sampled token's log-prob
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-    except (ValueError, TypeError) as exc:
-        raise invalid("sampling", f"rejected by vLLM: {exc}") from exc
+    except refused as exc:
+        raise rejected("sampling", exc) from exc

@@ -46,6 +46,8 @@ def binding(
             registry_address=settings.registry_address or address,
             rollout_address=settings.rollout_address or address,
             reward_address=settings.reward_address or address,
+            outage_timeout_s=settings.outage_timeout_s,
+            max_restarts=settings.max_restarts,
         )
         core.registry = RegistryPort(config.registry_address, settings.service_api_key)
         core.supervisor = holder["supervisor"] = Supervisor(store, config, changes.notify)

@@ -19,13 +19,17 @@ from services.trainer.spec import JobSpec
 from tlm.rollout.v1 import rollout_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
 
-DEVICE_TYPES = {pb.DEVICE_TYPE_UNSPECIFIED: "auto", pb.CPU: "cpu", pb.CUDA: "cuda"}
+DEVICE_TYPES = {
+    pb.DEVICE_TYPE_UNSPECIFIED: "auto",
+    pb.DEVICE_TYPE_CPU: "cpu",
+    pb.DEVICE_TYPE_CUDA: "cuda",
+}
 DEVICE_TYPE_PB = {v: k for k, v in DEVICE_TYPES.items()}
 STRATEGIES = {
     pb.PARALLEL_STRATEGY_UNSPECIFIED: "auto",
-    pb.SINGLE_DEVICE: "single",
-    pb.DDP: "ddp",
-    pb.FSDP: "fsdp",
+    pb.PARALLEL_STRATEGY_SINGLE_DEVICE: "single",
+    pb.PARALLEL_STRATEGY_DDP: "ddp",
+    pb.PARALLEL_STRATEGY_FSDP: "fsdp",
 }
 STRATEGY_PB = {v: k for k, v in STRATEGIES.items()}
 
@@ -110,6 +114,7 @@ def _plan_from_proto(resources: pb.Resources) -> tuple[DevicePlan, bool]:
         strategy=_lookup(STRATEGIES, e.strategy, f"{at}.strategy"),
         precision=e.precision,
         gradient_checkpointing=e.gradient_checkpointing,
+        cpu_offload=e.cpu_offload,
         **_set(e, "devices_per_node", "num_nodes"),
     )
     return plan, True
@@ -165,6 +170,7 @@ def plan_to_proto(plan: dict[str, Any]) -> pb.DevicePlan:
         strategy=STRATEGY_PB[plan.get("strategy", "auto")],  # type: ignore[arg-type]
         precision=plan.get("precision", ""),
         gradient_checkpointing=plan.get("gradient_checkpointing", False),
+        cpu_offload=plan.get("cpu_offload", False),
     )
 
 

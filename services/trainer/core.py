@@ -26,7 +26,7 @@ from services.trainer.domain import (
 )
 from services.trainer.methods import METHODS
 from services.trainer.registry_port import RegistryPort
-from services.trainer.resources import Devices, Estimate, estimate, resolve_plan
+from services.trainer.resources import Devices, Estimate, estimate
 from services.trainer.spec import JobSpec, validate
 from services.trainer.store import JobStore, new_job_id, now
 from services.trainer.supervisor import Key, Supervisor
@@ -92,7 +92,7 @@ class TrainerCore:
             if existing is not None:
                 return _same_request(existing, digest)
         spec = await self.check(team, request.spec)
-        plan, _notes = resolve_plan(spec, self.devices)
+        plan = (await self._estimate(team, spec)).plan  # the auto plan reads the memory estimate
         job = Job(
             job_id=new_job_id(),
             team=team,
@@ -236,7 +236,10 @@ class TrainerCore:
     # Estimate ------------------------------------------------------------------------------
 
     async def estimate(self, team: str, spec: JobSpec) -> Estimate:
-        spec = await self.check(team, spec)
+        return await self._estimate(team, await self.check(team, spec))
+
+    async def _estimate(self, team: str, spec: JobSpec) -> Estimate:
+        """Of a checked spec: the plan it runs with and its memory per device."""
         assert self.registry is not None
         base = await self.registry.model("spec.base_model", spec.base_model, team)
         config = await self.registry.model_config(base.name, team)

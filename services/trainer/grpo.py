@@ -7,7 +7,10 @@ the clipped loss of `loss_type` with a KL penalty of `beta`, and truncated impor
 (`rloo` and `reinforce_pp` swap the estimator and move `beta`'s KL into the reward);
 B = `per_device_batch_size` x `gradient_accumulation_steps` prompts per step, G =
 `num_generations` samples each, trained `per_device_batch_size` prompts (x G sequences) per
-forward pass with the gradients of a step accumulated. The loop is `rl/controller.py`.
+forward pass with the gradients of a step accumulated. The loop is `rl/controller.py`, with
+`max_policy_lag` 1 asynchronous; every service call goes through an outage guard
+(`rl/outage.py`), so a service that is down makes the job wait, up to the trainer's
+`outage_timeout_s`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,18 @@ from services.trainer.rl import (
 )
 from services.trainer.rl.actor import Actor, Objective, build_actor
 from services.trainer.rl.controller import Controller, ControllerConfig, Learner
-from services.trainer.rl.grpc_ports import GrpcPorts, GrpcPromptSource, GrpcPublisher, open_ports
+from services.trainer.rl.grpc_ports import GrpcPorts, GrpcPromptSource, open_ports
+from services.trainer.rl.outage import (
+    Endpoint,
+    GuardedPrompts,
+    GuardedPublisher,
+    GuardedSampler,
+    GuardedScorer,
+    OutageGuard,
+    guarded_upload,
+)
 from services.trainer.rl.ports import PolicyRef
+from services.trainer.rl.weight_sync import PushPublisher, WeightPusher
 from services.trainer.spec import GrpoParams, JobSpec
 from services.trainer.worker_io import WorkerContext
 
@@ -90,6 +103,7 @@ def controller_config(spec: JobSpec, total_steps: int, tag: str) -> ControllerCo
         save_every=t.save_every,
         log_every=t.log_every,
         eval_every=t.eval_every,
+        max_policy_lag=params.max_policy_lag,
         tag=tag,
     )
 
@@ -110,6 +124,9 @@ class WorkerReporter:
     def samples(self, step: int, shown: list[dict[str, Any]]) -> None:
         self.ctx.log(f"samples at step {step}: {json.dumps(shown, ensure_ascii=False)}")
 
+    def log(self, message: str, level: str = "info") -> None:
+        self.ctx.log(message, level)
+
     def check_stop(self) -> None:
         self.ctx.check_stop()
 
@@ -120,24 +137,31 @@ class GrpoRecipe:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx, self.spec = ctx, ctx.spec
         self.ports: GrpcPorts | None = None
+        self.pusher: WeightPusher | None = None
         self.controller: Controller | None = None
 
     async def setup(self) -> int:
-        ctx, spec, t = self.ctx, self.spec, self.spec.training
-        prompts = GrpcPromptSource(ctx.registry, ctx.team, spec.train_dataset, t.seed)
+        ctx, spec, t, job = self.ctx, self.spec, self.spec.training, self.ctx.job
+        guard = OutageGuard(job.outage_timeout_s, ctx.log, ctx.check_stop, seed=t.seed)
+        registry = Endpoint("registry", job.registry_address)
+        rollout = Endpoint("rollout", job.rollout_address)
+        reward = Endpoint("reward", job.reward_address)
+        source = GrpcPromptSource(ctx.registry, ctx.team, spec.train_dataset, t.seed)
+        prompts = GuardedPrompts(source, guard, registry)
         if await prompts.open() == 0:
             raise FailedPrecondition(f"{spec.train_dataset} has no rows")
         size = prompts_per_step(spec)
-        total = t.max_steps or max(1, math.ceil(t.epochs * prompts.row_count / size))
+        total = t.max_steps or max(1, math.ceil(t.epochs * source.row_count / size))
         eval_rows = []
         if spec.eval_dataset:
-            eval_rows = await GrpcPromptSource(ctx.registry, ctx.team, spec.eval_dataset, 0).read()
-        base = await ctx.base_model()
+            evals = GrpcPromptSource(ctx.registry, ctx.team, spec.eval_dataset, 0)
+            eval_rows = await GuardedPrompts(evals, guard, registry).read()
+        base = await guard.call(registry, ctx.base_model)
         plan = ctx.job.device_plan
         tokenizer = AutoTokenizer.from_pretrained(base)
         pad = tokenizer.pad_token_id
         actor = self._actor(base, plan, total)
-        job = ctx.job.name.removeprefix("jobs/")
+        job_id = job.name.removeprefix("jobs/")
         self.ports = ports = open_ports(
             ctx.job.rollout_address,
             ctx.job.reward_address,
@@ -149,21 +173,20 @@ class GrpoRecipe:
             scaled_logprobs=self.scaled_logprobs(),
         )
         lora = spec.lora is not None
-        publisher = GrpcPublisher(
-            ports.rollout,
-            lambda folder, rid: ctx.upload(folder, lora, request_id=rid),
-            spec.base_model,
-            lora,
-            job,
+        upload = guarded_upload(
+            lambda folder, rid: ctx.upload(folder, lora, request_id=rid), guard, registry
         )
+        # Syncs push to every rollout replica; the registry gets checkpoints and the end.
+        self.pusher = WeightPusher(job.rollout_address, ports.rollout.metadata())
+        publisher = PushPublisher.for_job(self.pusher, upload, actor.model, spec, job_id, total)
         self.controller = Controller(
             self.controller_config(total),
             actor,
             prompts,
-            ports.sampler,
-            ports.scorer,
-            publisher,
-            WorkerReporter(ctx, size, prompts.row_count),
+            GuardedSampler(ports.sampler, guard, rollout),
+            GuardedScorer(ports.scorer, guard, reward),
+            GuardedPublisher(publisher, guard, rollout),
+            WorkerReporter(ctx, size, source.row_count),
             ctx.folder,
             pad_id=int(pad if pad is not None else 0),
             tokenizer=tokenizer,
@@ -175,7 +198,7 @@ class GrpoRecipe:
             ctx.log(f"resumed at step {start} from {self.controller.policy.version}")
         ctx.events.emit("started", total_steps=total)
         method = spec.method.name
-        ctx.log(f"{method}: {prompts.row_count} prompts, {total} steps of {size} prompts")
+        ctx.log(f"{method}: {source.row_count} prompts, {total} steps of {size} prompts")
         return total
 
     def _actor(self, base: Any, plan: dict[str, Any], total_steps: int) -> Actor:
@@ -215,6 +238,8 @@ class GrpoRecipe:
     async def cleanup(self) -> None:
         if self.ports is not None:
             await self.ports.close()
+        if self.pusher is not None:
+            await self.pusher.close()
 
 
 async def run(ctx: WorkerContext) -> dict[str, Any]:

@@ -218,6 +218,12 @@ METHODS: dict[Method, MethodDef] = {
                 "needs spec.grpo.importance_sampling_correction",
             ),
             ReadWhen(
+                "grpo.max_policy_lag",
+                lambda s: s.params.importance_sampling_correction,
+                "needs spec.grpo.importance_sampling_correction: it corrects for samples of "
+                "an older policy",
+            ),
+            ReadWhen(
                 "grpo.use_bias_correction_kl",
                 lambda s: s.params.beta > 0 and not _kl_in_reward(s),
                 "has no effect with beta 0 (no KL term) or with advantage_estimator "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from services.common.errors import FieldViolation
-from services.rollout.domain import SamplingSpec
+from services.specs.sampling import SamplingSpec
 from services.trainer.rl import REWARD_KL_ESTIMATORS, AdvantageEstimator, LossType, ScaleRewards
 
 
@@ -245,8 +245,9 @@ class RewardModelParams:
 
 @dataclass(frozen=True)
 class Sampling(SamplingSpec):
-    """Rollout sampling, refused at job creation by the rollout service's own rules, under the
-    job's own caps for n and max_tokens (the serving replica checks its smaller limits later)."""
+    """Rollout sampling, refused at job creation by the rules the rollout service applies
+    (`services/specs/sampling.py`), under the job's own caps for n and max_tokens (the serving
+    replica checks its smaller limits later)."""
 
     # Only the fields the rollout's rules leave unbounded; n, temperature, top_p and
     # max_tokens are theirs.
@@ -290,6 +291,8 @@ class GrpoParams:
     importance_sampling_cap: float = 3.0
     advantage_estimator: str = "grpo"
     kl_estimator: str = "k1"  # of the KL in the reward (rloo, reinforce_pp)
+    max_policy_lag: int = 0  # 1: generate batch k+1 while training on batch k
+    publish_every: int = 0  # registry revisions; 0: at checkpoints and the end only
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "num_generations": Bound(
@@ -302,6 +305,8 @@ class GrpoParams:
         "importance_sampling_cap": Bound(
             1, 100, note="below 1 it would shrink on-policy tokens too"
         ),
+        "max_policy_lag": Bound(0, 1, note="0: synchronous; 1: one-step off-policy"),
+        "publish_every": _steps(0, "0: at checkpoints and the end"),
     }
 
     def violations(self, at: str) -> list[FieldViolation]:
@@ -367,6 +372,7 @@ class PpoParams:
     reward_clip: float = 0.0
     whiten_advantages: bool = True
     entropy_coef: float = 0.0
+    publish_every: int = 0  # registry revisions; 0: at checkpoints and the end only
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "kl_coef": Bound(0, 10, note="0: no KL penalty, no reference model"),
@@ -383,6 +389,7 @@ class PpoParams:
         "kl_horizon": _steps(1, "samples"),
         "reward_clip": Bound(0, 1e6, note="0: no clipping"),
         "entropy_coef": Bound(0, 10),
+        "publish_every": _steps(0, "0: at checkpoints and the end"),
     }
 
     def violations(self, at: str) -> list[FieldViolation]:
@@ -421,6 +428,7 @@ class DevicePlan:
     precision: str = ""  # "" = bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     max_devices: int = 0  # auto plans only: most devices to use (0: all)
+    cpu_offload: bool = False  # FSDP on GPUs: sharded state in host memory
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "devices_per_node": Bound(1, 64),

@@ -9,17 +9,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
+from services.clients.errors import in_context
+from services.clients.registry import RegistryClient
 from services.common.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     TlmError,
+    Unauthenticated,
     Unavailable,
 )
-from services.registry.client import CHUNK, RegistryClient
 from services.trainer.domain import DatasetKind
 from tlm.registry.v1 import registry_pb2
 
@@ -37,28 +39,23 @@ class ModelInfo:
 
 @asynccontextmanager
 async def field_errors(path: str, value: str) -> AsyncIterator[None]:
-    """Registry errors about `value` become NOT_FOUND / FAILED_PRECONDITION naming `path`."""
+    """Registry errors about `value` name `path`, the spec field that holds it; an outage is
+    the registry's, and a refused service key is this deployment's to fix."""
     try:
         yield
-    except grpc.aio.AioRpcError as exc:
-        code = exc.code()
-        violation = [FieldViolation(path, f"{value}: {exc.details()}")]
-        cls: type[TlmError]
-        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-            cls = NotFound if code == grpc.StatusCode.NOT_FOUND else InvalidArgument
-            raise cls(f"{path}: {value}: {exc.details()}", violations=violation) from exc
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            raise FailedPrecondition(f"{path}: {exc.details()}", violations=violation) from exc
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            message = f"registry unavailable while resolving {path}: {exc.details()}"
-            raise Unavailable(message) from exc
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            # Not the caller's doing and not worth a retry: the trainer's service key.
-            raise FailedPrecondition(
-                f"the registry refused the trainer's service key ({code.name}) while resolving "
-                f"{path}; check TLM_TRAINER_SERVICE_API_KEY and the registry's API keys"
-            ) from exc
-        raise  # anything else is unexpected: INTERNAL, logged with its traceback
+    except (NotFound, InvalidArgument, FailedPrecondition, PermissionDenied) as exc:
+        err = in_context(exc, f"{path}: {value}")
+        err.violations = [FieldViolation(path, f"{value}: {exc.message}")]
+        raise err from exc
+    except (Unavailable, DeadlineExceeded) as exc:
+        message = f"registry unavailable while resolving {path}: {exc.message}"
+        raise Unavailable(message) from exc
+    except Unauthenticated as exc:
+        # Not the caller's doing: the trainer's own service key.
+        raise FailedPrecondition(
+            "the registry refused the trainer's service key (UNAUTHENTICATED) while resolving "
+            f"{path}; check TLM_TRAINER_SERVICE_API_KEY and the registry's API keys"
+        ) from exc
 
 
 class RegistryPort:
@@ -73,7 +70,7 @@ class RegistryPort:
             revision = await self.client.get_model_revision(name, team)
         return ModelInfo(
             name=revision.name,
-            is_adapter=revision.format == registry_pb2.LORA_ADAPTER,
+            is_adapter=revision.format == registry_pb2.MODEL_FORMAT_LORA_ADAPTER,
             parameter_count=revision.metadata.parameter_count,
             config={},
         )
@@ -81,10 +78,7 @@ class RegistryPort:
     async def model_config(self, name: str, team: str) -> dict[str, Any]:
         """config.json of a revision, read from the start of its download and then abandoned,
         so an estimate never pulls the weights. {} when it is not among the first files."""
-        request = registry_pb2.DownloadModelRevisionRequest(name=name, chunk_size=CHUNK)
-        stream = self.client.stub.DownloadModelRevision(
-            request, metadata=self.client.metadata(team)
-        )
+        stream = self.client.download_model_chunks(name, team)
         data, seen = b"", 0
         try:
             async for message in stream:
@@ -96,10 +90,10 @@ class RegistryPort:
                     data += chunk.data
                 elif data or seen > CONFIG_SCAN_LIMIT:
                     break
-        except grpc.aio.AioRpcError:
+        except TlmError:
             return {}
         finally:
-            stream.cancel()
+            await stream.aclose()  # type: ignore[attr-defined]
         try:
             config = json.loads(data) if data else {}
         except ValueError:
@@ -109,10 +103,7 @@ class RegistryPort:
     async def dataset(self, path: str, name: str, team: str) -> tuple[str, DatasetKind, int]:
         """(resolved name, kind, row count)."""
         async with field_errors(path, name):
-            revision = await self.client.stub.GetDatasetRevision(
-                registry_pb2.GetDatasetRevisionRequest(name=name),
-                metadata=self.client.metadata(team),
-            )
+            revision = await self.client.get_dataset_revision(name, team)
         return revision.name, DatasetKind(revision.kind), revision.row_count
 
     async def evaluator(self, path: str, name: str, team: str) -> str:

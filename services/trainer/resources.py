@@ -32,16 +32,24 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Prompt tokens assumed for rollouts: the dataset's prompts are not read before the job runs
 # (TRL's GRPOConfig bounded prompts at 512 tokens by default).
 ROLLOUT_PROMPT_TOKENS = 512
+AT = "spec.resources.explicit"
+# Runners that run as a torchrun group (one process per device) when the plan has several.
+DISTRIBUTED_RUNNERS = frozenset({"services.trainer.trl_methods"})
+# What FSDP shards over the devices (ZeRO-3); activations stay per device.
+SHARDED = ("weights", "gradients", "optimizer", "reference_model", "critic")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class Devices:
-    """What this trainer host has."""
+    """What this trainer can run one job on: `nodes` nodes, each with `cuda_count` GPUs (or
+    `cpu_count` cores for a CPU job, one process per core)."""
 
     cuda_count: int
     cuda_memory_bytes: int
     cpu_memory_bytes: int
+    nodes: int = 1
+    cpu_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -61,44 +69,103 @@ def detect_devices() -> Devices:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     cuda_memory = torch.cuda.get_device_properties(0).total_memory if count else 0
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return Devices(count, int(cuda_memory), int(pages))
+    return Devices(count, int(cuda_memory), int(pages), cpu_count=os.cpu_count() or 1)
 
 
-def resolve_plan(spec: JobSpec, devices: Devices) -> tuple[DevicePlan, list[str]]:
-    """The plan a job runs with; FailedPrecondition when an explicit plan cannot run here."""
+def distributed(method: MethodDef) -> bool:
+    """Whether the method's runner runs as a torchrun group: the offline methods, on TRL and
+    accelerate. The online engine's sharded actor is not built yet: GRPO/PPO use one device."""
+    return method.runner in DISTRIBUTED_RUNNERS
+
+
+def device_and_precision(spec: JobSpec, devices: Devices) -> tuple[str, str, list[str]]:
+    """The device type and precision; FailedPrecondition naming the field when an explicit
+    plan asks for what this trainer lacks."""
     plan, notes = spec.resources, []
-    at = "spec.resources.explicit"
     device = plan.device_type
     if device == "auto":
         device = "cuda" if devices.cuda_count else "cpu"
         notes.append("no CUDA device: planning CPU" if device == "cpu" else "planning CUDA")
     if device == "cuda" and not devices.cuda_count:
-        raise _plan_error(f"{at}.device_type", "CUDA was asked for but this trainer has no GPU")
-    wanted = plan.devices_per_node * plan.num_nodes if spec.explicit_resources else 1
-    if spec.explicit_resources and plan.strategy in ("ddp", "fsdp"):
-        raise _plan_error(
-            f"{at}.strategy",
-            f"{plan.strategy.upper()} (torchrun) is not implemented yet; use SINGLE_DEVICE",
-        )
-    if wanted > 1:
-        raise _plan_error(
-            f"{at}.devices_per_node",
-            "multi-device training (torchrun DDP/FSDP) is not implemented yet; use one device",
-        )
-    if not spec.explicit_resources and device == "cuda" and devices.cuda_count > 1:
-        notes.append("multi-device training is not implemented yet: using one GPU")
+        raise _plan_error(f"{AT}.device_type", "CUDA was asked for but this trainer has no GPU")
     precision = plan.precision or ("bf16" if device == "cuda" else "fp32")
     if device == "cpu" and precision != "fp32":
-        raise _plan_error(f"{at}.precision", f"{precision} needs CUDA; CPU trains in fp32")
-    resolved = replace(
-        plan,
-        device_type=device,
-        devices_per_node=1,
-        num_nodes=1,
-        strategy="single",
-        precision=precision,
-    )
-    return resolved, notes
+        raise _plan_error(f"{AT}.precision", f"{precision} needs CUDA; CPU trains in fp32")
+    return device, precision, notes
+
+
+def device_count(spec: JobSpec, device: str, devices: Devices) -> tuple[int, int, list[str]]:
+    """(num_nodes, devices_per_node): an explicit plan's, checked against what this trainer
+    has; an auto plan's from the inventory and max_devices."""
+    method, plan = METHODS[spec.method], spec.resources
+    per_node_max = devices.cuda_count if device == "cuda" else devices.cpu_count
+    unit = "GPUs" if device == "cuda" else "processes (one per core)"
+    if spec.explicit_resources:
+        if plan.num_nodes > devices.nodes:
+            raise _plan_error(
+                f"{AT}.num_nodes",
+                f"asks for {plan.num_nodes} nodes; this trainer has {devices.nodes}",
+            )
+        if plan.devices_per_node > per_node_max:
+            raise _plan_error(
+                f"{AT}.devices_per_node",
+                f"asks for {plan.devices_per_node} {unit} per node; "
+                f"this trainer has {per_node_max}",
+            )
+        if plan.num_nodes * plan.devices_per_node > 1 and not distributed(method):
+            raise _plan_error(
+                f"{AT}.devices_per_node",
+                f"{method.name} runs on one device for now (its sharded actor is not built yet)",
+            )
+        return plan.num_nodes, plan.devices_per_node, []
+    if not method.trains or not distributed(method):
+        why = "trains nothing here" if not method.trains else "runs on one device for now"
+        return 1, 1, [f"{method.name} {why}"] if device == "cuda" and per_node_max > 1 else []
+    if device == "cpu":
+        return 1, 1, ["CPU: one process (an explicit plan's devices_per_node runs a gloo group)"]
+    available = per_node_max * devices.nodes
+    wanted = min(available, plan.max_devices or available)
+    if wanted <= per_node_max:
+        return 1, wanted, [f"using {wanted} of {available} GPUs (max_devices bounds it)"]
+    nodes = wanted // per_node_max
+    return nodes, per_node_max, [f"using {nodes} nodes x {per_node_max} GPUs"]
+
+
+def candidates(spec: JobSpec, device: str, count: int) -> list[DevicePlan]:
+    """The plans to try in order, the first that fits wins: the least sharding and recompute
+    first (ZeRO: replicas, then sharded states; offload last, it is the slowest)."""
+    plan = spec.resources
+    if spec.explicit_resources and plan.strategy != "auto":
+        return [plan]
+    gc, offload = plan.gradient_checkpointing, plan.cpu_offload
+    if spec.explicit_resources:  # strategy auto, with the user's own switches
+        options = [("single", gc, offload)] if count == 1 else [("ddp", gc, False)]
+        if count > 1 and device == "cuda":
+            options.append(("fsdp", gc, offload))
+    elif count == 1:
+        options = [("single", False, False), ("single", True, False)]
+        if device == "cuda":
+            options.append(("fsdp", True, True))
+    else:
+        options = [("ddp", False, False), ("fsdp", False, False), ("fsdp", True, False)]
+        options.append(("fsdp", True, True))
+    return [
+        replace(plan, strategy=s, gradient_checkpointing=g, cpu_offload=o) for s, g, o in options
+    ]
+
+
+def check_strategy(plan: DevicePlan, method: MethodDef) -> None:
+    """An explicit strategy this trainer cannot run, refused naming its field."""
+    count = plan.devices_per_node * plan.num_nodes
+    if plan.strategy == "single" and count > 1:
+        raise _plan_error(f"{AT}.strategy", f"SINGLE_DEVICE runs on one device, not {count}")
+    if plan.strategy == "ddp" and count == 1:
+        raise _plan_error(f"{AT}.strategy", "DDP needs two or more devices")
+    if plan.strategy == "fsdp" and plan.device_type == "cpu":
+        # accelerate (under TRL) shards with FSDP on accelerators only; CPU groups run DDP.
+        raise _plan_error(f"{AT}.strategy", "FSDP runs on GPUs; a CPU group trains with DDP")
+    if plan.cpu_offload and (plan.strategy != "fsdp" or plan.device_type != "cuda"):
+        raise _plan_error(f"{AT}.cpu_offload", "CPU offload is FSDP's, on GPUs")
 
 
 def _plan_error(path: str, message: str) -> FailedPrecondition:
@@ -217,46 +284,133 @@ def reference_bytes(
     return parameters * BYTES[precision], ""
 
 
-def estimate(spec: JobSpec, parameters: int, config: dict[str, Any], devices: Devices) -> Estimate:
-    plan, notes = resolve_plan(spec, devices)
-    method = METHODS[spec.method]
-    if not parameters:
-        notes.append("the base has no parameter_count in the registry: weights not estimated")
-    trainable = parameters
-    if spec.lora is not None:
-        lora = lora_trainable(config, spec.lora.r, spec.lora.target_modules)
-        if lora is None:
-            lora = parameters // 200
-            notes.append("LoRA shapes unknown: LoRA parameters guessed as 0.5% of the model")
-        trainable = lora
+def trainable_count(
+    spec: JobSpec, method: MethodDef, parameters: int, config: dict[str, Any]
+) -> tuple[int, list[str]]:
     if not method.trains:
-        trainable = 0
-        notes.append(f"{method.name} trains nothing; generation runs on the rollout service")
-    reference, note = reference_bytes(spec, method, parameters, plan.precision)
+        return 0, [f"{method.name} trains nothing; generation runs on the rollout service"]
+    if spec.lora is None:
+        return parameters, []
+    lora = lora_trainable(config, spec.lora.r, spec.lora.target_modules)
+    if lora is None:
+        return parameters // 200, [
+            "LoRA shapes unknown: LoRA parameters guessed as 0.5% of the model"
+        ]
+    return lora, []
+
+
+def replica(
+    spec: JobSpec, parameters: int, trainable: int, config: dict[str, Any]
+) -> tuple[dict[str, int], list[str]]:
+    """The memory of one full replica of the job under `spec.resources` (its precision and
+    gradient checkpointing), by part, and notes on what was assumed."""
+    method, precision, notes = METHODS[spec.method], spec.resources.precision, []
+    reference, note = reference_bytes(spec, method, parameters, precision)
     notes += [note] if note and method.trains else []
     breakdown = {
-        "weights": parameters * weight_width(spec, method, plan.precision) if method.trains else 0,
+        "weights": parameters * weight_width(spec, method, precision) if method.trains else 0,
         "gradients": trainable * 4,
         "optimizer": trainable * 8,
         "activations": 0,
         "reference_model": reference,
     }
-    critic, note = critic_bytes(spec, parameters, trainable, config, plan.precision)
+    critic, note = critic_bytes(spec, parameters, trainable, config, precision)
     if critic:
         breakdown["critic"] = critic
         notes.append(note)
     if method.trains:
-        act = activation_bytes(config, spec, plan.precision)
+        act = activation_bytes(config, spec, precision)
         if act is None:
             notes.append("config.json unreadable: activations not estimated")
         breakdown["activations"] = act or 0
+    return breakdown, notes
+
+
+def per_device(whole: dict[str, int], plan: DevicePlan, layers: int) -> dict[str, int]:
+    """What one device holds: FSDP divides the model states over the devices (ZeRO-3,
+    Rajbhandari et al., 2020, section 5.3); with CPU offload they live in host memory and the
+    device holds the two layers in flight (one computing, the next prefetched).
+
+    >>> whole = {"weights": 800, "gradients": 800, "optimizer": 1600, "activations": 50}
+    >>> per_device(whole, DevicePlan(strategy="fsdp", devices_per_node=8), layers=4)
+    {'weights': 100, 'gradients': 100, 'optimizer': 200, 'activations': 50}
+    >>> offload = DevicePlan(strategy="fsdp", devices_per_node=8, cpu_offload=True)
+    >>> per_device(whole, offload, layers=4)  # 2 of 4 layers' weights, gathered
+    {'weights': 400, 'gradients': 0, 'optimizer': 0, 'activations': 50}
+    """
+    if plan.strategy != "fsdp":
+        return dict(whole)
+    count = plan.devices_per_node * plan.num_nodes
+    if not plan.cpu_offload:
+        return {k: -(-v // count) if k in SHARDED else v for k, v in whole.items()}
+    out = {k: 0 if k in SHARDED else v for k, v in whole.items()}
+    out["weights"] = 2 * whole["weights"] // max(layers, 2)
+    return out
+
+
+def estimate(spec: JobSpec, parameters: int, config: dict[str, Any], devices: Devices) -> Estimate:
+    """The plan the job runs with and its memory per device: an explicit plan as given
+    (FailedPrecondition naming the field it cannot run), an auto plan the first candidate that
+    fits (`candidates`), or the last one, noted as not fitting."""
+    method = METHODS[spec.method]
+    device, precision, notes = device_and_precision(spec, devices)
+    nodes, per_node, more = device_count(spec, device, devices)
+    notes += more
+    count = nodes * per_node
+    base = replace(
+        spec.resources,
+        device_type=device,
+        precision=precision,
+        num_nodes=nodes,
+        devices_per_node=per_node,
+        max_devices=0,
+    )
+    if not distributed(method) and not spec.explicit_resources:
+        base = replace(base, strategy="single")
+    spec = replace(spec, resources=base)
+    if not parameters:
+        notes.append("the base has no parameter_count in the registry: weights not estimated")
+    trainable, more = trainable_count(spec, method, parameters, config)
+    notes += more
+    available = devices.cuda_memory_bytes if device == "cuda" else devices.cpu_memory_bytes // count
+    layers = int(config.get("num_hidden_layers") or 1)
+    for plan in candidates(spec, device, count):
+        if spec.explicit_resources:
+            check_strategy(plan, method)
+        whole, assumed = replica(replace(spec, resources=plan), parameters, trainable, config)
+        breakdown = per_device(whole, plan, layers)
+        total = sum(breakdown.values())
+        if total <= available:
+            break
+    fits = total <= available
+    notes += [*assumed, why(plan, sum(whole.values()), total, available, whole)]
     if method.batch is Batch.ROLLOUTS:
         notes.append(f"rollout prompts assumed {ROLLOUT_PROMPT_TOKENS} tokens long")
-    total = sum(breakdown.values())
-    available = (
-        devices.cuda_memory_bytes if plan.device_type == "cuda" else devices.cpu_memory_bytes
-    )
-    fits = total <= available
     if not fits:
         notes.append("does not fit: try LoRA, gradient checkpointing or a smaller batch/max_length")
     return Estimate(plan, parameters, trainable, total, breakdown, fits, notes)
+
+
+def why(plan: DevicePlan, whole: int, total: int, available: int, parts: dict[str, int]) -> str:
+    """The plan in a sentence, with the numbers that chose it."""
+    count = plan.devices_per_node * plan.num_nodes
+    gib = 2**30
+    where = "per process" if plan.device_type == "cpu" else "per GPU"
+    head = {
+        "single": "one device",
+        "ddp": f"DDP over {count} devices: a full replica on each",
+        "fsdp": f"FSDP over {count} devices: weights, gradients and optimizer state sharded",
+    }[plan.strategy]
+    extras = [
+        "gradient checkpointing" if plan.gradient_checkpointing else "",
+        "CPU offload of the sharded state "
+        f"({sum(parts.get(k, 0) for k in SHARDED) / count / gib:.1f} GiB of host memory per "
+        "device)"
+        if plan.cpu_offload
+        else "",
+    ]
+    extra = "".join(f", {e}" for e in extras if e)
+    return (
+        f"{head}{extra}; a replica needs {whole / gib:.2f} GiB, this plan "
+        f"{total / gib:.2f} GiB {where} of {available / gib:.2f} GiB"
+    )

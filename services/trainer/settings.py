@@ -22,3 +22,9 @@ class TrainerSettings(ServerSettings):
     rollout_address: str | None = None
     # Workers running at once; more jobs wait PENDING.
     max_running_jobs: int = Field(1, ge=1)
+    # How long an online-RL job waits for a rollout, reward or registry service that stays
+    # unreachable (after its client's own retries) before it fails UNAVAILABLE naming it.
+    outage_timeout_s: float = Field(600.0, gt=0)
+    # Times a job's worker that died without a word (SIGKILL, OOM, a segfault) is started
+    # again from its last checkpoint before the job fails.
+    max_restarts: int = Field(3, ge=0)

@@ -1,8 +1,8 @@
 """Job storage: a jobs table and an append-only events table (SQLAlchemy; SQLite by default).
 
-The schema is created on open; columns added since are added to older stores on open too
-(`ADDED_COLUMNS`; no migration tool yet). Every query is scoped by team, so another team's jobs
-are simply not found. Calls are short and blocking.
+The schema comes from the Alembic migrations in `migrations/`, run on open through the shared
+SQL setup (`services.common.sql`); a change to these tables needs a new migration. Every query
+is scoped by team, so another team's jobs are simply not found. Calls are short and blocking.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -20,15 +21,13 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
-    create_engine,
-    event,
-    inspect,
     select,
     text,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from services.common import sql
 from services.trainer.domain import (
     TRANSITIONS,
     Event,
@@ -39,6 +38,9 @@ from services.trainer.domain import (
     JobState,
     Progress,
 )
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "trainer_alembic_version"  # its own, so the stores can share one database
 
 
 class Base(DeclarativeBase):
@@ -83,11 +85,6 @@ class JobRow(Base):
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     start_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-# Columns added after the first release, and the DDL that adds each to an older store (its
-# rows get the default).
-ADDED_COLUMNS = {("jobs", "request_digest"): "VARCHAR(64) NOT NULL DEFAULT ''"}
 
 
 class EventRow(Base):
@@ -136,20 +133,8 @@ def _job(row: JobRow) -> Job:
 
 class JobStore:
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        self._add_columns()
-        for index in Base.metadata.tables["jobs"].indexes:  # stores older than the index
-            index.create(self.engine, checkfirst=True)
-
-    def _add_columns(self) -> None:
-        """Give a store made before a column of ADDED_COLUMNS that column."""
-        for (table, name), ddl in ADDED_COLUMNS.items():
-            if name not in {c["name"] for c in inspect(self.engine).get_columns(table)}:
-                with self.engine.begin() as connection:
-                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
+        self.engine = sql.make_engine(url)
+        sql.migrate(self.engine, MIGRATIONS, VERSION_TABLE)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -167,7 +152,7 @@ class JobStore:
             return existing, False
 
     def _create(self, job: Job) -> tuple[Job, bool]:
-        with Session(self.engine) as s, s.begin():
+        with sql.write_session(self.engine) as s:
             if job.request_id:
                 existing = s.scalar(
                     select(JobRow).where(
@@ -231,7 +216,7 @@ class JobStore:
         self, team: str, job_id: str, state: JobState, message: str, **fields: Any
     ) -> Job:
         """Move a job to `state` (checked against TRANSITIONS), record the event, set fields."""
-        with Session(self.engine) as s, s.begin():
+        with sql.write_session(self.engine) as s:
             row = self._row(s, team, job_id)
             current = JobState(row.state)
             if state not in TRANSITIONS[current]:
@@ -247,7 +232,7 @@ class JobStore:
             return _job(row)
 
     def update(self, team: str, job_id: str, **fields: Any) -> Job:
-        with Session(self.engine) as s, s.begin():
+        with sql.write_session(self.engine) as s:
             row = self._row(s, team, job_id)
             self._set(row, fields)
             return _job(row)
@@ -264,7 +249,7 @@ class JobStore:
     ) -> Job:
         """Record a non-state event (`at`: when it happened, default now); metrics/checkpoints
         also update the job's progress."""
-        with Session(self.engine) as s, s.begin():
+        with sql.write_session(self.engine) as s:
             row = self._row(s, team, job_id)
             self._append(s, row, kind, data, at)
             if kind is EventKind.METRICS:
@@ -316,10 +301,3 @@ class JobStore:
 def new_job_id() -> str:
     """Sortable by creation time, unguessable: `j-<unix ms hex>-<random>`."""
     return f"j-{int(now().timestamp() * 1000):x}-{secrets.token_hex(4)}"
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()

@@ -2,7 +2,11 @@
 watched by a task that tails its events file into the store and decides how the job ended.
 
 A worker is `python -m services.trainer.worker <job folder>` in its own session, so a crash,
-an OOM kill or a segfault ends that job (FAILED) and never the service.
+an OOM kill or a segfault never takes the service down. A worker killed by a signal before it
+reported an outcome (no result, error or cancel: a SIGKILL, the OOM killer, a segfault) is
+started again from its last checkpoint, at most `max_restarts` times per job, each restart a
+job event; then the job FAILS. Where to resume is read from the checkpoint folder itself
+(`saved_step`), not only from the checkpoint events, which a crash can leave one behind.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -26,6 +29,7 @@ from typing import Any
 import structlog
 
 from services.common.ids import team_dir
+from services.trainer.distributed import launch_command
 from services.trainer.domain import EventKind, JobError, JobState
 from services.trainer.store import JobStore
 from services.trainer.tensorboard_log import TensorBoardLog
@@ -37,6 +41,7 @@ from services.trainer.worker_protocol import (
     EventTailer,
     WorkerJob,
     clean_metrics,
+    saved_step,
 )
 
 log = structlog.get_logger("tlm.trainer.supervisor")
@@ -53,6 +58,9 @@ WORKER_ENV_PREFIXES = (
     "OMP_",
     "MKL_",
     "PYTHON",
+    "NCCL_",  # a torchrun group's collectives (NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, ...)
+    "GLOO_",
+    "TORCH_",
 )
 
 
@@ -68,6 +76,8 @@ class WorkerConfig:
     registry_address: str = ""
     rollout_address: str = ""
     reward_address: str = ""
+    outage_timeout_s: float = 600.0
+    max_restarts: int = 3  # per job: restarts of a worker killed by a signal
 
 
 @dataclass
@@ -102,10 +112,11 @@ class Supervisor:
         or fail; CANCELLING ones are CANCELLED; PENDING ones are queued again."""
         for job in self.store.jobs_in([JobState.CANCELLING, JobState.RUNNING, JobState.PENDING]):
             key = (job.team, job.job_id)
+            step = self._checkpoint(key) if job.state is JobState.RUNNING else 0
             if job.state is JobState.CANCELLING:
                 self.store.transition(*key, JobState.CANCELLED, "the trainer restarted")
-            elif job.state is JobState.RUNNING and job.checkpoint_step > 0:
-                message = f"the trainer restarted; resuming from step {job.checkpoint_step}"
+            elif job.state is JobState.RUNNING and step > 0:
+                message = f"the trainer restarted; resuming from step {step}"
                 self.store.transition(*key, JobState.PENDING, message)
                 self._queue.append(key)
             elif job.state is JobState.RUNNING:
@@ -168,8 +179,13 @@ class Supervisor:
                 # Cancelled between leaving the queue and starting: nothing to run.
                 self._end(key, JobState.CANCELLED, "cancelled before it started")
                 return
-            proc, tailer = self._spawn(key)
-            outcome = await self._watch(key, proc, tailer)
+            restarts = 0
+            while True:
+                proc, tailer = self._spawn(key)
+                outcome = await self._watch(key, proc, tailer)
+                if not self._restart(key, proc.returncode, outcome, restarts):
+                    break
+                restarts += 1
             self._finish(key, proc.returncode, outcome)
             self._clean(key)
         except asyncio.CancelledError:
@@ -210,12 +226,14 @@ class Supervisor:
             reward_address=self.config.reward_address,
             cache_dir=str(self.config.root / "cache"),
             torch_threads=self.config.torch_threads,
-            resume_step=job.checkpoint_step,
+            resume_step=self._checkpoint(key),
+            outage_timeout_s=self.config.outage_timeout_s,
         ).write(folder)
         env = worker_env(os.environ, self.config.api_key)
         with (folder / LOG_FILE).open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", self.config.module, str(folder)],
+                # One device: the worker; more: a torchrun group of workers (distributed.py).
+                launch_command(self.config.module, folder, job.device_plan),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -223,7 +241,10 @@ class Supervisor:
                 start_new_session=True,
             )
         self._procs[key] = proc
-        self._recorded_step[key] = job.progress.step if job.checkpoint_step else 0
+        self._recorded_step[key] = job.progress.step
+        board = self._boards.pop(key, None)
+        if board is not None:  # a restarted worker: a new board on the same folder
+            board.close()
         self._boards[key] = TensorBoardLog(folder)
         self.store.transition(team, job_id, JobState.RUNNING, f"worker started (pid {proc.pid})")
         log.info("job_started", job=job_id, team=team, method=job.method.name, pid=proc.pid)
@@ -244,6 +265,45 @@ class Supervisor:
             if deadline is not None and time.monotonic() > deadline:
                 _signal(proc, signal.SIGKILL)
             await asyncio.sleep(self.config.poll_s)
+
+    def _checkpoint(self, key: Key) -> int:
+        """The step the job resumes from: its folder's last complete checkpoint when a crash
+        lost its event (the store is brought up to it), else the last one recorded."""
+        recorded = self.store.get(*key).checkpoint_step
+        step = saved_step(job_folder(self.config.root, key))
+        if step > recorded:
+            self.store.update(*key, checkpoint_step=step)
+        return max(step, recorded)
+
+    def _restart(self, key: Key, returncode: int | None, outcome: _Outcome, restarts: int) -> bool:
+        """Whether to start the worker again: a signal killed it before it reported how the job
+        ended (an exit of its own is its answer), nobody asked it to stop, and the job has
+        restarts left. Records the restart."""
+        job = self.store.get(*key)
+        if outcome.result or outcome.error or outcome.cancelled or job.cancel_requested:
+            return False
+        if returncode is None or returncode >= 0:
+            return False
+        if self._stopping or job.state is not JobState.RUNNING:
+            return False
+        died = _death(returncode)
+        if restarts >= self.config.max_restarts:
+            again = f" again after {restarts} restarts" if restarts else ""
+            outcome.error = JobError(
+                "ABORTED",
+                f"the worker {died}{again} (max_restarts {self.config.max_restarts}); see its log",
+            )
+            return False
+        step = self._checkpoint(key)
+        where = f"from step {step}" if step else "from the start (no checkpoint yet)"
+        message = (
+            f"the worker {died}; restarting it {where} "
+            f"(restart {restarts + 1} of {self.config.max_restarts})"
+        )
+        self.store.transition(*key, JobState.PENDING, message)
+        log.warning("job_worker_restarted", job=key[1], team=key[0], returncode=returncode)
+        self.notify(key)
+        return True
 
     def _record(self, key: Key, event: dict[str, Any], outcome: _Outcome) -> None:
         kind = event.get("kind")
@@ -316,6 +376,13 @@ def job_folder(root: Path, key: Key) -> Path:
     """`<root>/<team>/<job_id>`; the team is checked again (`team_dir`): it came from a header."""
     team, job_id = key
     return team_dir(root, team) / job_id
+
+
+def _death(returncode: int | None) -> str:
+    """How a worker ended, in words: "was killed by SIGKILL", "exited with code 1"."""
+    with contextlib.suppress(ValueError, TypeError):
+        return f"was killed by {signal.Signals(-(returncode or 0)).name}"
+    return f"was killed (exit code {returncode})"
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:

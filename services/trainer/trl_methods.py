@@ -33,6 +33,7 @@ from trl import (
     SFTTrainer,
 )
 
+from services.trainer.distributed import is_main, stop_agreed
 from services.trainer.domain import Method
 from services.trainer.rl.actor import lora_config
 from services.trainer.spec import JobSpec
@@ -57,7 +58,8 @@ class EventsCallback(TrainerCallback):
         self.ctx.events.emit("started", total_steps=state.max_steps)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.ctx.stop.is_set():
+        if stop_agreed(self.ctx.stop.is_set()):  # in a group: every rank stops at this step
+            self.ctx.stop.set()
             control.should_training_stop = True
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -199,12 +201,40 @@ def trl_config(spec: JobSpec, plan: dict[str, Any], folder: Path, recipe: Recipe
         use_cpu=plan["device_type"] == "cpu",
         bf16=plan["precision"] == "bf16",
         fp16=plan["precision"] == "fp16",
-        gradient_checkpointing=plan.get("gradient_checkpointing", False),
+        gradient_checkpointing=plan.get("gradient_checkpointing", False)
+        and plan.get("strategy", "single") != "fsdp",
+        **parallel_args(plan),
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         **recipe.params(spec.params),
     )
+
+
+def parallel_args(plan: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments for the plan's strategy. A torchrun group is data parallel (DDP) by
+    default through accelerate; FSDP is accelerate's FSDP2 plugin (`fully_shard`), with its
+    own activation checkpointing and CPU offload, and sharded checkpoints written with
+    torch.distributed.checkpoint (resumable on another number of ranks).
+
+    >>> parallel_args({"strategy": "ddp"})
+    {'ddp_find_unused_parameters': False}
+    >>> fsdp = parallel_args({"strategy": "fsdp", "gradient_checkpointing": True})
+    >>> fsdp["fsdp_config"]  # doctest: +NORMALIZE_WHITESPACE
+    {'version': 2, 'state_dict_type': 'SHARDED_STATE_DICT', 'cpu_offload': False,
+     'activation_checkpointing': True}
+    """
+    if plan.get("strategy", "single") == "ddp":
+        return {"ddp_find_unused_parameters": False}
+    if plan.get("strategy", "single") != "fsdp":
+        return {}
+    config = {
+        "version": 2,
+        "state_dict_type": "SHARDED_STATE_DICT",
+        "cpu_offload": plan.get("cpu_offload", False),
+        "activation_checkpointing": plan.get("gradient_checkpointing", False),
+    }
+    return {"fsdp": True, "fsdp_config": config}
 
 
 def peft_config(spec: JobSpec, recipe: Recipe) -> LoraConfig | None:
@@ -302,11 +332,15 @@ async def _save(ctx: WorkerContext, trainer: Any, tokenizer: Any, recipe: Recipe
     out = ctx.folder / OUTPUT
     model = trainer.model
     adapter = ctx.spec.lora is not None and not recipe.sequence_classification
+    # The full state dict, gathered from the shards under FSDP (a collective: every rank).
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not is_main():
+        return ""  # rank 0 saves and uploads
     if ctx.spec.lora is not None and recipe.sequence_classification:
-        model = model.merge_and_unload()
+        model, state = model.merge_and_unload(), None  # one device or DDP: full weights here
     if not adapter:
         tokenizer.save_pretrained(out)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state)
     ctx.check_stop()  # the last cut-off: once the upload starts, the job ends with its result
     ctx.log("uploading the result to the registry")
     return await ctx.upload(out, adapter)

@@ -20,10 +20,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from services.clients.registry import RegistryClient
 from services.common.errors import NotImplementedYet, TlmError, status_code_for
-from services.registry.client import RegistryClient
+from services.trainer.distributed import RankEvents, exit_status, world_size
 from services.trainer.domain import Method
 from services.trainer.methods import METHODS
 from services.trainer.spec import JobSpec
@@ -63,8 +62,6 @@ def _status(exc: Exception) -> tuple[str, str]:
     """(grpc status code name, message) for an error that ends the job."""
     if isinstance(exc, TlmError):
         return status_code_for(exc).name, exc.message
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code().name, f"{exc.code().name} from a service: {exc.details()}"
     return "INTERNAL", f"{type(exc).__name__}: {exc}"
 
 
@@ -73,11 +70,12 @@ def main(folder: Path) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     job = WorkerJob.read(folder)
-    events = EventWriter(folder)
+    events = RankEvents(folder)  # a torchrun group: rank 0 reports, the others their errors
+    failed = False
     if job.torch_threads:
         import torch
 
-        torch.set_num_threads(job.torch_threads)
+        torch.set_num_threads(max(1, job.torch_threads // world_size()))
     try:
         # No stop check here: runners check at their cut-off points (never after an upload
         # started), and a result that exists has been committed to the registry.
@@ -89,9 +87,10 @@ def main(folder: Path) -> int:
         traceback.print_exc()
         code, message = _status(exc)
         events.emit("error", code=code, message=message)
+        failed = True
     finally:
         events.close()
-    return 0
+    return exit_status(failed)
 
 
 if __name__ == "__main__":

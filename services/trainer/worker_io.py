@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from services.common.errors import field_error
-from services.registry.client import ModelCache, RegistryClient
+from services.clients.artifacts import ModelCache
+from services.clients.registry import RegistryClient
+from services.common.errors import DeadlineExceeded, Unavailable, field_error
 from services.trainer.spec import ALL_LINEAR, JobSpec
 from services.trainer.worker_protocol import API_KEY_ENV, EventWriter, WorkerJob
 from tlm.registry.v1 import registry_pb2
@@ -21,7 +20,7 @@ from tlm.registry.v1 import registry_pb2
 # Upload attempts and the wait before each retry (seconds): the registry restarting, a
 # dropped connection. Request ids are derived from the job, so a retry stores one revision.
 UPLOAD_BACKOFF_S = (1.0, 4.0, 15.0)
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRYABLE = (Unavailable, DeadlineExceeded)
 
 
 class Cancelled(Exception):
@@ -77,16 +76,9 @@ class WorkerContext:
     async def _upload(self, folder: Path, adapter: bool, request_id: str) -> str:
         spec = self.spec
         model_id = spec.output_model.removeprefix("models/")
-        try:
-            await self.registry.stub.CreateModel(
-                registry_pb2.CreateModelRequest(
-                    model_id=model_id, description=f"trained by {self.job.name}"
-                ),
-                metadata=self.registry.metadata(self.team),
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
+        await self.registry.create_model(
+            model_id, f"trained by {self.job.name}", self.team, exist_ok=True
+        )
         lineage = registry_pb2.Lineage(
             base_model_revision=spec.base_model,
             dataset_revisions=[d for d in (spec.train_dataset, spec.eval_dataset) if d],
@@ -96,7 +88,9 @@ class WorkerContext:
         revision = await self.registry.upload_model_revision(
             spec.output_model,
             folder,
-            format=registry_pb2.LORA_ADAPTER if adapter else registry_pb2.FULL_WEIGHTS,
+            format=registry_pb2.MODEL_FORMAT_LORA_ADAPTER
+            if adapter
+            else registry_pb2.MODEL_FORMAT_FULL_WEIGHTS,
             lineage=lineage,
             request_id=request_id or f"{self.job.name.removeprefix('jobs/')}-output",
             description=f"{spec.method.name} by {self.job.name}",
@@ -110,16 +104,18 @@ async def retrying(
     log: Callable[[str, str], None],
     backoff_s: tuple[float, ...] | None = None,
 ) -> str:
-    """`call()`, again after each wait of `backoff_s` while it fails with a retryable code."""
+    """`call()`, again after each wait of `backoff_s` while it fails with an outage
+    (UNAVAILABLE, DEADLINE_EXCEEDED) that the client's own quick retries did not outlast."""
     waits = list(UPLOAD_BACKOFF_S if backoff_s is None else backoff_s)
     while True:
         try:
             return await call()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE or not waits:
+        except RETRYABLE as exc:
+            if not waits:
                 raise
             wait = waits.pop(0)
-            log(f"registry {exc.code().name} during upload; retrying in {wait:g} s", "warning")
+            code = exc.remote.code.name if exc.remote else type(exc).__name__
+            log(f"registry {code} during upload; retrying in {wait:g} s", "warning")
             await asyncio.sleep(wait)
 
 

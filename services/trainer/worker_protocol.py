@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -28,6 +29,11 @@ POLICY = "policy"  # GRPO's policy before each sync upload
 # Deleted when a job SUCCEEDS or is CANCELLED; a FAILED job keeps them for inspection.
 SCRATCH = (CHECKPOINTS, OUTPUT, POLICY)
 API_KEY_ENV = "TLM_TRAINER_WORKER_API_KEY"
+# Under checkpoints/: {"step": N, ...}, replaced atomically once the online-RL resume state of
+# step N is complete. TRL's checkpoint-N/ is complete once its trainer_state.json (written last)
+# parses.
+CHECKPOINT_MARKER = "latest.json"
+TRL_STATE = "trainer_state.json"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class WorkerJob:
     cache_dir: str
     torch_threads: int = 0
     resume_step: int = 0  # the job's checkpoint_step: resume from checkpoints/checkpoint-{step}
+    outage_timeout_s: float = 600.0  # how long online RL waits for a service that is down
 
     def write(self, folder: Path) -> None:
         (folder / JOB_FILE).write_text(json.dumps(self.__dict__, indent=1))
@@ -51,6 +58,25 @@ class WorkerJob:
     @staticmethod
     def read(folder: Path) -> WorkerJob:
         return WorkerJob(**json.loads((folder / JOB_FILE).read_text()))
+
+
+def saved_step(folder: Path) -> int:
+    """The step of the last complete checkpoint in the job folder's `checkpoints/` (0: none),
+    read from the checkpoints themselves: the events file may lack the last one when the worker
+    died between writing it and reporting it."""
+    checkpoints = folder / CHECKPOINTS
+    steps = [0]
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        steps.append(int(json.loads((checkpoints / CHECKPOINT_MARKER).read_text())["step"]))
+    for path in checkpoints.glob(f"checkpoint-*/{TRL_STATE}"):
+        number = path.parent.name.removeprefix("checkpoint-")
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # torn by a crash: incomplete
+        if number.isdigit():
+            steps.append(int(number))
+    return max(steps)
 
 
 class EventWriter:

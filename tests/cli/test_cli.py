@@ -59,7 +59,7 @@ def test_up_health_and_graceful_stop(tmp_path: Path) -> None:
     assert proc.returncode == 0, stderr
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
     assert "insecure_dev_mode" in events and events[-1] == "server_stopped"
-    assert events.count("rpc") == 4  # one line per health check
+    assert events.count("rpc") == 5  # one line per health check
 
 
 def test_health_fails_when_nothing_listens() -> None:
@@ -72,7 +72,9 @@ def test_health_fails_when_nothing_listens() -> None:
     assert out.returncode == 1
     # At once (no wait for the port to open), with the address tried; see tests/cli/test_errors.py.
     assert {r["status"] for r in json.loads(out.stdout).values()} == {"UNAVAILABLE"}
-    assert out.stderr.startswith("error: cannot reach the registry, reward, rollout and trainer")
+    assert out.stderr.startswith(
+        "error: cannot reach the registry, reward, rollout, trainer and deploy"
+    )
 
 
 def test_serve_without_keys_refuses_to_start(tmp_path: Path) -> None:

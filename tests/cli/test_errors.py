@@ -1,5 +1,5 @@
 """Every CLI user error is one red line on stderr, exit code 2, no traceback; a service's refusal
-is its status and message, literally, exit code 1; `--debug` shows the traceback instead."""
+is its status and message, literally, exit code 2 too; `--debug` shows the traceback instead."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typer.testing import CliRunner, Result
 from services.cli import main, registry_cmds
 from services.cli.main import app
 from services.cli.reward_cmds import TEMPLATES
+from services.common.client import SERVICES
 from services.common.ids import ID_RULE
 from services.devtools.server_thread import ServerThread
 
@@ -107,9 +108,9 @@ def test_health_fails_fast_on_a_closed_port() -> None:
     elapsed = time.monotonic() - started
     assert result.exit_code == 1 and elapsed < 3, elapsed  # was 5 s per service (wait_for_ready)
     assert {r["status"] for r in json.loads(result.stdout).values()} == {"UNAVAILABLE"}
+    *first, last = SERVICES  # registry, reward, rollout, trainer, ...
     assert result.stderr.splitlines() == [
-        "error: cannot reach the registry, reward, rollout and trainer services at "
-        f"{CLOSED}; {HINT}"
+        f"error: cannot reach the {', '.join(first)} and {last} services at {CLOSED}; {HINT}"
     ]
 
 
@@ -158,7 +159,7 @@ def test_server_messages_are_printed_literally(embedded: ServerThread) -> None:
     """The registry's message quotes `[a-z0-9._-]`, which Rich markup would swallow."""
     result = tlm("models", "show", "Bad_Name@latest", "--address", embedded.address)
     problem = f"'Bad_Name' is not valid: expected {ID_RULE}"
-    assert "[a-z0-9._-]" in ID_RULE and result.exit_code == 1 and result.stdout == ""
+    assert "[a-z0-9._-]" in ID_RULE and result.exit_code == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: INVALID_ARGUMENT: name: {problem}",
         f"  name: {problem}",  # the BadRequest field violation
@@ -177,7 +178,7 @@ def test_score_accepts_name_at_alias(embedded: ServerThread, tmp_path: Path) -> 
         result = tlm("score", "--evaluator", ref, "--input", str(rows), *address)
         assert result.exit_code == 0 and "s1" in result.stdout, (ref, result.output)
     missing = tlm("score", "--evaluator", "nope@latest", "--input", str(rows), *address)
-    assert missing.exit_code == 1
+    assert missing.exit_code == 2
     assert "evaluators/nope/revisions/latest" in missing.stderr.splitlines()[0]
 
 

@@ -41,7 +41,7 @@ def test_every_grpo_flag_lands_on_its_field() -> None:
     `latest` when no revision is given, sampling flags go to grpo.sampling."""
     spec = build_spec(None, "grpo", GRPO_FLAGS)
     assert as_dict(spec) == {
-        "method": "GRPO",
+        "method": "METHOD_GRPO",
         "base_model": "models/tiny/revisions/latest",
         "train_dataset": "datasets/math/revisions/r2",
         "evaluator": "evaluators/grader/revisions/prod",

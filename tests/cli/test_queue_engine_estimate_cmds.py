@@ -82,8 +82,8 @@ def test_pairwise_review_answered_by_letter(embedded: ServerThread, tmp_path: Pa
     out = ok(tlm(embedded, "reviews", "answer", name.removeprefix("reviews/"), "--choice", "b"))
     assert out.startswith(f"{name} ANSWERED: chose B; written to datasets/")
     again = tlm(embedded, "reviews", "answer", name, "--choice", "A")
-    assert again.exit_code == 1 and name in again.stderr.splitlines()[0]
-    assert one_line(tlm(embedded, "reviews", "answer", "nope", "--choice", "A"), 1) == (
+    assert again.exit_code == 2 and name in again.stderr.splitlines()[0]
+    assert one_line(tlm(embedded, "reviews", "answer", "nope", "--choice", "A"), 2) == (
         "error: NOT_FOUND: reviews/nope not found"
     )
     assert one_line(tlm(embedded, "reviews", "list", "--state", "open"), 2) == (
@@ -126,7 +126,7 @@ def test_jobs_estimate_takes_create_flags(
     missing = tlm(
         embedded, "jobs", "estimate", "--method", "sft", "--base-model", "nope", "--dataset", data
     )
-    assert missing.exit_code == 1 and missing.stdout == ""
+    assert missing.exit_code == 2 and missing.stdout == ""
     assert missing.stderr.splitlines()[0] == (
         "error: NOT_FOUND: spec.base_model: models/nope/revisions/latest: models/nope not found"
     )

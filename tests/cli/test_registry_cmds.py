@@ -27,7 +27,7 @@ def test_models_push_list_show(embedded: ServerThread, tiny_model_dir: Path) -> 
     shown = json.loads(tlm(embedded, "models", "show", "cli-tiny@latest").stdout)
     assert shown["metadata"]["architecture"] == "Qwen2ForCausalLM"
     missing = tlm(embedded, "models", "show", "nope")
-    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
 
 
 def test_datasets_push_head_and_refusal(embedded: ServerThread, tmp_path: Path) -> None:
@@ -40,5 +40,5 @@ def test_datasets_push_head_and_refusal(embedded: ServerThread, tmp_path: Path) 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "completion": "c"}\n')
     refused = tlm(embedded, "datasets", "push", "cli-pref", str(bad), "--kind", "preference")
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert "INVALID_ARGUMENT" in refused.stderr and "rows[0].chosen" in refused.stderr

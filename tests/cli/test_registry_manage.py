@@ -1,5 +1,6 @@
-"""`tlm models|datasets|evaluators alias set|rm` and `... delete`, and `tlm datasets append`,
-against a running embedded server: what each prints, and its one-line refusal."""
+"""`tlm models|datasets|evaluators alias set|rm`, `... update` and `... delete`, and
+`tlm datasets append`, against a running embedded server: what each prints, and its one-line
+refusal (exit 2, the service's status and message)."""
 
 from __future__ import annotations
 
@@ -80,13 +81,13 @@ def test_alias_set_move_rm_and_delete(
     assert ok(tlm(embedded, collection, "alias", "set", name, "prod", "latest")) == (
         f"{full}@prod -> r2 (was r1)\n"
     )
-    assert one_line(tlm(embedded, collection, "alias", "set", name, "prod", "r9"), 1) == (
+    assert one_line(tlm(embedded, collection, "alias", "set", name, "prod", "r9"), 2) == (
         f"error: NOT_FOUND: {full}/revisions/r9 not found"
     )
     assert ok(tlm(embedded, collection, "alias", "rm", full, "prod")) == (
         f"removed {full}@prod (was r2)\n"
     )
-    assert one_line(tlm(embedded, collection, "alias", "rm", name, "prod"), 1) == (
+    assert one_line(tlm(embedded, collection, "alias", "rm", name, "prod"), 2) == (
         f"error: NOT_FOUND: alias 'prod' of {full} not found"
     )
 
@@ -99,8 +100,38 @@ def test_alias_set_move_rm_and_delete(
         f"error: not deleting {full}: pass --yes to delete without a terminal to confirm"
     )
     assert ok(tlm(embedded, collection, "delete", name, "--yes")) == f"deleted {full}\n"
-    assert one_line(tlm(embedded, collection, "delete", name, "--yes"), 1) == (
+    assert one_line(tlm(embedded, collection, "delete", name, "--yes"), 2) == (
         f"error: NOT_FOUND: {full} not found"
+    )
+
+
+@pytest.mark.parametrize("collection", list(MAKERS))
+def test_update_changes_only_what_the_flags_name(
+    collection: str, embedded: ServerThread, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    name = unique("cli-update")
+    extra = (tiny_model_dir,) if collection == "models" else ()
+    MAKERS[collection](embedded, name, tmp_path, *extra)
+    full = f"{collection}/{name}"
+
+    out = ok(tlm(embedded, collection, "update", name, "--label", "team=nlp", "--label", "t=1"))
+    assert out == f"updated {full}: ''; labels t=1, team=nlp\n"
+    out = ok(tlm(embedded, collection, "update", full, "--description", "for [evals]"))
+    assert out == f"updated {full}: 'for [evals]'; labels t=1, team=nlp\n"  # labels kept
+    out = ok(tlm(embedded, collection, "update", name, "--remove-label", "t", "--label", "a=b"))
+    assert out == f"updated {full}: 'for [evals]'; labels a=b, team=nlp\n"
+
+    assert one_line(tlm(embedded, collection, "update", name), 2) == (
+        "error: nothing to change: give --description, --label or --remove-label"
+    )
+    assert one_line(tlm(embedded, collection, "update", name, "--label", "oops"), 2) == (
+        "error: --label oops: expected KEY=VALUE"
+    )
+    assert one_line(tlm(embedded, collection, "update", name, "--remove-label", "zz"), 2) == (
+        f"error: {full} has no label zz"
+    )
+    assert one_line(tlm(embedded, collection, "update", f"{name}-x", "--label", "a=b"), 2) == (
+        f"error: NOT_FOUND: {full}-x not found"
     )
 
 

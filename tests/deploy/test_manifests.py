@@ -24,11 +24,18 @@ from services.cli.health import SERVICE_NAMES
 from services.cli.main import app
 from services.common.settings import ServerSettings
 from services.embedded import SERVICES
+from services.gateway.settings import DEFAULT_HTTP_PORT, GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-NAMES = ("registry", "reward", "rollout", "trainer")
+NAMES = ("registry", "reward", "rollout", "trainer", "deploy")  # the gRPC services
+GATEWAY = "gateway"  # the OpenAI-compatible HTTP endpoint
+# Every settings class by its TLM_<NAME>_ prefix.
+SETTINGS: dict[str, type[ServerSettings]] = {
+    **{name: cls for name, (_module, cls) in SERVICES.items()},
+    GATEWAY: GatewaySettings,
+}
 GPU_SERVICES = {"rollout", "trainer"}
 SCALED = {"reward", "rollout"}
 GRPC_PORT = 50051
@@ -107,11 +114,11 @@ def assert_env_keys(keys: list[str], where: str, service: str | None = None) -> 
             assert OTHER_ENV.match(key), f"{where}: {key} is neither TLM_<SERVICE>_... nor known"
             continue
         owner, field = parsed
-        assert owner in SERVICES, f"{where}: {key}: no service {owner!r}"
+        assert owner in SETTINGS, f"{where}: {key}: no service {owner!r}"
         if service is not None:
             assert owner == service, f"{where}: {key} is not a {service} setting"
-        fields = SERVICES[owner][1].model_fields
-        assert field in fields, f"{where}: {key}: {SERVICES[owner][1].__name__} has no {field!r}"
+        fields = SETTINGS[owner].model_fields
+        assert field in fields, f"{where}: {key}: {SETTINGS[owner].__name__} has no {field!r}"
 
 
 def settings_from(
@@ -125,7 +132,7 @@ def settings_from(
             monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return SERVICES[service][1]()
+    return SETTINGS[service]()
 
 
 def k8s_docs() -> list[dict[str, Any]]:
@@ -227,7 +234,7 @@ def test_requirements_script() -> None:
     base = requirements.requirements(str(ROOT / "pyproject.toml"))
     assert any(re.fullmatch(r"torch==[\d.]+", r) for r in base)
     assert "vllm" not in base
-    assert "vllm" in requirements.requirements(str(ROOT / "pyproject.toml"), "vllm")
+    assert "vllm==0.30.0" in requirements.requirements(str(ROOT / "pyproject.toml"), "vllm")
     with pytest.raises(SystemExit):
         requirements.requirements(str(ROOT / "pyproject.toml"), "nope")
 
@@ -281,7 +288,7 @@ def tlm_services() -> dict[str, dict[str, Any]]:
 
 def test_compose_services_and_commands() -> None:
     services = compose()["services"]
-    assert set(services) == {*NAMES, "postgres", "minio", "minio-init"}
+    assert set(services) == {*NAMES, GATEWAY, "postgres", "minio", "minio-init"}
     assert services["postgres"]["image"] == "postgres:15"
     assert "mc mb --ignore-existing local/tlm" in services["minio-init"]["command"][0]
     for name, svc in tlm_services().items():
@@ -371,9 +378,10 @@ def test_kustomization_lists_every_manifest() -> None:
 
 def test_k8s_deployments_and_services() -> None:
     deployments, services = k8s("Deployment"), k8s("Service")
-    assert set(deployments) == set(NAMES)
-    assert set(services) == set(NAMES)
-    for name, dep in deployments.items():
+    assert set(deployments) == {*NAMES, GATEWAY}
+    assert set(services) == {*NAMES, GATEWAY}
+    for name in NAMES:
+        dep = deployments[name]
         c = container(dep)
         assert c["args"] == ["serve", name]
         assert c["image"] == ("tlm:gpu" if name in GPU_SERVICES else "tlm:cpu")
@@ -392,8 +400,8 @@ def test_k8s_deployments_and_services() -> None:
 
 
 def test_k8s_probes_are_grpc_on_the_right_service() -> None:
-    for name, dep in k8s("Deployment").items():
-        c = container(dep)
+    for name in NAMES:
+        c = container(k8s("Deployment")[name])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": GRPC_PORT, "service": SERVICE_NAMES[name]}, (
                 name,
@@ -452,7 +460,7 @@ def test_k8s_env_keys_are_settings_fields() -> None:
         for e in c["env"]:
             ref = e["valueFrom"]["secretKeyRef"]
             assert ref["name"] == "tlm-secrets" and ref["key"] in secret, (name, ref)
-    for name in NAMES:
+    for name in (*NAMES, GATEWAY):
         assert config[f"TLM_{name.upper()}_METRICS_PORT"] == str(METRICS_PORT)
 
 
@@ -473,6 +481,51 @@ def test_k8s_env_builds_valid_settings(name: str, monkeypatch: pytest.MonkeyPatc
 
 def test_readme_documents_every_setting() -> None:
     readme = (DEPLOY / "README.md").read_text()
-    for name, (_module, settings_cls) in SERVICES.items():
+    for name, settings_cls in SETTINGS.items():
         for field in settings_cls.model_fields:
             assert f"_{field.upper()}" in readme, f"deploy/README.md: {name}.{field} undocumented"
+
+
+# --- the HTTP gateway ----------------------------------------------------------------------------
+
+
+def test_gateway_in_compose(monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = compose()["services"][GATEWAY]
+    assert svc["command"] == ["serve", GATEWAY] and svc["image"] == "tlm:cpu"
+    assert svc["healthcheck"]["test"] == ["CMD", "python", "/opt/tlm/healthcheck.py", GATEWAY]
+    assert_env_keys(list(svc["environment"]), "compose gateway", service=GATEWAY)
+    env = dockerfile_env() | env_file(DEPLOY / "tlm.env.example") | svc["environment"]
+    settings = settings_from(env, GATEWAY, monkeypatch)
+    assert settings.host == "0.0.0.0" and settings.port == DEFAULT_HTTP_PORT
+    assert settings.service_api_key in settings.api_keys
+    assert svc["ports"] == [f"{DEFAULT_HTTP_PORT}:{DEFAULT_HTTP_PORT}"]
+    for field, value in settings.model_dump().items():
+        if field.endswith("_address"):
+            assert value is not None and address_host(value) in NAMES, (field, value)
+
+
+def test_gateway_in_k8s(monkeypatch: pytest.MonkeyPatch) -> None:
+    dep = k8s("Deployment")[GATEWAY]
+    c = container(dep)
+    assert c["args"] == ["serve", GATEWAY] and c["image"] == "tlm:cpu"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": DEFAULT_HTTP_PORT, "metrics": METRICS_PORT}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert k8s("Service")[GATEWAY]["spec"]["selector"] == labels
+    config = k8s("ConfigMap")["tlm-config"]["data"]
+    secret = k8s("Secret")["tlm-secrets"]["stringData"]
+    env = dockerfile_env() | config | {e["name"]: secret[e["name"]] for e in c["env"]}
+    settings = settings_from(env, GATEWAY, monkeypatch)
+    assert settings.api_keys and settings.service_api_key in settings.api_keys
+    assert settings.metrics_port == METRICS_PORT
+    for field, value in settings.model_dump().items():
+        if field.endswith("_address"):
+            assert value is not None and address_host(value) in NAMES, (field, value)
+
+
+def test_healthcheck_knows_the_gateway() -> None:
+    pid1 = ["/opt/venv/bin/python", "/opt/venv/bin/tlm", "serve", GATEWAY]
+    assert healthcheck.target([], pid1, {}) == (GATEWAY, DEFAULT_HTTP_PORT)
+    assert healthcheck.http_status(1).startswith("UNAVAILABLE")

@@ -95,7 +95,7 @@ def dataset_requests(
     data: bytes,
     kind: int,
     *,
-    fmt: int = pb.JSONL,
+    fmt: int = pb.DATASET_FORMAT_JSONL,
     sha: str | None = None,
     size: int | None = None,
     request_id: str = "",
@@ -104,9 +104,9 @@ def dataset_requests(
 ):  # type: ignore[no-untyped-def]
     header = pb.DatasetRevisionHeader(
         parent=parent,
-        kind=kind,
-        format=fmt,
-        request_id=request_id,  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]
+        format=fmt,  # type: ignore[arg-type]
+        request_id=request_id,
         size_bytes=len(data) if size is None else size,
         sha256=hashlib.sha256(data).hexdigest() if sha is None else sha,
     )

@@ -47,13 +47,13 @@ def refused(registry: Registry, data: bytes, kind: int, code: grpc.StatusCode, *
 
 
 GOOD = {
-    pb.SFT: [
+    pb.DATASET_KIND_SFT: [
         {"prompt": "2+2?", "completion": "4"},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
     ],
-    pb.PREFERENCE: [{"prompt": "p", "chosen": "good", "rejected": "bad"}],
-    pb.UNPAIRED_PREFERENCE: [{"prompt": "p", "completion": "c", "label": True}],
-    pb.PROMPT: [{"prompt": "What is 6*7?", "reference": "42", "difficulty": "easy"}],
+    pb.DATASET_KIND_PREFERENCE: [{"prompt": "p", "chosen": "good", "rejected": "bad"}],
+    pb.DATASET_KIND_UNPAIRED_PREFERENCE: [{"prompt": "p", "completion": "c", "label": True}],
+    pb.DATASET_KIND_PROMPT: [{"prompt": "What is 6*7?", "reference": "42", "difficulty": "easy"}],
 }
 
 
@@ -66,7 +66,7 @@ def test_each_kind_accepts_its_rows(registry: Registry, kind: int) -> None:
 
 def test_stats_and_schema(registry: Registry) -> None:
     rows = [{"prompt": "x" * n, "reference": str(n)} for n in range(1, 101)]
-    _, rev = upload(registry, jsonl(rows), pb.PROMPT)
+    _, rev = upload(registry, jsonl(rows), pb.DATASET_KIND_PROMPT)
     cols = {c.name: (c.type, c.present_count) for c in rev.columns}
     assert cols == {"prompt": ("string", 100), "reference": ("string", 100)}
     stats = rev.length_stats["prompt"]
@@ -77,7 +77,9 @@ def test_stats_and_schema(registry: Registry) -> None:
 
 def test_wrong_columns_for_the_kind_say_what_the_kind_needs(registry: Registry) -> None:
     sft_rows = [{"prompt": "p", "completion": "c"}] * 3
-    err = refused(registry, jsonl(sft_rows), pb.PREFERENCE, grpc.StatusCode.INVALID_ARGUMENT)
+    err = refused(
+        registry, jsonl(sft_rows), pb.DATASET_KIND_PREFERENCE, grpc.StatusCode.INVALID_ARGUMENT
+    )
     reason, violations = details(err)
     assert reason == "DATASET_ROWS_INVALID"
     assert violations[0][0] == "rows[0].chosen"
@@ -111,7 +113,7 @@ def test_wrong_columns_for_the_kind_say_what_the_kind_needs(registry: Registry) 
 def test_bad_lines_name_row_and_field(
     registry: Registry, data: bytes, field: str, text: str
 ) -> None:
-    kind = pb.UNPAIRED_PREFERENCE if b"label" in data else pb.SFT
+    kind = pb.DATASET_KIND_UNPAIRED_PREFERENCE if b"label" in data else pb.DATASET_KIND_SFT
     err = refused(registry, data, kind, grpc.StatusCode.INVALID_ARGUMENT)
     _, violations = details(err)
     assert violations[0][0] == field and text in violations[0][1], violations
@@ -123,7 +125,7 @@ def test_empty_chosen_and_bad_messages(registry: Registry) -> None:
         {"prompt": "p", "chosen": [{"role": "wizard", "content": "x"}], "rejected": "r"},
     ]
     _, violations = details(
-        refused(registry, jsonl(rows), pb.PREFERENCE, grpc.StatusCode.INVALID_ARGUMENT)
+        refused(registry, jsonl(rows), pb.DATASET_KIND_PREFERENCE, grpc.StatusCode.INVALID_ARGUMENT)
     )
     assert violations[0] == ("rows[0].chosen", "line 1: must not be empty")
     assert violations[1][0] == "rows[1].chosen" and "role 'wizard'" in violations[1][1]
@@ -132,26 +134,33 @@ def test_empty_chosen_and_bad_messages(registry: Registry) -> None:
 def test_line_over_the_size_limit(registry: Registry) -> None:
     row = {"prompt": "p", "completion": "x" * (1024 * 1024 + 10)}
     _, violations = details(
-        refused(registry, jsonl([row]), pb.SFT, grpc.StatusCode.INVALID_ARGUMENT)
+        refused(registry, jsonl([row]), pb.DATASET_KIND_SFT, grpc.StatusCode.INVALID_ARGUMENT)
     )
     assert violations[0][0] == "rows[0]" and "over the 1048576 limit" in violations[0][1]
 
 
 def test_empty_file(registry: Registry) -> None:
-    refused(registry, b"", pb.SFT, grpc.StatusCode.INVALID_ARGUMENT)
-    refused(registry, b"\n\n", pb.SFT, grpc.StatusCode.INVALID_ARGUMENT)
+    refused(registry, b"", pb.DATASET_KIND_SFT, grpc.StatusCode.INVALID_ARGUMENT)
+    refused(registry, b"\n\n", pb.DATASET_KIND_SFT, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def test_sha256_mismatch_stores_nothing(registry: Registry) -> None:
-    data = jsonl(GOOD[pb.SFT])
-    err = refused(registry, data, pb.SFT, grpc.StatusCode.INVALID_ARGUMENT, sha="0" * 64)
+    data = jsonl(GOOD[pb.DATASET_KIND_SFT])
+    err = refused(
+        registry, data, pb.DATASET_KIND_SFT, grpc.StatusCode.INVALID_ARGUMENT, sha="0" * 64
+    )
     assert details(err)[0] == "CHECKSUM_MISMATCH"
 
 
 def test_stream_that_stops_midway_stores_nothing(registry: Registry) -> None:
-    data = jsonl(GOOD[pb.SFT] * 50)
+    data = jsonl(GOOD[pb.DATASET_KIND_SFT] * 50)
     err = refused(
-        registry, data, pb.SFT, grpc.StatusCode.INVALID_ARGUMENT, cut=len(data) // 2, chunk=100
+        registry,
+        data,
+        pb.DATASET_KIND_SFT,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        cut=len(data) // 2,
+        chunk=100,
     )
     assert details(err)[0] == "UPLOAD_INCOMPLETE"
 
@@ -160,38 +169,42 @@ def test_stream_that_stops_midway_stores_nothing(registry: Registry) -> None:
 def test_names_that_could_be_paths_are_refused(registry: Registry, name: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.CreateDataset(
-            pb.CreateDatasetRequest(dataset_id=name, kind=pb.SFT), metadata=A
+            pb.CreateDatasetRequest(dataset_id=name, kind=pb.DATASET_KIND_SFT), metadata=A
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     reason, violations = details(err.value)
     assert reason == "INVALID_NAME" and violations[0][0] == "dataset_id"
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.UploadDatasetRevision(
-            dataset_requests(f"datasets/{name}", b"{}", pb.SFT), metadata=A
+            dataset_requests(f"datasets/{name}", b"{}", pb.DATASET_KIND_SFT), metadata=A
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_duplicate_name_and_kind_mismatch(registry: Registry) -> None:
     name = unique("dup")
-    registry.stub.CreateDataset(pb.CreateDatasetRequest(dataset_id=name, kind=pb.SFT), metadata=A)
+    registry.stub.CreateDataset(
+        pb.CreateDatasetRequest(dataset_id=name, kind=pb.DATASET_KIND_SFT), metadata=A
+    )
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.CreateDataset(
-            pb.CreateDatasetRequest(dataset_id=name, kind=pb.SFT), metadata=A
+            pb.CreateDatasetRequest(dataset_id=name, kind=pb.DATASET_KIND_SFT), metadata=A
         )
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(grpc.RpcError) as err:
-        upload(registry, jsonl(GOOD[pb.PREFERENCE]), pb.PREFERENCE, name=name)
+        upload(
+            registry, jsonl(GOOD[pb.DATASET_KIND_PREFERENCE]), pb.DATASET_KIND_PREFERENCE, name=name
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "is of kind SFT" in err.value.details()
+    assert "is of kind DATASET_KIND_SFT" in err.value.details()
 
 
 def test_retry_with_the_same_request_id_returns_the_same_revision(registry: Registry) -> None:
     name = unique("idem")
-    data = jsonl(GOOD[pb.SFT])
-    _, first = upload(registry, data, pb.SFT, name=name, request_id="req-1")
-    _, again = upload(registry, data, pb.SFT, name=name, request_id="req-1")
-    _, other = upload(registry, data, pb.SFT, name=name, request_id="req-2")
+    data = jsonl(GOOD[pb.DATASET_KIND_SFT])
+    _, first = upload(registry, data, pb.DATASET_KIND_SFT, name=name, request_id="req-1")
+    _, again = upload(registry, data, pb.DATASET_KIND_SFT, name=name, request_id="req-1")
+    _, other = upload(registry, data, pb.DATASET_KIND_SFT, name=name, request_id="req-2")
     assert first.name == again.name == f"datasets/{name}/revisions/r1"
     assert other.revision_id == "r2"
 
@@ -200,21 +213,23 @@ def test_parquet_upload(registry: Registry) -> None:
     table = pa.table({"prompt": ["a", "b"], "chosen": ["x", "y"], "rejected": ["z", "w"]})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    _, rev = upload(registry, buf.getvalue(), pb.PREFERENCE, fmt=pb.PARQUET)
+    _, rev = upload(
+        registry, buf.getvalue(), pb.DATASET_KIND_PREFERENCE, fmt=pb.DATASET_FORMAT_PARQUET
+    )
     assert rev.row_count == 2
     err = refused(
         registry,
         b"not parquet at all",
-        pb.PREFERENCE,
+        pb.DATASET_KIND_PREFERENCE,
         grpc.StatusCode.INVALID_ARGUMENT,
-        fmt=pb.PARQUET,
+        fmt=pb.DATASET_FORMAT_PARQUET,
     )
     assert "not Parquet" in err.details()
 
 
 def test_sharded_shuffled_reads_partition_the_rows(registry: Registry) -> None:
     rows = [{"prompt": f"q{i}", "reference": str(i)} for i in range(23)]
-    parent, rev = upload(registry, jsonl(rows), pb.PROMPT)
+    parent, rev = upload(registry, jsonl(rows), pb.DATASET_KIND_PROMPT)
 
     def read(**kw: object) -> list[int]:
         request = pb.ReadDatasetRowsRequest(name=f"{parent}/revisions/latest", batch_size=4, **kw)  # type: ignore[arg-type]
@@ -250,7 +265,9 @@ def test_append_rows_makes_a_new_revision(registry: Registry) -> None:
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
     first = registry.stub.AppendDatasetRows(
         pb.AppendDatasetRowsRequest(
-            parent=f"datasets/{name}", kind=pb.PREFERENCE, rows=[_struct(r) for r in rows]
+            parent=f"datasets/{name}",
+            kind=pb.DATASET_KIND_PREFERENCE,
+            rows=[_struct(r) for r in rows],
         ),
         metadata=A,
     )
@@ -277,7 +294,7 @@ def _struct(row: dict[str, object]):  # type: ignore[no-untyped-def]
 
 
 def test_other_teams_see_nothing(registry: Registry) -> None:
-    parent, rev = upload(registry, jsonl(GOOD[pb.SFT]), pb.SFT)
+    parent, rev = upload(registry, jsonl(GOOD[pb.DATASET_KIND_SFT]), pb.DATASET_KIND_SFT)
     for call, request in [
         (registry.stub.GetDataset, pb.GetDatasetRequest(name=parent)),
         (registry.stub.GetDatasetRevision, pb.GetDatasetRevisionRequest(name=rev.name)),
@@ -295,7 +312,7 @@ def test_list_paginates_and_filters(registry: Registry) -> None:
         registry.stub.CreateDataset(
             pb.CreateDatasetRequest(
                 dataset_id=f"{prefix}-{i}",
-                kind=pb.SFT if i % 2 else pb.PROMPT,
+                kind=pb.DATASET_KIND_SFT if i % 2 else pb.DATASET_KIND_PROMPT,
                 labels={"team": "x", "i": str(i)},
             ),
             metadata=A,
@@ -311,7 +328,7 @@ def test_list_paginates_and_filters(registry: Registry) -> None:
             break
     assert names == [f"datasets/{prefix}-{i}" for i in range(5)]
     sft = registry.stub.ListDatasets(
-        pb.ListDatasetsRequest(name_prefix=prefix, kind=pb.SFT), metadata=A
+        pb.ListDatasetsRequest(name_prefix=prefix, kind=pb.DATASET_KIND_SFT), metadata=A
     )
     assert [d.name[-1] for d in sft.datasets] == ["1", "3"]
     labelled = registry.stub.ListDatasets(

@@ -123,7 +123,7 @@ def _paused_upload(
     parent: str, folder: Path, base: str, go: threading.Event
 ) -> Iterator[pb.UploadModelRevisionRequest]:
     """The header at once, the bytes only once `go` is set."""
-    requests = upload_requests(parent, folder, fmt=pb.LORA_ADAPTER, base=base)
+    requests = upload_requests(parent, folder, fmt=pb.MODEL_FORMAT_LORA_ADAPTER, base=base)
     yield next(requests)
     go.wait(30)
     yield from requests
@@ -181,7 +181,7 @@ def test_delete_and_adapter_upload_racing_never_both_succeed(
         def push() -> str:
             start.wait()
             requests = upload_requests(
-                f"models/{unique('ad')}", folder, fmt=pb.LORA_ADAPTER, base=base.name
+                f"models/{unique('ad')}", folder, fmt=pb.MODEL_FORMAT_LORA_ADAPTER, base=base.name
             )
             return code_of(lambda: registry.stub.UploadModelRevision(requests, metadata=A))
 
@@ -232,7 +232,9 @@ def test_revision_ids_are_never_reused_after_a_delete(registry: Registry, tmp_pa
 def test_dataset_revision_ids_are_never_reused_after_a_delete(registry: Registry) -> None:
     parent = f"datasets/{unique('again')}"
     row = {"prompt": "p"}
-    append = pb.AppendDatasetRowsRequest(parent=parent, kind=pb.PROMPT, rows=[struct_row(row)])
+    append = pb.AppendDatasetRowsRequest(
+        parent=parent, kind=pb.DATASET_KIND_PROMPT, rows=[struct_row(row)]
+    )
     registry.stub.AppendDatasetRows(append, metadata=A)
     registry.stub.DeleteDataset(pb.DeleteDatasetRequest(name=parent), metadata=A)
     assert registry.stub.AppendDatasetRows(append, metadata=A).revision_id == "r2"
@@ -258,7 +260,10 @@ def test_unknown_enum_numbers_are_refused_and_nothing_is_created(registry: Regis
         )
         == "NOT_FOUND"
     )
-    for kind, fmt, field in [(99, pb.JSONL, "header.kind"), (pb.PROMPT, 7, "header.format")]:
+    for kind, fmt, field in [
+        (99, pb.DATASET_FORMAT_JSONL, "header.kind"),
+        (pb.DATASET_KIND_PROMPT, 7, "header.format"),
+    ]:
         with pytest.raises(grpc.RpcError) as err:
             registry.stub.UploadDatasetRevision(
                 dataset_requests(f"datasets/{name}", b'{"prompt": "p"}\n', kind, fmt=fmt),
@@ -275,14 +280,16 @@ def test_unknown_enum_numbers_are_refused_and_nothing_is_created(registry: Regis
 
 
 def test_enum_check_walks_nested_repeated_and_map_fields() -> None:
-    request = pb.AppendDatasetRowsRequest(kind=pb.SFT, rows=[struct_row({"a": [1, None]})])
+    request = pb.AppendDatasetRowsRequest(
+        kind=pb.DATASET_KIND_SFT, rows=[struct_row({"a": [1, None]})]
+    )
     request.rows[0].fields["a"].list_value.values[1].null_value = 3  # type: ignore[assignment]
     with pytest.raises(InvalidArgument) as err:
         convert.check_enums(request)
     assert [v.field for v in err.value.violations] == [
         "rows[0].fields['a'].list_value.values[1].null_value"
     ]
-    convert.check_enums(pb.CreateDatasetRequest(kind=pb.PROMPT))  # known numbers pass
+    convert.check_enums(pb.CreateDatasetRequest(kind=pb.DATASET_KIND_PROMPT))  # known numbers pass
 
 
 # Model files whose facts cannot be read ------------------------------------------------
@@ -310,7 +317,11 @@ BAD_CONFIGS = {
 
 
 def _refused_and_stored_nothing(
-    registry: Registry, folder: Path, file: str, fmt: int = pb.FULL_WEIGHTS, base: str = ""
+    registry: Registry,
+    folder: Path,
+    file: str,
+    fmt: int = pb.MODEL_FORMAT_FULL_WEIGHTS,
+    base: str = "",
 ) -> grpc.RpcError:
     parent = f"models/{unique('bad')}"
     with pytest.raises(grpc.RpcError) as err:
@@ -358,7 +369,7 @@ def test_adapter_config_values_of_the_wrong_type_are_invalid_argument(
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps(config | {"r": "sixteen"}))
     err = _refused_and_stored_nothing(
-        registry, folder, "adapter_config.json", pb.LORA_ADAPTER, base.name
+        registry, folder, "adapter_config.json", pb.MODEL_FORMAT_LORA_ADAPTER, base.name
     )
     assert err.details() == "adapter_config.json: r: expected an integer"
 
@@ -372,7 +383,7 @@ def test_a_path_too_long_for_the_filesystem_is_invalid_argument(
     index = [f.path for f in manifest.files].index("notes.txt")
     manifest.files[index].path = "n" * 300
     header = pb.ModelRevisionHeader(
-        parent=f"models/{unique('long')}", format=pb.FULL_WEIGHTS, manifest=manifest
+        parent=f"models/{unique('long')}", format=pb.MODEL_FORMAT_FULL_WEIGHTS, manifest=manifest
     )
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.UploadModelRevision(
@@ -395,8 +406,9 @@ def test_the_migration_upgrades_a_database_of_the_first_schema(tmp_path: Path) -
     from alembic import command
     from alembic.config import Config
 
-    from services.registry.names import Collection
     from services.registry.store import MIGRATIONS, MetadataStore
+    from services.specs.names import Collection
+    from tlm.registry.v1 import registry_pb2
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     store = MetadataStore(url)
@@ -410,7 +422,12 @@ def test_the_migration_upgrades_a_database_of_the_first_schema(tmp_path: Path) -
 
     def add() -> str:
         revision, _ = store.add_revision(
-            "t", Collection.EVALUATORS, "e", request_id="", body=lambda _: {}, blobs=[]
+            "t",
+            Collection.EVALUATORS,
+            "e",
+            request_id="",
+            body=lambda _: registry_pb2.EvaluatorRevision(),
+            blobs=[],
         )
         return revision.revision_id
 

@@ -22,7 +22,7 @@ def upload_requests(
     parent: str,
     folder: Path,
     *,
-    fmt: int = pb.FULL_WEIGHTS,
+    fmt: int = pb.MODEL_FORMAT_FULL_WEIGHTS,
     request_id: str = "",
     base: str = "",
     manifest: pb.Manifest | None = None,
@@ -83,7 +83,7 @@ def test_push_download_byte_identical_and_load(
     registry: Registry, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     rev = push(registry, tiny_model_dir)
-    assert rev.revision_id == "r1" and rev.format == pb.FULL_WEIGHTS
+    assert rev.revision_id == "r1" and rev.format == pb.MODEL_FORMAT_FULL_WEIGHTS
     meta = rev.metadata
     assert (meta.architecture, meta.model_type, meta.dtype) == (
         "Qwen2ForCausalLM",
@@ -115,7 +115,7 @@ def test_adapter_revisions_need_a_full_weights_base(
         model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     ).save_pretrained(adapter_dir)
     base_alias = base.name.replace("/r1", "/latest")
-    adapter = push(registry, adapter_dir, fmt=pb.LORA_ADAPTER, base=base_alias)
+    adapter = push(registry, adapter_dir, fmt=pb.MODEL_FORMAT_LORA_ADAPTER, base=base_alias)
     assert adapter.lineage.base_model_revision == base.name  # the alias resolved for good
     assert (adapter.metadata.adapter_rank, adapter.metadata.adapter_alpha) == (4, 8)
     assert list(adapter.metadata.adapter_target_modules) == ["q_proj", "v_proj"]
@@ -126,7 +126,7 @@ def test_adapter_revisions_need_a_full_weights_base(
         ({"base": "models/nope/revisions/r1"}, grpc.StatusCode.NOT_FOUND),
     ]:
         with pytest.raises(grpc.RpcError) as err:
-            push(registry, adapter_dir, fmt=pb.LORA_ADAPTER, **kw)
+            push(registry, adapter_dir, fmt=pb.MODEL_FORMAT_LORA_ADAPTER, **kw)
         assert err.value.code() == code, err.value.details()
     # A base with dependents cannot be deleted from under them.
     with pytest.raises(grpc.RpcError) as err:
@@ -239,7 +239,7 @@ def test_manifest_paths_cannot_escape(registry: Registry, tiny_model_dir: Path, 
                     pb.UploadModelRevisionRequest(
                         header=pb.ModelRevisionHeader(
                             parent=f"models/{unique('p')}",
-                            format=pb.FULL_WEIGHTS,
+                            format=pb.MODEL_FORMAT_FULL_WEIGHTS,
                             manifest=manifest,
                         )
                     )

@@ -26,7 +26,9 @@ def test_concurrent_appends_lose_no_rows(registry: Registry) -> None:
 
     def append(i: int) -> None:
         registry.stub.AppendDatasetRows(
-            pb.AppendDatasetRowsRequest(parent=parent, kind=pb.PREFERENCE, rows=[_row(i)]),
+            pb.AppendDatasetRowsRequest(
+                parent=parent, kind=pb.DATASET_KIND_PREFERENCE, rows=[_row(i)]
+            ),
             metadata=A,
             timeout=60,
         )
@@ -63,7 +65,7 @@ def test_manifest_paths_must_be_canonical(registry, tiny_model_dir, alias_path: 
     extra.CopyFrom(manifest.files[0])
     extra.path = alias_path
     header = pb.ModelRevisionHeader(
-        parent=f"models/{unique('alias')}", format=pb.FULL_WEIGHTS, manifest=manifest
+        parent=f"models/{unique('alias')}", format=pb.MODEL_FORMAT_FULL_WEIGHTS, manifest=manifest
     )
     with pytest.raises(grpc.RpcError) as err:  # refused on the header alone
         registry.stub.UploadModelRevision(
@@ -79,7 +81,7 @@ def test_file_and_folder_of_the_same_path(registry, tiny_model_dir) -> None:  # 
     extra.CopyFrom(manifest.files[0])
     extra.path = f"{manifest.files[0].path}/inner"
     header = pb.ModelRevisionHeader(
-        parent=f"models/{unique('dir')}", format=pb.FULL_WEIGHTS, manifest=manifest
+        parent=f"models/{unique('dir')}", format=pb.MODEL_FORMAT_FULL_WEIGHTS, manifest=manifest
     )
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.UploadModelRevision(
@@ -92,7 +94,9 @@ def test_huge_values_in_errors_are_clipped(registry: Registry) -> None:
     data = json.dumps({"prompt": "p", "completion": "c", "label": "x" * 200_000}).encode() + b"\n"
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.UploadDatasetRevision(
-            dataset_requests(f"datasets/{unique('big')}", data, pb.UNPAIRED_PREFERENCE),
+            dataset_requests(
+                f"datasets/{unique('big')}", data, pb.DATASET_KIND_UNPAIRED_PREFERENCE
+            ),
             metadata=A,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not a metadata overflow
@@ -139,7 +143,7 @@ def test_dataset_header_is_checked_before_the_bytes(registry: Registry) -> None:
     release = threading.Event()
 
     def requests():  # type: ignore[no-untyped-def]
-        header, *_ = dataset_requests("datasets/a/b", b"x", pb.SFT)
+        header, *_ = dataset_requests("datasets/a/b", b"x", pb.DATASET_KIND_SFT)
         yield header
         release.wait(20)  # the data would only come much later
         yield pb.UploadDatasetRevisionRequest(data=b"x")

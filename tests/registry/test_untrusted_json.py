@@ -66,12 +66,12 @@ BAD_ROWS = {
 def test_dataset_rows_nobody_can_read_are_invalid_argument(registry: Registry, case: str) -> None:
     name = unique("rows")
     registry.stub.CreateDataset(
-        pb.CreateDatasetRequest(dataset_id=name, kind=pb.PROMPT), metadata=A
+        pb.CreateDatasetRequest(dataset_id=name, kind=pb.DATASET_KIND_PROMPT), metadata=A
     )
     data = b'{"prompt": "fine"}\n' + BAD_ROWS[case] + b"\n"
     with pytest.raises(grpc.RpcError) as err:
         registry.stub.UploadDatasetRevision(
-            dataset_requests(f"datasets/{name}", data, pb.PROMPT), metadata=A
+            dataset_requests(f"datasets/{name}", data, pb.DATASET_KIND_PROMPT), metadata=A
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert [f for f, _ in details(err.value)[1]] == ["rows[1]"]
@@ -84,12 +84,12 @@ def test_dataset_rows_nobody_can_read_are_invalid_argument(registry: Registry, c
 def test_rows_as_deep_as_allowed_read_back(registry: Registry) -> None:
     name = unique("rows")
     registry.stub.CreateDataset(
-        pb.CreateDatasetRequest(dataset_id=name, kind=pb.PROMPT), metadata=A
+        pb.CreateDatasetRequest(dataset_id=name, kind=pb.DATASET_KIND_PROMPT), metadata=A
     )
     nested = b'{"a": ' * 22 + b"[1]" + b"}" * 22  # the row, x and 22 objects: 24 levels
     data = b'{"prompt": "hi", "x": ' + nested + b"}\n"
     revision = registry.stub.UploadDatasetRevision(
-        dataset_requests(f"datasets/{name}", data, pb.PROMPT), metadata=A
+        dataset_requests(f"datasets/{name}", data, pb.DATASET_KIND_PROMPT), metadata=A
     )
     rows = [
         row

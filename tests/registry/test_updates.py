@@ -22,7 +22,7 @@ def _create(registry: Registry, coll: str) -> Any:
         )
     if coll == "dataset":
         request = pb.CreateDatasetRequest(
-            dataset_id=rid, kind=pb.SFT, description="old", labels={"a": "1"}
+            dataset_id=rid, kind=pb.DATASET_KIND_SFT, description="old", labels={"a": "1"}
         )
         return s.CreateDataset(request, metadata=A)
     return s.CreateEvaluator(
@@ -101,7 +101,7 @@ def test_unknown_and_immutable_paths_are_refused_by_index(registry: Registry, co
 
 def test_dataset_kind_is_immutable_and_an_empty_update_is_refused(registry: Registry) -> None:
     created = _create(registry, "dataset")
-    err = _refused(registry, pb.Dataset(name=created.name, kind=pb.PROMPT), ["kind"])
+    err = _refused(registry, pb.Dataset(name=created.name, kind=pb.DATASET_KIND_PROMPT), ["kind"])
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in details(err)[1]] == ["update_mask.paths[0]"]
     err = _refused(registry, pb.Dataset(name=created.name), None)  # nothing set, no mask

@@ -207,7 +207,7 @@ def test_an_idle_stream_is_closed_after_the_idle_timeout(tmp_path: Path, blackho
             stream = IdleStream(stub, slow_spec(blackhole, 1.5), "slow")
             streams.append(stream)
             first = next(iter(stream.responses)).result
-            assert first.sample_id == "slow" and first.status == rs.ERROR
+            assert first.sample_id == "slow" and first.status == rs.SCORE_STATUS_ERROR
             assert time.monotonic() - start > 1.4
             with pytest.raises(grpc.RpcError) as err:
                 next(iter(stream.responses))

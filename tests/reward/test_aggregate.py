@@ -32,7 +32,11 @@ def test_weighted_sum_with_normalisation() -> None:
 
 def test_weighted_mean_min_max() -> None:
     # pairs (w, v) = (1, 1.0), (3, 0.2): mean = (1 + 0.6) / 4 = 0.4; min 0.6; max 1.0
-    for agg, expected in [(ev.WEIGHTED_MEAN, 0.4), (ev.MIN, 0.6), (ev.MAX, 1.0)]:
+    for agg, expected in [
+        (ev.AGGREGATION_WEIGHTED_MEAN, 0.4),
+        (ev.AGGREGATION_MIN, 0.6),
+        (ev.AGGREGATION_MAX, 1.0),
+    ]:
         sp = spec(s("a", 1.0), s("b", 3.0), agg=agg)
         out = combine(sp, "x", results(sp, Outcome.ok(1.0), Outcome.ok(0.2)))
         assert out.reward is not None and abs(out.reward - expected) < 1e-12, agg

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.devtools.server_thread import ServerThread
-from services.reward.spec import validate_json
+from services.specs.evaluator import validate_json
 from tests.reward.conftest import start_reward
 from tests.reward.helpers import MATH_SPEC, code_spec, in_flight, sample, spec
 from tests.rpc_details import rpc_details
@@ -38,13 +38,13 @@ def test_score_inline_spec_hand_checked(reward: Stub) -> None:
     response = reward.Score(request, timeout=30)
     good, wrong, no_format, no_ref = response.results
     # 0.2 * 1 (format) + 1.0 * 1 (math) + 0.5 * 1 (44 chars <= 100) = 1.7
-    assert good.status == rs.OK and good.reward == pytest.approx(1.7)
+    assert good.status == rs.SCORE_STATUS_OK and good.reward == pytest.approx(1.7)
     assert [s.scorer for s in good.scorers] == ["format", "correct", "short"]
     assert wrong.reward == pytest.approx(0.7)
     assert (no_format.reward, no_format.gate) == (-1.0, "format")
     # No reference: UNSCORABLE, and no reward on the wire (never a zero); OK ones carry theirs,
     # the gate's -1 included.
-    assert no_ref.status == rs.UNSCORABLE and not no_ref.HasField("reward")
+    assert no_ref.status == rs.SCORE_STATUS_UNSCORABLE and not no_ref.HasField("reward")
     assert good.HasField("reward") and no_format.HasField("reward")
     assert "reference" in no_ref.reason
     assert response.evaluator_revision == ""
@@ -105,7 +105,7 @@ def violation_fields(err: grpc.RpcError) -> list[str]:
 def test_list_scorer_types_examples_are_valid_specs(reward: Stub) -> None:
     response = reward.ListScorerTypes(rs.ListScorerTypesRequest(), timeout=10)
     types = {t.type: t for t in response.scorer_types}
-    assert len(types) == 12 and types["model"].family == rs.MODEL
+    assert len(types) == 12 and types["model"].family == rs.SCORER_FAMILY_MODEL
     assert types["regex"].deterministic and not types["code"].deterministic
     for t in response.scorer_types:
         example = json.loads(t.example_json)
@@ -116,7 +116,11 @@ def test_list_scorer_types_examples_are_valid_specs(reward: Stub) -> None:
     code = {p.name: p for p in types["code"].parameters}
     assert (code["memory_mb"].minimum, code["memory_mb"].maximum) == (64, 4096)  # BOUNDS
     assert code["timeout"].maximum == 60 and not code["timeout"].HasField("minimum")
-    assert length["unit"].enum_values == ["CHARACTERS", "WORDS", "TOKENS"]
+    assert length["unit"].enum_values == [
+        "LENGTH_UNIT_CHARACTERS",
+        "LENGTH_UNIT_WORDS",
+        "LENGTH_UNIT_TOKENS",
+    ]
     assert json.loads(length["penalty_per_unit"].default_json) == 0.01
     common = {p.name for p in response.common_parameters}
     assert {"name", "weight", "timeout", "fallback", "normalization.clip_max"} <= common
@@ -168,7 +172,7 @@ def test_deadline_is_honoured_with_timeout_results(reward: Stub) -> None:
     start = time.monotonic()
     response = reward.Score(request, timeout=2.0)
     assert time.monotonic() - start < 2.0
-    assert response.results[0].status == rs.TIMEOUT
+    assert response.results[0].status == rs.SCORE_STATUS_TIMEOUT
 
 
 def test_overload_is_resource_exhausted(tmp_path: Path) -> None:
@@ -207,4 +211,4 @@ def test_score_through_embedded_services_with_a_process_pool(embedded: ServerThr
         stub = rs_grpc.RewardServiceStub(channel)
         request = rs.ScoreRequest(spec=spec(MATH_SPEC), samples=[sample("a", GOOD, reference=2)])
         result = stub.Score(request, timeout=60).results[0]
-    assert result.status == rs.OK and result.reward == pytest.approx(1.7)
+    assert result.status == rs.SCORE_STATUS_OK and result.reward == pytest.approx(1.7)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from services.cli.reward_cmds import TEMPLATES, evaluators_app, score
 from services.devtools.server_thread import ServerThread
-from services.reward.spec import validate_json
+from services.specs.evaluator import validate_json
 
 runner = CliRunner()
 

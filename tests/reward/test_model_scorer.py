@@ -82,7 +82,7 @@ async def test_tiny_reward_model_value_is_its_logit(
     # batch_size 2: the second pass holds one sample; padding must not change a value.
     results = score(embedded.address, revision, batch_size=2)
     expected = own_logits(tiny_reward_model_dir, chat=True)
-    assert [r.status for r in results] == [rs.OK] * 3
+    assert [r.status for r in results] == [rs.SCORE_STATUS_OK] * 3
     for result, value in zip(results, expected, strict=True):
         assert result.scorers[0].raw_value == pytest.approx(value, abs=1e-5)
         assert result.reward == pytest.approx(value, abs=1e-5)
@@ -102,7 +102,7 @@ async def test_pretrained_minilm_encoder_with_a_fresh_head(
     revision = await push(embedded.address, tmp_path)
     results = score(embedded.address, revision, max_length=64)
     expected = own_logits(tmp_path, chat=True)  # BERT has no chat template: plain text
-    assert [r.status for r in results] == [rs.OK] * 3
+    assert [r.status for r in results] == [rs.SCORE_STATUS_OK] * 3
     assert [r.reward for r in results] == pytest.approx(expected, abs=1e-5)
     assert len({round(v, 6) for v in expected}) == 3
 
@@ -131,5 +131,5 @@ async def test_a_causal_lm_is_refused(embedded: ServerThread, tiny_model_dir: Pa
     assert details.startswith("scorers[0].model.model_revision: not a sequence classifier")
     assert err_missing.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     result = score(embedded.address, revision)[0]
-    assert result.status == rs.ERROR
+    assert result.status == rs.SCORE_STATUS_ERROR
     assert "not a sequence classifier" in result.scorers[0].reason

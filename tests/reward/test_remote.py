@@ -51,7 +51,7 @@ def test_remote_scores_through_the_other_service(reward: Stub, other_team: Serve
         samples=[sample("a", "yes please"), sample("b", "no")],
     )
     a, b = reward.Score(request, timeout=30).results
-    assert (a.status, a.reward, b.reward) == (rs.OK, 2.0, 0.0)
+    assert (a.status, a.reward, b.reward) == (rs.SCORE_STATUS_OK, 2.0, 0.0)
 
 
 def test_unreachable_remote_is_an_error_then_the_breaker_opens(reward: Stub) -> None:
@@ -61,9 +61,9 @@ def test_unreachable_remote_is_an_error_then_the_breaker_opens(reward: Stub) -> 
         samples=[sample("a", "yes")],
     )
     first = reward.Score(request, timeout=30).results[0]
-    assert first.status == rs.ERROR and "UNAVAILABLE" in first.scorers[0].reason
+    assert first.status == rs.SCORE_STATUS_ERROR and "UNAVAILABLE" in first.scorers[0].reason
     second = reward.Score(request, timeout=30).results[0]
-    assert second.status == rs.ERROR and "circuit open" in second.scorers[0].reason
+    assert second.status == rs.SCORE_STATUS_ERROR and "circuit open" in second.scorers[0].reason
 
 
 def test_check_references_refuses_an_address_that_does_not_answer(
@@ -87,7 +87,9 @@ def test_remote_error_status_is_passed_on(reward: Stub, other_team: ServerThread
         spec=spec({"scorers": [{"name": "r", "remote": remote}]}), samples=[sample("a", "$2$")]
     )
     result = reward.Score(request, timeout=30).results[0]
-    assert result.status == rs.UNSCORABLE and result.scorers[0].reason.startswith("remote:")
+    assert result.status == rs.SCORE_STATUS_UNSCORABLE and result.scorers[0].reason.startswith(
+        "remote:"
+    )
 
 
 class Recorder(rs_grpc.RewardServiceServicer):
@@ -104,7 +106,10 @@ class Recorder(rs_grpc.RewardServiceServicer):
             await context.abort(self.code, "refused")
         kept = list(request.samples)[self.drop :]
         return rs.ScoreResponse(
-            results=[rs.SampleResult(sample_id=s.sample_id, status=rs.OK, reward=0.5) for s in kept]
+            results=[
+                rs.SampleResult(sample_id=s.sample_id, status=rs.SCORE_STATUS_OK, reward=0.5)
+                for s in kept
+            ]
         )
 
 

@@ -40,7 +40,7 @@ def human(kind: str, dataset: str = "", **extra: Any) -> dict[str, Any]:
 
 def rated(completion: str, rating: float, low: float, high: float) -> Review:
     return Review(
-        completion, "t", ev.RATING, ReviewState.ANSWERED, Prompt("p"),
+        completion, "t", ev.REVIEW_KIND_RATING, ReviewState.ANSWERED, Prompt("p"),
         (Candidate(completion, completion, completion),), "", low, high, "d", "s",
         datetime.now(UTC), Answer(rating=rating),
     )  # fmt: skip
@@ -75,7 +75,7 @@ async def read_rows(address: str, revision: str) -> list[dict[str, Any]]:
 
 
 async def test_pairwise_reviews_become_a_preference_dataset(secured: ServerThread) -> None:
-    scorer = human("PAIRWISE")
+    scorer = human("REVIEW_KIND_PAIRWISE")
     dataset = scorer["human"]["dataset"]
     samples = [
         grouped("a1", "Two.", "g1"),
@@ -88,17 +88,19 @@ async def test_pairwise_reviews_become_a_preference_dataset(secured: ServerThrea
     with grpc.insecure_channel(secured.address) as channel:
         stub = rs_grpc.RewardServiceStub(channel)
         first = stub.Score(request, metadata=A, timeout=30).results
-        assert [r.status for r in first] == [rs.PENDING] * 4 + [rs.UNSCORABLE]
+        assert [r.status for r in first] == [rs.SCORE_STATUS_PENDING] * 4 + [
+            rs.SCORE_STATUS_UNSCORABLE
+        ]
         assert "group_id" in first[4].reason
         names = [r.scorers[0].review for r in first[:4]]
         assert names[0] == names[1] != names[2] == names[3] and names[0].startswith("reviews/")
         again = stub.Score(request, metadata=A, timeout=30).results  # no duplicate reviews
         assert [r.scorers[0].review for r in again[:4]] == names
 
-        pending = stub.ListReviews(rs.ListReviewsRequest(state=rs.Review.PENDING), metadata=A)
+        pending = stub.ListReviews(rs.ListReviewsRequest(state=rs.Review.STATE_PENDING), metadata=A)
         listed = {r.name: r for r in pending.reviews}
         review = listed[names[0]]
-        assert review.kind == ev.PAIRWISE and review.prompt.text == PROMPT
+        assert review.kind == ev.REVIEW_KIND_PAIRWISE and review.prompt.text == PROMPT
         assert [c.completion for c in review.candidates] == ["Two.", "2"]
         assert review.instructions == "Which is more helpful?" and review.scorer == "people"
 
@@ -116,7 +118,7 @@ async def test_pairwise_reviews_become_a_preference_dataset(secured: ServerThrea
         )
 
         answered = stub.SubmitReview(choose_1, metadata=A)
-        assert answered.state == rs.Review.ANSWERED and answered.answer.reviewer == "ann"
+        assert answered.state == rs.Review.STATE_ANSWERED and answered.answer.reviewer == "ann"
         assert answered.dataset_revision == f"datasets/{dataset}/revisions/r1"
         assert answered.answer_time.seconds >= answered.create_time.seconds > 0
         assert code_of(lambda: stub.SubmitReview(choose_1, metadata=A)) == (
@@ -128,10 +130,10 @@ async def test_pairwise_reviews_become_a_preference_dataset(secured: ServerThrea
 
         rescored = stub.Score(request, metadata=A, timeout=30).results
         assert [(r.status, r.reward) for r in rescored[:4]] == [
-            (rs.OK, 0.0),
-            (rs.OK, 1.0),
-            (rs.OK, 1.0),
-            (rs.OK, 0.0),
+            (rs.SCORE_STATUS_OK, 0.0),
+            (rs.SCORE_STATUS_OK, 1.0),
+            (rs.SCORE_STATUS_OK, 1.0),
+            (rs.SCORE_STATUS_OK, 0.0),
         ]
         # The same content alone (no partner, another id) finds its answered review.
         alone = rs.ScoreRequest(spec=spec({"scorers": [scorer]}), samples=[grouped("x", "2")])
@@ -145,7 +147,7 @@ async def test_pairwise_reviews_become_a_preference_dataset(secured: ServerThrea
 
 
 async def test_rating_reviews_pair_up_by_prompt(secured: ServerThread) -> None:
-    scorer = {**human("RATING", rating_min=0, rating_max=10), "fallback": "short"}
+    scorer = {**human("REVIEW_KIND_RATING", rating_min=0, rating_max=10), "fallback": "short"}
     dataset = scorer["human"]["dataset"]
     evaluator = {
         "scorers": [scorer, {"name": "short", "monitor_only": True, "length": {"max_length": 3}}]
@@ -156,7 +158,10 @@ async def test_rating_reviews_pair_up_by_prompt(secured: ServerThread) -> None:
         stub = rs_grpc.RewardServiceStub(channel)
         first = stub.Score(request, metadata=A, timeout=30).results
         # Pending: the fallback scores meanwhile (length: 5 and 4 characters, max 3).
-        assert [r.scorers[0].status for r in first] == [rs.PENDING, rs.PENDING]
+        assert [r.scorers[0].status for r in first] == [
+            rs.SCORE_STATUS_PENDING,
+            rs.SCORE_STATUS_PENDING,
+        ]
         assert [r.reward for r in first] == pytest.approx([0.98, 0.99])
         paris, lyon = (r.scorers[0].review for r in first)
         assert paris != lyon
@@ -175,8 +180,8 @@ async def test_rating_reviews_pair_up_by_prompt(secured: ServerThread) -> None:
         assert revision == f"datasets/{dataset}/revisions/r1"
         rescored = stub.Score(request, metadata=A, timeout=30).results
         assert [(r.scorers[0].status, r.reward) for r in rescored] == [
-            (rs.OK, pytest.approx(0.8)),
-            (rs.OK, pytest.approx(0.3)),
+            (rs.SCORE_STATUS_OK, pytest.approx(0.8)),
+            (rs.SCORE_STATUS_OK, pytest.approx(0.3)),
         ]
     rows = await read_rows(secured.address, revision)
     assert rows == [{"prompt": PROMPT, "chosen": "Paris", "rejected": "Lyon"}]
@@ -184,8 +189,8 @@ async def test_rating_reviews_pair_up_by_prompt(secured: ServerThread) -> None:
 
 def test_bad_answers_pagination_and_restart(tmp_path: Path) -> None:
     team = (("x-tlm-team", "solo"),)
-    rating = spec({"scorers": [human("RATING")]})
-    pairwise = spec({"scorers": [human("PAIRWISE")]})
+    rating = spec({"scorers": [human("REVIEW_KIND_RATING")]})
+    pairwise = spec({"scorers": [human("REVIEW_KIND_PAIRWISE")]})
     server = start_reward(tmp_path)
     try:
         with grpc.insecure_channel(server.address) as channel:
@@ -209,7 +214,7 @@ def test_bad_answers_pagination_and_restart(tmp_path: Path) -> None:
             assert [r.name for r in [*page1.reviews, *page2.reviews]] == [*names, pair_name]
             assert page2.next_page_token == ""
             other_filter = rs.ListReviewsRequest(
-                page_size=2, page_token=page1.next_page_token, state=rs.Review.PENDING
+                page_size=2, page_token=page1.next_page_token, state=rs.Review.STATE_PENDING
             )
             assert code_of(lambda: stub.ListReviews(other_filter, metadata=team)) == (
                 grpc.StatusCode.INVALID_ARGUMENT
@@ -229,7 +234,7 @@ def test_bad_answers_pagination_and_restart(tmp_path: Path) -> None:
                     grpc.StatusCode.INVALID_ARGUMENT
                 )
             assert code_of(lambda: submit("reviews/nope", rating=3.0)) == grpc.StatusCode.NOT_FOUND
-            assert submit(names[0], rating=5.0).state == rs.Review.ANSWERED
+            assert submit(names[0], rating=5.0).state == rs.Review.STATE_ANSWERED
             assert code_of(lambda: submit(names[0], rating=4.0)) == (
                 grpc.StatusCode.FAILED_PRECONDITION
             )
@@ -241,14 +246,14 @@ def test_bad_answers_pagination_and_restart(tmp_path: Path) -> None:
         with grpc.insecure_channel(server.address) as channel:
             stub = rs_grpc.RewardServiceStub(channel)
             got = stub.GetReview(rs.GetReviewRequest(name=names[0]), metadata=team)
-            assert got.state == rs.Review.ANSWERED and got.answer.rating == 5.0
-            answered = rs.ListReviewsRequest(state=rs.Review.ANSWERED)
+            assert got.state == rs.Review.STATE_ANSWERED and got.answer.rating == 5.0
+            answered = rs.ListReviewsRequest(state=rs.Review.STATE_ANSWERED)
             assert [r.name for r in stub.ListReviews(answered, metadata=team).reviews] == names[:1]
             results = stub.Score(rs.ScoreRequest(spec=rating, samples=samples), metadata=team)
             assert [(r.status, r.reward) for r in results.results] == [
-                (rs.OK, 1.0),
-                (rs.PENDING, 0.0),
-                (rs.PENDING, 0.0),
+                (rs.SCORE_STATUS_OK, 1.0),
+                (rs.SCORE_STATUS_PENDING, 0.0),
+                (rs.SCORE_STATUS_PENDING, 0.0),
             ]
     finally:
         server.stop()

@@ -18,11 +18,11 @@ import grpc
 import jsonschema
 import pytest
 
-from services.reward import json_schema
 from services.reward.domain import Outcome, Sample, Status
-from services.reward.json_schema import SafeValidator, SchemaUnusable, check_schema
 from services.reward.rule_runner import RuleRunner
 from services.reward.rules import score_rule
+from services.specs import json_schema
+from services.specs.json_schema import SafeValidator, SchemaUnusable, check_schema
 from tests.reward.conftest import start_reward
 from tests.reward.helpers import sample, spec
 from tlm.reward.v1 import evaluator_pb2 as ev
@@ -383,18 +383,18 @@ def test_stuck_rule_worker_does_not_hold_the_server(tmp_path: Path) -> None:
                 spec=spec(slow_spec), samples=[sample("slow", SLOW), sample("fine", "[1]")]
             )
             got = stub.Score(slow, timeout=30, metadata=[("x-api-key", "key-a")]).results
-            assert [r.status for r in got] == [rs.TIMEOUT, rs.OK]
+            assert [r.status for r in got] == [rs.SCORE_STATUS_TIMEOUT, rs.SCORE_STATUS_OK]
             assert len(alive(workers, expect=1)) == 1  # the stuck one was killed, not left spinning
             start = time.monotonic()
             quick = rs.ScoreRequest(spec=spec(quick_spec), samples=[sample("q", "ok")])
             result = stub.Score(quick, timeout=30, metadata=[("x-api-key", "key-b")]).results[0]
-            assert result.status == rs.OK and result.reward == 1.0
+            assert result.status == rs.SCORE_STATUS_OK and result.reward == 1.0
             assert time.monotonic() - start < 2
             # A second stuck sample on the remaining worker: the pool still recovers.
             again = stub.Score(slow, timeout=30, metadata=[("x-api-key", "key-a")]).results
-            assert [r.status for r in again] == [rs.TIMEOUT, rs.OK]
+            assert [r.status for r in again] == [rs.SCORE_STATUS_TIMEOUT, rs.SCORE_STATUS_OK]
             after = stub.Score(quick, timeout=30, metadata=[("x-api-key", "key-b")]).results
-            assert after[0].status == rs.OK
+            assert after[0].status == rs.SCORE_STATUS_OK
             workers += [p.pid for p in multiprocessing.active_children() if p.pid not in before]
     finally:
         start = time.monotonic()

@@ -52,7 +52,7 @@ def test_passing_and_failing_programs(reward: Stub) -> None:
     code = "```python\ndef add(a, b):\n    return a + b\n```"
     assert run(reward, code, "assert add(1, 2) == 3").value == 1.0
     failing = run(reward, code, "assert add(1, 2) == 3\nassert add(1, 1) == 3")
-    assert (failing.status, failing.value) == (rs.OK, 0.0)
+    assert (failing.status, failing.value) == (rs.SCORE_STATUS_OK, 0.0)
     partial = rs.ScoreRequest(
         spec=code_spec(**LIMITS, extraction={"code_block": True}),
         samples=[sample("s", code, tests="assert add(1, 2) == 3")],
@@ -62,28 +62,28 @@ def test_passing_and_failing_programs(reward: Stub) -> None:
 
 def test_infinite_loop_is_timeout(reward: Stub) -> None:
     result = run(reward, "while True:\n    pass")
-    assert result.status == rs.TIMEOUT and "CPU" in result.reason
+    assert result.status == rs.SCORE_STATUS_TIMEOUT and "CPU" in result.reason
 
 
 def test_sleeping_forever_is_timeout(reward: Stub) -> None:
     result = run(reward, "import time\ntime.sleep(60)", timeout="1s")
-    assert result.status == rs.TIMEOUT and "wall-clock" in result.reason
+    assert result.status == rs.SCORE_STATUS_TIMEOUT and "wall-clock" in result.reason
 
 
 def test_unbounded_allocation_is_error(reward: Stub) -> None:
     result = run(reward, "x = []\nwhile True:\n    x.append(' ' * 10**7)")
-    assert result.status == rs.ERROR and "memory" in result.reason
+    assert result.status == rs.SCORE_STATUS_ERROR and "memory" in result.reason
 
 
 def test_fork_bomb_is_stopped(reward: Stub) -> None:
     result = run(reward, "import os\nwhile True:\n    os.fork()", max_processes=8)
-    assert result.status in (rs.ERROR, rs.TIMEOUT), result
-    assert "process" in result.reason or result.status == rs.TIMEOUT
+    assert result.status in (rs.SCORE_STATUS_ERROR, rs.SCORE_STATUS_TIMEOUT), result
+    assert "process" in result.reason or result.status == rs.SCORE_STATUS_TIMEOUT
 
 
 def test_huge_file_is_error(reward: Stub) -> None:
     result = run(reward, "f = open('big', 'wb')\nwhile True:\n    f.write(b'x' * 10**6)")
-    assert result.status == rs.ERROR and "file size" in result.reason
+    assert result.status == rs.SCORE_STATUS_ERROR and "file size" in result.reason
 
 
 def test_secrets_and_files_outside_scratch_are_unreadable(reward: Stub, tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_secrets_and_files_outside_scratch_are_unreadable(reward: Stub, tmp_path
     outside.chmod(0o644)  # world-readable on the host: only the mount namespace hides it
     for path in ["/etc/shadow", "/etc/passwd", str(outside), os.path.abspath("README.md")]:
         result = refused(reward, f"open({path!r}).read()")
-        assert (result.status, result.value) == (rs.OK, 1.0), (path, result.reason)
+        assert (result.status, result.value) == (rs.SCORE_STATUS_OK, 1.0), (path, result.reason)
 
 
 def test_writing_outside_scratch_fails(reward: Stub) -> None:
@@ -119,7 +119,7 @@ def test_environment_is_empty_and_user_unprivileged(reward: Stub) -> None:
 def test_missing_or_broken_tests_are_unscorable(reward: Stub, tests: str | None) -> None:
     metadata = {} if tests is None else {"tests": tests}
     request = rs.ScoreRequest(spec=code_spec(**LIMITS), samples=[sample("s", "x = 1", **metadata)])
-    assert reward.Score(request, timeout=30).results[0].status == rs.UNSCORABLE
+    assert reward.Score(request, timeout=30).results[0].status == rs.SCORE_STATUS_UNSCORABLE
 
 
 def test_service_keeps_serving_after_escapes(reward: Stub) -> None:
@@ -135,7 +135,7 @@ def test_exit_codes_and_output_do_not_fake_limits(reward: Stub) -> None:
         "import os\nprint('sandbox unavailable: fake', flush=True)\nos._exit(90)",
     ]:
         result = run(reward, code, "assert True")
-        assert (result.status, result.value) == (rs.OK, 0.0), (code, result.reason)
+        assert (result.status, result.value) == (rs.SCORE_STATUS_OK, 0.0), (code, result.reason)
 
 
 @pytest.mark.parametrize(
@@ -151,13 +151,13 @@ def test_exit_codes_and_output_do_not_fake_limits(reward: Stub) -> None:
 )
 def test_forged_verdicts_do_not_pass(reward: Stub, code: str) -> None:
     result = run(reward, code, "assert False, 'the tests must fail'")
-    assert (result.status, result.value) == (rs.OK, 0.0), result.reason
+    assert (result.status, result.value) == (rs.SCORE_STATUS_OK, 0.0), result.reason
 
 
 def test_scratch_space_is_bounded(reward: Stub) -> None:
     code = "for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * 900_000)"
     result = run(reward, code, "assert True")
-    assert result.status == rs.ERROR and "scratch" in result.reason, result.reason
+    assert result.status == rs.SCORE_STATUS_ERROR and "scratch" in result.reason, result.reason
 
 
 def _uid_processes(uid: int) -> list[int]:

@@ -130,7 +130,7 @@ def test_forked_children_cannot_multiply_memory_mb(reward: rs_grpc.RewardService
     tests = f"assert held == [{TARGET_MB}] * {CHILDREN}, held"
     request = rs.ScoreRequest(spec=code_spec(**limits), samples=[sample("s", forks(), tests=tests)])
     result = reward.Score(request, timeout=30).results[0].scorers[0]
-    assert result.status in (rs.ERROR, rs.TIMEOUT), result
+    assert result.status in (rs.SCORE_STATUS_ERROR, rs.SCORE_STATUS_TIMEOUT), result
     assert "memory" in result.reason, result.reason
 
 
@@ -370,7 +370,7 @@ def test_huge_tests_are_refused_before_parsing(
     spec = code_spec(timeout="10s", tests_field="checks")
     request = rs.ScoreRequest(spec=spec, samples=[sample("s", "x = 1", checks=tests)])
     result, latencies = _score_while_polling(server, reward, request)
-    assert result.status == rs.UNSCORABLE, result
+    assert result.status == rs.SCORE_STATUS_UNSCORABLE, result
     assert "metadata.checks" in result.reason and "256 KiB limit" in result.reason, result.reason
     assert latencies and max(latencies) < 1.0, latencies
 
@@ -384,7 +384,7 @@ def test_slow_to_parse_tests_are_compiled_in_the_sandbox(
     limits = {"timeout": "20s", "cpu_seconds": 10, "memory_mb": 256, "max_processes": 2}
     request = rs.ScoreRequest(spec=code_spec(**limits), samples=[sample("s", "", tests=tests)])
     result, latencies = _score_while_polling(server, reward, request)
-    assert (result.status, result.value) == (rs.OK, 1.0), result
+    assert (result.status, result.value) == (rs.SCORE_STATUS_OK, 1.0), result
     assert latencies and max(latencies) < 1.0, latencies
 
 
@@ -404,7 +404,7 @@ def test_broken_tests_are_unscorable_from_inside_the_sandbox(
         spec=code_spec(timeout="5s"), samples=[sample("s", code, tests=tests)]
     )
     result = reward.Score(request, timeout=30).results[0].scorers[0]
-    assert result.status == rs.UNSCORABLE and reason in result.reason, result
+    assert result.status == rs.SCORE_STATUS_UNSCORABLE and reason in result.reason, result
 
 
 def test_oversized_code_is_a_failing_program(reward: rs_grpc.RewardServiceStub) -> None:
@@ -413,5 +413,5 @@ def test_oversized_code_is_a_failing_program(reward: rs_grpc.RewardServiceStub) 
     code = "x = 1\n" * (300 * 1024 // 6)
     request = rs.ScoreRequest(spec=code_spec(timeout="5s"), samples=[sample("s", code, tests="")])
     result = reward.Score(request, timeout=30).results[0].scorers[0]
-    assert (result.status, result.value) == (rs.OK, 0.0), result
+    assert (result.status, result.value) == (rs.SCORE_STATUS_OK, 0.0), result
     assert "256 KiB limit" in result.reason, result.reason

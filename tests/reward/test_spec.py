@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from services.reward.spec import validate_json, validate_spec
+from services.specs.evaluator import validate_json, validate_spec
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 
@@ -95,7 +95,7 @@ def test_normalised_json_fills_defaults() -> None:
     )
     assert result.valid, result.errors
     data = json.loads(result.normalized_json)
-    assert data["aggregation"] == "WEIGHTED_SUM"
+    assert data["aggregation"] == "AGGREGATION_WEIGHTED_SUM"
     assert data["gates"][0] == {
         "scorer": "fmt",
         "reward": -1.0,

@@ -15,9 +15,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.devtools.server_thread import ServerThread
-from services.reward.spec import validate_json, validate_spec
-from services.reward.spec_defaults import BOUNDS, Bound
-from services.reward.spec_json import (
+from services.specs.evaluator import validate_json, validate_spec
+from services.specs.evaluator_defaults import BOUNDS, Bound
+from services.specs.evaluator_json import (
     MAX_MESSAGE_DEPTH,
     MAX_OBJECT_DEPTH,
     MAX_SPEC_BYTES,

@@ -97,7 +97,7 @@ def test_cached_outcomes_are_not_shared_between_teams(tmp_path: Path) -> None:
 
             def cached(key: str) -> bool:
                 result = stub.Score(request, timeout=30, metadata=(("x-api-key", key),)).results[0]
-                assert result.status == rs.OK and result.reward == 1.0
+                assert result.status == rs.SCORE_STATUS_OK and result.reward == 1.0
                 return result.scorers[0].cached
 
             assert cached("key-a") is False

@@ -72,7 +72,10 @@ def test_load_generate_and_status(stub: rollout_pb2_grpc.RolloutServiceStub) -> 
     assert [(c.prompt_index, c.sample_index) for c in first] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(c.policy_version == MODEL and c.prompt_token_ids for c in first)
     assert all(len(c.logprobs) == len(c.token_ids) for c in first)
-    assert all(c.finish_reason in (rollout_pb2.STOP, rollout_pb2.LENGTH) for c in first)
+    assert all(
+        c.finish_reason in (rollout_pb2.FINISH_REASON_STOP, rollout_pb2.FINISH_REASON_LENGTH)
+        for c in first
+    )
     assert [c.token_ids for c in collect(stub.Generate(req, timeout=60))] == [
         c.token_ids for c in first
     ]
@@ -109,7 +112,7 @@ def test_load_generate_and_status(stub: rollout_pb2_grpc.RolloutServiceStub) -> 
         (request("a", "cat " * 600), "prompts[1]"),
         (request("a", "cat " * 250, max_tokens=300), "prompts[1]"),
         (rollout_pb2.GenerateRequest(), "prompts"),
-        (request("hi", adapter=LORA_R1), "adapter_revision"),
+        (request("hi", adapter="models/nope-lora/revisions/r1"), "adapter_revision"),
         (request("hi", logprobs_mode=7), "sampling.logprobs_mode"),  # a number we do not know
         (  # greedy decoding has no temperature to scale by
             request(
@@ -280,45 +283,33 @@ def team(name: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer key-{name}"),)
 
 
-def test_another_teams_model_is_kept_while_in_use(rollout_server: RolloutServerFactory) -> None:
-    stub = stub_for(rollout_server(api_keys=API_KEYS).address)  # takeover after 300 s idle
+def test_each_team_has_its_own_models_and_sees_only_them(
+    rollout_server: RolloutServerFactory,
+) -> None:
+    """LoadModel is a per-team warm-up: two teams' models sit side by side in the cache, a
+    request without model_revision runs on its own team's, and a team sees only its own."""
+    stub = stub_for(rollout_server(api_keys=API_KEYS).address)
     a, b = team("team-a"), team("team-b")
+    get = rollout_pb2.GetEngineStatusRequest()
     stub.LoadModel(rollout_pb2.LoadModelRequest(model_revision=MODEL), metadata=a, timeout=60)
-    with pytest.raises(grpc.RpcError) as err:
-        stub.LoadModel(
-            rollout_pb2.LoadModelRequest(model_revision=OTHER_MODEL), metadata=b, timeout=60
-        )
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "another team's model" in (err.value.details() or "")
+    collect(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=60))
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(request("hi", max_tokens=2), metadata=b, timeout=10))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no model is loaded for your team" in (err.value.details() or "")
-    (mine,) = collect(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=60))
-    assert mine.policy_version == MODEL
-    get = rollout_pb2.GetEngineStatusRequest()
-    theirs = stub.GetEngineStatus(get, metadata=b, timeout=10)
-    assert (theirs.engine, theirs.device, theirs.max_queue, theirs.max_n) == (
+    other = stub.GetEngineStatus(get, metadata=b, timeout=10)
+    assert (other.engine, other.device, other.max_queue, other.max_n) == (
         "transformers",
         "cpu",
         256,
         64,
     )
-    assert theirs.model_revision == "" and theirs.generated_tokens_total == 0
-    assert theirs.max_model_len == 0 and not theirs.adapters
+    assert other.model_revision == "" and other.generated_tokens_total == 0
+    assert other.max_model_len == 0 and not other.adapters and not other.cached_models
+    stub.LoadModel(rollout_pb2.LoadModelRequest(model_revision=OTHER_MODEL), metadata=b, timeout=60)
+    (mine,) = collect(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=60))
+    (theirs,) = collect(stub.Generate(request("hi", max_tokens=2), metadata=b, timeout=60))
+    assert (mine.policy_version, theirs.policy_version) == (MODEL, OTHER_MODEL)
     owner = stub.GetEngineStatus(get, metadata=a, timeout=10)
-    assert owner.model_revision == MODEL and owner.generated_tokens_total > 0
-
-
-def test_another_team_may_replace_an_idle_model(rollout_server: RolloutServerFactory) -> None:
-    stub = stub_for(rollout_server(takeover_idle_s=0, api_keys=API_KEYS).address)
-    a, b = team("team-a"), team("team-b")
-    stub.LoadModel(rollout_pb2.LoadModelRequest(model_revision=MODEL), metadata=a, timeout=60)
-    collect(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=60))
-    loaded = stub.LoadModel(
-        rollout_pb2.LoadModelRequest(model_revision=OTHER_MODEL), metadata=b, timeout=60
-    )
-    assert loaded.policy_version == OTHER_MODEL
-    with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(request("hi", max_tokens=2), metadata=a, timeout=10))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert owner.model_revision == MODEL and list(owner.cached_models) == [MODEL]
+    assert owner.generated_tokens_total > 0 and owner.cache_bytes > 0

@@ -46,7 +46,7 @@ async def test_generate_loads_the_model_then_prints(
     assert again.exit_code == 0 and "loaded" not in again.output
     assert again.stdout == result.stdout  # same seed, same table
     bad = CliRunner().invoke(app, [*args, "--temperature", "-1"])
-    assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output
+    assert bad.exit_code == 2 and "INVALID_ARGUMENT" in bad.output
 
     # Another revision replaces the served one only with --load.
     latest = [a if a != model else "rollout-cli-tiny" for a in args]

@@ -227,7 +227,7 @@ async def _push_base_and_adapter(
     base = await upload_fresh(address, "base", base_dir)
     lineage = registry_pb2.Lineage(base_model_revision=base.name)
     adapter = await upload_fresh(
-        address, "lora", adapter_dir, format=registry_pb2.LORA_ADAPTER, lineage=lineage
+        address, "lora", adapter_dir, format=registry_pb2.MODEL_FORMAT_LORA_ADAPTER, lineage=lineage
     )
     return base.name, adapter.name
 

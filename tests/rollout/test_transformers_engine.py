@@ -217,7 +217,7 @@ async def test_a_replaced_model_is_freed_and_dropped_before_the_load(
     real = transformers_engine.LoadedModel
 
     def loaded_model(*args: object) -> object:
-        seen.append(engine._loaded)  # what the engine still held while loading
+        seen.append(engine._models.get(VERSION))  # what the slot still held while loading
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(transformers_engine, "LoadedModel", loaded_model)
@@ -225,7 +225,7 @@ async def test_a_replaced_model_is_freed_and_dropped_before_the_load(
         if engine._idle():
             break
         await asyncio.sleep(0.01)
-    await engine.load_model(tiny_model_dir, "models/tiny/revisions/r2", "auto", None)
+    await engine.load_model(tiny_model_dir, "models/tiny/revisions/r2", "auto", None, VERSION)
     gc.collect()
     assert seen == [None] and old() is None
     assert {c.policy_version for c in await run(engine, ["hi"], max_tokens=2)} == {

@@ -84,9 +84,80 @@ def test_the_vllm_logprobs_setting_is_one_of_two(monkeypatch: pytest.MonkeyPatch
         RolloutSettings()
 
 
-def test_the_engine_table_builds_vllm_without_importing_it() -> None:
+def test_vllm_selected_where_it_does_not_import_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(SystemExit, match="TLM_ROLLOUT_ENGINE=vllm, but vLLM does not import"):
+        make_engine("vllm", EngineConfig(device="cuda"))
+
+
+def test_the_engine_table_builds_vllm_where_it_imports(fake_vllm: types.ModuleType) -> None:
     engine = make_engine("vllm", EngineConfig(device="cuda"))
     assert engine.name == "vllm" and engine.max_model_len == 0
+
+
+def test_vllm_settings_reach_the_engine_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLM_ROLLOUT_VLLM_TENSOR_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("TLM_ROLLOUT_VLLM_GPU_MEMORY_UTILIZATION", "0.5")
+    monkeypatch.setenv("TLM_ROLLOUT_VLLM_MAX_LORA_RANK", "128")
+    settings = RolloutSettings()
+    assert (settings.vllm_tensor_parallel_size, settings.vllm_max_lora_rank) == (2, 128)
+    assert settings.vllm_gpu_memory_utilization == 0.5
+    monkeypatch.setenv("TLM_ROLLOUT_VLLM_MAX_LORA_RANK", "100")  # not a size vLLM has
+    with pytest.raises(ValueError, match="expected one of 1, 8, 16"):
+        RolloutSettings()
+
+
+async def test_vllm_starts_with_the_configured_gpus_memory_share_and_lora_rank(
+    fake_vllm: types.ModuleType, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = EngineConfig(
+        device="cuda:2",
+        vllm_tensor_parallel_size=2,
+        vllm_gpu_memory_utilization=0.5,
+        vllm_max_lora_rank=16,
+    )
+    engine = VllmEngine(config)
+    await engine.load_model(tiny_model_dir, "models/tiny/revisions/r1", "auto", None)
+    args = engine._engine.args
+    assert (args.tensor_parallel_size, args.gpu_memory_utilization) == (2, 0.5)
+    assert (args.device_ids, args.max_lora_rank) == ([2, 3], 16)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 32, "lora_alpha": 64}')
+    with pytest.raises(FailedPrecondition, match=r"rank 32 is above .* max_lora_rank 16"):
+        await engine.load_adapter(adapter, "models/a/revisions/r1")
+    await engine.close()
+
+
+async def test_vllm_validation_errors_are_invalid_argument_naming_the_parameter(
+    fake_vllm: types.ModuleType, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM 0.30's VLLMValidationError is a VLLMClientError, not a ValueError."""
+
+    class VLLMValidationError(Exception):
+        def __init__(self, message: str, *, parameter: str | None = None) -> None:
+            super().__init__(message)
+            self.parameter = parameter
+
+    class StrictParams(FakeParams):
+        def __init__(self, **kw: object) -> None:
+            if kw["top_k"] == 7:
+                raise VLLMValidationError("top_k must be -1 or at least 8", parameter="top_k")
+            super().__init__(**kw)
+
+    exceptions = types.ModuleType("vllm.exceptions")
+    exceptions.VLLMValidationError = VLLMValidationError  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm.exceptions", exceptions)
+    fake_vllm.SamplingParams = StrictParams  # type: ignore[attr-defined]
+    engine = VllmEngine(EngineConfig(device="cuda"))
+    await engine.load_model(tiny_model_dir, "models/tiny/revisions/r1", "auto", None)
+    with pytest.raises(InvalidArgument) as err:
+        await asyncio.wait_for(_collect(engine, [[1, 2]], top_k=7), 5)
+    assert [v.field for v in err.value.violations] == ["sampling.top_k"]
+    assert engine.running == 0
+    await engine.close()
 
 
 @pytest.mark.gpu
@@ -118,6 +189,10 @@ class FakeArgs:
     max_lora_rank: int = 16
     max_loras: int = 1
     logprobs_mode: str = "raw_logprobs"
+    worker_extension_cls: str = ""
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    device_ids: list[int] | None = None
 
 
 @dataclasses.dataclass

@@ -22,7 +22,11 @@ from tlm.registry.v1 import registry_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
 
-TERMINAL = {pb.TrainingJob.SUCCEEDED, pb.TrainingJob.FAILED, pb.TrainingJob.CANCELLED}
+TERMINAL = {
+    pb.TrainingJob.STATE_SUCCEEDED,
+    pb.TrainingJob.STATE_FAILED,
+    pb.TrainingJob.STATE_CANCELLED,
+}
 EVALUATOR = {"scorers": [{"name": "has_digit", "regex": {"pattern": "[0-9]"}}]}
 
 
@@ -101,11 +105,11 @@ ROWS = {
     "prompts": [{"prompt": f"What is {i} + 2?", "reference": str(i + 2)} for i in range(4)],
 }
 KINDS = {
-    "sft": registry_pb2.SFT,
-    "chat": registry_pb2.SFT,
-    "preference": registry_pb2.PREFERENCE,
-    "unpaired": registry_pb2.UNPAIRED_PREFERENCE,
-    "prompts": registry_pb2.PROMPT,
+    "sft": registry_pb2.DATASET_KIND_SFT,
+    "chat": registry_pb2.DATASET_KIND_SFT,
+    "preference": registry_pb2.DATASET_KIND_PREFERENCE,
+    "unpaired": registry_pb2.DATASET_KIND_UNPAIRED_PREFERENCE,
+    "prompts": registry_pb2.DATASET_KIND_PROMPT,
 }
 
 

@@ -28,7 +28,7 @@ async def refused(
 async def test_bad_hyperparameters_are_invalid_argument_per_field(
     trainer: Stub, inputs: Inputs
 ) -> None:
-    job_spec = spec(pb.SFT, inputs.base, inputs.sft)
+    job_spec = spec(pb.METHOD_SFT, inputs.base, inputs.sft)
     job_spec.training.learning_rate = -1
     job_spec.training.lr_scheduler = "wavy"
     job_spec.tuning.lora.r = 0
@@ -42,7 +42,7 @@ async def test_bad_hyperparameters_are_invalid_argument_per_field(
 
 
 async def test_params_of_another_method_are_refused(trainer: Stub, inputs: Inputs) -> None:
-    job_spec = spec(pb.SFT, inputs.base, inputs.sft, dpo=pb.DpoParams(beta=0.1))
+    job_spec = spec(pb.METHOD_SFT, inputs.base, inputs.sft, dpo=pb.DpoParams(beta=0.1))
     err, fields, _ = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and fields == ["spec.method_params"]
 
@@ -50,10 +50,10 @@ async def test_params_of_another_method_are_refused(trainer: Stub, inputs: Input
 async def test_fields_the_method_does_not_use_are_refused_by_name(
     trainer: Stub, inputs: Inputs
 ) -> None:
-    job_spec = spec(pb.SFT, inputs.base, inputs.sft, evaluator=inputs.evaluator)
+    job_spec = spec(pb.METHOD_SFT, inputs.base, inputs.sft, evaluator=inputs.evaluator)
     job_spec.training.eval_every = 2  # without an eval_dataset
     job_spec.dpo.label_smoothing = 0.1  # sigmoid, not robust
-    job_spec.method = pb.DPO
+    job_spec.method = pb.METHOD_DPO
     job_spec.train_dataset = inputs.preference
     err, fields, _ = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -70,7 +70,7 @@ async def test_fields_the_method_does_not_use_are_refused_by_name(
 async def test_a_request_id_used_with_another_spec_is_refused(
     trainer: Stub, inputs: Inputs
 ) -> None:
-    first = spec(pb.SFT, inputs.base, inputs.sft, output_model="models/never-trained")
+    first = spec(pb.METHOD_SFT, inputs.base, inputs.sft, output_model="models/never-trained")
     first.training.max_steps = 10**6  # queued behind the slots or cancelled below
     request = pb.CreateTrainingJobRequest(spec=first, request_id="api-reuse")
     job = await trainer.CreateTrainingJob(request)
@@ -88,13 +88,13 @@ async def test_a_request_id_used_with_another_spec_is_refused(
 async def test_a_dataset_of_the_wrong_kind_says_what_the_method_needs(
     trainer: Stub, inputs: Inputs
 ) -> None:
-    err, fields, reason = await refused(trainer, spec(pb.DPO, inputs.base, inputs.sft))
+    err, fields, reason = await refused(trainer, spec(pb.METHOD_DPO, inputs.base, inputs.sft))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert err.details() == (
         "DPO needs a preference dataset (prompt, chosen, rejected); datasets/sft is sft"
     )
     assert fields == ["spec.train_dataset"] and reason == "DATASET_KIND_MISMATCH"
-    err, _, _ = await refused(trainer, spec(pb.KTO, inputs.base, inputs.preference))
+    err, _, _ = await refused(trainer, spec(pb.METHOD_KTO, inputs.base, inputs.preference))
     assert "unpaired_preference dataset" in err.details()
 
 
@@ -105,20 +105,24 @@ async def test_a_dataset_of_the_wrong_kind_says_what_the_method_needs(
 async def test_unknown_inputs_are_not_found_naming_the_field(
     trainer: Stub, inputs: Inputs, field: str, value: str
 ) -> None:
-    job_spec = spec(pb.SFT, inputs.base, inputs.sft)
+    job_spec = spec(pb.METHOD_SFT, inputs.base, inputs.sft)
     setattr(job_spec, field, value)
     err, fields, _ = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.NOT_FOUND and fields == [f"spec.{field}"]
 
 
 async def test_missing_and_malformed_names(trainer: Stub, inputs: Inputs) -> None:
-    err, fields, _ = await refused(trainer, spec(pb.SFT, "tiny", ""))
+    err, fields, _ = await refused(trainer, spec(pb.METHOD_SFT, "tiny", ""))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fields == ["spec.base_model", "spec.train_dataset"]
     err, fields, _ = await refused(trainer, spec(pb.METHOD_UNSPECIFIED, inputs.base, inputs.sft))
     assert fields == ["spec.method"]
     job_spec = spec(
-        pb.EVALUATE, inputs.base, "", eval_dataset=inputs.prompts, training=pb.TrainingParams()
+        pb.METHOD_EVALUATE,
+        inputs.base,
+        "",
+        eval_dataset=inputs.prompts,
+        training=pb.TrainingParams(),
     )
     err, fields, _ = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and fields == ["spec.evaluator"]
@@ -126,7 +130,7 @@ async def test_missing_and_malformed_names(trainer: Stub, inputs: Inputs) -> Non
 
 async def test_ppo_refuses_max_length_it_does_not_read(trainer: Stub, inputs: Inputs) -> None:
     """PPO runs (tests/trainer/test_ppo.py); its completions are bounded by sampling.max_tokens."""
-    job_spec = spec(pb.PPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator)
+    job_spec = spec(pb.METHOD_PPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator)
     err, fields, _ = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fields == ["spec.training.max_length"]
@@ -134,8 +138,8 @@ async def test_ppo_refuses_max_length_it_does_not_read(trainer: Stub, inputs: In
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only host")
 async def test_an_explicit_gpu_plan_without_a_gpu(trainer: Stub, inputs: Inputs) -> None:
-    plan = pb.DevicePlan(device_type=pb.CUDA)
-    job_spec = spec(pb.SFT, inputs.base, inputs.sft, resources=pb.Resources(explicit=plan))
+    plan = pb.DevicePlan(device_type=pb.DEVICE_TYPE_CUDA)
+    job_spec = spec(pb.METHOD_SFT, inputs.base, inputs.sft, resources=pb.Resources(explicit=plan))
     err, fields, _ = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert fields == ["spec.resources.explicit.device_type"]
@@ -145,7 +149,7 @@ async def test_validate_only_fills_defaults_and_creates_nothing(
     trainer: Stub, inputs: Inputs
 ) -> None:
     job_spec = pb.TrainingJobSpec(
-        method=pb.SFT, base_model="models/tiny", train_dataset="datasets/sft"
+        method=pb.METHOD_SFT, base_model="models/tiny", train_dataset="datasets/sft"
     )
     request = pb.CreateTrainingJobRequest(spec=job_spec, validate_only=True, request_id="v-1")
     job = await trainer.CreateTrainingJob(request)
@@ -158,7 +162,10 @@ async def test_validate_only_fills_defaults_and_creates_nothing(
     assert (s.training.per_device_batch_size, s.training.max_length) == (8, 1024)
     assert s.training.lr_scheduler == "cosine" and s.training.save_every == 500
     assert s.sft.completion_only_loss and s.output_model == "models/tiny-sft"
-    assert job.state == pb.TrainingJob.PENDING and job.device_plan.precision in ("fp32", "bf16")
+    assert job.state == pb.TrainingJob.STATE_PENDING and job.device_plan.precision in (
+        "fp32",
+        "bf16",
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=job.name))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -168,7 +175,7 @@ async def test_lora_alpha_is_a_float_and_the_int32_alpha_still_works(
     trainer: Stub, inputs: Inputs
 ) -> None:
     async def alpha(lora: pb.LoraConfig) -> pb.LoraConfig:
-        job_spec = spec(pb.SFT, inputs.base, inputs.sft, tuning=pb.Tuning(lora=lora))
+        job_spec = spec(pb.METHOD_SFT, inputs.base, inputs.sft, tuning=pb.Tuning(lora=lora))
         request = pb.CreateTrainingJobRequest(spec=job_spec, validate_only=True)
         return (await trainer.CreateTrainingJob(request)).spec.tuning.lora
 
@@ -176,7 +183,7 @@ async def test_lora_alpha_is_a_float_and_the_int32_alpha_still_works(
     old = await alpha(pb.LoraConfig(r=4, alpha=8))  # a client from before alpha_value
     assert old.alpha_value == 8.0 and not old.HasField("alpha")
     both = spec(
-        pb.SFT,
+        pb.METHOD_SFT,
         inputs.base,
         inputs.sft,
         tuning=pb.Tuning(lora=pb.LoraConfig(alpha=8, alpha_value=8)),
@@ -187,7 +194,10 @@ async def test_lora_alpha_is_a_float_and_the_int32_alpha_still_works(
         err.details() or ""
     )
     low = spec(
-        pb.SFT, inputs.base, inputs.sft, tuning=pb.Tuning(lora=pb.LoraConfig(alpha_value=0.5))
+        pb.METHOD_SFT,
+        inputs.base,
+        inputs.sft,
+        tuning=pb.Tuning(lora=pb.LoraConfig(alpha_value=0.5)),
     )
     err, fields, _ = await refused(trainer, low)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and fields == ["spec.tuning.lora.alpha"]
@@ -209,7 +219,7 @@ async def test_get_and_cancel_unknown_or_malformed(trainer: Stub) -> None:
 async def test_estimate_resources_for_lora_and_full_dpo(trainer: Stub, inputs: Inputs) -> None:
     # The tiny model: hidden 64, 2 layers, 4 heads (2 kv, head_dim 16), MLP 128, vocab 512.
     lora = await trainer.EstimateResources(
-        pb.EstimateResourcesRequest(spec=spec(pb.SFT, inputs.base, inputs.sft))
+        pb.EstimateResourcesRequest(spec=spec(pb.METHOD_SFT, inputs.base, inputs.sft))
     )
     assert lora.parameter_count > 100_000
     # r=16 * 2 layers * (q 128 + k 96 + v 96 + o 128 + gate 192 + up 192 + down 192)
@@ -220,15 +230,17 @@ async def test_estimate_resources_for_lora_and_full_dpo(trainer: Stub, inputs: I
     assert b["reference_model"] == 0 and b["activations"] > 0
     assert lora.memory_per_device_bytes == sum(b.values()) and lora.fits
     if not torch.cuda.is_available():
-        assert lora.plan.device_type == pb.CPU and lora.plan.precision == "fp32"
+        assert lora.plan.device_type == pb.DEVICE_TYPE_CPU and lora.plan.precision == "fp32"
     full = pb.Tuning(full=pb.FullTuning())
     dpo = await trainer.EstimateResources(
-        pb.EstimateResourcesRequest(spec=spec(pb.DPO, inputs.base, inputs.preference, tuning=full))
+        pb.EstimateResourcesRequest(
+            spec=spec(pb.METHOD_DPO, inputs.base, inputs.preference, tuning=full)
+        )
     )
     assert dpo.trainable_parameter_count == dpo.parameter_count
     assert dpo.memory_breakdown_bytes["reference_model"] == dpo.memory_breakdown_bytes["weights"]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await trainer.EstimateResources(
-            pb.EstimateResourcesRequest(spec=spec(pb.DPO, inputs.base, inputs.sft))
+            pb.EstimateResourcesRequest(spec=spec(pb.METHOD_DPO, inputs.base, inputs.sft))
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -41,7 +41,7 @@ def test_jobs_create_validate_only_shows_defaults(stack: ServerThread, inputs: I
             stack.address,
         ],
     )
-    assert bad.exit_code == 1 and "FAILED_PRECONDITION" in bad.output
+    assert bad.exit_code == 2 and "FAILED_PRECONDITION" in bad.output
 
 
 def test_jobs_create_watch_list_show_cancel(stack: ServerThread, inputs: Inputs) -> None:
@@ -54,9 +54,9 @@ def test_jobs_create_watch_list_show_cancel(stack: ServerThread, inputs: Inputs)
     listed = runner.invoke(jobs_app, ["list", "--method", "evaluate", *address])
     assert name in listed.output
     shown = json.loads(runner.invoke(jobs_app, ["show", name, *address]).output)
-    assert shown["state"] == "SUCCEEDED" and "pass_rate" in shown["final_metrics"]
+    assert shown["state"] == "STATE_SUCCEEDED" and "pass_rate" in shown["final_metrics"]
     cancelled = runner.invoke(jobs_app, ["cancel", name, *address])
-    assert cancelled.exit_code == 1 and "already ended" in cancelled.output
+    assert cancelled.exit_code == 2 and "already ended" in cancelled.output
 
 
 def test_jobs_create_grpo_with_an_evaluator(stack: ServerThread, inputs: Inputs) -> None:
@@ -68,10 +68,10 @@ def test_jobs_create_grpo_with_an_evaluator(stack: ServerThread, inputs: Inputs)
     )
     assert out.exit_code == 0, out.output
     spec = json.loads(out.output)["spec"]
-    assert spec["evaluator"] == inputs.evaluator and spec["method"] == "GRPO"
+    assert spec["evaluator"] == inputs.evaluator and spec["method"] == "METHOD_GRPO"
     assert spec["grpo"]["num_generations"] == 4 and spec["grpo"]["sampling"]["n"] == 4
     missing = runner.invoke(jobs_app, [*args, *address])
-    assert missing.exit_code == 1 and "needs an evaluator" in missing.output
+    assert missing.exit_code == 2 and "needs an evaluator" in missing.output
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,8 @@ def test_jobs_plot_errors_are_clear_and_never_a_traceback(
 ) -> None:
     address, name = scripted
     cases = [
-        (["plot", "jobs/no-such-job", "--address", address], "NOT_FOUND", 1),
-        (["plot", name, "--metric", "reward", "--address", address], "no metric reward; the", 1),
+        (["plot", "jobs/no-such-job", "--address", address], "NOT_FOUND", 2),
+        (["plot", name, "--metric", "reward", "--address", address], "no metric reward; the", 2),
         (["plot", name, "--address", "127.0.0.1:1"], "cannot reach the trainer service at", 2),
     ]
     for args, message, code in cases:
@@ -137,7 +137,7 @@ def test_jobs_plot_of_a_running_job_plots_what_it_has(
     name = created.output.split()[0]
     started = time.monotonic()
     out = runner.invoke(jobs_app, ["plot", name, "--out", str(tmp_path), "--address", address])
-    assert out.exit_code == 1 and "has no step metrics yet" in out.output, out.output
+    assert out.exit_code == 2 and "has no step metrics yet" in out.output, out.output
     assert time.monotonic() - started < 20
     runner.invoke(jobs_app, ["cancel", name, "--address", address])
 
@@ -161,7 +161,7 @@ def test_jobs_create_grpo_flags_and_spec_file(
     )
     flags = ["--beta", "0.02", "--epsilon", "0.3", "--scale-rewards", "none", "--temperature", "1"]
     flags += ["--num-iterations", "2", "--sync-every", "3", "--log-every", "1"]
-    flags += ["--num-generations", "4", "--max-tokens", "12"]
+    flags += ["--num-generations", "4", "--max-tokens", "12", "--max-policy-lag", "1"]
     out = runner.invoke(
         jobs_app,
         ["create", "--spec", str(spec_file), *flags, "--validate-only", "--address", stack.address],
@@ -173,6 +173,7 @@ def test_jobs_create_grpo_flags_and_spec_file(
     assert "full" in spec["tuning"] and spec["training"]["log_every"] == 1
     assert (grpo["beta"], grpo["epsilon"], grpo["loss_type"]) == (0.02, 0.3, "dapo")
     assert (grpo["scale_rewards"], grpo["num_iterations"], grpo["sync_every"]) == ("none", 2, 3)
+    assert grpo["max_policy_lag"] == 1
     sampling = grpo["sampling"]
     assert (sampling["n"], sampling["max_tokens"], sampling["seed"]) == (4, 12, "5")
     assert sampling["temperature"] == 1

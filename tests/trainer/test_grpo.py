@@ -40,7 +40,7 @@ TRAINING = pb.TrainingParams(max_steps=STEPS, per_device_batch_size=2, log_every
 
 def grpo_spec(inputs: Inputs, evaluator: str) -> pb.TrainingJobSpec:
     return spec(
-        pb.GRPO,
+        pb.METHOD_GRPO,
         inputs.base,
         inputs.prompts,
         evaluator=evaluator,
@@ -77,7 +77,7 @@ async def test_grpo_lora_trains_pushes_policies_and_the_rollout_serves_the_last(
     assert created.spec.grpo.beta == pytest.approx(0.04) and created.spec.grpo.loss_type == "grpo"
     assert created.spec.grpo.sampling.n == GROUP and created.spec.evaluator == vowels
     job = await wait_for(trainer, created.name, timeout=240)
-    assert job.state == pb.TrainingJob.SUCCEEDED, job.error
+    assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
     assert job.progress.step == STEPS and job.checkpoint_step == STEPS
 
     registry = RegistryClient(stack.address)
@@ -86,7 +86,7 @@ async def test_grpo_lora_trains_pushes_policies_and_the_rollout_serves_the_last(
         await registry.download_model_revision(job.output_model_revision, tmp_path)
     finally:
         await registry.close()
-    assert revision.format == registry_pb2.LORA_ADAPTER
+    assert revision.format == registry_pb2.MODEL_FORMAT_LORA_ADAPTER
     assert revision.lineage.base_model_revision == inputs.base
     assert list(revision.lineage.dataset_revisions) == [inputs.prompts]
     assert revision.lineage.evaluator_revision == vowels
@@ -151,14 +151,14 @@ async def test_grpo_full_weights_with_dapo_loss_syncs_by_load_model(
     job_spec.grpo.sync_every, job_spec.grpo.loss_type = 2, "dapo"
     created = await trainer.CreateTrainingJob(pb.CreateTrainingJobRequest(spec=job_spec))
     job = await wait_for(trainer, created.name, timeout=240)
-    assert job.state == pb.TrainingJob.SUCCEEDED, job.error
+    assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
     registry = RegistryClient(stack.address)
     try:
         revision = await registry.get_model_revision(job.output_model_revision)
         await registry.download_model_revision(job.output_model_revision, tmp_path)
     finally:
         await registry.close()
-    assert revision.format == registry_pb2.FULL_WEIGHTS
+    assert revision.format == registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
     assert revision.lineage.evaluator_revision == vowels
     base, out = (
         load_file(tiny_model_dir / "model.safetensors"),
@@ -183,11 +183,11 @@ async def test_grpo_full_weights_with_dapo_loss_syncs_by_load_model(
 async def test_grpo_needs_a_prompt_dataset_and_an_evaluator(
     trainer: Stub, inputs: Inputs, vowels: str
 ) -> None:
-    on_sft = spec(pb.GRPO, inputs.base, inputs.sft, evaluator=vowels, training=TRAINING)
+    on_sft = spec(pb.METHOD_GRPO, inputs.base, inputs.sft, evaluator=vowels, training=TRAINING)
     err, fields, reason = await refused(trainer, on_sft)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and reason == "DATASET_KIND_MISMATCH"
     assert fields == ["spec.train_dataset"] and "GRPO needs a prompt dataset" in err.details()
-    no_evaluator = spec(pb.GRPO, inputs.base, inputs.prompts, training=TRAINING)
+    no_evaluator = spec(pb.METHOD_GRPO, inputs.base, inputs.prompts, training=TRAINING)
     err, fields, _ = await refused(trainer, no_evaluator)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and fields == ["spec.evaluator"]
     assert "GRPO needs an evaluator" in err.details()
@@ -199,7 +199,12 @@ async def test_grpo_hyperparameters_are_checked_per_field(
     params = pb.GrpoParams(num_generations=1, epsilon=0, loss_type="ppo", sampling={"top_p": 0})
     params.sampling.temperature = 0
     bad = spec(
-        pb.GRPO, inputs.base, inputs.prompts, evaluator=vowels, grpo=params, training=TRAINING
+        pb.METHOD_GRPO,
+        inputs.base,
+        inputs.prompts,
+        evaluator=vowels,
+        grpo=params,
+        training=TRAINING,
     )
     err, fields, _ = await refused(trainer, bad)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -210,7 +215,9 @@ async def test_grpo_hyperparameters_are_checked_per_field(
         "spec.grpo.sampling.temperature",
         "spec.grpo.sampling.top_p",
     }
-    defaults = spec(pb.GRPO, inputs.base, inputs.prompts, evaluator=vowels, training=TRAINING)
+    defaults = spec(
+        pb.METHOD_GRPO, inputs.base, inputs.prompts, evaluator=vowels, training=TRAINING
+    )
     defaults.training.ClearField("learning_rate")
     job = await trainer.CreateTrainingJob(
         pb.CreateTrainingJobRequest(spec=defaults, validate_only=True)

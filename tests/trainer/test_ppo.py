@@ -36,7 +36,9 @@ async def arith(stack: ServerThread, tmp_path_factory: pytest.TempPathFactory) -
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     registry = RegistryClient(stack.address)
     try:
-        revision = await registry.upload_dataset_file("datasets/arith", path, registry_pb2.PROMPT)
+        revision = await registry.upload_dataset_file(
+            "datasets/arith", path, registry_pb2.DATASET_KIND_PROMPT
+        )
     finally:
         await registry.close()
     return revision.name
@@ -54,7 +56,7 @@ def ppo_spec(inputs: Inputs, dataset: str) -> pb.TrainingJobSpec:
         save_every=STEPS,
     )
     return spec(
-        pb.PPO,
+        pb.METHOD_PPO,
         inputs.base,
         dataset,
         evaluator=inputs.evaluator,  # a digit: regex [0-9]
@@ -75,7 +77,7 @@ async def test_ppo_learns_the_demo_task(
     assert (p.kl_coef, p.cliprange, p.vf_coef, p.lam) == pytest.approx((0.05, 0.2, 0.1, 0.95))
     assert p.ppo_epochs == 4 and p.critic_learning_rate == pytest.approx(0.01)
     job = await wait_for(trainer, created.name, timeout=600)
-    assert job.state == pb.TrainingJob.SUCCEEDED, job.error
+    assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
     events = await watch(trainer, job.name)
     metrics = [e.metrics.values for e in events if e.HasField("metrics")]
     rewards = [m["reward_mean"] for m in metrics]
@@ -94,7 +96,7 @@ async def test_ppo_learns_the_demo_task(
         revision = await registry.get_model_revision(job.output_model_revision)
     finally:
         await registry.close()
-    assert revision.format == registry_pb2.FULL_WEIGHTS  # the policy, never the critic
+    assert revision.format == registry_pb2.MODEL_FORMAT_FULL_WEIGHTS  # the policy, never the critic
     assert revision.lineage.evaluator_revision == inputs.evaluator
 
 
@@ -102,13 +104,13 @@ async def test_ppo_checks_its_fields_and_its_critic_model(
     trainer: Stub, inputs: Inputs, tiny_model_dir: Path
 ) -> None:
     params = pb.PpoParams(cliprange=0, gamma=2, ppo_epochs=0, critic_model="models/nope")
-    bad = spec(pb.PPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator, ppo=params)
+    bad = spec(pb.METHOD_PPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator, ppo=params)
     bad.training.ClearField("max_length")
     err, fields, _ = await refused(trainer, bad)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(fields) == {"spec.ppo.cliprange", "spec.ppo.gamma", "spec.ppo.ppo_epochs"}
     missing = spec(
-        pb.PPO,
+        pb.METHOD_PPO,
         inputs.base,
         inputs.prompts,
         evaluator=inputs.evaluator,
@@ -118,7 +120,7 @@ async def test_ppo_checks_its_fields_and_its_critic_model(
     err, fields, _ = await refused(trainer, missing)
     assert err.code() == grpc.StatusCode.NOT_FOUND and fields == ["spec.ppo.critic_model"]
     ok = spec(
-        pb.PPO,
+        pb.METHOD_PPO,
         inputs.base,
         inputs.prompts,
         evaluator=inputs.evaluator,

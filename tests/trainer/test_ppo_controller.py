@@ -15,7 +15,7 @@ from services.trainer.domain import Method
 from services.trainer.ppo import controller_config, ppo_config
 from services.trainer.rl.actor import Actor, build_actor
 from services.trainer.rl.batch import Sample, Score, ScoreStatus, Trajectories, make_batch
-from services.trainer.rl.controller import STATE_FILE, Controller
+from services.trainer.rl.controller import Controller, saved_state
 from services.trainer.rl.critic import Critic, build_critic
 from services.trainer.rl.ppo_learner import PpoLearner
 from services.trainer.spec import JobSpec, PpoParams, Sampling, TrainingParams, validate
@@ -171,7 +171,7 @@ async def test_resume_restores_the_critic_its_optimizer_and_kl_coef(
         await controller.publish(step + 1)
     controller.save(2)
     saved, kl_coef = _critic_weights(learner.critic), learner.kl.value
-    assert kl_coef != 0.1 and (tmp_path / CHECKPOINTS / STATE_FILE).exists()
+    assert kl_coef != 0.1 and saved_state(tmp_path / CHECKPOINTS) is not None
     assert reporter.checkpoints == [2]
 
     actor2, learner2 = models(tiny_model_dir, spec)

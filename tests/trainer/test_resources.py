@@ -120,7 +120,7 @@ def test_gradient_checkpointing_keeps_layer_inputs_only() -> None:
     assert e.breakdown["activations"] == activations(2 * 10, 2 * 4)  # one fp32 input per layer
 
 
-def test_an_explicit_parallel_strategy_is_refused_until_it_exists() -> None:
+def test_an_explicit_fsdp_plan_on_cpu_is_refused() -> None:  # accelerate shards on GPUs
     job = JobSpec(
         Method.SFT, BASE, DATA, resources=DevicePlan(device_type="cpu", strategy="fsdp"),
         explicit_resources=True,

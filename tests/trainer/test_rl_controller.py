@@ -21,11 +21,11 @@ from services.trainer.rl import LossType, algos
 from services.trainer.rl.actor import Actor, Objective, build_actor
 from services.trainer.rl.batch import Row, Sample, Score, ScoreStatus, Trajectories, make_batch
 from services.trainer.rl.controller import (
-    STATE_FILE,
     Controller,
     ControllerConfig,
     average,
     rollout_metrics,
+    saved_state,
 )
 from services.trainer.rl.ports import PolicyLost, PolicyRef
 from services.trainer.spec import GrpoParams, JobSpec, Sampling, TrainingParams
@@ -139,6 +139,7 @@ class Reporter:
         self.metric_events: list[tuple[int, dict[str, float]]] = []
         self.checkpoints: list[int] = []
         self.sample_events: list[tuple[int, list[dict[str, Any]]]] = []
+        self.logs: list[tuple[str, str]] = []  # (level, message)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self.metric_events.append((step, values))
@@ -148,6 +149,9 @@ class Reporter:
 
     def samples(self, step: int, shown: list[dict[str, Any]]) -> None:
         self.sample_events.append((step, shown))
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.logs.append((level, message))
 
     def check_stop(self) -> None:
         pass
@@ -322,7 +326,7 @@ async def test_checkpoint_and_resume(tiny_model_dir: Path, tmp_path: Path) -> No
         await run.controller.publish(step + 1)
     run.controller.save(2)
     saved = weights(a)
-    assert run.reporter.checkpoints == [2] and (tmp_path / CHECKPOINTS / STATE_FILE).exists()
+    assert run.reporter.checkpoints == [2] and saved_state(tmp_path / CHECKPOINTS) is not None
 
     b = actor(tiny_model_dir, spec)
     resumed = make_run(b, spec, tmp_path, 3, save_every=2)
@@ -341,7 +345,7 @@ async def test_no_resume_state_without_save_every(tiny_model_dir: Path, tmp_path
     await run.controller.start()
     await run.controller.run()
     assert run.publisher.published == [1, 2] and run.reporter.checkpoints == []
-    assert not (tmp_path / CHECKPOINTS / STATE_FILE).exists()
+    assert saved_state(tmp_path / CHECKPOINTS) is None
 
 
 @pytest.mark.parametrize("loss_type", [LossType.GRPO, LossType.DR_GRPO, LossType.DAPO])
@@ -452,3 +456,82 @@ def test_rollout_metrics_by_hand() -> None:
         [{"loss": 1.0, "completions/min_length": 3.0}, {"loss": 2.0, "completions/min_length": 1.0}]
     )
     assert window == {"loss": 1.5, "completions/min_length": 1.0}
+
+
+async def test_asynchronous_rollout_generates_the_next_batch_while_training(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """max_policy_lag 1: batch k+1 is generated (by the policy served during step k) while the
+    actor trains on batch k, so its generation starts before that update ends (the loop's own
+    timeline metrics); every batch after the first is one publication old, and none is dropped."""
+    spec = job()
+    a = actor(tiny_model_dir, spec)
+    good = p_token(a, [GOOD])
+    run = make_run(a, spec, tmp_path, 4, max_policy_lag=1)
+    await run.controller.start()
+    await run.controller.run()
+    revision = "models/tiny-grpo/revisions/{}".format
+    assert [v for _, _, v in run.sampler.calls] == [BASE, BASE, revision(1), revision(2)]
+    assert [seed for _, seed, _ in run.sampler.calls] == [10, 11, 12, 13]
+    assert run.publisher.published == [1, 2, 3, 4] and run.prompts.asked == [0, 1, 2, 3]
+    steps = dict(run.reporter.metric_events)
+    assert sorted(steps) == [1, 2, 3, 4]
+    for k in (1, 2, 3):
+        assert steps[k + 1]["timeline/generate_start"] < steps[k]["timeline/update_end"]
+        assert steps[k]["timeline/update_start"] < steps[k]["timeline/update_end"]
+    assert [steps[k]["policy/lag"] for k in (1, 2, 3, 4)] == [0.0, 1.0, 1.0, 1.0]
+    assert all(steps[k]["policy/stale_dropped"] == 0 for k in steps)
+    assert p_token(a, [GOOD]) > 2 * good  # it learns off-policy too
+    assert not run.reporter.logs
+
+
+async def test_synchronous_rollout_generates_after_the_publish(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """max_policy_lag 0: each batch comes from the policy published by the step before, and its
+    generation starts after that step's update ended."""
+    spec = job()
+    run = make_run(actor(tiny_model_dir, spec), spec, tmp_path, 3)
+    await run.controller.start()
+    await run.controller.run()
+    steps = dict(run.reporter.metric_events)
+    for k in (1, 2):
+        assert steps[k + 1]["timeline/generate_start"] > steps[k]["timeline/update_end"]
+    assert [steps[k]["policy/lag"] for k in (1, 2, 3)] == [0.0, 0.0, 0.0]
+
+
+async def test_stale_batches_are_dropped_counted_and_reported_under_a_forced_lag(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """max_policy_lag 1, and the sampler is forced to answer step 3's generation (made ahead,
+    during step 2) with the base: one publication old when made, two when step 3 trains, so the
+    batch is dropped (a warning event) and generated again by the served policy. At step 4 two
+    samples come from the base: they are masked, counted in policy/stale_dropped and
+    reported."""
+    spec = job()
+    run = make_run(actor(tiny_model_dir, spec), spec, tmp_path, 4, max_policy_lag=1)
+    await run.controller.start()
+    run.sampler.stale_version = BASE
+    original, forced = run.sampler.generate, {2}
+
+    async def generate(rows: list[Row], sampling: Sampling, policy: PolicyRef, rid: str) -> Any:
+        step = int(rid.rsplit("-s", 1)[1])
+        if step in forced:  # its first generation only
+            forced.discard(step)
+            run.sampler.versions = [BASE]
+        run.sampler.stale_samples = (0, 5) if step == 3 else ()
+        return await original(rows, sampling, policy, rid)
+
+    run.sampler.generate = generate  # type: ignore[method-assign]
+    await run.controller.run()
+    assert run.publisher.published == [1, 2, 3, 4]
+    steps = dict(run.reporter.metric_events)
+    assert sorted(steps) == [1, 2, 3, 4]
+    # Step 3 (index 2) was generated twice, the second time by the policy of step 2.
+    assert [seed for _, seed, _ in run.sampler.calls] == [10, 11, 12, 12, 13]
+    assert run.sampler.calls[3][2] == "models/tiny-grpo/revisions/2"
+    assert steps[3]["policy/stale_dropped"] == 0 and steps[4]["policy/stale_dropped"] == 2
+    warnings = [m for level, m in run.reporter.logs if level == "warning"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("step 3: dropped a batch of 8 completions made by " + BASE)
+    assert warnings[1].startswith("step 4: dropped 2 of 8 completions")

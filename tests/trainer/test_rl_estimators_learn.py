@@ -38,7 +38,7 @@ async def arith(stack: ServerThread, tmp_path_factory: pytest.TempPathFactory) -
     registry = RegistryClient(stack.address)
     try:
         revision = await registry.upload_dataset_file(
-            "datasets/arith-estimators", path, registry_pb2.PROMPT
+            "datasets/arith-estimators", path, registry_pb2.DATASET_KIND_PROMPT
         )
     finally:
         await registry.close()
@@ -47,7 +47,7 @@ async def arith(stack: ServerThread, tmp_path_factory: pytest.TempPathFactory) -
 
 def learning_spec(inputs: Inputs, dataset: str, estimator: str) -> pb.TrainingJobSpec:
     return pb.TrainingJobSpec(
-        method=pb.GRPO,
+        method=pb.METHOD_GRPO,
         base_model=inputs.base,
         train_dataset=dataset,
         evaluator=inputs.evaluator,  # a digit anywhere: reward 1
@@ -77,7 +77,7 @@ async def test_the_estimator_learns_the_demo_task(
     spec = learning_spec(inputs, arith, estimator)
     job = await trainer.CreateTrainingJob(pb.CreateTrainingJobRequest(spec=spec))
     done = await wait_for(trainer, job.name, timeout=1200)
-    assert done.state == pb.TrainingJob.SUCCEEDED, done.error.message
+    assert done.state == pb.TrainingJob.STATE_SUCCEEDED, done.error.message
     events = await watch(trainer, job.name)
     rewards = [e.metrics.values["reward_mean"] for e in events if e.HasField("metrics")]
     assert len(rewards) == STEPS[estimator]

@@ -65,14 +65,16 @@ def resume_spec(method: str, inputs: Inputs, evaluator: str, output: str) -> pb.
         # kl_coef moves every step (a horizon of 8 samples): a fresh controller would not have it.
         ppo = pb.PpoParams(sampling=sampling, kl_coef=KL_COEF, target_kl=0.01, kl_horizon=8)
         return pb.TrainingJobSpec(
-            method=pb.PPO, tuning=pb.Tuning(full=pb.FullTuning()), ppo=ppo, **common
+            method=pb.METHOD_PPO, tuning=pb.Tuning(full=pb.FullTuning()), ppo=ppo, **common
         )
     sampling.pop("n")
     grpo = pb.GrpoParams(
         num_generations=GROUP, beta=0.04, advantage_estimator="rloo", sampling=sampling
     )
     lora = pb.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    return pb.TrainingJobSpec(method=pb.GRPO, tuning=pb.Tuning(lora=lora), grpo=grpo, **common)
+    return pb.TrainingJobSpec(
+        method=pb.METHOD_GRPO, tuning=pb.Tuning(lora=lora), grpo=grpo, **common
+    )
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +205,13 @@ async def test_online_rl_resumes_after_a_trainer_crash(
         channel = grpc.aio.insecure_channel(second.address)
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
         done = await wait_for(stub, job.name, timeout=180)
-        assert done.state == pb.TrainingJob.SUCCEEDED, done.error.message
+        assert done.state == pb.TrainingJob.STATE_SUCCEEDED, done.error.message
         events = await watch(stub, job.name)
         # The uninterrupted run of the same spec, on the same trainer settings.
         reference_spec = resume_spec(method, inputs, vowels, f"{output}-reference")
         reference = await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(spec=reference_spec))
         reference_done = await wait_for(stub, reference.name, timeout=180)
-        assert reference_done.state == pb.TrainingJob.SUCCEEDED, reference_done.error.message
+        assert reference_done.state == pb.TrainingJob.STATE_SUCCEEDED, reference_done.error.message
         expected = by_step(await watch(stub, reference.name))
         await channel.close()
     finally:
@@ -217,11 +219,11 @@ async def test_online_rl_resumes_after_a_trainer_crash(
 
     changes = [(i, e.state_change) for i, e in enumerate(events) if e.HasField("state_change")]
     assert [c.state for _, c in changes] == [
-        pb.TrainingJob.PENDING,
-        pb.TrainingJob.RUNNING,
-        pb.TrainingJob.PENDING,  # the crash left it RUNNING with a checkpoint: the restart
-        pb.TrainingJob.RUNNING,
-        pb.TrainingJob.SUCCEEDED,
+        pb.TrainingJob.STATE_PENDING,
+        pb.TrainingJob.STATE_RUNNING,
+        pb.TrainingJob.STATE_PENDING,  # the crash left it RUNNING with a checkpoint: the restart
+        pb.TrainingJob.STATE_RUNNING,
+        pb.TrainingJob.STATE_SUCCEEDED,
     ]
     assert f"resuming from step {SAVE_EVERY}" in changes[2][1].message
     restart = changes[2][0]
@@ -256,5 +258,7 @@ async def test_online_rl_resumes_after_a_trainer_crash(
     assert done.output_model_revision.startswith(output + "/")
     assert done.output_model_revision != saved.policy_revision  # published after step 5
     assert revision.format == (
-        registry_pb2.FULL_WEIGHTS if method == "ppo" else registry_pb2.LORA_ADAPTER
+        registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
+        if method == "ppo"
+        else registry_pb2.MODEL_FORMAT_LORA_ADAPTER
     )

@@ -169,7 +169,7 @@ def test_grpo_names_num_generations_once_and_caps_sampling() -> None:
 
 
 async def test_validate_only_refuses_out_of_range_fields(trainer: Stub, inputs: Inputs) -> None:
-    job_spec = spec(pb.SFT, inputs.base, inputs.sft)
+    job_spec = spec(pb.METHOD_SFT, inputs.base, inputs.sft)
     job_spec.tuning.lora.r = 10**6
     job_spec.tuning.lora.target_modules.append("../x")
     job_spec.training.per_device_batch_size = 2**31 - 1

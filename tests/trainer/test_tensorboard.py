@@ -32,7 +32,7 @@ def run_metrics_job(
     with grpc.insecure_channel(server.address) as channel:
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
         request = pb.CreateTrainingJobRequest(
-            spec=spec(pb.SFT, inputs.base, inputs.sft, output_model="models/metrics")
+            spec=spec(pb.METHOD_SFT, inputs.base, inputs.sft, output_model="models/metrics")
         )
         name = stub.CreateTrainingJob(request).name
         deadline = time.monotonic() + 60
@@ -41,7 +41,7 @@ def run_metrics_job(
         ):
             assert time.monotonic() < deadline, "the scripted job did not end"
             time.sleep(0.1)
-    assert job.state == pb.TrainingJob.SUCCEEDED, job.error
+    assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
     return server, name
 
 

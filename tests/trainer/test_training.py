@@ -32,7 +32,7 @@ def specs(i: Inputs) -> dict[str, pb.TrainingJobSpec]:
     )
     return {
         "sft_full": spec(
-            pb.SFT,
+            pb.METHOD_SFT,
             i.base,
             i.sft,
             tuning=FULL,
@@ -46,12 +46,12 @@ def specs(i: Inputs) -> dict[str, pb.TrainingJobSpec]:
                 learning_rate=1e-3,
             ),
         ),
-        "sft_lora_chat": spec(pb.SFT, i.base, i.chat, tuning=LORA, eval_dataset=i.chat),
-        "dpo": spec(pb.DPO, i.base, i.preference, tuning=FULL, dpo=pb.DpoParams(beta=0.2)),
-        "kto": spec(pb.KTO, i.base, i.unpaired, tuning=LORA),
-        "reward_model": spec(pb.REWARD_MODEL, i.base, i.preference, tuning=LORA),
+        "sft_lora_chat": spec(pb.METHOD_SFT, i.base, i.chat, tuning=LORA, eval_dataset=i.chat),
+        "dpo": spec(pb.METHOD_DPO, i.base, i.preference, tuning=FULL, dpo=pb.DpoParams(beta=0.2)),
+        "kto": spec(pb.METHOD_KTO, i.base, i.unpaired, tuning=LORA),
+        "reward_model": spec(pb.METHOD_REWARD_MODEL, i.base, i.preference, tuning=LORA),
         "evaluate": spec(
-            pb.EVALUATE,
+            pb.METHOD_EVALUATE,
             i.base,
             "",
             eval_dataset=i.prompts,
@@ -60,12 +60,14 @@ def specs(i: Inputs) -> dict[str, pb.TrainingJobSpec]:
             training=pb.TrainingParams(),  # EVALUATE trains nothing: training fields are refused
         ),
         "bad_modules": spec(
-            pb.SFT,
+            pb.METHOD_SFT,
             i.base,
             i.sft,
             tuning=pb.Tuning(lora=pb.LoraConfig(target_modules=["no_such_proj"])),
         ),
-        "cancel": spec(pb.SFT, i.base, i.sft, training=long_run, output_model="models/never"),
+        "cancel": spec(
+            pb.METHOD_SFT, i.base, i.sft, training=long_run, output_model="models/never"
+        ),
     }
 
 
@@ -90,7 +92,7 @@ async def download(address: str, name: str, dest: Path) -> registry_pb2.ModelRev
 
 async def succeeded(trainer: Stub, name: str) -> pb.TrainingJob:
     job = await wait_for(trainer, name, timeout=240)
-    assert job.state == pb.TrainingJob.SUCCEEDED, job.error
+    assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
     return job
 
 
@@ -120,7 +122,7 @@ async def test_sft_full_succeeds_with_lineage_changed_weights_and_ordered_events
     assert job.checkpoint_step == 4 and "train_loss" in job.final_metrics
     assert job.output_model_revision.startswith("models/tiny-sft-full/revisions/")
     revision = await download(stack.address, job.output_model_revision, tmp_path)
-    assert revision.format == registry_pb2.FULL_WEIGHTS
+    assert revision.format == registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
     assert revision.lineage.base_model_revision == inputs.base
     assert list(revision.lineage.dataset_revisions) == [inputs.sft]
     assert revision.lineage.training_job == name
@@ -130,7 +132,11 @@ async def test_sft_full_succeeds_with_lineage_changed_weights_and_ordered_events
     assert [e.sequence for e in events] == list(range(len(events)))
     kinds = [e.WhichOneof("event") for e in events]
     states = [e.state_change.state for e in events if e.HasField("state_change")]
-    assert states == [pb.TrainingJob.PENDING, pb.TrainingJob.RUNNING, pb.TrainingJob.SUCCEEDED]
+    assert states == [
+        pb.TrainingJob.STATE_PENDING,
+        pb.TrainingJob.STATE_RUNNING,
+        pb.TrainingJob.STATE_SUCCEEDED,
+    ]
     steps = [e.metrics.step for e in events if e.HasField("metrics")]
     assert steps == [1, 2, 3, 4]
     assert {"loss", "learning_rate", "grad_norm"} <= set(
@@ -151,7 +157,7 @@ async def test_sft_lora_on_chat_rows_pushes_an_adapter_on_the_base(
     assert job.spec.tuning.lora.r == 4 and job.spec.training.lr_scheduler == "cosine"
     assert any(k.startswith("eval_") for k in job.final_metrics)
     revision = await download(stack.address, job.output_model_revision, tmp_path)
-    assert revision.format == registry_pb2.LORA_ADAPTER
+    assert revision.format == registry_pb2.MODEL_FORMAT_LORA_ADAPTER
     assert revision.lineage.base_model_revision == inputs.base
     assert list(revision.lineage.dataset_revisions) == [inputs.chat, inputs.chat]
     weights = load_file(tmp_path / "adapter_model.safetensors")
@@ -184,7 +190,7 @@ async def test_reward_model_is_a_merged_sequence_classifier(
 
     job = await succeeded(trainer, jobs["reward_model"])
     revision = await download(stack.address, job.output_model_revision, tmp_path)
-    assert revision.format == registry_pb2.FULL_WEIGHTS
+    assert revision.format == registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert model.config.num_labels == 1
     assert changed(tiny_model_dir, tmp_path)
@@ -205,7 +211,7 @@ async def test_a_worker_error_fails_the_job_with_a_status(
     trainer: Stub, jobs: dict[str, str]
 ) -> None:
     job = await wait_for(trainer, jobs["bad_modules"], timeout=240)
-    assert job.state == pb.TrainingJob.FAILED
+    assert job.state == pb.TrainingJob.STATE_FAILED
     assert job.error.code == code_pb2.INVALID_ARGUMENT  # the user's typo, not INTERNAL
     assert "spec.tuning.lora.target_modules" in job.error.message
     assert "no_such_proj" in job.error.message
@@ -227,7 +233,7 @@ async def test_another_team_cannot_see_or_touch_a_job(
     channel = grpc.aio.insecure_channel(keyed.address)
     try:
         trainer = Stub(channel)
-        request = pb.CreateTrainingJobRequest(spec=spec(pb.SFT, inputs.base, inputs.sft))
+        request = pb.CreateTrainingJobRequest(spec=spec(pb.METHOD_SFT, inputs.base, inputs.sft))
         name = (await trainer.CreateTrainingJob(request, metadata=owner)).name
         calls = (
             trainer.GetTrainingJob(pb.GetTrainingJobRequest(name=name), metadata=other),
@@ -264,11 +270,11 @@ async def test_list_filters_and_pages(trainer: Stub, jobs: dict[str, str]) -> No
         seen += [j.name for j in page.jobs]
     assert set(jobs.values()) <= set(seen) and len(seen) == len(set(seen))
     assert seen.index(jobs["cancel"]) < seen.index(jobs["sft_full"])  # newest first
-    dpo = await trainer.ListTrainingJobs(pb.ListTrainingJobsRequest(method=pb.DPO))
+    dpo = await trainer.ListTrainingJobs(pb.ListTrainingJobsRequest(method=pb.METHOD_DPO))
     assert [j.name for j in dpo.jobs] == [jobs["dpo"]]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await trainer.ListTrainingJobs(
-            pb.ListTrainingJobsRequest(method=pb.KTO, page_token=page.next_page_token or "x")
+            pb.ListTrainingJobsRequest(method=pb.METHOD_KTO, page_token=page.next_page_token or "x")
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -280,9 +286,9 @@ async def test_cancel_a_running_job_ends_cancelled(trainer: Stub, jobs: dict[str
         if event.HasField("metrics"):
             break  # training is under way
     job = await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name))
-    assert job.state in (pb.TrainingJob.CANCELLING, pb.TrainingJob.CANCELLED)
+    assert job.state in (pb.TrainingJob.STATE_CANCELLING, pb.TrainingJob.STATE_CANCELLED)
     job = await wait_for(trainer, name, timeout=60)
-    assert job.state == pb.TrainingJob.CANCELLED and job.output_model_revision == ""
+    assert job.state == pb.TrainingJob.STATE_CANCELLED and job.output_model_revision == ""
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -295,14 +301,14 @@ async def test_a_crashing_worker_fails_the_job_and_the_service_keeps_serving(
     try:
         channel = grpc.aio.insecure_channel(crashing.address)
         stub = Stub(channel)
-        create = pb.CreateTrainingJobRequest(spec=spec(pb.SFT, inputs.base, inputs.sft))
+        create = pb.CreateTrainingJobRequest(spec=spec(pb.METHOD_SFT, inputs.base, inputs.sft))
         job = await wait_for(stub, (await stub.CreateTrainingJob(create)).name, timeout=60)
-        assert job.state == pb.TrainingJob.FAILED
+        assert job.state == pb.TrainingJob.STATE_FAILED
         assert "exit code 3" in job.error.message
         events = await watch(stub, job.name)
         assert any(e.log.message == "about to crash" for e in events)
         second = await stub.CreateTrainingJob(create)  # still serving
-        assert second.state == pb.TrainingJob.PENDING and second.name != job.name
+        assert second.state == pb.TrainingJob.STATE_PENDING and second.name != job.name
         await asyncio.sleep(0)
         await channel.close()
     finally:

@@ -226,12 +226,12 @@ def test_unknown_enum_numbers_are_invalid_argument_naming_the_field() -> None:
     with pytest.raises(InvalidArgument) as err:
         convert.spec_from_proto(message)
     assert [v.field for v in err.value.violations] == ["spec.method"]
-    message.method = pb.SFT
+    message.method = pb.METHOD_SFT
     message.resources.explicit.device_type = 7  # type: ignore[assignment]
     with pytest.raises(InvalidArgument) as err:
         convert.spec_from_proto(message)
     assert [v.field for v in err.value.violations] == ["spec.resources.explicit.device_type"]
-    message.resources.explicit.device_type = pb.CPU
+    message.resources.explicit.device_type = pb.DEVICE_TYPE_CPU
     message.resources.explicit.strategy = 9  # type: ignore[assignment]
     with pytest.raises(InvalidArgument) as err:
         convert.spec_from_proto(message)
@@ -274,14 +274,19 @@ def test_kto_needs_two_rows_per_batch() -> None:
         ("UNAVAILABLE", "UNAVAILABLE"),
         ("DEADLINE_EXCEEDED", "UNAVAILABLE"),
         ("UNAUTHENTICATED", "FAILED_PRECONDITION"),
-        ("PERMISSION_DENIED", "FAILED_PRECONDITION"),
-        ("RESOURCE_EXHAUSTED", "INTERNAL"),
+        ("PERMISSION_DENIED", "PERMISSION_DENIED"),
+        ("RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"),
+        ("INTERNAL", "INTERNAL"),
         ("NOT_FOUND", "NOT_FOUND"),
     ],
 )
 async def test_registry_errors_at_creation_keep_their_meaning(code: str, expected: str) -> None:
+    """What the registry client raises (its classifier's domain error) reaches the job's
+    creator with the registry's meaning; only an outage and the trainer's own key are
+    restated, the first as UNAVAILABLE, the second as this deployment's precondition."""
     import grpc
 
+    from services.clients.errors import to_domain
     from services.common.errors import status_code_for
     from services.trainer.registry_port import field_errors
 
@@ -290,7 +295,7 @@ async def test_registry_errors_at_creation_keep_their_meaning(code: str, expecte
     )
     with pytest.raises(Exception) as err:
         async with field_errors("spec.base_model", BASE):
-            raise error
+            raise to_domain(error, "registry", "127.0.0.1:1")
     assert status_code_for(err.value).name == expected
 
 
@@ -349,23 +354,6 @@ def test_a_second_trainer_on_the_same_data_dir_is_refused(tmp_path: Path) -> Non
         owner_lock(tmp_path)
     lock.close()
     owner_lock(tmp_path).close()
-
-
-def test_a_store_made_before_request_digests_gains_the_column(tmp_path: Path) -> None:
-    import sqlite3
-
-    path = tmp_path / "jobs.db"
-    store = JobStore(f"sqlite:///{path}")
-    first, _ = store.create(dataclasses.replace(_job("a", "r-1"), request_digest="abc"))
-    store.close()
-    with sqlite3.connect(path) as db:  # the schema of an older trainer
-        db.execute("ALTER TABLE jobs DROP COLUMN request_digest")
-    store = JobStore(f"sqlite:///{path}")
-    old = store.find_request("a", "r-1")
-    assert old is not None and old.job_id == first.job_id and old.request_digest == ""
-    second, _ = store.create(dataclasses.replace(_job("a", "r-2"), request_digest="def"))
-    assert store.get("a", second.job_id).request_digest == "def"
-    store.close()
 
 
 async def test_a_reused_request_id_must_repeat_the_spec(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import grpc
 import pytest
 import torch
 
-from services.common.errors import InvalidArgument
+from services.clients.errors import to_domain
+from services.common.errors import InvalidArgument, PermissionDenied, TlmError, Unavailable
 from services.trainer import trl_methods, worker
 from services.trainer.domain import Method
 from services.trainer.spec import JobSpec, LoraParams, TrainingParams, validate
@@ -136,8 +137,9 @@ def test_a_cancel_during_the_upload_keeps_the_result(
     assert events[0]["output_model_revision"] == "models/m/revisions/r1"
 
 
-def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+def _rpc_error(code: grpc.StatusCode) -> TlmError:
+    """What the registry client raises for a call that failed with `code`."""
+    return to_domain(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"))
 
 
 async def test_uploads_retry_unavailable_and_deadline_only() -> None:
@@ -158,11 +160,11 @@ async def test_uploads_retry_unavailable_and_deadline_only() -> None:
     async def refused() -> str:
         raise _rpc_error(grpc.StatusCode.PERMISSION_DENIED)
 
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(PermissionDenied):
         await retrying(refused, lambda m, level: logs.append(m), (0, 0))
     assert len(logs) == 2
     failures.extend([_rpc_error(grpc.StatusCode.UNAVAILABLE)] * 2)
-    with pytest.raises(grpc.aio.AioRpcError):  # out of retries
+    with pytest.raises(Unavailable):  # out of retries
         await retrying(flaky, lambda m, level: None, (0,))
 
 

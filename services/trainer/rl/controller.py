@@ -8,20 +8,31 @@ and decides when to publish the policy (`sync_every`, evaluations, the last step
 through the ports (`rl/ports.py`) and the model only through the actor (`rl/actor.py`); PPO
 hands the update to a `Learner` (`rl/ppo_learner.py`: the critic and GAE), still in this loop.
 
-`max_policy_lag` is how many publications old a sample's policy may be: 0 today (synchronous:
-every sample comes from the policy being served); asynchronous rollout raises it, and the loop
-stays. Samples from an older policy are dropped (masked, like unscored ones); a batch with none
-from a known, fresh enough policy means the sampler lost the policy: it is served again once,
-then the job fails. Shapes as in `rl/batch.py`.
+`max_policy_lag` is how many publications old a sample's policy may be. 0 (synchronous): each
+step generates with the policy it trains. 1 (asynchronous, one-step off-policy as verl's
+`one_step_off_policy` recipe and NeMo-RL's async GRPO): batch k+1 is generated and scored by
+the served policy while the actor trains on batch k (the update runs in a thread, the RPCs on
+the loop), and the new policy is published once that generation is done, so batch k+1 is always
+exactly one publication old when it trains. The actor's truncated importance sampling (Yao et
+al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; TRL 1.16's
+`vllm_importance_sampling_correction` with `token_truncate`; verl's `rollout_is`) corrects for
+it: each token's loss is weighted by min(pi_old / pi_behaviour, cap), with pi_behaviour the
+log-probs the rollout returned. Samples from an older policy are dropped (masked, like unscored
+ones) and counted; a batch with none from a known, fresh enough policy means the sampler lost
+the policy: it is dropped, the policy is served again and the batch generated again once, then
+the job fails. A resumed run generates its first batch with the policy it resumed (lag 0).
+Shapes as in `rl/batch.py`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +45,7 @@ from services.trainer.rl.actor import Actor, Objective
 from services.trainer.rl.batch import (
     Row,
     Sample,
+    Score,
     ScoreStatus,
     TokenBatch,
     Trajectories,
@@ -49,10 +61,13 @@ from services.trainer.rl.ports import (
     Scorer,
 )
 from services.trainer.spec import Sampling
-from services.trainer.worker_protocol import CHECKPOINTS, POLICY
+from services.trainer.worker_protocol import CHECKPOINT_MARKER, CHECKPOINTS, POLICY
 
 log = structlog.get_logger()
-STATE_FILE = "grpo-state.pt"  # under checkpoints/: the resume point, written at save_every
+# Under checkpoints/: the resume state of a step, then the marker naming it (the commit point
+# that the worker resumes from and the supervisor reads).
+STATE_FILE = "grpo-state-{step}.pt"
+LEGACY_STATE_FILE = "grpo-state.pt"  # before the marker: the only state, replaced in place
 SAMPLES_SHOWN = 4  # sample completions per `samples` report
 TEXT_SHOWN = 200  # characters of a prompt or completion shown
 
@@ -89,9 +104,34 @@ class Reporter(Protocol):
 
     def samples(self, step: int, shown: list[dict[str, Any]]) -> None: ...
 
+    def log(self, message: str, level: str = "info") -> None:
+        """A job event for people: a dropped stale batch, a service outage waited through."""
+        ...
+
     def check_stop(self) -> None:
         """Raise to stop the run (cancellation)."""
         ...
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A step's rows and samples, and when their generation ran (wall-clock seconds: metrics
+    `timeline/*`, comparable across steps)."""
+
+    rows: list[Row]
+    samples: list[Sample]
+    started: float
+    ended: float
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A generated batch with its scores: what one step trains on."""
+
+    step: int
+    generated: Generated
+    scores: list[Score]
+    scored: float  # when scoring ended
 
 
 class Learner(Protocol):
@@ -155,9 +195,9 @@ class Controller:
     async def start(self) -> int:
         """Resume from the saved state if there is one; make the sampler serve the policy.
         Returns the first step to run."""
-        path = self.folder / CHECKPOINTS / STATE_FILE
         served: PolicyRef | None = None
-        if path.exists():
+        path = saved_state(self.folder / CHECKPOINTS)
+        if path is not None:
             state = torch.load(path, weights_only=False)
             self.actor.load_state_dict(state["actor"])
             if self.learner is not None:
@@ -171,46 +211,133 @@ class Controller:
 
     async def run(self) -> dict[str, float]:
         """Steps start_step .. total_steps - 1; returns the last step's metrics (and the last
-        evaluation's) with `train_runtime`."""
+        evaluation's) with `train_runtime`. With max_policy_lag 1 the next step's batch is
+        generated and scored while this one trains."""
         c, started = self.config, time.monotonic()
         window: list[dict[str, float]] = []
         last: dict[str, float] = {}
-        for step in range(self.start_step, c.total_steps):
-            self.reporter.check_stop()
-            values, trajectories = await self.step(step)
-            done = step + 1
-            end = done == c.total_steps
-            evaluating = bool(self.eval_rows) and (_every(done, c.eval_every) or end)
-            if _every(done, c.sync_every) or end or evaluating:
-                self.reporter.check_stop()  # never upload after a cancel
-                t0 = time.monotonic()
-                await self.publish(done)
-                values["time/publish"] = time.monotonic() - t0
-            if evaluating:
-                values |= await self.evaluate(done)
-            window.append(values)
-            last = values
-            if _every(done, c.log_every) or end or evaluating:
-                self.reporter.metrics(done, average(window))
-                window = []
-            if done == 1 or _every(done, c.samples_every or c.log_every * 10):
-                self.reporter.samples(done, shown(trajectories))
-            if _every(done, c.save_every):
-                self.save(done)
+        ahead: tuple[asyncio.Task[Generated], asyncio.Task[Rollout]] | None = None
+        try:
+            for step in range(self.start_step, c.total_steps):
+                self.reporter.check_stop()
+                rollout = await self.fresh(await (ahead[1] if ahead else self.rollout(step)))
+                ahead = None
+                if c.max_policy_lag > 0 and step + 1 < c.total_steps:
+                    ahead = self._ahead(step + 1)
+                values, trajectories = await self.train(rollout)
+                done = step + 1
+                end = done == c.total_steps
+                evaluating = bool(self.eval_rows) and (_every(done, c.eval_every) or end)
+                if _every(done, c.sync_every) or end or evaluating:
+                    if ahead is not None:  # the rollout swaps weights between requests
+                        await ahead[0]
+                    self.reporter.check_stop()  # never upload after a cancel
+                    t0 = time.monotonic()
+                    await self.publish(done)
+                    values["time/publish"] = time.monotonic() - t0
+                if evaluating:
+                    values |= await self.evaluate(done)
+                window.append(values)
+                last = values
+                if _every(done, c.log_every) or end or evaluating:
+                    self.reporter.metrics(done, average(window))
+                    window = []
+                if done == 1 or _every(done, c.samples_every or c.log_every * 10):
+                    self.reporter.samples(done, shown(trajectories))
+                if _every(done, c.save_every):
+                    self.save(done)
+        finally:
+            if ahead is not None:
+                for task in ahead:
+                    task.cancel()
+                await asyncio.gather(*ahead, return_exceptions=True)
         return last | {"train_runtime": time.monotonic() - started}
+
+    def _ahead(self, step: int) -> tuple[asyncio.Task[Generated], asyncio.Task[Rollout]]:
+        """Step `step`'s batch, generated and scored in the background: (generation, all)."""
+        generation = asyncio.create_task(self.generate_batch(step))
+        return generation, asyncio.create_task(self.score(step, generation))
 
     async def step(self, step: int) -> tuple[dict[str, float], Trajectories]:
         """One generation batch, scored, turned into advantages and trained on."""
+        return await self.train(await self.fresh(await self.rollout(step)))
+
+    async def fresh(self, rollout: Rollout) -> Rollout:
+        """`rollout`, or when none of its samples is fresh enough to train on now (a batch
+        generated ahead by a policy the sampler served late) a new one: that batch is
+        dropped and reported."""
+        c, samples = self.config, rollout.generated.samples
+        if any(self.lag(s.policy_version) <= c.max_policy_lag for s in samples):
+            return rollout
+        stale = sorted({s.policy_version for s in samples})
+        self.reporter.log(
+            f"step {rollout.step + 1}: dropped a batch of {len(samples)} completions made by "
+            f"{', '.join(stale)}, more than max_policy_lag ({c.max_policy_lag}) publications "
+            f"old; generating it again with {self.policy.version}",
+            "warning",
+        )
+        return await self.rollout(rollout.step)
+
+    async def rollout(self, step: int) -> Rollout:
+        """Step `step`'s batch, generated by the served policy and scored."""
+        return await self.score(step, self.generate_batch(step))
+
+    async def generate_batch(self, step: int) -> Generated:
+        started = time.time()  # the batch's rollout: its prompts read, then Generate
+        rows = await self.prompts.batch(step, self.config.prompts_per_step)
+        samples, _fresh = await self.generate(rows, step)  # fresh again when it trains
+        return Generated(rows, samples, started, time.time())
+
+    async def score(self, step: int, generation: Awaitable[Generated]) -> Rollout:
+        g = await generation
         c = self.config
-        t0 = time.monotonic()
-        rows = await self.prompts.batch(step, c.prompts_per_step)
-        samples, fresh = await self.generate(rows, step)
-        t1 = time.monotonic()
-        scores = await self.scorer.score(rows, samples, c.group_size, f"{c.tag}-s{step}")
-        t2 = time.monotonic()
-        trained = [ok and s.status is ScoreStatus.OK for ok, s in zip(fresh, scores, strict=True)]
-        trajectories = Trajectories(rows, samples, scores, c.group_size, trained)
-        batch = make_batch(samples, trajectories.valid(), self.pad_id, self.actor.device)
+        scores = await self.scorer.score(g.rows, g.samples, c.group_size, f"{c.tag}-s{step}")
+        return Rollout(step, g, scores, time.time())
+
+    async def train(self, rollout: Rollout) -> tuple[dict[str, float], Trajectories]:
+        """Advantages and the update on a scored batch, in a thread: the loop keeps serving
+        the next batch's RPCs meanwhile."""
+        c, g = self.config, rollout.generated
+        lags = [self.lag(s.policy_version) for s in g.samples]  # now, not when generated
+        fresh = [lag <= c.max_policy_lag for lag in lags]
+        trained = [
+            ok and s.status is ScoreStatus.OK for ok, s in zip(fresh, rollout.scores, strict=True)
+        ]
+        trajectories = Trajectories(g.rows, g.samples, rollout.scores, c.group_size, trained)
+        dropped = len(fresh) - sum(fresh)
+        if dropped:
+            self.reporter.log(
+                f"step {rollout.step + 1}: dropped {dropped} of {len(fresh)} completions "
+                f"made by a policy more than max_policy_lag ({c.max_policy_lag}) "
+                "publications old",
+                "warning",
+            )
+        started = time.time()
+        update = await asyncio.to_thread(self._update, trajectories)
+        ended = time.time()
+        kept = [lag for lag in lags if lag <= c.max_policy_lag]
+        tokens = sum(len(s.completion_ids) for s in g.samples)
+        return {
+            **rollout_metrics(trajectories),
+            **update,
+            "policy/stale_dropped": float(dropped),
+            "policy/lag": statistics.fmean(kept) if kept else 0.0,
+            # Tokens per second of the step's own work (generation to the update's end).
+            "tokens_per_second": tokens / max(ended - g.started, 1e-9),
+            "time/generate": g.ended - g.started,
+            "time/score": rollout.scored - g.ended,
+            "time/update": ended - started,
+            "timeline/generate_start": g.started,
+            "timeline/generate_end": g.ended,
+            "timeline/update_start": started,
+            "timeline/update_end": ended,
+        }, trajectories
+
+    def _update(self, trajectories: Trajectories) -> dict[str, float]:
+        c = self.config
+        batch = make_batch(
+            trajectories.samples, trajectories.valid(), self.pad_id, self.actor.device
+        )
         kl = None
         if c.kl_in_reward > 0:  # pi_old's KL to the reference, before the update
             kl = self.actor.reference_kl(batch, c.kl_estimator, c.objective.micro_batch_size)
@@ -230,17 +357,7 @@ class Controller:
             update = self.actor.update(batch, advantages, c.objective)
         if kl is not None:  # the loss has no KL term: report the reward's
             update["kl"] = float((kl * batch.mask).sum() / batch.mask.sum().clamp_min(1))
-        t3 = time.monotonic()
-        tokens = sum(batch.completion_lens)
-        return {
-            **rollout_metrics(trajectories),
-            **update,
-            "policy/stale_dropped": float(len(fresh) - sum(fresh)),
-            "tokens_per_second": tokens / max(t3 - t0, 1e-9),
-            "time/generate": t1 - t0,
-            "time/score": t2 - t1,
-            "time/update": t3 - t2,
-        }, trajectories
+        return update
 
     async def generate(self, rows: list[Row], step: int) -> tuple[list[Sample], list[bool]]:
         """Samples from the served policy, and which are fresh enough to train on."""
@@ -260,11 +377,17 @@ class Controller:
             fresh = [self.lag(s.policy_version) <= c.max_policy_lag for s in samples]
             if any(fresh):
                 return samples, fresh
+            stale = sorted({s.policy_version for s in samples})
             if attempt:
-                stale = sorted({s.policy_version for s in samples})
                 raise PolicyLost(
                     f"the rollout service generated with {stale}, not {self.policy.version}"
                 )
+            self.reporter.log(
+                f"step {step + 1}: dropped a batch of {len(samples)} completions made by "
+                f"{', '.join(stale)}, not a policy at most max_policy_lag ({c.max_policy_lag}) "
+                f"publications old; serving {self.policy.version} again",
+                "warning",
+            )
             await self._serve_again(step, "stale")
         raise AssertionError("unreachable")
 
@@ -308,18 +431,38 @@ class Controller:
         return values | {"time/eval": time.monotonic() - t0}
 
     def save(self, step: int) -> None:
-        """The resume point, written whole or not at all."""
-        path = self.folder / CHECKPOINTS / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """The resume point: the state file, then the marker naming it, replaced in one
+        rename (a crash before it leaves the previous state in force), then the event."""
+        folder = self.folder / CHECKPOINTS
+        folder.mkdir(parents=True, exist_ok=True)
         state = {
             "step": step,
             "policy": dataclasses.asdict(self.policy),
             "actor": self.actor.state_dict(),
             **({"learner": self.learner.state_dict()} if self.learner is not None else {}),
         }
-        torch.save(state, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        name = STATE_FILE.format(step=step)
+        torch.save(state, folder / f"{name}.tmp")
+        (folder / f"{name}.tmp").replace(folder / name)
+        marker = folder / CHECKPOINT_MARKER
+        marker.with_suffix(".tmp").write_text(json.dumps({"step": step, "state": name}))
+        marker.with_suffix(".tmp").replace(marker)
+        for old in folder.glob(STATE_FILE.format(step="*")):
+            if old.name != name:
+                old.unlink(missing_ok=True)
         self.reporter.checkpoint(step, self.policy)
+
+
+def saved_state(folder: Path) -> Path | None:
+    """The state file the marker in `folder` names (None: no resume state); a job saved
+    before markers existed has its one `grpo-state.pt`."""
+    try:
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+    except (OSError, ValueError):
+        legacy = folder / LEGACY_STATE_FILE
+        return legacy if legacy.is_file() else None
+    path = folder / str(marker.get("state", ""))
+    return path if marker.get("state") and path.is_file() else None
 
 
 def _every(step: int, interval: int) -> bool:
@@ -370,6 +513,10 @@ REDUCERS: dict[str, Callable[[list[float]], float]] = {
     "completions/min_length": min,
     "completions/max_length": max,
     "importance_ratio_max": max,
+    "timeline/generate_start": min,
+    "timeline/update_start": min,
+    "timeline/generate_end": max,
+    "timeline/update_end": max,
 }
 
 

@@ -1,6 +1,6 @@
-"""The ports of `rl/ports.py` over the registry, rollout and reward services: the one place the
-online engine and EVALUATE call those stubs, convert protobuf to `rl/batch.py` types and back,
-and classify remote errors (by `ErrorInfo.reason`, not the status code alone).
+"""The ports of `rl/ports.py` over the registry, rollout and reward clients (services/clients/):
+the one place the online engine and EVALUATE convert protobuf to `rl/batch.py` types and back,
+and decide what a remote error means (by its `ErrorInfo.reason`, not the status code alone).
 """
 
 from __future__ import annotations
@@ -11,65 +11,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-
-from services.common.client import aio_channel, call_metadata
-from services.registry.client import RegistryClient, to_struct
+from services.clients import rollout as rollout_client
+from services.clients.artifacts import to_struct
+from services.clients.registry import RegistryClient
+from services.clients.reward import RewardClient
+from services.common.client import call_metadata
+from services.common.errors import TlmError
 from services.trainer.convert import sampling_to_proto
 from services.trainer.rl.batch import Row, Sample, Score, ScoreStatus
 from services.trainer.rl.ports import PolicyLost, PolicyRef
 from services.trainer.spec import Sampling
 from tlm.common.v1 import common_pb2
-from tlm.registry.v1 import registry_pb2
 from tlm.reward.v1 import reward_service_pb2 as rs
-from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
-from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
+from tlm.rollout.v1 import rollout_pb2
 
 PROMPTS_PER_CALL = 64  # prompts per Generate call
 SAMPLES_PER_CALL = 256  # samples per Score call (the contract allows 4096)
 STATUSES: dict[int, ScoreStatus] = {
-    rs.OK: ScoreStatus.OK,
-    rs.UNSCORABLE: ScoreStatus.UNSCORABLE,
-    rs.TIMEOUT: ScoreStatus.TIMEOUT,
-    rs.ERROR: ScoreStatus.ERROR,
-    rs.PENDING: ScoreStatus.PENDING,
+    rs.SCORE_STATUS_OK: ScoreStatus.OK,
+    rs.SCORE_STATUS_UNSCORABLE: ScoreStatus.UNSCORABLE,
+    rs.SCORE_STATUS_TIMEOUT: ScoreStatus.TIMEOUT,
+    rs.SCORE_STATUS_ERROR: ScoreStatus.ERROR,
+    rs.SCORE_STATUS_PENDING: ScoreStatus.PENDING,
 }
 # What the rollout service answers when it does not serve the policy asked for: no model for
 # the team (WRONG_STATE), an adapter on another base (MODEL_INCOMPATIBLE), an adapter not loaded
 # (INVALID_FIELD on adapter_revision).
 POLICY_LOST_REASONS = frozenset({"WRONG_STATE", "MODEL_INCOMPATIBLE"})
-Metadata = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
-class RemoteError:
-    """A service's error as it sent it: status code, `ErrorInfo.reason`, violated fields."""
-
-    code: grpc.StatusCode
-    reason: str
-    fields: tuple[str, ...]
-
-
-def remote_error(exc: grpc.aio.AioRpcError) -> RemoteError:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    reason, fields = "", ()
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = tuple(v.field for v in bad.field_violations)
-    return RemoteError(exc.code(), reason, fields)
-
-
-def policy_lost(error: RemoteError) -> bool:
-    return error.reason in POLICY_LOST_REASONS or (
-        error.reason == "INVALID_FIELD" and "adapter_revision" in error.fields
+def policy_lost(error: TlmError) -> bool:
+    """Whether a rollout error says it does not serve the policy asked for."""
+    remote = error.remote
+    if remote is None:
+        return False
+    return remote.reason in POLICY_LOST_REASONS or (
+        remote.reason == "INVALID_FIELD" and "adapter_revision" in remote.fields
     )
 
 
@@ -89,10 +66,7 @@ class GrpcPromptSource:
         self.row_count = 0
 
     async def open(self) -> int:
-        request = registry_pb2.GetDatasetRevisionRequest(name=self.name)
-        revision = await self.registry.stub.GetDatasetRevision(
-            request, metadata=self.registry.metadata(self.team)
-        )
+        revision = await self.registry.get_dataset_revision(self.name, self.team)
         self.row_count = int(revision.row_count)
         return self.row_count
 
@@ -120,31 +94,16 @@ class GrpcPromptSource:
         return [r async for r in self.registry.read_dataset_rows(self.name, self.team, **options)]
 
 
-class RolloutClient:
-    """The rollout service's stub, for the sampler and the publisher."""
-
-    def __init__(self, address: str, metadata: Metadata) -> None:
-        self._channel = aio_channel(address)
-        self.stub = rollout_pb2_grpc.RolloutServiceStub(self._channel)
-        self.metadata = metadata
-
-    async def close(self) -> None:
-        await self._channel.close(None)
+class RolloutClient(rollout_client.RolloutClient):
+    """The rollout client, for the sampler and the publisher."""
 
     async def serve_model(self, revision: str, force: bool = False) -> str:
         """LoadModel unless `revision` is already served to this team (a reload would drop
         the adapters of other jobs of the team)."""
-        status = await self.stub.GetEngineStatus(
-            rollout_pb2.GetEngineStatusRequest(), metadata=self.metadata
-        )
+        status = await self.engine_status()
         if status.model_revision == revision and not force:
             return revision
-        request = rollout_pb2.LoadModelRequest(model_revision=revision)
-        return (await self.stub.LoadModel(request, metadata=self.metadata)).policy_version
-
-    async def load_adapter(self, revision: str) -> str:
-        request = rollout_pb2.LoadAdapterRequest(adapter_revision=revision)
-        return (await self.stub.LoadAdapter(request, metadata=self.metadata)).policy_version
+        return (await self.load_model(revision)).policy_version
 
 
 class GrpcSampler:
@@ -171,8 +130,8 @@ class GrpcSampler:
             suffix = f"-{start}" if start else ""
             try:
                 out += await self._call(chunk, proto, policy, request_id + suffix)
-            except grpc.aio.AioRpcError as exc:
-                if policy_lost(remote_error(exc)):
+            except TlmError as exc:
+                if policy_lost(exc):
                     raise PolicyLost(f"the rollout service lost {policy.version}") from exc
                 raise
         return out
@@ -189,12 +148,14 @@ class GrpcSampler:
             prompts=[prompt_to_proto(r["prompt"]) for r in rows],
             sampling=sampling,
             adapter_revision=policy.adapter,
+            # Any replica serves it: full weights by name (a registry revision or a pushed
+            # version), an adapter with its base (its lineage, or the base it was pushed for).
+            model_revision="" if policy.adapter else policy.version,
             return_prompt_token_ids=True,
             request_id=request_id,
         )
         out: list[Sample | None] = [None] * (len(rows) * group)
-        meta = self.rollout.metadata
-        async for response in self.rollout.stub.Generate(request, metadata=meta):
+        async for response in self.rollout.generate(request):
             for c in response.completions:
                 out[c.prompt_index * group + c.sample_index] = Sample(
                     list(c.prompt_token_ids),
@@ -202,7 +163,7 @@ class GrpcSampler:
                     list(c.logprobs),
                     c.text,
                     c.policy_version,
-                    truncated=c.finish_reason == rollout_pb2.LENGTH,
+                    truncated=c.finish_reason == rollout_pb2.FINISH_REASON_LENGTH,
                 )
         missing = sum(1 for s in out if s is None)
         if missing:
@@ -215,13 +176,11 @@ class GrpcScorer:
     `group_id` ties a prompt's samples together and the row's other columns ride along as
     metadata for the scorers."""
 
-    def __init__(self, address: str, metadata: Metadata, evaluator: str) -> None:
-        self._channel = aio_channel(address)
-        self.stub = rs_grpc.RewardServiceStub(self._channel)
-        self.metadata, self.evaluator = metadata, evaluator
+    def __init__(self, reward: RewardClient, evaluator: str) -> None:
+        self.reward, self.evaluator = reward, evaluator
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self.reward.close()
 
     async def score(
         self, rows: list[Row], samples: list[Sample], group_size: int, tag: str
@@ -235,7 +194,7 @@ class GrpcScorer:
             request = rs.ScoreRequest(
                 evaluator=self.evaluator, samples=protos[start : start + SAMPLES_PER_CALL]
             )
-            response = await self.stub.Score(request, metadata=self.metadata)
+            response = await self.reward.score(request)
             scores += [_score(r) for r in response.results]
         return scores
 
@@ -253,7 +212,7 @@ class GrpcScorer:
 
 def _score(result: rs.SampleResult) -> Score:
     status = STATUSES.get(result.status, ScoreStatus.ERROR)
-    scorers = {s.scorer: s.value for s in result.scorers if s.status == rs.OK}
+    scorers = {s.scorer: s.value for s in result.scorers if s.status == rs.SCORE_STATUS_OK}
     # Only an OK result carries a reward. An OK one without it is from a server older than
     # `optional reward`, which left a zero reward off the wire.
     has = result.HasField("reward") and math.isfinite(result.reward)
@@ -318,6 +277,7 @@ def open_ports(
     scaled_logprobs: bool = False,
 ) -> GrpcPorts:
     metadata = call_metadata(api_key, team)
-    rollout = RolloutClient(rollout_address, metadata)
+    rollout = RolloutClient(rollout_address, metadata=metadata)
     sampler = GrpcSampler(rollout, scaled_logprobs)
-    return GrpcPorts(rollout, sampler, GrpcScorer(reward_address, metadata, evaluator))
+    reward = RewardClient(reward_address, metadata=metadata)
+    return GrpcPorts(rollout, sampler, GrpcScorer(reward, evaluator))

@@ -31,9 +31,9 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     DESCRIPTOR: _descriptor.EnumDescriptor
     MODEL_FORMAT_UNSPECIFIED: _ModelFormat.ValueType  # 0
     """Never valid."""
-    FULL_WEIGHTS: _ModelFormat.ValueType  # 1
+    MODEL_FORMAT_FULL_WEIGHTS: _ModelFormat.ValueType  # 1
     """A full Hugging Face model folder (config.json and weights)."""
-    LORA_ADAPTER: _ModelFormat.ValueType  # 2
+    MODEL_FORMAT_LORA_ADAPTER: _ModelFormat.ValueType  # 2
     """A PEFT LoRA adapter folder (adapter_config.json and adapter weights) on a base revision."""
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper):
@@ -41,9 +41,9 @@ class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper):
 
 MODEL_FORMAT_UNSPECIFIED: ModelFormat.ValueType  # 0
 """Never valid."""
-FULL_WEIGHTS: ModelFormat.ValueType  # 1
+MODEL_FORMAT_FULL_WEIGHTS: ModelFormat.ValueType  # 1
 """A full Hugging Face model folder (config.json and weights)."""
-LORA_ADAPTER: ModelFormat.ValueType  # 2
+MODEL_FORMAT_LORA_ADAPTER: ModelFormat.ValueType  # 2
 """A PEFT LoRA adapter folder (adapter_config.json and adapter weights) on a base revision."""
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
@@ -55,13 +55,13 @@ class _DatasetKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetKi
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATASET_KIND_UNSPECIFIED: _DatasetKind.ValueType  # 0
     """Never valid."""
-    SFT: _DatasetKind.ValueType  # 1
+    DATASET_KIND_SFT: _DatasetKind.ValueType  # 1
     """Supervised fine-tuning: {prompt, completion} or {messages: [{role, content}]}."""
-    PREFERENCE: _DatasetKind.ValueType  # 2
+    DATASET_KIND_PREFERENCE: _DatasetKind.ValueType  # 2
     """Paired preference (DPO, reward models): {prompt, chosen, rejected}, text or messages."""
-    UNPAIRED_PREFERENCE: _DatasetKind.ValueType  # 3
+    DATASET_KIND_UNPAIRED_PREFERENCE: _DatasetKind.ValueType  # 3
     """Unpaired preference (KTO): {prompt, completion, label: bool}."""
-    PROMPT: _DatasetKind.ValueType  # 4
+    DATASET_KIND_PROMPT: _DatasetKind.ValueType  # 4
     """Prompts (GRPO, PPO, evaluation): {prompt, reference?, ...metadata columns for scorers}."""
 
 class DatasetKind(_DatasetKind, metaclass=_DatasetKindEnumTypeWrapper):
@@ -73,13 +73,13 @@ class DatasetKind(_DatasetKind, metaclass=_DatasetKindEnumTypeWrapper):
 
 DATASET_KIND_UNSPECIFIED: DatasetKind.ValueType  # 0
 """Never valid."""
-SFT: DatasetKind.ValueType  # 1
+DATASET_KIND_SFT: DatasetKind.ValueType  # 1
 """Supervised fine-tuning: {prompt, completion} or {messages: [{role, content}]}."""
-PREFERENCE: DatasetKind.ValueType  # 2
+DATASET_KIND_PREFERENCE: DatasetKind.ValueType  # 2
 """Paired preference (DPO, reward models): {prompt, chosen, rejected}, text or messages."""
-UNPAIRED_PREFERENCE: DatasetKind.ValueType  # 3
+DATASET_KIND_UNPAIRED_PREFERENCE: DatasetKind.ValueType  # 3
 """Unpaired preference (KTO): {prompt, completion, label: bool}."""
-PROMPT: DatasetKind.ValueType  # 4
+DATASET_KIND_PROMPT: DatasetKind.ValueType  # 4
 """Prompts (GRPO, PPO, evaluation): {prompt, reference?, ...metadata columns for scorers}."""
 Global___DatasetKind: _TypeAlias = DatasetKind  # noqa: Y015
 
@@ -91,9 +91,9 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATASET_FORMAT_UNSPECIFIED: _DatasetFormat.ValueType  # 0
     """Never valid."""
-    JSONL: _DatasetFormat.ValueType  # 1
+    DATASET_FORMAT_JSONL: _DatasetFormat.ValueType  # 1
     """One JSON object per line, UTF-8."""
-    PARQUET: _DatasetFormat.ValueType  # 2
+    DATASET_FORMAT_PARQUET: _DatasetFormat.ValueType  # 2
     """Apache Parquet."""
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
@@ -101,9 +101,9 @@ class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
 
 DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
 """Never valid."""
-JSONL: DatasetFormat.ValueType  # 1
+DATASET_FORMAT_JSONL: DatasetFormat.ValueType  # 1
 """One JSON object per line, UTF-8."""
-PARQUET: DatasetFormat.ValueType  # 2
+DATASET_FORMAT_PARQUET: DatasetFormat.ValueType  # 2
 """Apache Parquet."""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 

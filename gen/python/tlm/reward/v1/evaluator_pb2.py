@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtlm/reward/v1/evaluator.proto\x12\rtlm.reward.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xa5\x01\n\rEvaluatorSpec\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12*\n\x07scorers\x18\x02 \x03(\x0b\x32\x19.tlm.reward.v1.ScorerSpec\x12/\n\x0b\x61ggregation\x18\x03 \x01(\x0e\x32\x1a.tlm.reward.v1.Aggregation\x12\"\n\x05gates\x18\x04 \x03(\x0b\x32\x13.tlm.reward.v1.Gate\"z\n\x04Gate\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x16\n\tmin_value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x1a\n\ron_unscorable\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_min_valueB\x10\n\x0e_on_unscorable\"\x95\x01\n\rNormalization\x12\x12\n\x05scale\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x63lip_min\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08\x63lip_max\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x08\n\x06_scaleB\t\n\x07_offsetB\x0b\n\t_clip_minB\x0b\n\t_clip_max\"\x84\x06\n\nScorerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x33\n\rnormalization\x18\x03 \x01(\x0b\x32\x1c.tlm.reward.v1.Normalization\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\t\x12\x14\n\x0cmonitor_only\x18\x06 \x01(\x08\x12\x36\n\x0b\x65xact_match\x18\n \x01(\x0b\x32\x1f.tlm.reward.v1.ExactMatchScorerH\x00\x12\x31\n\x08\x63ontains\x18\x0b \x01(\x0b\x32\x1d.tlm.reward.v1.ContainsScorerH\x00\x12+\n\x05regex\x18\x0c \x01(\x0b\x32\x1a.tlm.reward.v1.RegexScorerH\x00\x12)\n\x04json\x18\r \x01(\x0b\x32\x19.tlm.reward.v1.JsonScorerH\x00\x12-\n\x06length\x18\x0e \x01(\x0b\x32\x1b.tlm.reward.v1.LengthScorerH\x00\x12-\n\x06\x66ormat\x18\x0f \x01(\x0b\x32\x1b.tlm.reward.v1.FormatScorerH\x00\x12)\n\x04math\x18\x10 \x01(\x0b\x32\x19.tlm.reward.v1.MathScorerH\x00\x12)\n\x04\x63ode\x18\x11 \x01(\x0b\x32\x19.tlm.reward.v1.CodeScorerH\x00\x12+\n\x05model\x18\x14 \x01(\x0b\x32\x1a.tlm.reward.v1.ModelScorerH\x00\x12\x35\n\x05human\x18\x15 \x01(\x0b\x32$.tlm.reward.v1.HumanPreferenceScorerH\x00\x12+\n\x05judge\x18\x16 \x01(\x0b\x32\x1a.tlm.reward.v1.JudgeScorerH\x00\x12-\n\x06remote\x18\x17 \x01(\x0b\x32\x1b.tlm.reward.v1.RemoteScorerH\x00\x42\x08\n\x06scorerB\t\n\x07_weight\"\x9a\x01\n\x11TextNormalization\x12\x12\n\x05strip\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\tlowercase\x18\x02 \x01(\x08\x12 \n\x13\x63ollapse_whitespace\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x1a\n\x12remove_punctuation\x18\x04 \x01(\x08\x42\x08\n\x06_stripB\x16\n\x14_collapse_whitespace\"-\n\nExtraction\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x12\n\ncode_block\x18\x02 \x01(\x08\"\x93\x01\n\x10\x45xactMatchScorer\x12\x17\n\x0freference_field\x18\x01 \x01(\t\x12\x37\n\rnormalization\x18\x02 \x01(\x0b\x32 .tlm.reward.v1.TextNormalization\x12-\n\nextraction\x18\x03 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"\xcd\x01\n\x0e\x43ontainsScorer\x12\x12\n\nsubstrings\x18\x01 \x03(\t\x12\x17\n\x0freference_field\x18\x02 \x01(\t\x12&\n\x04mode\x18\x03 \x01(\x0e\x32\x18.tlm.reward.v1.MatchMode\x12\x37\n\rnormalization\x18\x04 \x01(\x0b\x32 .tlm.reward.v1.TextNormalization\x12-\n\nextraction\x18\x05 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"\x85\x01\n\x0bRegexScorer\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x12\n\nfull_match\x18\x02 \x01(\x08\x12\r\n\x05\x63ount\x18\x03 \x01(\x08\x12\x13\n\x0bignore_case\x18\x04 \x01(\x08\x12-\n\nextraction\x18\x05 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"d\n\nJsonScorer\x12\'\n\x06schema\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\nextraction\x18\x02 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"\xbd\x01\n\x0cLengthScorer\x12\'\n\x04unit\x18\x01 \x01(\x0e\x32\x19.tlm.reward.v1.LengthUnit\x12\x12\n\nmin_length\x18\x02 \x01(\x03\x12\x12\n\nmax_length\x18\x03 \x01(\x03\x12\x1d\n\x10penalty_per_unit\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0b\x66loor_value\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x13\n\x11_penalty_per_unitB\x0e\n\x0c_floor_value\"T\n\x0c\x46ormatScorer\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x1e\n\x16\x61llow_surrounding_text\x18\x02 \x01(\x08\x12\x16\n\x0epartial_credit\x18\x03 \x01(\x08\"T\n\nMathScorer\x12\x17\n\x0freference_field\x18\x01 \x01(\t\x12-\n\nextraction\x18\x02 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"\xd3\x02\n\nCodeScorer\x12-\n\x08language\x18\x01 \x01(\x0e\x32\x1b.tlm.reward.v1.CodeLanguage\x12\x13\n\x0btests_field\x18\x02 \x01(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x0b\x63pu_seconds\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tmemory_mb\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\rmax_processes\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0bmax_file_mb\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12-\n\nextraction\x18\x08 \x01(\x0b\x32\x19.tlm.reward.v1.ExtractionB\x0e\n\x0c_cpu_secondsB\x0c\n\n_memory_mbB\x10\n\x0e_max_processesB\x0e\n\x0c_max_file_mb\"\xaf\x01\n\x0bModelScorer\x12\x16\n\x0emodel_revision\x18\x01 \x01(\t\x12\x17\n\nmax_length\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nbatch_size\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12 \n\x13\x61pply_chat_template\x18\x04 \x01(\x08H\x02\x88\x01\x01\x42\r\n\x0b_max_lengthB\r\n\x0b_batch_sizeB\x16\n\x14_apply_chat_template\"\xb7\x01\n\x15HumanPreferenceScorer\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.tlm.reward.v1.ReviewKind\x12\x17\n\nrating_min\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nrating_max\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x14\n\x0cinstructions\x18\x05 \x01(\tB\r\n\x0b_rating_minB\r\n\x0b_rating_max\"\xf0\x01\n\x0bJudgeScorer\x12\x0e\n\x06rubric\x18\x01 \x01(\t\x12\x15\n\rscore_pattern\x18\x02 \x01(\t\x12\x16\n\tscore_min\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tscore_max\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0frollout_address\x18\x05 \x01(\t\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x06 \x01(\t\x12\x17\n\nmax_tokens\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x0btemperature\x18\x08 \x01(\x01\x42\x0c\n\n_score_minB\x0c\n\n_score_maxB\r\n\x0b_max_tokens\"\xbc\x02\n\x0cRemoteScorer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tevaluator\x18\x02 \x01(\t\x12*\n\x04spec\x18\x03 \x01(\x0b\x32\x1c.tlm.reward.v1.EvaluatorSpec\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x0bmax_retries\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10\x62reaker_failures\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x30\n\rbreaker_reset\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03tls\x18\x08 \x01(\x08\x12\x13\n\x0b\x61pi_key_env\x18\t \x01(\tB\x0e\n\x0c_max_retriesB\x13\n\x11_breaker_failures*a\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x10\n\x0cWEIGHTED_SUM\x10\x01\x12\x11\n\rWEIGHTED_MEAN\x10\x02\x12\x07\n\x03MIN\x10\x03\x12\x07\n\x03MAX\x10\x04*G\n\tMatchMode\x12\x1a\n\x16MATCH_MODE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41LL\x10\x01\x12\x07\n\x03\x41NY\x10\x02\x12\x0c\n\x08\x46RACTION\x10\x03*P\n\nLengthUnit\x12\x1b\n\x17LENGTH_UNIT_UNSPECIFIED\x10\x00\x12\x0e\n\nCHARACTERS\x10\x01\x12\t\n\x05WORDS\x10\x02\x12\n\n\x06TOKENS\x10\x03*9\n\x0c\x43odeLanguage\x12\x1d\n\x19\x43ODE_LANGUAGE_UNSPECIFIED\x10\x00\x12\n\n\x06PYTHON\x10\x01*C\n\nReviewKind\x12\x1b\n\x17REVIEW_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06RATING\x10\x01\x12\x0c\n\x08PAIRWISE\x10\x02\x42G\n\x11\x64\x65v.tlm.reward.v1P\x01Z0github.com/tlm/tlm/gen/go/tlm/reward/v1;rewardv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtlm/reward/v1/evaluator.proto\x12\rtlm.reward.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xa5\x01\n\rEvaluatorSpec\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12*\n\x07scorers\x18\x02 \x03(\x0b\x32\x19.tlm.reward.v1.ScorerSpec\x12/\n\x0b\x61ggregation\x18\x03 \x01(\x0e\x32\x1a.tlm.reward.v1.Aggregation\x12\"\n\x05gates\x18\x04 \x03(\x0b\x32\x13.tlm.reward.v1.Gate\"z\n\x04Gate\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x16\n\tmin_value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x1a\n\ron_unscorable\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_min_valueB\x10\n\x0e_on_unscorable\"\x95\x01\n\rNormalization\x12\x12\n\x05scale\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x63lip_min\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08\x63lip_max\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x08\n\x06_scaleB\t\n\x07_offsetB\x0b\n\t_clip_minB\x0b\n\t_clip_max\"\x84\x06\n\nScorerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x33\n\rnormalization\x18\x03 \x01(\x0b\x32\x1c.tlm.reward.v1.Normalization\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\t\x12\x14\n\x0cmonitor_only\x18\x06 \x01(\x08\x12\x36\n\x0b\x65xact_match\x18\n \x01(\x0b\x32\x1f.tlm.reward.v1.ExactMatchScorerH\x00\x12\x31\n\x08\x63ontains\x18\x0b \x01(\x0b\x32\x1d.tlm.reward.v1.ContainsScorerH\x00\x12+\n\x05regex\x18\x0c \x01(\x0b\x32\x1a.tlm.reward.v1.RegexScorerH\x00\x12)\n\x04json\x18\r \x01(\x0b\x32\x19.tlm.reward.v1.JsonScorerH\x00\x12-\n\x06length\x18\x0e \x01(\x0b\x32\x1b.tlm.reward.v1.LengthScorerH\x00\x12-\n\x06\x66ormat\x18\x0f \x01(\x0b\x32\x1b.tlm.reward.v1.FormatScorerH\x00\x12)\n\x04math\x18\x10 \x01(\x0b\x32\x19.tlm.reward.v1.MathScorerH\x00\x12)\n\x04\x63ode\x18\x11 \x01(\x0b\x32\x19.tlm.reward.v1.CodeScorerH\x00\x12+\n\x05model\x18\x14 \x01(\x0b\x32\x1a.tlm.reward.v1.ModelScorerH\x00\x12\x35\n\x05human\x18\x15 \x01(\x0b\x32$.tlm.reward.v1.HumanPreferenceScorerH\x00\x12+\n\x05judge\x18\x16 \x01(\x0b\x32\x1a.tlm.reward.v1.JudgeScorerH\x00\x12-\n\x06remote\x18\x17 \x01(\x0b\x32\x1b.tlm.reward.v1.RemoteScorerH\x00\x42\x08\n\x06scorerB\t\n\x07_weight\"\x9a\x01\n\x11TextNormalization\x12\x12\n\x05strip\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x11\n\tlowercase\x18\x02 \x01(\x08\x12 \n\x13\x63ollapse_whitespace\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x1a\n\x12remove_punctuation\x18\x04 \x01(\x08\x42\x08\n\x06_stripB\x16\n\x14_collapse_whitespace\"-\n\nExtraction\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x12\n\ncode_block\x18\x02 \x01(\x08\"\x93\x01\n\x10\x45xactMatchScorer\x12\x17\n\x0freference_field\x18\x01 \x01(\t\x12\x37\n\rnormalization\x18\x02 \x01(\x0b\x32 .tlm.reward.v1.TextNormalization\x12-\n\nextraction\x18\x03 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"\xcd\x01\n\x0e\x43ontainsScorer\x12\x12\n\nsubstrings\x18\x01 \x03(\t\x12\x17\n\x0freference_field\x18\x02 \x01(\t\x12&\n\x04mode\x18\x03 \x01(\x0e\x32\x18.tlm.reward.v1.MatchMode\x12\x37\n\rnormalization\x18\x04 \x01(\x0b\x32 .tlm.reward.v1.TextNormalization\x12-\n\nextraction\x18\x05 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"\x85\x01\n\x0bRegexScorer\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x12\n\nfull_match\x18\x02 \x01(\x08\x12\r\n\x05\x63ount\x18\x03 \x01(\x08\x12\x13\n\x0bignore_case\x18\x04 \x01(\x08\x12-\n\nextraction\x18\x05 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"d\n\nJsonScorer\x12\'\n\x06schema\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\nextraction\x18\x02 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"\xc3\x01\n\x0cLengthScorer\x12\'\n\x04unit\x18\x01 \x01(\x0e\x32\x19.tlm.reward.v1.LengthUnit\x12\x12\n\nmin_length\x18\x02 \x01(\x03\x12\x18\n\nmax_length\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x1d\n\x10penalty_per_unit\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0b\x66loor_value\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x13\n\x11_penalty_per_unitB\x0e\n\x0c_floor_value\"T\n\x0c\x46ormatScorer\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x1e\n\x16\x61llow_surrounding_text\x18\x02 \x01(\x08\x12\x16\n\x0epartial_credit\x18\x03 \x01(\x08\"T\n\nMathScorer\x12\x17\n\x0freference_field\x18\x01 \x01(\t\x12-\n\nextraction\x18\x02 \x01(\x0b\x32\x19.tlm.reward.v1.Extraction\"\xd3\x02\n\nCodeScorer\x12-\n\x08language\x18\x01 \x01(\x0e\x32\x1b.tlm.reward.v1.CodeLanguage\x12\x13\n\x0btests_field\x18\x02 \x01(\t\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x0b\x63pu_seconds\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tmemory_mb\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\rmax_processes\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0bmax_file_mb\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12-\n\nextraction\x18\x08 \x01(\x0b\x32\x19.tlm.reward.v1.ExtractionB\x0e\n\x0c_cpu_secondsB\x0c\n\n_memory_mbB\x10\n\x0e_max_processesB\x0e\n\x0c_max_file_mb\"\xaf\x01\n\x0bModelScorer\x12\x16\n\x0emodel_revision\x18\x01 \x01(\t\x12\x17\n\nmax_length\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nbatch_size\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12 \n\x13\x61pply_chat_template\x18\x04 \x01(\x08H\x02\x88\x01\x01\x42\r\n\x0b_max_lengthB\r\n\x0b_batch_sizeB\x16\n\x14_apply_chat_template\"\xb7\x01\n\x15HumanPreferenceScorer\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.tlm.reward.v1.ReviewKind\x12\x17\n\nrating_min\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nrating_max\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x14\n\x0cinstructions\x18\x05 \x01(\tB\r\n\x0b_rating_minB\r\n\x0b_rating_max\"\x88\x02\n\x0bJudgeScorer\x12\x0e\n\x06rubric\x18\x01 \x01(\t\x12\x15\n\rscore_pattern\x18\x02 \x01(\t\x12\x16\n\tscore_min\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tscore_max\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0frollout_address\x18\x05 \x01(\t\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x06 \x01(\t\x12\x17\n\nmax_tokens\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x0btemperature\x18\x08 \x01(\x01\x12\x16\n\x0emodel_revision\x18\t \x01(\tB\x0c\n\n_score_minB\x0c\n\n_score_maxB\r\n\x0b_max_tokens\"\xbc\x02\n\x0cRemoteScorer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tevaluator\x18\x02 \x01(\t\x12*\n\x04spec\x18\x03 \x01(\x0b\x32\x1c.tlm.reward.v1.EvaluatorSpec\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x0bmax_retries\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10\x62reaker_failures\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x30\n\rbreaker_reset\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03tls\x18\x08 \x01(\x08\x12\x13\n\x0b\x61pi_key_env\x18\t \x01(\tB\x0e\n\x0c_max_retriesB\x13\n\x11_breaker_failures*\x91\x01\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41GGREGATION_WEIGHTED_SUM\x10\x01\x12\x1d\n\x19\x41GGREGATION_WEIGHTED_MEAN\x10\x02\x12\x13\n\x0f\x41GGREGATION_MIN\x10\x03\x12\x13\n\x0f\x41GGREGATION_MAX\x10\x04*h\n\tMatchMode\x12\x1a\n\x16MATCH_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eMATCH_MODE_ALL\x10\x01\x12\x12\n\x0eMATCH_MODE_ANY\x10\x02\x12\x17\n\x13MATCH_MODE_FRACTION\x10\x03*t\n\nLengthUnit\x12\x1b\n\x17LENGTH_UNIT_UNSPECIFIED\x10\x00\x12\x1a\n\x16LENGTH_UNIT_CHARACTERS\x10\x01\x12\x15\n\x11LENGTH_UNIT_WORDS\x10\x02\x12\x16\n\x12LENGTH_UNIT_TOKENS\x10\x03*G\n\x0c\x43odeLanguage\x12\x1d\n\x19\x43ODE_LANGUAGE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43ODE_LANGUAGE_PYTHON\x10\x01*[\n\nReviewKind\x12\x1b\n\x17REVIEW_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12REVIEW_KIND_RATING\x10\x01\x12\x18\n\x14REVIEW_KIND_PAIRWISE\x10\x02\x42G\n\x11\x64\x65v.tlm.reward.v1P\x01Z0github.com/tlm/tlm/gen/go/tlm/reward/v1;rewardv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,50 +35,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlm.reward.v1.evaluator_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021dev.tlm.reward.v1P\001Z0github.com/tlm/tlm/gen/go/tlm/reward/v1;rewardv1'
-  _globals['_AGGREGATION']._serialized_start=3761
-  _globals['_AGGREGATION']._serialized_end=3858
-  _globals['_MATCHMODE']._serialized_start=3860
-  _globals['_MATCHMODE']._serialized_end=3931
-  _globals['_LENGTHUNIT']._serialized_start=3933
-  _globals['_LENGTHUNIT']._serialized_end=4013
-  _globals['_CODELANGUAGE']._serialized_start=4015
-  _globals['_CODELANGUAGE']._serialized_end=4072
-  _globals['_REVIEWKIND']._serialized_start=4074
-  _globals['_REVIEWKIND']._serialized_end=4141
-  _globals['_EVALUATORSPEC']._serialized_start=111
-  _globals['_EVALUATORSPEC']._serialized_end=276
-  _globals['_GATE']._serialized_start=278
-  _globals['_GATE']._serialized_end=400
-  _globals['_NORMALIZATION']._serialized_start=403
-  _globals['_NORMALIZATION']._serialized_end=552
-  _globals['_SCORERSPEC']._serialized_start=555
-  _globals['_SCORERSPEC']._serialized_end=1327
-  _globals['_TEXTNORMALIZATION']._serialized_start=1330
-  _globals['_TEXTNORMALIZATION']._serialized_end=1484
-  _globals['_EXTRACTION']._serialized_start=1486
-  _globals['_EXTRACTION']._serialized_end=1531
-  _globals['_EXACTMATCHSCORER']._serialized_start=1534
-  _globals['_EXACTMATCHSCORER']._serialized_end=1681
-  _globals['_CONTAINSSCORER']._serialized_start=1684
-  _globals['_CONTAINSSCORER']._serialized_end=1889
-  _globals['_REGEXSCORER']._serialized_start=1892
-  _globals['_REGEXSCORER']._serialized_end=2025
-  _globals['_JSONSCORER']._serialized_start=2027
-  _globals['_JSONSCORER']._serialized_end=2127
-  _globals['_LENGTHSCORER']._serialized_start=2130
-  _globals['_LENGTHSCORER']._serialized_end=2319
-  _globals['_FORMATSCORER']._serialized_start=2321
-  _globals['_FORMATSCORER']._serialized_end=2405
-  _globals['_MATHSCORER']._serialized_start=2407
-  _globals['_MATHSCORER']._serialized_end=2491
-  _globals['_CODESCORER']._serialized_start=2494
-  _globals['_CODESCORER']._serialized_end=2833
-  _globals['_MODELSCORER']._serialized_start=2836
-  _globals['_MODELSCORER']._serialized_end=3011
-  _globals['_HUMANPREFERENCESCORER']._serialized_start=3014
-  _globals['_HUMANPREFERENCESCORER']._serialized_end=3197
-  _globals['_JUDGESCORER']._serialized_start=3200
-  _globals['_JUDGESCORER']._serialized_end=3440
-  _globals['_REMOTESCORER']._serialized_start=3443
-  _globals['_REMOTESCORER']._serialized_end=3759
+  _globals['_LENGTHSCORER'].fields_by_name['max_length']._loaded_options = None
+  _globals['_LENGTHSCORER'].fields_by_name['max_length']._serialized_options = b'\342A\001\002'
+  _globals['_AGGREGATION']._serialized_start=3825
+  _globals['_AGGREGATION']._serialized_end=3970
+  _globals['_MATCHMODE']._serialized_start=3972
+  _globals['_MATCHMODE']._serialized_end=4076
+  _globals['_LENGTHUNIT']._serialized_start=4078
+  _globals['_LENGTHUNIT']._serialized_end=4194
+  _globals['_CODELANGUAGE']._serialized_start=4196
+  _globals['_CODELANGUAGE']._serialized_end=4267
+  _globals['_REVIEWKIND']._serialized_start=4269
+  _globals['_REVIEWKIND']._serialized_end=4360
+  _globals['_EVALUATORSPEC']._serialized_start=144
+  _globals['_EVALUATORSPEC']._serialized_end=309
+  _globals['_GATE']._serialized_start=311
+  _globals['_GATE']._serialized_end=433
+  _globals['_NORMALIZATION']._serialized_start=436
+  _globals['_NORMALIZATION']._serialized_end=585
+  _globals['_SCORERSPEC']._serialized_start=588
+  _globals['_SCORERSPEC']._serialized_end=1360
+  _globals['_TEXTNORMALIZATION']._serialized_start=1363
+  _globals['_TEXTNORMALIZATION']._serialized_end=1517
+  _globals['_EXTRACTION']._serialized_start=1519
+  _globals['_EXTRACTION']._serialized_end=1564
+  _globals['_EXACTMATCHSCORER']._serialized_start=1567
+  _globals['_EXACTMATCHSCORER']._serialized_end=1714
+  _globals['_CONTAINSSCORER']._serialized_start=1717
+  _globals['_CONTAINSSCORER']._serialized_end=1922
+  _globals['_REGEXSCORER']._serialized_start=1925
+  _globals['_REGEXSCORER']._serialized_end=2058
+  _globals['_JSONSCORER']._serialized_start=2060
+  _globals['_JSONSCORER']._serialized_end=2160
+  _globals['_LENGTHSCORER']._serialized_start=2163
+  _globals['_LENGTHSCORER']._serialized_end=2358
+  _globals['_FORMATSCORER']._serialized_start=2360
+  _globals['_FORMATSCORER']._serialized_end=2444
+  _globals['_MATHSCORER']._serialized_start=2446
+  _globals['_MATHSCORER']._serialized_end=2530
+  _globals['_CODESCORER']._serialized_start=2533
+  _globals['_CODESCORER']._serialized_end=2872
+  _globals['_MODELSCORER']._serialized_start=2875
+  _globals['_MODELSCORER']._serialized_end=3050
+  _globals['_HUMANPREFERENCESCORER']._serialized_start=3053
+  _globals['_HUMANPREFERENCESCORER']._serialized_end=3236
+  _globals['_JUDGESCORER']._serialized_start=3239
+  _globals['_JUDGESCORER']._serialized_end=3503
+  _globals['_REMOTESCORER']._serialized_start=3506
+  _globals['_REMOTESCORER']._serialized_end=3822
 # @@protoc_insertion_point(module_scope)

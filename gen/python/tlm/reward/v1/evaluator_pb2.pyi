@@ -29,13 +29,13 @@ class _AggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregati
     DESCRIPTOR: _descriptor.EnumDescriptor
     AGGREGATION_UNSPECIFIED: _Aggregation.ValueType  # 0
     """Same as WEIGHTED_SUM."""
-    WEIGHTED_SUM: _Aggregation.ValueType  # 1
+    AGGREGATION_WEIGHTED_SUM: _Aggregation.ValueType  # 1
     """Sum of weight * value."""
-    WEIGHTED_MEAN: _Aggregation.ValueType  # 2
+    AGGREGATION_WEIGHTED_MEAN: _Aggregation.ValueType  # 2
     """Weighted mean: sum of weight * value divided by the sum of weights."""
-    MIN: _Aggregation.ValueType  # 3
+    AGGREGATION_MIN: _Aggregation.ValueType  # 3
     """Minimum of weight * value."""
-    MAX: _Aggregation.ValueType  # 4
+    AGGREGATION_MAX: _Aggregation.ValueType  # 4
     """Maximum of weight * value."""
 
 class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper):
@@ -43,13 +43,13 @@ class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper):
 
 AGGREGATION_UNSPECIFIED: Aggregation.ValueType  # 0
 """Same as WEIGHTED_SUM."""
-WEIGHTED_SUM: Aggregation.ValueType  # 1
+AGGREGATION_WEIGHTED_SUM: Aggregation.ValueType  # 1
 """Sum of weight * value."""
-WEIGHTED_MEAN: Aggregation.ValueType  # 2
+AGGREGATION_WEIGHTED_MEAN: Aggregation.ValueType  # 2
 """Weighted mean: sum of weight * value divided by the sum of weights."""
-MIN: Aggregation.ValueType  # 3
+AGGREGATION_MIN: Aggregation.ValueType  # 3
 """Minimum of weight * value."""
-MAX: Aggregation.ValueType  # 4
+AGGREGATION_MAX: Aggregation.ValueType  # 4
 """Maximum of weight * value."""
 Global___Aggregation: _TypeAlias = Aggregation  # noqa: Y015
 
@@ -61,11 +61,11 @@ class _MatchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MatchMode.V
     DESCRIPTOR: _descriptor.EnumDescriptor
     MATCH_MODE_UNSPECIFIED: _MatchMode.ValueType  # 0
     """Same as ALL."""
-    ALL: _MatchMode.ValueType  # 1
+    MATCH_MODE_ALL: _MatchMode.ValueType  # 1
     """Every item must match."""
-    ANY: _MatchMode.ValueType  # 2
+    MATCH_MODE_ANY: _MatchMode.ValueType  # 2
     """One item suffices."""
-    FRACTION: _MatchMode.ValueType  # 3
+    MATCH_MODE_FRACTION: _MatchMode.ValueType  # 3
     """The share of items that match, in [0, 1]."""
 
 class MatchMode(_MatchMode, metaclass=_MatchModeEnumTypeWrapper):
@@ -73,11 +73,11 @@ class MatchMode(_MatchMode, metaclass=_MatchModeEnumTypeWrapper):
 
 MATCH_MODE_UNSPECIFIED: MatchMode.ValueType  # 0
 """Same as ALL."""
-ALL: MatchMode.ValueType  # 1
+MATCH_MODE_ALL: MatchMode.ValueType  # 1
 """Every item must match."""
-ANY: MatchMode.ValueType  # 2
+MATCH_MODE_ANY: MatchMode.ValueType  # 2
 """One item suffices."""
-FRACTION: MatchMode.ValueType  # 3
+MATCH_MODE_FRACTION: MatchMode.ValueType  # 3
 """The share of items that match, in [0, 1]."""
 Global___MatchMode: _TypeAlias = MatchMode  # noqa: Y015
 
@@ -89,11 +89,11 @@ class _LengthUnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LengthUnit
     DESCRIPTOR: _descriptor.EnumDescriptor
     LENGTH_UNIT_UNSPECIFIED: _LengthUnit.ValueType  # 0
     """Same as CHARACTERS."""
-    CHARACTERS: _LengthUnit.ValueType  # 1
+    LENGTH_UNIT_CHARACTERS: _LengthUnit.ValueType  # 1
     """Unicode characters."""
-    WORDS: _LengthUnit.ValueType  # 2
+    LENGTH_UNIT_WORDS: _LengthUnit.ValueType  # 2
     """Whitespace-separated words."""
-    TOKENS: _LengthUnit.ValueType  # 3
+    LENGTH_UNIT_TOKENS: _LengthUnit.ValueType  # 3
     """Tokens of the completion as returned by the rollout service (token_ids), else words."""
 
 class LengthUnit(_LengthUnit, metaclass=_LengthUnitEnumTypeWrapper):
@@ -101,11 +101,11 @@ class LengthUnit(_LengthUnit, metaclass=_LengthUnitEnumTypeWrapper):
 
 LENGTH_UNIT_UNSPECIFIED: LengthUnit.ValueType  # 0
 """Same as CHARACTERS."""
-CHARACTERS: LengthUnit.ValueType  # 1
+LENGTH_UNIT_CHARACTERS: LengthUnit.ValueType  # 1
 """Unicode characters."""
-WORDS: LengthUnit.ValueType  # 2
+LENGTH_UNIT_WORDS: LengthUnit.ValueType  # 2
 """Whitespace-separated words."""
-TOKENS: LengthUnit.ValueType  # 3
+LENGTH_UNIT_TOKENS: LengthUnit.ValueType  # 3
 """Tokens of the completion as returned by the rollout service (token_ids), else words."""
 Global___LengthUnit: _TypeAlias = LengthUnit  # noqa: Y015
 
@@ -117,7 +117,7 @@ class _CodeLanguageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CodeLang
     DESCRIPTOR: _descriptor.EnumDescriptor
     CODE_LANGUAGE_UNSPECIFIED: _CodeLanguage.ValueType  # 0
     """Same as PYTHON."""
-    PYTHON: _CodeLanguage.ValueType  # 1
+    CODE_LANGUAGE_PYTHON: _CodeLanguage.ValueType  # 1
     """Python 3, run by the reward service's interpreter in the sandbox."""
 
 class CodeLanguage(_CodeLanguage, metaclass=_CodeLanguageEnumTypeWrapper):
@@ -125,7 +125,7 @@ class CodeLanguage(_CodeLanguage, metaclass=_CodeLanguageEnumTypeWrapper):
 
 CODE_LANGUAGE_UNSPECIFIED: CodeLanguage.ValueType  # 0
 """Same as PYTHON."""
-PYTHON: CodeLanguage.ValueType  # 1
+CODE_LANGUAGE_PYTHON: CodeLanguage.ValueType  # 1
 """Python 3, run by the reward service's interpreter in the sandbox."""
 Global___CodeLanguage: _TypeAlias = CodeLanguage  # noqa: Y015
 
@@ -137,9 +137,9 @@ class _ReviewKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewKind
     DESCRIPTOR: _descriptor.EnumDescriptor
     REVIEW_KIND_UNSPECIFIED: _ReviewKind.ValueType  # 0
     """Same as RATING."""
-    RATING: _ReviewKind.ValueType  # 1
+    REVIEW_KIND_RATING: _ReviewKind.ValueType  # 1
     """A score on a scale for one completion."""
-    PAIRWISE: _ReviewKind.ValueType  # 2
+    REVIEW_KIND_PAIRWISE: _ReviewKind.ValueType  # 2
     """A choice between two completions of the same prompt (same Sample.group_id)."""
 
 class ReviewKind(_ReviewKind, metaclass=_ReviewKindEnumTypeWrapper):
@@ -147,9 +147,9 @@ class ReviewKind(_ReviewKind, metaclass=_ReviewKindEnumTypeWrapper):
 
 REVIEW_KIND_UNSPECIFIED: ReviewKind.ValueType  # 0
 """Same as RATING."""
-RATING: ReviewKind.ValueType  # 1
+REVIEW_KIND_RATING: ReviewKind.ValueType  # 1
 """A score on a scale for one completion."""
-PAIRWISE: ReviewKind.ValueType  # 2
+REVIEW_KIND_PAIRWISE: ReviewKind.ValueType  # 2
 """A choice between two completions of the same prompt (same Sample.group_id)."""
 Global___ReviewKind: _TypeAlias = ReviewKind  # noqa: Y015
 
@@ -919,6 +919,7 @@ class JudgeScorer(_message.Message):
     ADAPTER_REVISION_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
+    MODEL_REVISION_FIELD_NUMBER: _builtins.int
     rubric: _builtins.str
     """The rubric; {prompt}, {completion} and {reference} are replaced. It should ask for the score
     in a form score_pattern finds.
@@ -939,6 +940,12 @@ class JudgeScorer(_message.Message):
     """Tokens the judge may write (default 64)."""
     temperature: _builtins.float
     """Sampling temperature (default 0: greedy)."""
+    model_revision: _builtins.str
+    """The judge model, "models/{m}/revisions/{revision or alias}": whichever rollout replica gets
+    the call loads it on demand, so the judge works behind any number of replicas. Empty: the
+    adapter's base (adapter_revision's lineage), else the model the team loaded with LoadModel
+    on the replica that answers.
+    """
     def __init__(
         self,
         *,
@@ -950,10 +957,11 @@ class JudgeScorer(_message.Message):
         adapter_revision: _builtins.str = ...,
         max_tokens: _builtins.int | None = ...,
         temperature: _builtins.float = ...,
+        model_revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_score_max", b"_score_max", "_score_min", b"_score_min", "max_tokens", b"max_tokens", "score_max", b"score_max", "score_min", b"score_min"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_score_max", b"_score_max", "_score_min", b"_score_min", "adapter_revision", b"adapter_revision", "max_tokens", b"max_tokens", "rollout_address", b"rollout_address", "rubric", b"rubric", "score_max", b"score_max", "score_min", b"score_min", "score_pattern", b"score_pattern", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_score_max", b"_score_max", "_score_min", b"_score_min", "adapter_revision", b"adapter_revision", "max_tokens", b"max_tokens", "model_revision", b"model_revision", "rollout_address", b"rollout_address", "rubric", b"rubric", "score_max", b"score_max", "score_min", b"score_min", "score_pattern", b"score_pattern", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015

@@ -32,15 +32,15 @@ class _ScoreStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreStat
     DESCRIPTOR: _descriptor.EnumDescriptor
     SCORE_STATUS_UNSPECIFIED: _ScoreStatus.ValueType  # 0
     """Never sent."""
-    OK: _ScoreStatus.ValueType  # 1
+    SCORE_STATUS_OK: _ScoreStatus.ValueType  # 1
     """Scored; the value is meaningful."""
-    UNSCORABLE: _ScoreStatus.ValueType  # 2
+    SCORE_STATUS_UNSCORABLE: _ScoreStatus.ValueType  # 2
     """The sample cannot be scored (no answer tag, judge answer unparsable, missing reference)."""
-    TIMEOUT: _ScoreStatus.ValueType  # 3
+    SCORE_STATUS_TIMEOUT: _ScoreStatus.ValueType  # 3
     """The scorer ran out of time."""
-    ERROR: _ScoreStatus.ValueType  # 4
+    SCORE_STATUS_ERROR: _ScoreStatus.ValueType  # 4
     """The scorer failed (sandbox error, remote down, model error); see reason."""
-    PENDING: _ScoreStatus.ValueType  # 5
+    SCORE_STATUS_PENDING: _ScoreStatus.ValueType  # 5
     """Waiting for a human review."""
 
 class ScoreStatus(_ScoreStatus, metaclass=_ScoreStatusEnumTypeWrapper):
@@ -48,15 +48,15 @@ class ScoreStatus(_ScoreStatus, metaclass=_ScoreStatusEnumTypeWrapper):
 
 SCORE_STATUS_UNSPECIFIED: ScoreStatus.ValueType  # 0
 """Never sent."""
-OK: ScoreStatus.ValueType  # 1
+SCORE_STATUS_OK: ScoreStatus.ValueType  # 1
 """Scored; the value is meaningful."""
-UNSCORABLE: ScoreStatus.ValueType  # 2
+SCORE_STATUS_UNSCORABLE: ScoreStatus.ValueType  # 2
 """The sample cannot be scored (no answer tag, judge answer unparsable, missing reference)."""
-TIMEOUT: ScoreStatus.ValueType  # 3
+SCORE_STATUS_TIMEOUT: ScoreStatus.ValueType  # 3
 """The scorer ran out of time."""
-ERROR: ScoreStatus.ValueType  # 4
+SCORE_STATUS_ERROR: ScoreStatus.ValueType  # 4
 """The scorer failed (sandbox error, remote down, model error); see reason."""
-PENDING: ScoreStatus.ValueType  # 5
+SCORE_STATUS_PENDING: ScoreStatus.ValueType  # 5
 """Waiting for a human review."""
 Global___ScoreStatus: _TypeAlias = ScoreStatus  # noqa: Y015
 
@@ -68,15 +68,15 @@ class _ScorerFamilyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScorerFa
     DESCRIPTOR: _descriptor.EnumDescriptor
     SCORER_FAMILY_UNSPECIFIED: _ScorerFamily.ValueType  # 0
     """Never sent."""
-    RULE: _ScorerFamily.ValueType  # 1
+    SCORER_FAMILY_RULE: _ScorerFamily.ValueType  # 1
     """Deterministic rules."""
-    MODEL: _ScorerFamily.ValueType  # 2
+    SCORER_FAMILY_MODEL: _ScorerFamily.ValueType  # 2
     """A reward model."""
-    HUMAN: _ScorerFamily.ValueType  # 3
+    SCORER_FAMILY_HUMAN: _ScorerFamily.ValueType  # 3
     """People, through the review queue."""
-    JUDGE: _ScorerFamily.ValueType  # 4
+    SCORER_FAMILY_JUDGE: _ScorerFamily.ValueType  # 4
     """An LLM judge."""
-    REMOTE: _ScorerFamily.ValueType  # 5
+    SCORER_FAMILY_REMOTE: _ScorerFamily.ValueType  # 5
     """Another reward service."""
 
 class ScorerFamily(_ScorerFamily, metaclass=_ScorerFamilyEnumTypeWrapper):
@@ -84,15 +84,15 @@ class ScorerFamily(_ScorerFamily, metaclass=_ScorerFamilyEnumTypeWrapper):
 
 SCORER_FAMILY_UNSPECIFIED: ScorerFamily.ValueType  # 0
 """Never sent."""
-RULE: ScorerFamily.ValueType  # 1
+SCORER_FAMILY_RULE: ScorerFamily.ValueType  # 1
 """Deterministic rules."""
-MODEL: ScorerFamily.ValueType  # 2
+SCORER_FAMILY_MODEL: ScorerFamily.ValueType  # 2
 """A reward model."""
-HUMAN: ScorerFamily.ValueType  # 3
+SCORER_FAMILY_HUMAN: ScorerFamily.ValueType  # 3
 """People, through the review queue."""
-JUDGE: ScorerFamily.ValueType  # 4
+SCORER_FAMILY_JUDGE: ScorerFamily.ValueType  # 4
 """An LLM judge."""
-REMOTE: ScorerFamily.ValueType  # 5
+SCORER_FAMILY_REMOTE: ScorerFamily.ValueType  # 5
 """Another reward service."""
 Global___ScorerFamily: _TypeAlias = ScorerFamily  # noqa: Y015
 
@@ -104,23 +104,23 @@ class _ParameterTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Paramet
     DESCRIPTOR: _descriptor.EnumDescriptor
     PARAMETER_TYPE_UNSPECIFIED: _ParameterType.ValueType  # 0
     """Never sent."""
-    STRING: _ParameterType.ValueType  # 1
+    PARAMETER_TYPE_STRING: _ParameterType.ValueType  # 1
     """A string."""
-    INTEGER: _ParameterType.ValueType  # 2
+    PARAMETER_TYPE_INTEGER: _ParameterType.ValueType  # 2
     """An integer."""
-    NUMBER: _ParameterType.ValueType  # 3
+    PARAMETER_TYPE_NUMBER: _ParameterType.ValueType  # 3
     """A floating-point number."""
-    BOOLEAN: _ParameterType.ValueType  # 4
+    PARAMETER_TYPE_BOOLEAN: _ParameterType.ValueType  # 4
     """A boolean."""
-    ENUM: _ParameterType.ValueType  # 5
+    PARAMETER_TYPE_ENUM: _ParameterType.ValueType  # 5
     """One of enum_values."""
-    DURATION: _ParameterType.ValueType  # 6
+    PARAMETER_TYPE_DURATION: _ParameterType.ValueType  # 6
     """A duration in proto3 JSON form, e.g. "1.5s"."""
-    STRING_LIST: _ParameterType.ValueType  # 7
+    PARAMETER_TYPE_STRING_LIST: _ParameterType.ValueType  # 7
     """A list of strings."""
-    JSON_OBJECT: _ParameterType.ValueType  # 8
+    PARAMETER_TYPE_JSON_OBJECT: _ParameterType.ValueType  # 8
     """An arbitrary JSON object."""
-    MESSAGE: _ParameterType.ValueType  # 9
+    PARAMETER_TYPE_MESSAGE: _ParameterType.ValueType  # 9
     """A nested message; its fields are listed with dotted names."""
 
 class ParameterType(_ParameterType, metaclass=_ParameterTypeEnumTypeWrapper):
@@ -128,23 +128,23 @@ class ParameterType(_ParameterType, metaclass=_ParameterTypeEnumTypeWrapper):
 
 PARAMETER_TYPE_UNSPECIFIED: ParameterType.ValueType  # 0
 """Never sent."""
-STRING: ParameterType.ValueType  # 1
+PARAMETER_TYPE_STRING: ParameterType.ValueType  # 1
 """A string."""
-INTEGER: ParameterType.ValueType  # 2
+PARAMETER_TYPE_INTEGER: ParameterType.ValueType  # 2
 """An integer."""
-NUMBER: ParameterType.ValueType  # 3
+PARAMETER_TYPE_NUMBER: ParameterType.ValueType  # 3
 """A floating-point number."""
-BOOLEAN: ParameterType.ValueType  # 4
+PARAMETER_TYPE_BOOLEAN: ParameterType.ValueType  # 4
 """A boolean."""
-ENUM: ParameterType.ValueType  # 5
+PARAMETER_TYPE_ENUM: ParameterType.ValueType  # 5
 """One of enum_values."""
-DURATION: ParameterType.ValueType  # 6
+PARAMETER_TYPE_DURATION: ParameterType.ValueType  # 6
 """A duration in proto3 JSON form, e.g. "1.5s"."""
-STRING_LIST: ParameterType.ValueType  # 7
+PARAMETER_TYPE_STRING_LIST: ParameterType.ValueType  # 7
 """A list of strings."""
-JSON_OBJECT: ParameterType.ValueType  # 8
+PARAMETER_TYPE_JSON_OBJECT: ParameterType.ValueType  # 8
 """An arbitrary JSON object."""
-MESSAGE: ParameterType.ValueType  # 9
+PARAMETER_TYPE_MESSAGE: ParameterType.ValueType  # 9
 """A nested message; its fields are listed with dotted names."""
 Global___ParameterType: _TypeAlias = ParameterType  # noqa: Y015
 
@@ -681,9 +681,9 @@ class Review(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         STATE_UNSPECIFIED: Review._State.ValueType  # 0
         """Never sent."""
-        PENDING: Review._State.ValueType  # 1
+        STATE_PENDING: Review._State.ValueType  # 1
         """Waiting for an answer."""
-        ANSWERED: Review._State.ValueType  # 2
+        STATE_ANSWERED: Review._State.ValueType  # 2
         """Answered."""
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
@@ -691,9 +691,9 @@ class Review(_message.Message):
 
     STATE_UNSPECIFIED: Review.State.ValueType  # 0
     """Never sent."""
-    PENDING: Review.State.ValueType  # 1
+    STATE_PENDING: Review.State.ValueType  # 1
     """Waiting for an answer."""
-    ANSWERED: Review.State.ValueType  # 2
+    STATE_ANSWERED: Review.State.ValueType  # 2
     """Answered."""
 
     NAME_FIELD_NUMBER: _builtins.int

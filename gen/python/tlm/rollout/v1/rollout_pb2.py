@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tlm.common.v1 import common_pb2 as tlm_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctlm/rollout/v1/rollout.proto\x12\x0etlm.rollout.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atlm/common/v1/common.proto\"\x9b\x02\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x15\n\rskip_logprobs\x18\x08 \x01(\x08\x12\x33\n\rlogprobs_mode\x18\t \x01(\x0e\x32\x1c.tlm.rollout.v1.LogprobsModeB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xba\x01\n\x0fGenerateRequest\x12&\n\x07prompts\x18\x01 \x03(\x0b\x32\x15.tlm.common.v1.Prompt\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.tlm.rollout.v1.SamplingParams\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x03 \x01(\t\x12\x1f\n\x17return_prompt_token_ids\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xd2\x01\n\nCompletion\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x33\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1c.tlm.rollout.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\"C\n\x10GenerateResponse\x12/\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x1a.tlm.rollout.v1.Completion\"P\n\x10LoadModelRequest\x12\x16\n\x0emodel_revision\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"Y\n\x11LoadModelResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0b\x32\x1c.tlm.rollout.v1.EngineStatus\".\n\x12LoadAdapterRequest\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x01 \x01(\t\"-\n\x13LoadAdapterResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\"0\n\x14UnloadAdapterRequest\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x18\n\x16GetEngineStatusRequest\"X\n\rLoadedAdapter\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x01 \x01(\t\x12-\n\tload_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x02\n\x0c\x45ngineStatus\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x16\n\x0emodel_revision\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.tlm.rollout.v1.LoadedAdapter\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x05\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x11\n\tmax_queue\x18\x07 \x01(\x05\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x15\n\rmax_model_len\x18\t \x01(\x05\x12\r\n\x05max_n\x18\n \x01(\x05\x12\x1e\n\x16generated_tokens_total\x18\x0b \x01(\x03*j\n\x0cLogprobsMode\x12\x1d\n\x19LOGPROBS_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11LOGPROBS_MODE_RAW\x10\x01\x12$\n LOGPROBS_MODE_TEMPERATURE_SCALED\x10\x02*N\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\t\n\x05\x41\x42ORT\x10\x03\x32\xc2\x03\n\x0eRolloutService\x12O\n\x08Generate\x12\x1f.tlm.rollout.v1.GenerateRequest\x1a .tlm.rollout.v1.GenerateResponse0\x01\x12P\n\tLoadModel\x12 .tlm.rollout.v1.LoadModelRequest\x1a!.tlm.rollout.v1.LoadModelResponse\x12V\n\x0bLoadAdapter\x12\".tlm.rollout.v1.LoadAdapterRequest\x1a#.tlm.rollout.v1.LoadAdapterResponse\x12\\\n\rUnloadAdapter\x12$.tlm.rollout.v1.UnloadAdapterRequest\x1a%.tlm.rollout.v1.UnloadAdapterResponse\x12W\n\x0fGetEngineStatus\x12&.tlm.rollout.v1.GetEngineStatusRequest\x1a\x1c.tlm.rollout.v1.EngineStatusBJ\n\x12\x64\x65v.tlm.rollout.v1P\x01Z2github.com/tlm/tlm/gen/go/tlm/rollout/v1;rolloutv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctlm/rollout/v1/rollout.proto\x12\x0etlm.rollout.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atlm/common/v1/common.proto\"\x9b\x02\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x15\n\rskip_logprobs\x18\x08 \x01(\x08\x12\x33\n\rlogprobs_mode\x18\t \x01(\x0e\x32\x1c.tlm.rollout.v1.LogprobsModeB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xf6\x01\n\x0fGenerateRequest\x12,\n\x07prompts\x18\x01 \x03(\x0b\x32\x15.tlm.common.v1.PromptB\x04\xe2\x41\x01\x02\x12\x36\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.tlm.rollout.v1.SamplingParamsB\x04\xe2\x41\x01\x01\x12\x1e\n\x10\x61\x64\x61pter_revision\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12%\n\x17return_prompt_token_ids\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1c\n\x0emodel_revision\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\"\xd2\x01\n\nCompletion\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x33\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1c.tlm.rollout.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\"C\n\x10GenerateResponse\x12/\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x1a.tlm.rollout.v1.Completion\"b\n\x10LoadModelRequest\x12\x1c\n\x0emodel_revision\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x64type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rmax_model_len\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\"Y\n\x11LoadModelResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0b\x32\x1c.tlm.rollout.v1.EngineStatus\"4\n\x12LoadAdapterRequest\x12\x1e\n\x10\x61\x64\x61pter_revision\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"-\n\x13LoadAdapterResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\"6\n\x14UnloadAdapterRequest\x12\x1e\n\x10\x61\x64\x61pter_revision\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15UnloadAdapterResponse\"\x18\n\x16GetEngineStatusRequest\"X\n\rLoadedAdapter\x12\x18\n\x10\x61\x64\x61pter_revision\x18\x01 \x01(\t\x12-\n\tload_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x02\n\x0c\x45ngineStatus\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x16\n\x0emodel_revision\x18\x03 \x01(\t\x12/\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1d.tlm.rollout.v1.LoadedAdapter\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x05\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x11\n\tmax_queue\x18\x07 \x01(\x05\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x15\n\rmax_model_len\x18\t \x01(\x05\x12\r\n\x05max_n\x18\n \x01(\x05\x12\x1e\n\x16generated_tokens_total\x18\x0b \x01(\x03\x12\x15\n\rcached_models\x18\x0c \x03(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\r \x01(\x03\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x0e \x01(\x03\"\xda\x01\n\x11PushWeightsHeader\x12\x14\n\x06policy\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04step\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12!\n\x13\x62\x61se_model_revision\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x39\n\x06\x66ormat\x18\x04 \x01(\x0e\x32#.tlm.rollout.v1.PushedWeightsFormatB\x04\xe2\x41\x01\x02\x12!\n\x13\x61\x64\x61pter_config_json\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1a\n\x0ctensor_count\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x02\"W\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x8b\x01\n\x12PushWeightsRequest\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32!.tlm.rollout.v1.PushWeightsHeaderB\x04\xe2\x41\x01\x01H\x00\x12\x32\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.tlm.rollout.v1.TensorChunkB\x04\xe2\x41\x01\x01H\x00\x42\x06\n\x04part\"E\n\x13PushWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03*j\n\x0cLogprobsMode\x12\x1d\n\x19LOGPROBS_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11LOGPROBS_MODE_RAW\x10\x01\x12$\n LOGPROBS_MODE_TEMPERATURE_SCALED\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x84\x01\n\x13PushedWeightsFormat\x12%\n!PUSHED_WEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPUSHED_WEIGHTS_FORMAT_FULL\x10\x01\x12&\n\"PUSHED_WEIGHTS_FORMAT_LORA_ADAPTER\x10\x02\x32\x9c\x04\n\x0eRolloutService\x12O\n\x08Generate\x12\x1f.tlm.rollout.v1.GenerateRequest\x1a .tlm.rollout.v1.GenerateResponse0\x01\x12P\n\tLoadModel\x12 .tlm.rollout.v1.LoadModelRequest\x1a!.tlm.rollout.v1.LoadModelResponse\x12V\n\x0bLoadAdapter\x12\".tlm.rollout.v1.LoadAdapterRequest\x1a#.tlm.rollout.v1.LoadAdapterResponse\x12\\\n\rUnloadAdapter\x12$.tlm.rollout.v1.UnloadAdapterRequest\x1a%.tlm.rollout.v1.UnloadAdapterResponse\x12W\n\x0fGetEngineStatus\x12&.tlm.rollout.v1.GetEngineStatusRequest\x1a\x1c.tlm.rollout.v1.EngineStatus\x12X\n\x0bPushWeights\x12\".tlm.rollout.v1.PushWeightsRequest\x1a#.tlm.rollout.v1.PushWeightsResponse(\x01\x42J\n\x12\x64\x65v.tlm.rollout.v1P\x01Z2github.com/tlm/tlm/gen/go/tlm/rollout/v1;rolloutv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +35,84 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlm.rollout.v1.rollout_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.tlm.rollout.v1P\001Z2github.com/tlm/tlm/gen/go/tlm/rollout/v1;rolloutv1'
-  _globals['_LOGPROBSMODE']._serialized_start=1601
-  _globals['_LOGPROBSMODE']._serialized_end=1707
-  _globals['_FINISHREASON']._serialized_start=1709
-  _globals['_FINISHREASON']._serialized_end=1787
-  _globals['_SAMPLINGPARAMS']._serialized_start=110
-  _globals['_SAMPLINGPARAMS']._serialized_end=393
-  _globals['_GENERATEREQUEST']._serialized_start=396
-  _globals['_GENERATEREQUEST']._serialized_end=582
-  _globals['_COMPLETION']._serialized_start=585
-  _globals['_COMPLETION']._serialized_end=795
-  _globals['_GENERATERESPONSE']._serialized_start=797
-  _globals['_GENERATERESPONSE']._serialized_end=864
-  _globals['_LOADMODELREQUEST']._serialized_start=866
-  _globals['_LOADMODELREQUEST']._serialized_end=946
-  _globals['_LOADMODELRESPONSE']._serialized_start=948
-  _globals['_LOADMODELRESPONSE']._serialized_end=1037
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1039
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1085
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1087
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1132
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1134
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1182
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1184
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1207
-  _globals['_GETENGINESTATUSREQUEST']._serialized_start=1209
-  _globals['_GETENGINESTATUSREQUEST']._serialized_end=1233
-  _globals['_LOADEDADAPTER']._serialized_start=1235
-  _globals['_LOADEDADAPTER']._serialized_end=1323
-  _globals['_ENGINESTATUS']._serialized_start=1326
-  _globals['_ENGINESTATUS']._serialized_end=1599
-  _globals['_ROLLOUTSERVICE']._serialized_start=1790
-  _globals['_ROLLOUTSERVICE']._serialized_end=2240
+  _globals['_GENERATEREQUEST'].fields_by_name['prompts']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['prompts']._serialized_options = b'\342A\001\002'
+  _globals['_GENERATEREQUEST'].fields_by_name['sampling']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['sampling']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['adapter_revision']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['adapter_revision']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['return_prompt_token_ids']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['return_prompt_token_ids']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['model_revision']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['model_revision']._serialized_options = b'\342A\001\001'
+  _globals['_LOADMODELREQUEST'].fields_by_name['model_revision']._loaded_options = None
+  _globals['_LOADMODELREQUEST'].fields_by_name['model_revision']._serialized_options = b'\342A\001\002'
+  _globals['_LOADMODELREQUEST'].fields_by_name['dtype']._loaded_options = None
+  _globals['_LOADMODELREQUEST'].fields_by_name['dtype']._serialized_options = b'\342A\001\001'
+  _globals['_LOADMODELREQUEST'].fields_by_name['max_model_len']._loaded_options = None
+  _globals['_LOADMODELREQUEST'].fields_by_name['max_model_len']._serialized_options = b'\342A\001\001'
+  _globals['_LOADADAPTERREQUEST'].fields_by_name['adapter_revision']._loaded_options = None
+  _globals['_LOADADAPTERREQUEST'].fields_by_name['adapter_revision']._serialized_options = b'\342A\001\002'
+  _globals['_UNLOADADAPTERREQUEST'].fields_by_name['adapter_revision']._loaded_options = None
+  _globals['_UNLOADADAPTERREQUEST'].fields_by_name['adapter_revision']._serialized_options = b'\342A\001\002'
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['policy']._loaded_options = None
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['policy']._serialized_options = b'\342A\001\002'
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['step']._loaded_options = None
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['step']._serialized_options = b'\342A\001\002'
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['base_model_revision']._loaded_options = None
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['base_model_revision']._serialized_options = b'\342A\001\002'
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['format']._loaded_options = None
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['format']._serialized_options = b'\342A\001\002'
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['adapter_config_json']._loaded_options = None
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['adapter_config_json']._serialized_options = b'\342A\001\001'
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['tensor_count']._loaded_options = None
+  _globals['_PUSHWEIGHTSHEADER'].fields_by_name['tensor_count']._serialized_options = b'\342A\001\002'
+  _globals['_PUSHWEIGHTSREQUEST'].fields_by_name['header']._loaded_options = None
+  _globals['_PUSHWEIGHTSREQUEST'].fields_by_name['header']._serialized_options = b'\342A\001\001'
+  _globals['_PUSHWEIGHTSREQUEST'].fields_by_name['chunk']._loaded_options = None
+  _globals['_PUSHWEIGHTSREQUEST'].fields_by_name['chunk']._serialized_options = b'\342A\001\001'
+  _globals['_LOGPROBSMODE']._serialized_start=2319
+  _globals['_LOGPROBSMODE']._serialized_end=2425
+  _globals['_FINISHREASON']._serialized_start=2427
+  _globals['_FINISHREASON']._serialized_end=2547
+  _globals['_PUSHEDWEIGHTSFORMAT']._serialized_start=2550
+  _globals['_PUSHEDWEIGHTSFORMAT']._serialized_end=2682
+  _globals['_SAMPLINGPARAMS']._serialized_start=143
+  _globals['_SAMPLINGPARAMS']._serialized_end=426
+  _globals['_GENERATEREQUEST']._serialized_start=429
+  _globals['_GENERATEREQUEST']._serialized_end=675
+  _globals['_COMPLETION']._serialized_start=678
+  _globals['_COMPLETION']._serialized_end=888
+  _globals['_GENERATERESPONSE']._serialized_start=890
+  _globals['_GENERATERESPONSE']._serialized_end=957
+  _globals['_LOADMODELREQUEST']._serialized_start=959
+  _globals['_LOADMODELREQUEST']._serialized_end=1057
+  _globals['_LOADMODELRESPONSE']._serialized_start=1059
+  _globals['_LOADMODELRESPONSE']._serialized_end=1148
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1150
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1202
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1204
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1249
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1251
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1305
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1307
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1330
+  _globals['_GETENGINESTATUSREQUEST']._serialized_start=1332
+  _globals['_GETENGINESTATUSREQUEST']._serialized_end=1356
+  _globals['_LOADEDADAPTER']._serialized_start=1358
+  _globals['_LOADEDADAPTER']._serialized_end=1446
+  _globals['_ENGINESTATUS']._serialized_start=1449
+  _globals['_ENGINESTATUS']._serialized_end=1794
+  _globals['_PUSHWEIGHTSHEADER']._serialized_start=1797
+  _globals['_PUSHWEIGHTSHEADER']._serialized_end=2015
+  _globals['_TENSORCHUNK']._serialized_start=2017
+  _globals['_TENSORCHUNK']._serialized_end=2104
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=2107
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=2246
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=2248
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=2317
+  _globals['_ROLLOUTSERVICE']._serialized_start=2685
+  _globals['_ROLLOUTSERVICE']._serialized_end=3225
 # @@protoc_insertion_point(module_scope)

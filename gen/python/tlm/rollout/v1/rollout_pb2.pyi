@@ -69,11 +69,11 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     DESCRIPTOR: _descriptor.EnumDescriptor
     FINISH_REASON_UNSPECIFIED: _FinishReason.ValueType  # 0
     """Never sent."""
-    STOP: _FinishReason.ValueType  # 1
+    FINISH_REASON_STOP: _FinishReason.ValueType  # 1
     """End-of-sequence token or a stop string."""
-    LENGTH: _FinishReason.ValueType  # 2
+    FINISH_REASON_LENGTH: _FinishReason.ValueType  # 2
     """max_tokens reached."""
-    ABORT: _FinishReason.ValueType  # 3
+    FINISH_REASON_ABORT: _FinishReason.ValueType  # 3
     """The request was cancelled or its deadline passed."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
@@ -81,13 +81,41 @@ class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
 
 FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
 """Never sent."""
-STOP: FinishReason.ValueType  # 1
+FINISH_REASON_STOP: FinishReason.ValueType  # 1
 """End-of-sequence token or a stop string."""
-LENGTH: FinishReason.ValueType  # 2
+FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 """max_tokens reached."""
-ABORT: FinishReason.ValueType  # 3
+FINISH_REASON_ABORT: FinishReason.ValueType  # 3
 """The request was cancelled or its deadline passed."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _PushedWeightsFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PushedWeightsFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PushedWeightsFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PUSHED_WEIGHTS_FORMAT_UNSPECIFIED: _PushedWeightsFormat.ValueType  # 0
+    """Not set: refused."""
+    PUSHED_WEIGHTS_FORMAT_FULL: _PushedWeightsFormat.ValueType  # 1
+    """Every tensor of the model's state dict, by name (as model.safetensors names them)."""
+    PUSHED_WEIGHTS_FORMAT_LORA_ADAPTER: _PushedWeightsFormat.ValueType  # 2
+    """A PEFT LoRA adapter: its tensors (as adapter_model.safetensors names them) and its
+    adapter_config.json.
+    """
+
+class PushedWeightsFormat(_PushedWeightsFormat, metaclass=_PushedWeightsFormatEnumTypeWrapper):
+    """What PushWeights carries."""
+
+PUSHED_WEIGHTS_FORMAT_UNSPECIFIED: PushedWeightsFormat.ValueType  # 0
+"""Not set: refused."""
+PUSHED_WEIGHTS_FORMAT_FULL: PushedWeightsFormat.ValueType  # 1
+"""Every tensor of the model's state dict, by name (as model.safetensors names them)."""
+PUSHED_WEIGHTS_FORMAT_LORA_ADAPTER: PushedWeightsFormat.ValueType  # 2
+"""A PEFT LoRA adapter: its tensors (as adapter_model.safetensors names them) and its
+adapter_config.json.
+"""
+Global___PushedWeightsFormat: _TypeAlias = PushedWeightsFormat  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
@@ -177,12 +205,23 @@ class GenerateRequest(_message.Message):
     ADAPTER_REVISION_FIELD_NUMBER: _builtins.int
     RETURN_PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_REVISION_FIELD_NUMBER: _builtins.int
     adapter_revision: _builtins.str
     """A loaded adapter revision to generate with; empty uses the base model."""
     return_prompt_token_ids: _builtins.bool
     """Return the prompts' token ids too (the trainer needs them for the loss)."""
     request_id: _builtins.str
     """Caller's id for logs and tracing."""
+    model_revision: _builtins.str
+    """The model to generate with: a registry revision with full weights
+    ("models/{m}/revisions/{revision or alias}") or a policy version pushed with PushWeights
+    ("{policy}@step-{n}"). Whichever replica gets the request loads a registry revision on demand
+    into its bounded cache (a request waits for a load in flight rather than starting another),
+    so any replica serves any request. Empty: the model this team's LoadModel loaded on this
+    replica (the older, per-replica behaviour; FAILED_PRECONDITION when there is none). With a
+    registry adapter_revision and no model_revision, the adapter's base model (its lineage) is
+    used; with a pushed adapter, the base it was pushed for.
+    """
     @_builtins.property
     def prompts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Prompt]:
         """The prompts (at most 1024)."""
@@ -199,10 +238,11 @@ class GenerateRequest(_message.Message):
         adapter_revision: _builtins.str = ...,
         return_prompt_token_ids: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        model_revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_revision", b"adapter_revision", "prompts", b"prompts", "request_id", b"request_id", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_revision", b"adapter_revision", "model_revision", b"model_revision", "prompts", b"prompts", "request_id", b"request_id", "return_prompt_token_ids", b"return_prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -498,6 +538,9 @@ class EngineStatus(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
     MAX_N_FIELD_NUMBER: _builtins.int
     GENERATED_TOKENS_TOTAL_FIELD_NUMBER: _builtins.int
+    CACHED_MODELS_FIELD_NUMBER: _builtins.int
+    CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    CACHE_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """"transformers" or "vllm"."""
     device: _builtins.str
@@ -518,9 +561,21 @@ class EngineStatus(_message.Message):
     """Largest n accepted."""
     generated_tokens_total: _builtins.int
     """Tokens generated since start."""
+    cache_bytes: _builtins.int
+    """Bytes of weights in the cache, every team's together."""
+    cache_budget_bytes: _builtins.int
+    """The cache's budget (TLM_ROLLOUT_CACHE_BYTES); least recently used models that no request
+    uses are evicted to stay under it.
+    """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedAdapter]:
         """Loaded adapters."""
+
+    @_builtins.property
+    def cached_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """This team's models in the replica's weight cache (registry revisions and pushed policy
+        versions), least recently used first.
+        """
 
     def __init__(
         self,
@@ -536,11 +591,163 @@ class EngineStatus(_message.Message):
         max_model_len: _builtins.int = ...,
         max_n: _builtins.int = ...,
         generated_tokens_total: _builtins.int = ...,
+        cached_models: _abc.Iterable[_builtins.str] | None = ...,
+        cache_bytes: _builtins.int = ...,
+        cache_budget_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "device", b"device", "engine", b"engine", "generated_tokens_total", b"generated_tokens_total", "max_model_len", b"max_model_len", "max_n", b"max_n", "max_queue", b"max_queue", "model_revision", b"model_revision", "queue_depth", b"queue_depth", "running", b"running", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "cache_budget_bytes", b"cache_budget_bytes", "cache_bytes", b"cache_bytes", "cached_models", b"cached_models", "device", b"device", "engine", b"engine", "generated_tokens_total", b"generated_tokens_total", "max_model_len", b"max_model_len", "max_n", b"max_n", "max_queue", b"max_queue", "model_revision", b"model_revision", "queue_depth", b"queue_depth", "running", b"running", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EngineStatus: _TypeAlias = EngineStatus  # noqa: Y015
+
+@_typing.final
+class PushWeightsHeader(_message.Message):
+    """What the pushed weights are: sent once, in the first message of a PushWeights stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_REVISION_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    ADAPTER_CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    """Who owns the versions, e.g. "jobs/{job}"; at most 200 characters, no "@". Pushing a newer
+    step of the same policy retires the older ones that no request uses.
+    """
+    step: _builtins.int
+    """The training step whose weights these are (>= 1); the version is "{policy}@step-{step}"."""
+    base_model_revision: _builtins.str
+    """The registry model revision (full weights) these weights belong to: for full weights, the
+    model they replace (tokenizer, config and any tensor not pushed come from it); for an adapter,
+    its base model.
+    """
+    format: Global___PushedWeightsFormat.ValueType
+    """Full weights or a LoRA adapter."""
+    adapter_config_json: _builtins.str
+    """For an adapter: the content of its adapter_config.json."""
+    tensor_count: _builtins.int
+    """How many tensors the stream carries (a check that none was lost)."""
+    def __init__(
+        self,
+        *,
+        policy: _builtins.str = ...,
+        step: _builtins.int = ...,
+        base_model_revision: _builtins.str = ...,
+        format: Global___PushedWeightsFormat.ValueType = ...,
+        adapter_config_json: _builtins.str = ...,
+        tensor_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_config_json", b"adapter_config_json", "base_model_revision", b"base_model_revision", "format", b"format", "policy", b"policy", "step", b"step", "tensor_count", b"tensor_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushWeightsHeader: _TypeAlias = PushWeightsHeader  # noqa: Y015
+
+@_typing.final
+class TensorChunk(_message.Message):
+    """One piece of one tensor's bytes (little-endian, row-major, as safetensors stores them). A
+    tensor's pieces arrive in order and back to back; each message stays under the 4 MiB cap.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The tensor's name in the state dict."""
+    dtype: _builtins.str
+    """Its safetensors dtype: "F32", "F16" or "BF16"."""
+    offset: _builtins.int
+    """Where `data` starts in the tensor's bytes."""
+    data: _builtins.bytes
+    """The bytes."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Its shape."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "name", b"name", "offset", b"offset", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
+
+@_typing.final
+class PushWeightsRequest(_message.Message):
+    """One message of a PushWeights stream: the header first, then the chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___PushWeightsHeader:
+        """The first message."""
+
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Every later message."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PushWeightsHeader | None = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___PushWeightsRequest: _TypeAlias = PushWeightsRequest  # noqa: Y015
+
+@_typing.final
+class PushWeightsResponse(_message.Message):
+    """Response for PushWeights."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    policy_version: _builtins.str
+    """The policy version now served, "{policy}@step-{step}": name it in
+    GenerateRequest.model_revision (full weights) or adapter_revision (an adapter).
+    """
+    bytes_received: _builtins.int
+    """Bytes of tensor data received."""
+    def __init__(
+        self,
+        *,
+        policy_version: _builtins.str = ...,
+        bytes_received: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "policy_version", b"policy_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushWeightsResponse: _TypeAlias = PushWeightsResponse  # noqa: Y015

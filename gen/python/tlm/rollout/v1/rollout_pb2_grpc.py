@@ -27,9 +27,10 @@ if _version_not_supported:
 
 class RolloutServiceStub:
     """Generates completions with per-token log-probabilities behind one engine interface
-    ("transformers" on CPU or GPU, "vllm" on GPU). Weights move by registry reference: the trainer
-    pushes a new policy by naming a model or adapter revision. Serving a registered revision this
-    way is the platform's "deployment".
+    ("transformers" on CPU or GPU, "vllm" on GPU). Replicas are interchangeable: a request names
+    the model (and adapter) it wants, and the replica that gets it loads that revision on demand.
+    A trainer pushes new policy weights straight to the replicas (PushWeights); the registry holds
+    its checkpoints. Serving a registered revision this way is the platform's "deployment".
     """
 
     def __init__(self, channel):
@@ -63,13 +64,19 @@ class RolloutServiceStub:
                 request_serializer=tlm_dot_rollout_dot_v1_dot_rollout__pb2.GetEngineStatusRequest.SerializeToString,
                 response_deserializer=tlm_dot_rollout_dot_v1_dot_rollout__pb2.EngineStatus.FromString,
                 _registered_method=True)
+        self.PushWeights = channel.stream_unary(
+                '/tlm.rollout.v1.RolloutService/PushWeights',
+                request_serializer=tlm_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+                response_deserializer=tlm_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
     """Generates completions with per-token log-probabilities behind one engine interface
-    ("transformers" on CPU or GPU, "vllm" on GPU). Weights move by registry reference: the trainer
-    pushes a new policy by naming a model or adapter revision. Serving a registered revision this
-    way is the platform's "deployment".
+    ("transformers" on CPU or GPU, "vllm" on GPU). Replicas are interchangeable: a request names
+    the model (and adapter) it wants, and the replica that gets it loads that revision on demand.
+    A trainer pushes new policy weights straight to the replicas (PushWeights); the registry holds
+    its checkpoints. Serving a registered revision this way is the platform's "deployment".
     """
 
     def Generate(self, request, context):
@@ -81,8 +88,9 @@ class RolloutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
-        """Loads a model revision (full weights) as the base policy, replacing the current one once
-        requests running on it finish.
+        """Warms a model revision (full weights) into this replica's cache and makes it the model that
+        this team's Generate calls without a model_revision use here. Requests that name their model
+        need no LoadModel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +112,18 @@ class RolloutServiceServicer:
 
     def GetEngineStatus(self, request, context):
         """Reports the engine, loaded weights, queue depth and throughput.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushWeights(self, request_iterator, context):
+        """Receives new policy weights straight from a trainer (full weights or a LoRA adapter, in
+        chunks under the message size cap) and keeps them in memory as the policy version
+        "{policy}@step-{step}", which Generate then names in model_revision (full weights) or
+        adapter_revision (an adapter). No registry revision is made. The trainer pushes to every
+        replica that serves its job; a replica that restarts has lost the version, and Generate
+        naming it answers FAILED_PRECONDITION (WRONG_STATE), upon which the trainer pushes again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +157,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     request_deserializer=tlm_dot_rollout_dot_v1_dot_rollout__pb2.GetEngineStatusRequest.FromString,
                     response_serializer=tlm_dot_rollout_dot_v1_dot_rollout__pb2.EngineStatus.SerializeToString,
             ),
+            'PushWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushWeights,
+                    request_deserializer=tlm_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.FromString,
+                    response_serializer=tlm_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tlm.rollout.v1.RolloutService', rpc_method_handlers)
@@ -147,9 +172,10 @@ def add_RolloutServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RolloutService:
     """Generates completions with per-token log-probabilities behind one engine interface
-    ("transformers" on CPU or GPU, "vllm" on GPU). Weights move by registry reference: the trainer
-    pushes a new policy by naming a model or adapter revision. Serving a registered revision this
-    way is the platform's "deployment".
+    ("transformers" on CPU or GPU, "vllm" on GPU). Replicas are interchangeable: a request names
+    the model (and adapter) it wants, and the replica that gets it loads that revision on demand.
+    A trainer pushes new policy weights straight to the replicas (PushWeights); the registry holds
+    its checkpoints. Serving a registered revision this way is the platform's "deployment".
     """
 
     @staticmethod
@@ -277,6 +303,33 @@ class RolloutService:
             '/tlm.rollout.v1.RolloutService/GetEngineStatus',
             tlm_dot_rollout_dot_v1_dot_rollout__pb2.GetEngineStatusRequest.SerializeToString,
             tlm_dot_rollout_dot_v1_dot_rollout__pb2.EngineStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tlm.rollout.v1.RolloutService/PushWeights',
+            tlm_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+            tlm_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

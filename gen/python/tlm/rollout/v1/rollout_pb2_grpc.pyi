@@ -28,9 +28,10 @@ GRPC_VERSION: str
 
 class RolloutServiceStub:
     """Generates completions with per-token log-probabilities behind one engine interface
-    ("transformers" on CPU or GPU, "vllm" on GPU). Weights move by registry reference: the trainer
-    pushes a new policy by naming a model or adapter revision. Serving a registered revision this
-    way is the platform's "deployment".
+    ("transformers" on CPU or GPU, "vllm" on GPU). Replicas are interchangeable: a request names
+    the model (and adapter) it wants, and the replica that gets it loads that revision on demand.
+    A trainer pushes new policy weights straight to the replicas (PushWeights); the registry holds
+    its checkpoints. Serving a registered revision this way is the platform's "deployment".
     """
 
     @_typing.overload
@@ -42,8 +43,9 @@ class RolloutServiceStub:
     call stops its generation. RESOURCE_EXHAUSTED when the queue is full.
     """
     LoadModel: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.LoadModelRequest, _rollout_pb2.LoadModelResponse]
-    """Loads a model revision (full weights) as the base policy, replacing the current one once
-    requests running on it finish.
+    """Warms a model revision (full weights) into this replica's cache and makes it the model that
+    this team's Generate calls without a model_revision use here. Requests that name their model
+    need no LoadModel.
     """
     LoadAdapter: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.LoadAdapterRequest, _rollout_pb2.LoadAdapterResponse]
     """Loads (or replaces) a LoRA adapter revision on the loaded base model, without a restart."""
@@ -51,13 +53,22 @@ class RolloutServiceStub:
     """Unloads an adapter; requests already running on it finish first."""
     GetEngineStatus: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.GetEngineStatusRequest, _rollout_pb2.EngineStatus]
     """Reports the engine, loaded weights, queue depth and throughput."""
+    PushWeights: _grpc.StreamUnaryMultiCallable[_rollout_pb2.PushWeightsRequest, _rollout_pb2.PushWeightsResponse]
+    """Receives new policy weights straight from a trainer (full weights or a LoRA adapter, in
+    chunks under the message size cap) and keeps them in memory as the policy version
+    "{policy}@step-{step}", which Generate then names in model_revision (full weights) or
+    adapter_revision (an adapter). No registry revision is made. The trainer pushes to every
+    replica that serves its job; a replica that restarts has lost the version, and Generate
+    naming it answers FAILED_PRECONDITION (WRONG_STATE), upon which the trainer pushes again.
+    """
 
 @_typing.type_check_only
 class RolloutServiceAsyncStub(RolloutServiceStub):
     """Generates completions with per-token log-probabilities behind one engine interface
-    ("transformers" on CPU or GPU, "vllm" on GPU). Weights move by registry reference: the trainer
-    pushes a new policy by naming a model or adapter revision. Serving a registered revision this
-    way is the platform's "deployment".
+    ("transformers" on CPU or GPU, "vllm" on GPU). Replicas are interchangeable: a request names
+    the model (and adapter) it wants, and the replica that gets it loads that revision on demand.
+    A trainer pushes new policy weights straight to the replicas (PushWeights); the registry holds
+    its checkpoints. Serving a registered revision this way is the platform's "deployment".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -66,8 +77,9 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     call stops its generation. RESOURCE_EXHAUSTED when the queue is full.
     """
     LoadModel: _aio.UnaryUnaryMultiCallable[_rollout_pb2.LoadModelRequest, _rollout_pb2.LoadModelResponse]  # type: ignore[assignment]
-    """Loads a model revision (full weights) as the base policy, replacing the current one once
-    requests running on it finish.
+    """Warms a model revision (full weights) into this replica's cache and makes it the model that
+    this team's Generate calls without a model_revision use here. Requests that name their model
+    need no LoadModel.
     """
     LoadAdapter: _aio.UnaryUnaryMultiCallable[_rollout_pb2.LoadAdapterRequest, _rollout_pb2.LoadAdapterResponse]  # type: ignore[assignment]
     """Loads (or replaces) a LoRA adapter revision on the loaded base model, without a restart."""
@@ -75,12 +87,21 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     """Unloads an adapter; requests already running on it finish first."""
     GetEngineStatus: _aio.UnaryUnaryMultiCallable[_rollout_pb2.GetEngineStatusRequest, _rollout_pb2.EngineStatus]  # type: ignore[assignment]
     """Reports the engine, loaded weights, queue depth and throughput."""
+    PushWeights: _aio.StreamUnaryMultiCallable[_rollout_pb2.PushWeightsRequest, _rollout_pb2.PushWeightsResponse]  # type: ignore[assignment]
+    """Receives new policy weights straight from a trainer (full weights or a LoRA adapter, in
+    chunks under the message size cap) and keeps them in memory as the policy version
+    "{policy}@step-{step}", which Generate then names in model_revision (full weights) or
+    adapter_revision (an adapter). No registry revision is made. The trainer pushes to every
+    replica that serves its job; a replica that restarts has lost the version, and Generate
+    naming it answers FAILED_PRECONDITION (WRONG_STATE), upon which the trainer pushes again.
+    """
 
 class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
     """Generates completions with per-token log-probabilities behind one engine interface
-    ("transformers" on CPU or GPU, "vllm" on GPU). Weights move by registry reference: the trainer
-    pushes a new policy by naming a model or adapter revision. Serving a registered revision this
-    way is the platform's "deployment".
+    ("transformers" on CPU or GPU, "vllm" on GPU). Replicas are interchangeable: a request names
+    the model (and adapter) it wants, and the replica that gets it loads that revision on demand.
+    A trainer pushes new policy weights straight to the replicas (PushWeights); the registry holds
+    its checkpoints. Serving a registered revision this way is the platform's "deployment".
     """
 
     @_abc_1.abstractmethod
@@ -99,8 +120,9 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rollout_pb2.LoadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rollout_pb2.LoadModelResponse, _abc.Awaitable[_rollout_pb2.LoadModelResponse]]:
-        """Loads a model revision (full weights) as the base policy, replacing the current one once
-        requests running on it finish.
+        """Warms a model revision (full weights) into this replica's cache and makes it the model that
+        this team's Generate calls without a model_revision use here. Requests that name their model
+        need no LoadModel.
         """
 
     @_abc_1.abstractmethod
@@ -126,5 +148,19 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rollout_pb2.EngineStatus, _abc.Awaitable[_rollout_pb2.EngineStatus]]:
         """Reports the engine, loaded weights, queue depth and throughput."""
+
+    @_abc_1.abstractmethod
+    def PushWeights(
+        self,
+        request_iterator: _MaybeAsyncIterator[_rollout_pb2.PushWeightsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.PushWeightsResponse, _abc.Awaitable[_rollout_pb2.PushWeightsResponse]]:
+        """Receives new policy weights straight from a trainer (full weights or a LoRA adapter, in
+        chunks under the message size cap) and keeps them in memory as the policy version
+        "{policy}@step-{step}", which Generate then names in model_revision (full weights) or
+        adapter_revision (an adapter). No registry revision is made. The trainer pushes to every
+        replica that serves its job; a replica that restarts has lost the version, and Generate
+        naming it answers FAILED_PRECONDITION (WRONG_STATE), upon which the trainer pushes again.
+        """
 
 def add_RolloutServiceServicer_to_server(servicer: RolloutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

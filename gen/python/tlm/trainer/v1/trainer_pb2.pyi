@@ -35,19 +35,19 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     DESCRIPTOR: _descriptor.EnumDescriptor
     METHOD_UNSPECIFIED: _Method.ValueType  # 0
     """Never valid."""
-    SFT: _Method.ValueType  # 1
+    METHOD_SFT: _Method.ValueType  # 1
     """Supervised fine-tuning on an sft dataset."""
-    DPO: _Method.ValueType  # 2
+    METHOD_DPO: _Method.ValueType  # 2
     """Direct preference optimisation on a preference dataset."""
-    KTO: _Method.ValueType  # 3
+    METHOD_KTO: _Method.ValueType  # 3
     """Kahneman-Tversky optimisation on an unpaired_preference dataset."""
-    REWARD_MODEL: _Method.ValueType  # 4
+    METHOD_REWARD_MODEL: _Method.ValueType  # 4
     """Reward-model training (sequence classification) on a preference dataset."""
-    GRPO: _Method.ValueType  # 5
+    METHOD_GRPO: _Method.ValueType  # 5
     """Group relative policy optimisation on a prompt dataset with an evaluator."""
-    PPO: _Method.ValueType  # 6
+    METHOD_PPO: _Method.ValueType  # 6
     """Proximal policy optimisation (critic, GAE) on a prompt dataset with an evaluator."""
-    EVALUATE: _Method.ValueType  # 7
+    METHOD_EVALUATE: _Method.ValueType  # 7
     """Generate on a prompt dataset and score with an evaluator; reports metrics, trains nothing."""
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
@@ -55,19 +55,19 @@ class Method(_Method, metaclass=_MethodEnumTypeWrapper):
 
 METHOD_UNSPECIFIED: Method.ValueType  # 0
 """Never valid."""
-SFT: Method.ValueType  # 1
+METHOD_SFT: Method.ValueType  # 1
 """Supervised fine-tuning on an sft dataset."""
-DPO: Method.ValueType  # 2
+METHOD_DPO: Method.ValueType  # 2
 """Direct preference optimisation on a preference dataset."""
-KTO: Method.ValueType  # 3
+METHOD_KTO: Method.ValueType  # 3
 """Kahneman-Tversky optimisation on an unpaired_preference dataset."""
-REWARD_MODEL: Method.ValueType  # 4
+METHOD_REWARD_MODEL: Method.ValueType  # 4
 """Reward-model training (sequence classification) on a preference dataset."""
-GRPO: Method.ValueType  # 5
+METHOD_GRPO: Method.ValueType  # 5
 """Group relative policy optimisation on a prompt dataset with an evaluator."""
-PPO: Method.ValueType  # 6
+METHOD_PPO: Method.ValueType  # 6
 """Proximal policy optimisation (critic, GAE) on a prompt dataset with an evaluator."""
-EVALUATE: Method.ValueType  # 7
+METHOD_EVALUATE: Method.ValueType  # 7
 """Generate on a prompt dataset and score with an evaluator; reports metrics, trains nothing."""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
@@ -79,9 +79,9 @@ class _DeviceTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceType
     DESCRIPTOR: _descriptor.EnumDescriptor
     DEVICE_TYPE_UNSPECIFIED: _DeviceType.ValueType  # 0
     """Chosen automatically."""
-    CPU: _DeviceType.ValueType  # 1
+    DEVICE_TYPE_CPU: _DeviceType.ValueType  # 1
     """CPU only."""
-    CUDA: _DeviceType.ValueType  # 2
+    DEVICE_TYPE_CUDA: _DeviceType.ValueType  # 2
     """NVIDIA GPUs."""
 
 class DeviceType(_DeviceType, metaclass=_DeviceTypeEnumTypeWrapper):
@@ -89,9 +89,9 @@ class DeviceType(_DeviceType, metaclass=_DeviceTypeEnumTypeWrapper):
 
 DEVICE_TYPE_UNSPECIFIED: DeviceType.ValueType  # 0
 """Chosen automatically."""
-CPU: DeviceType.ValueType  # 1
+DEVICE_TYPE_CPU: DeviceType.ValueType  # 1
 """CPU only."""
-CUDA: DeviceType.ValueType  # 2
+DEVICE_TYPE_CUDA: DeviceType.ValueType  # 2
 """NVIDIA GPUs."""
 Global___DeviceType: _TypeAlias = DeviceType  # noqa: Y015
 
@@ -103,11 +103,11 @@ class _ParallelStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Para
     DESCRIPTOR: _descriptor.EnumDescriptor
     PARALLEL_STRATEGY_UNSPECIFIED: _ParallelStrategy.ValueType  # 0
     """Chosen automatically."""
-    SINGLE_DEVICE: _ParallelStrategy.ValueType  # 1
+    PARALLEL_STRATEGY_SINGLE_DEVICE: _ParallelStrategy.ValueType  # 1
     """One device."""
-    DDP: _ParallelStrategy.ValueType  # 2
+    PARALLEL_STRATEGY_DDP: _ParallelStrategy.ValueType  # 2
     """Data parallel, full replicas (torchrun DDP)."""
-    FSDP: _ParallelStrategy.ValueType  # 3
+    PARALLEL_STRATEGY_FSDP: _ParallelStrategy.ValueType  # 3
     """Fully sharded data parallel (torchrun FSDP)."""
 
 class ParallelStrategy(_ParallelStrategy, metaclass=_ParallelStrategyEnumTypeWrapper):
@@ -115,11 +115,11 @@ class ParallelStrategy(_ParallelStrategy, metaclass=_ParallelStrategyEnumTypeWra
 
 PARALLEL_STRATEGY_UNSPECIFIED: ParallelStrategy.ValueType  # 0
 """Chosen automatically."""
-SINGLE_DEVICE: ParallelStrategy.ValueType  # 1
+PARALLEL_STRATEGY_SINGLE_DEVICE: ParallelStrategy.ValueType  # 1
 """One device."""
-DDP: ParallelStrategy.ValueType  # 2
+PARALLEL_STRATEGY_DDP: ParallelStrategy.ValueType  # 2
 """Data parallel, full replicas (torchrun DDP)."""
-FSDP: ParallelStrategy.ValueType  # 3
+PARALLEL_STRATEGY_FSDP: ParallelStrategy.ValueType  # 3
 """Fully sharded data parallel (torchrun FSDP)."""
 Global___ParallelStrategy: _TypeAlias = ParallelStrategy  # noqa: Y015
 
@@ -513,6 +513,8 @@ class GrpoParams(_message.Message):
     IMPORTANCE_SAMPLING_CAP_FIELD_NUMBER: _builtins.int
     ADVANTAGE_ESTIMATOR_FIELD_NUMBER: _builtins.int
     KL_ESTIMATOR_FIELD_NUMBER: _builtins.int
+    MAX_POLICY_LAG_FIELD_NUMBER: _builtins.int
+    PUBLISH_EVERY_FIELD_NUMBER: _builtins.int
     num_generations: _builtins.int
     """Completions per prompt, G (default 8)."""
     beta: _builtins.float
@@ -522,7 +524,9 @@ class GrpoParams(_message.Message):
     num_iterations: _builtins.int
     """Policy updates per generation batch, mu (default 1)."""
     sync_every: _builtins.int
-    """Push new weights to the rollout service every this many steps (default 1)."""
+    """Push new weights to the rollout replicas every this many steps (default 1), straight from
+    the trainer (PushWeights); see publish_every for registry revisions.
+    """
     loss_type: _builtins.str
     """How per-token losses become one number (default "grpo"): "grpo" (each sample's token mean,
     then the mean over samples), "dr_grpo" (token sum / (samples x sampling.max_tokens)), "dapo"
@@ -567,6 +571,18 @@ class GrpoParams(_message.Message):
     (log pi - log pi_ref) or "k2" ((log pi - log pi_ref)^2 / 2), Schulman 2020. Refused for
     "grpo", whose KL is k3 in the loss, and with beta 0.
     """
+    max_policy_lag: _builtins.int
+    """How many policy publications old a training sample may be (default 0; at most 1). 0: every
+    step generates with the policy it trains (synchronous). 1: the trainer generates and scores
+    batch k+1 while it trains on batch k (one-step off-policy, as verl and NeMo-RL), and
+    importance_sampling_correction, which it needs, corrects for the older policy. Completions
+    older than this are dropped and counted (metric policy/stale_dropped and a job event).
+    """
+    publish_every: _builtins.int
+    """Every this many steps the policy also becomes a registry revision of the output model
+    (default 0: only at checkpoints, save_every, and at the end). The syncs in between
+    (sync_every) push the weights straight to the rollout replicas, with no registry revision.
+    """
     @_builtins.property
     def sampling(self) -> _rollout_pb2.SamplingParams:
         """Sampling for rollouts: n is num_generations (another n is refused), skip_logprobs is
@@ -589,10 +605,12 @@ class GrpoParams(_message.Message):
         importance_sampling_cap: _builtins.float | None = ...,
         advantage_estimator: _builtins.str = ...,
         kl_estimator: _builtins.str = ...,
+        max_policy_lag: _builtins.int | None = ...,
+        publish_every: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_max_policy_lag", b"_max_policy_lag", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_publish_every", b"_publish_every", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "max_policy_lag", b"max_policy_lag", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "publish_every", b"publish_every", "sampling", b"sampling", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "advantage_estimator", b"advantage_estimator", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "kl_estimator", b"kl_estimator", "loss_type", b"loss_type", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "sampling", b"sampling", "scale_rewards", b"scale_rewards", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_epsilon", b"_epsilon", "_importance_sampling_cap", b"_importance_sampling_cap", "_importance_sampling_correction", b"_importance_sampling_correction", "_max_policy_lag", b"_max_policy_lag", "_num_generations", b"_num_generations", "_num_iterations", b"_num_iterations", "_publish_every", b"_publish_every", "_sync_every", b"_sync_every", "_use_bias_correction_kl", b"_use_bias_correction_kl", "advantage_estimator", b"advantage_estimator", "beta", b"beta", "epsilon", b"epsilon", "importance_sampling_cap", b"importance_sampling_cap", "importance_sampling_correction", b"importance_sampling_correction", "kl_estimator", b"kl_estimator", "loss_type", b"loss_type", "max_policy_lag", b"max_policy_lag", "num_generations", b"num_generations", "num_iterations", b"num_iterations", "publish_every", b"publish_every", "sampling", b"sampling", "scale_rewards", b"scale_rewards", "sync_every", b"sync_every", "use_bias_correction_kl", b"use_bias_correction_kl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
     _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
@@ -602,10 +620,14 @@ class GrpoParams(_message.Message):
     _WhichOneofArgType__importance_sampling_cap: _TypeAlias = _typing.Literal["_importance_sampling_cap", b"_importance_sampling_cap"]  # noqa: Y015
     _WhichOneofReturnType__importance_sampling_correction: _TypeAlias = _typing.Literal["importance_sampling_correction"]  # noqa: Y015
     _WhichOneofArgType__importance_sampling_correction: _TypeAlias = _typing.Literal["_importance_sampling_correction", b"_importance_sampling_correction"]  # noqa: Y015
+    _WhichOneofReturnType__max_policy_lag: _TypeAlias = _typing.Literal["max_policy_lag"]  # noqa: Y015
+    _WhichOneofArgType__max_policy_lag: _TypeAlias = _typing.Literal["_max_policy_lag", b"_max_policy_lag"]  # noqa: Y015
     _WhichOneofReturnType__num_generations: _TypeAlias = _typing.Literal["num_generations"]  # noqa: Y015
     _WhichOneofArgType__num_generations: _TypeAlias = _typing.Literal["_num_generations", b"_num_generations"]  # noqa: Y015
     _WhichOneofReturnType__num_iterations: _TypeAlias = _typing.Literal["num_iterations"]  # noqa: Y015
     _WhichOneofArgType__num_iterations: _TypeAlias = _typing.Literal["_num_iterations", b"_num_iterations"]  # noqa: Y015
+    _WhichOneofReturnType__publish_every: _TypeAlias = _typing.Literal["publish_every"]  # noqa: Y015
+    _WhichOneofArgType__publish_every: _TypeAlias = _typing.Literal["_publish_every", b"_publish_every"]  # noqa: Y015
     _WhichOneofReturnType__sync_every: _TypeAlias = _typing.Literal["sync_every"]  # noqa: Y015
     _WhichOneofArgType__sync_every: _TypeAlias = _typing.Literal["_sync_every", b"_sync_every"]  # noqa: Y015
     _WhichOneofReturnType__use_bias_correction_kl: _TypeAlias = _typing.Literal["use_bias_correction_kl"]  # noqa: Y015
@@ -619,9 +641,13 @@ class GrpoParams(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__importance_sampling_correction) -> _WhichOneofReturnType__importance_sampling_correction | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_policy_lag) -> _WhichOneofReturnType__max_policy_lag | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_generations) -> _WhichOneofReturnType__num_generations | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_iterations) -> _WhichOneofReturnType__num_iterations | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__publish_every) -> _WhichOneofReturnType__publish_every | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sync_every) -> _WhichOneofReturnType__sync_every | None: ...
     @_typing.overload
@@ -653,6 +679,7 @@ class PpoParams(_message.Message):
     REWARD_CLIP_FIELD_NUMBER: _builtins.int
     WHITEN_ADVANTAGES_FIELD_NUMBER: _builtins.int
     ENTROPY_COEF_FIELD_NUMBER: _builtins.int
+    PUBLISH_EVERY_FIELD_NUMBER: _builtins.int
     kl_coef: _builtins.float
     """KL coefficient to the reference policy in the per-token reward (default 0.05; 0 drops
     the reference model).
@@ -672,7 +699,9 @@ class PpoParams(_message.Message):
     ppo_epochs: _builtins.int
     """PPO epochs per batch (default 4)."""
     sync_every: _builtins.int
-    """Push new weights to the rollout service every this many steps (default 1)."""
+    """Push new weights to the rollout replicas every this many steps (default 1), straight from
+    the trainer (PushWeights); see publish_every for registry revisions.
+    """
     critic_model: _builtins.str
     """The critic's initial weights: a model revision ("models/{m}/revisions/{r}", or an alias),
     e.g. a reward model whose score head becomes the value head (TRL's default). Unset: the
@@ -700,6 +729,11 @@ class PpoParams(_message.Message):
     """Entropy bonus: subtract this times the policy's token-mean entropy from its loss
     (default 0).
     """
+    publish_every: _builtins.int
+    """Every this many steps the policy also becomes a registry revision of the output model
+    (default 0: only at checkpoints, save_every, and at the end). The syncs in between
+    (sync_every) push the weights straight to the rollout replicas, with no registry revision.
+    """
     @_builtins.property
     def sampling(self) -> _rollout_pb2.SamplingParams:
         """Sampling for rollouts: n completions per prompt (default 1); skip_logprobs is refused."""
@@ -725,10 +759,11 @@ class PpoParams(_message.Message):
         reward_clip: _builtins.float | None = ...,
         whiten_advantages: _builtins.bool | None = ...,
         entropy_coef: _builtins.float | None = ...,
+        publish_every: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange", "_cliprange_value", b"_cliprange_value", "_critic_learning_rate", b"_critic_learning_rate", "_entropy_coef", b"_entropy_coef", "_gamma", b"_gamma", "_kl_coef", b"_kl_coef", "_kl_horizon", b"_kl_horizon", "_lam", b"_lam", "_num_mini_batches", b"_num_mini_batches", "_ppo_epochs", b"_ppo_epochs", "_reward_clip", b"_reward_clip", "_sync_every", b"_sync_every", "_target_kl", b"_target_kl", "_vf_coef", b"_vf_coef", "_whiten_advantages", b"_whiten_advantages", "_whiten_rewards", b"_whiten_rewards", "cliprange", b"cliprange", "cliprange_value", b"cliprange_value", "critic_learning_rate", b"critic_learning_rate", "entropy_coef", b"entropy_coef", "gamma", b"gamma", "kl_coef", b"kl_coef", "kl_horizon", b"kl_horizon", "lam", b"lam", "num_mini_batches", b"num_mini_batches", "ppo_epochs", b"ppo_epochs", "reward_clip", b"reward_clip", "sampling", b"sampling", "sync_every", b"sync_every", "target_kl", b"target_kl", "vf_coef", b"vf_coef", "whiten_advantages", b"whiten_advantages", "whiten_rewards", b"whiten_rewards"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange", "_cliprange_value", b"_cliprange_value", "_critic_learning_rate", b"_critic_learning_rate", "_entropy_coef", b"_entropy_coef", "_gamma", b"_gamma", "_kl_coef", b"_kl_coef", "_kl_horizon", b"_kl_horizon", "_lam", b"_lam", "_num_mini_batches", b"_num_mini_batches", "_ppo_epochs", b"_ppo_epochs", "_publish_every", b"_publish_every", "_reward_clip", b"_reward_clip", "_sync_every", b"_sync_every", "_target_kl", b"_target_kl", "_vf_coef", b"_vf_coef", "_whiten_advantages", b"_whiten_advantages", "_whiten_rewards", b"_whiten_rewards", "cliprange", b"cliprange", "cliprange_value", b"cliprange_value", "critic_learning_rate", b"critic_learning_rate", "entropy_coef", b"entropy_coef", "gamma", b"gamma", "kl_coef", b"kl_coef", "kl_horizon", b"kl_horizon", "lam", b"lam", "num_mini_batches", b"num_mini_batches", "ppo_epochs", b"ppo_epochs", "publish_every", b"publish_every", "reward_clip", b"reward_clip", "sampling", b"sampling", "sync_every", b"sync_every", "target_kl", b"target_kl", "vf_coef", b"vf_coef", "whiten_advantages", b"whiten_advantages", "whiten_rewards", b"whiten_rewards"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange", "_cliprange_value", b"_cliprange_value", "_critic_learning_rate", b"_critic_learning_rate", "_entropy_coef", b"_entropy_coef", "_gamma", b"_gamma", "_kl_coef", b"_kl_coef", "_kl_horizon", b"_kl_horizon", "_lam", b"_lam", "_num_mini_batches", b"_num_mini_batches", "_ppo_epochs", b"_ppo_epochs", "_reward_clip", b"_reward_clip", "_sync_every", b"_sync_every", "_target_kl", b"_target_kl", "_vf_coef", b"_vf_coef", "_whiten_advantages", b"_whiten_advantages", "_whiten_rewards", b"_whiten_rewards", "cliprange", b"cliprange", "cliprange_value", b"cliprange_value", "critic_learning_rate", b"critic_learning_rate", "critic_model", b"critic_model", "entropy_coef", b"entropy_coef", "gamma", b"gamma", "kl_coef", b"kl_coef", "kl_horizon", b"kl_horizon", "lam", b"lam", "num_mini_batches", b"num_mini_batches", "ppo_epochs", b"ppo_epochs", "reward_clip", b"reward_clip", "sampling", b"sampling", "sync_every", b"sync_every", "target_kl", b"target_kl", "vf_coef", b"vf_coef", "whiten_advantages", b"whiten_advantages", "whiten_rewards", b"whiten_rewards"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange", "_cliprange_value", b"_cliprange_value", "_critic_learning_rate", b"_critic_learning_rate", "_entropy_coef", b"_entropy_coef", "_gamma", b"_gamma", "_kl_coef", b"_kl_coef", "_kl_horizon", b"_kl_horizon", "_lam", b"_lam", "_num_mini_batches", b"_num_mini_batches", "_ppo_epochs", b"_ppo_epochs", "_publish_every", b"_publish_every", "_reward_clip", b"_reward_clip", "_sync_every", b"_sync_every", "_target_kl", b"_target_kl", "_vf_coef", b"_vf_coef", "_whiten_advantages", b"_whiten_advantages", "_whiten_rewards", b"_whiten_rewards", "cliprange", b"cliprange", "cliprange_value", b"cliprange_value", "critic_learning_rate", b"critic_learning_rate", "critic_model", b"critic_model", "entropy_coef", b"entropy_coef", "gamma", b"gamma", "kl_coef", b"kl_coef", "kl_horizon", b"kl_horizon", "lam", b"lam", "num_mini_batches", b"num_mini_batches", "ppo_epochs", b"ppo_epochs", "publish_every", b"publish_every", "reward_clip", b"reward_clip", "sampling", b"sampling", "sync_every", b"sync_every", "target_kl", b"target_kl", "vf_coef", b"vf_coef", "whiten_advantages", b"whiten_advantages", "whiten_rewards", b"whiten_rewards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cliprange: _TypeAlias = _typing.Literal["cliprange"]  # noqa: Y015
     _WhichOneofArgType__cliprange: _TypeAlias = _typing.Literal["_cliprange", b"_cliprange"]  # noqa: Y015
@@ -750,6 +785,8 @@ class PpoParams(_message.Message):
     _WhichOneofArgType__num_mini_batches: _TypeAlias = _typing.Literal["_num_mini_batches", b"_num_mini_batches"]  # noqa: Y015
     _WhichOneofReturnType__ppo_epochs: _TypeAlias = _typing.Literal["ppo_epochs"]  # noqa: Y015
     _WhichOneofArgType__ppo_epochs: _TypeAlias = _typing.Literal["_ppo_epochs", b"_ppo_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__publish_every: _TypeAlias = _typing.Literal["publish_every"]  # noqa: Y015
+    _WhichOneofArgType__publish_every: _TypeAlias = _typing.Literal["_publish_every", b"_publish_every"]  # noqa: Y015
     _WhichOneofReturnType__reward_clip: _TypeAlias = _typing.Literal["reward_clip"]  # noqa: Y015
     _WhichOneofArgType__reward_clip: _TypeAlias = _typing.Literal["_reward_clip", b"_reward_clip"]  # noqa: Y015
     _WhichOneofReturnType__sync_every: _TypeAlias = _typing.Literal["sync_every"]  # noqa: Y015
@@ -782,6 +819,8 @@ class PpoParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_mini_batches) -> _WhichOneofReturnType__num_mini_batches | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ppo_epochs) -> _WhichOneofReturnType__ppo_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__publish_every) -> _WhichOneofReturnType__publish_every | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_clip) -> _WhichOneofReturnType__reward_clip | None: ...
     @_typing.overload
@@ -837,6 +876,7 @@ class DevicePlan(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    CPU_OFFLOAD_FIELD_NUMBER: _builtins.int
     device_type: Global___DeviceType.ValueType
     """Device type."""
     devices_per_node: _builtins.int
@@ -849,6 +889,10 @@ class DevicePlan(_message.Message):
     """"fp32", "bf16" or "fp16" (default bf16 on CUDA, fp32 on CPU)."""
     gradient_checkpointing: _builtins.bool
     """Gradient checkpointing to save memory (not for GRPO yet)."""
+    cpu_offload: _builtins.bool
+    """FSDP only, on GPUs: keep the sharded weights, gradients and optimizer state in host memory
+    (FSDP2's CPUOffloadPolicy), for a model that does not fit the GPUs otherwise.
+    """
     def __init__(
         self,
         *,
@@ -858,10 +902,11 @@ class DevicePlan(_message.Message):
         strategy: Global___ParallelStrategy.ValueType = ...,
         precision: _builtins.str = ...,
         gradient_checkpointing: _builtins.bool = ...,
+        cpu_offload: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_devices_per_node", b"_devices_per_node", "_num_nodes", b"_num_nodes", "devices_per_node", b"devices_per_node", "num_nodes", b"num_nodes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_devices_per_node", b"_devices_per_node", "_num_nodes", b"_num_nodes", "device_type", b"device_type", "devices_per_node", b"devices_per_node", "gradient_checkpointing", b"gradient_checkpointing", "num_nodes", b"num_nodes", "precision", b"precision", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_devices_per_node", b"_devices_per_node", "_num_nodes", b"_num_nodes", "cpu_offload", b"cpu_offload", "device_type", b"device_type", "devices_per_node", b"devices_per_node", "gradient_checkpointing", b"gradient_checkpointing", "num_nodes", b"num_nodes", "precision", b"precision", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__devices_per_node: _TypeAlias = _typing.Literal["devices_per_node"]  # noqa: Y015
     _WhichOneofArgType__devices_per_node: _TypeAlias = _typing.Literal["_devices_per_node", b"_devices_per_node"]  # noqa: Y015
@@ -908,13 +953,16 @@ Global___Resources: _TypeAlias = Resources  # noqa: Y015
 
 @_typing.final
 class AutoResources(_message.Message):
-    """Automatic resource choice."""
+    """Automatic resource choice: the trainer picks the device count (up to max_devices), the
+    strategy (one device, DDP, FSDP; gradient checkpointing, then CPU offload when nothing else
+    fits) and the precision from the memory estimate and the devices it has.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MAX_DEVICES_FIELD_NUMBER: _builtins.int
     max_devices: _builtins.int
-    """Most devices to use (default: all available)."""
+    """Most devices to use (default: all available GPUs; a CPU trainer plans one process)."""
     def __init__(
         self,
         *,
@@ -1108,17 +1156,17 @@ class TrainingJob(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         STATE_UNSPECIFIED: TrainingJob._State.ValueType  # 0
         """Never sent."""
-        PENDING: TrainingJob._State.ValueType  # 1
+        STATE_PENDING: TrainingJob._State.ValueType  # 1
         """Accepted, waiting for resources."""
-        RUNNING: TrainingJob._State.ValueType  # 2
+        STATE_RUNNING: TrainingJob._State.ValueType  # 2
         """A worker is training."""
-        SUCCEEDED: TrainingJob._State.ValueType  # 3
+        STATE_SUCCEEDED: TrainingJob._State.ValueType  # 3
         """Finished; the result is in output_model_revision / metrics."""
-        FAILED: TrainingJob._State.ValueType  # 4
+        STATE_FAILED: TrainingJob._State.ValueType  # 4
         """Stopped by an error; see error."""
-        CANCELLING: TrainingJob._State.ValueType  # 5
+        STATE_CANCELLING: TrainingJob._State.ValueType  # 5
         """Cancel requested; the worker is stopping."""
-        CANCELLED: TrainingJob._State.ValueType  # 6
+        STATE_CANCELLED: TrainingJob._State.ValueType  # 6
         """Stopped by a cancel."""
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
@@ -1126,17 +1174,17 @@ class TrainingJob(_message.Message):
 
     STATE_UNSPECIFIED: TrainingJob.State.ValueType  # 0
     """Never sent."""
-    PENDING: TrainingJob.State.ValueType  # 1
+    STATE_PENDING: TrainingJob.State.ValueType  # 1
     """Accepted, waiting for resources."""
-    RUNNING: TrainingJob.State.ValueType  # 2
+    STATE_RUNNING: TrainingJob.State.ValueType  # 2
     """A worker is training."""
-    SUCCEEDED: TrainingJob.State.ValueType  # 3
+    STATE_SUCCEEDED: TrainingJob.State.ValueType  # 3
     """Finished; the result is in output_model_revision / metrics."""
-    FAILED: TrainingJob.State.ValueType  # 4
+    STATE_FAILED: TrainingJob.State.ValueType  # 4
     """Stopped by an error; see error."""
-    CANCELLING: TrainingJob.State.ValueType  # 5
+    STATE_CANCELLING: TrainingJob.State.ValueType  # 5
     """Cancel requested; the worker is stopping."""
-    CANCELLED: TrainingJob.State.ValueType  # 6
+    STATE_CANCELLED: TrainingJob.State.ValueType  # 6
     """Stopped by a cancel."""
 
     @_typing.final

@@ -17,13 +17,13 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from services.common.errors import FieldViolation
-from services.reward.spec_json import enum_names, join, msg_type
-from services.rollout.domain import MAX_TEMPERATURE
+from services.specs.evaluator_json import enum_names, join, msg_type
+from services.specs.sampling import MAX_TEMPERATURE
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 # A nested message default of {} means "create it, then fill its own defaults".
 DEFAULTS: Mapping[str, Mapping[str, Any]] = {
-    "tlm.reward.v1.EvaluatorSpec": {"aggregation": "WEIGHTED_SUM"},
+    "tlm.reward.v1.EvaluatorSpec": {"aggregation": "AGGREGATION_WEIGHTED_SUM"},
     "tlm.reward.v1.Gate": {"min_value": 1.0, "on_unscorable": True},
     "tlm.reward.v1.ScorerSpec": {"weight": 1.0, "normalization": {}},
     "tlm.reward.v1.Normalization": {"scale": 1.0, "offset": 0.0},
@@ -31,18 +31,18 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "tlm.reward.v1.ExactMatchScorer": {"reference_field": "reference", "normalization": {}},
     "tlm.reward.v1.ContainsScorer": {
         "reference_field": "reference",
-        "mode": "ALL",
+        "mode": "MATCH_MODE_ALL",
         "normalization": {},
     },
     "tlm.reward.v1.LengthScorer": {
-        "unit": "CHARACTERS",
+        "unit": "LENGTH_UNIT_CHARACTERS",
         "min_length": 0,
         "penalty_per_unit": 0.01,
         "floor_value": 0.0,
     },
     "tlm.reward.v1.MathScorer": {"reference_field": "reference"},
     "tlm.reward.v1.CodeScorer": {
-        "language": "PYTHON",
+        "language": "CODE_LANGUAGE_PYTHON",
         "tests_field": "tests",
         "timeout": "10s",
         "cpu_seconds": 5,
@@ -56,7 +56,7 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = {
         "apply_chat_template": True,
     },
     "tlm.reward.v1.HumanPreferenceScorer": {
-        "kind": "RATING",
+        "kind": "REVIEW_KIND_RATING",
         "rating_min": 1.0,
         "rating_max": 5.0,
         "dataset": "human-preferences",

@@ -57,7 +57,7 @@ def re2_pattern(pattern: str) -> Any:
     >>> re2_pattern("(?=a)b")
     Traceback (most recent call last):
     ...
-    services.reward.json_schema.SchemaUnusable: pattern '(?=a)b' is not valid RE2 (invalid \
+    services.specs.json_schema.SchemaUnusable: pattern '(?=a)b' is not valid RE2 (invalid \
 perl operator: (?=); backreferences and lookaround are unsupported
     """
     options = re2.Options()
@@ -256,7 +256,7 @@ def validator(schema_json: str) -> Validator:
     >>> validator('{"$ref": "https://example.com/s.json"}')
     Traceback (most recent call last):
     ...
-    services.reward.json_schema.SchemaUnusable: $ref 'https://example.com/s.json' does not \
+    services.specs.json_schema.SchemaUnusable: $ref 'https://example.com/s.json' does not \
 resolve inside the schema; references to other documents (http, file, ...) are not followed
     """
     schema = json.loads(schema_json)

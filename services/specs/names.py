@@ -1,5 +1,7 @@
 """Resource names: `models/{id}`, `models/{id}/revisions/{revision or alias}`, and the same for
-datasets and evaluators. Ids are short, lowercase and can never be a path."""
+datasets and evaluators. Ids are short, lowercase and can never be a path. The registry owns
+these resources; evaluator specs name them (model scorers, review datasets), so the rules are
+shared."""
 
 from __future__ import annotations
 

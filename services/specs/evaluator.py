@@ -1,17 +1,19 @@
-"""Evaluator spec validation: every error with its JSON path, and the normalised spec.
+"""Evaluator spec validation: every error with its JSON path, and the normalised spec. Pure (no
+scorer runtime): the registry validates specs it stores with it, the reward service specs it
+runs.
 
 `validate_json` (text from users) and `validate_spec` (a message) both collect all problems;
 `require_valid` raises EvaluatorInvalid for callers that only want a runnable spec. Sizes are
-checked first (spec_json), single fields against the bounds table (spec_defaults), then what
-involves several fields or other rules (RE2, JSON Schema, registry names) here. CPU-bound: the
-service runs it off the event loop.
+checked first (evaluator_json), single fields against the bounds table (evaluator_defaults),
+then what involves several fields or other rules (RE2, JSON Schema, resource names) here.
+CPU-bound: services run it off the event loop.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +22,11 @@ import re2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from services.common import proto_json
 from services.common.errors import FieldViolation, InvalidArgument
-from services.registry.names import Collection, check_id, parse_revision
-from services.reward import json_schema
-from services.reward.domain import EvaluatorInvalid
-from services.reward.spec_defaults import BOUNDS, field_problems, fill_defaults
-from services.reward.spec_json import (
+from services.specs import json_schema
+from services.specs.evaluator_defaults import BOUNDS, field_problems, fill_defaults
+from services.specs.evaluator_json import (
     MAX_SPEC_BYTES,
     finite,
     join,
@@ -33,6 +34,8 @@ from services.reward.spec_json import (
     object_extent_problem,
     prune_message,
 )
+from services.specs.names import Collection, check_id, parse_revision
+from tlm.common.v1 import common_pb2
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
@@ -41,6 +44,17 @@ MAX_CODE_TIMEOUT_S = BOUNDS["CodeScorer.timeout"].high
 SCORER_TYPES = tuple(f.name for f in ev.ScorerSpec.DESCRIPTOR.oneofs_by_name["scorer"].fields)
 
 Errors = list[FieldViolation]
+
+
+class EvaluatorInvalid(InvalidArgument):
+    """An evaluator spec has errors; each violation's field is a JSON path."""
+
+    reason = common_pb2.EVALUATOR_INVALID
+
+    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+        first = violations[0] if violations else FieldViolation("", "invalid")
+        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+        super().__init__(f"{first.field}: {first.description}{more}", violations=violations)
 
 
 @dataclass
@@ -68,6 +82,8 @@ def validate_json(text: str) -> Validation:
     data, problems = load_json(text)
     if problems:
         return Validation(problems)
+    # Specs written before the enum rename (`"unit": "WORDS"`) load with today's names.
+    data = proto_json.upgrade_enums(data, ev.EvaluatorSpec.DESCRIPTOR)
     errors, cleaned = prune_message(data, ev.EvaluatorSpec.DESCRIPTOR, "")
     spec = ev.EvaluatorSpec()
     try:
@@ -169,7 +185,7 @@ def _check_scorer(scorer: ev.ScorerSpec, spec: ev.EvaluatorSpec, path: str) -> E
     errors: Errors = []
     if not NAME_RE.match(scorer.name):
         errors.append(FieldViolation(join(path, "name"), "must match [a-z0-9_-]{1,64}"))
-    if scorer.weight < 0 and spec.aggregation == ev.WEIGHTED_MEAN:
+    if scorer.weight < 0 and spec.aggregation == ev.AGGREGATION_WEIGHTED_MEAN:
         errors.append(
             FieldViolation(join(path, "weight"), "must be >= 0 with WEIGHTED_MEAN aggregation")
         )
@@ -209,7 +225,7 @@ def _check_aggregation(spec: ev.EvaluatorSpec, at: Callable[..., str]) -> Errors
     aggregated = [s for s in spec.scorers if not s.monitor_only]
     if spec.scorers and not aggregated:
         return [FieldViolation(at("scorers"), "every scorer is monitor_only; nothing to aggregate")]
-    if spec.aggregation == ev.WEIGHTED_MEAN:
+    if spec.aggregation == ev.AGGREGATION_WEIGHTED_MEAN:
         total = sum(s.weight if s.HasField("weight") else 1.0 for s in aggregated)
         if aggregated and total <= 0:
             return [FieldViolation(at("aggregation"), "WEIGHTED_MEAN needs weights summing > 0")]
@@ -325,9 +341,9 @@ def _check_judge(msg: ev.JudgeScorer, path: str) -> Errors:
         problem = re2_problem(msg.score_pattern, min_groups=1)
         if problem:
             errors.append(FieldViolation(join(path, "score_pattern"), problem))
-    if msg.adapter_revision:
-        where = join(path, "adapter_revision")
-        errors.extend(_registry_name(msg.adapter_revision, Collection.MODELS, where))
+    for name in ("model_revision", "adapter_revision"):
+        if getattr(msg, name):
+            errors.extend(_registry_name(getattr(msg, name), Collection.MODELS, join(path, name)))
     low = msg.score_min if msg.HasField("score_min") else 0.0
     high = msg.score_max if msg.HasField("score_max") else 10.0
     if finite(low) and finite(high) and not low < high:

@@ -1,0 +1,8 @@
+"""Alembic environment of the deployment store: `services.common.sql` runs it on open."""
+
+from __future__ import annotations
+
+from services.common.sql import run_migrations
+from services.deploy.store import VERSION_TABLE, Base
+
+run_migrations(Base.metadata, VERSION_TABLE)
