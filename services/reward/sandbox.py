@@ -155,8 +155,21 @@ def _passed(report: Mapping[str, Any] | None, verdict: Mapping[str, Any] | None)
 
 
 def _limit_hit(report: Mapping[str, Any], limits: Limits, address_space_mb: int) -> Outcome | None:
-    """TIMEOUT or ERROR when the report shows the program reached one of its limits."""
-    if report["cpu_s"] >= limits.cpu_seconds * 0.95:
+    """TIMEOUT or ERROR when the report shows the program reached one of its limits.
+
+    The kernel's SIGXCPU is the CPU limit, though the rusage the launcher reads can trail the
+    kernel's own count on a loaded machine; half the limit still tells it from a program that
+    sent itself the signal early.
+
+    >>> r = {"cpu_s": 1.6, "signal": 24, "maxrss_kb": 0, "largest_file": 0,
+    ...      "scratch_full": False, "lingering": 0}
+    >>> _limit_hit(r, Limits(cpu_seconds=2), 64).status.name
+    'TIMEOUT'
+    >>> _limit_hit(r | {"cpu_s": 0.1}, Limits(cpu_seconds=2), 64) is None
+    True
+    """
+    share = 0.5 if report.get("signal") == signal.SIGXCPU else 0.95
+    if report["cpu_s"] >= limits.cpu_seconds * share:
         return Outcome.timeout(f"CPU time limit of {limits.cpu_seconds}s reached")
     space = address_space_mb * MIB
     if report["maxrss_kb"] * 1024 >= min(MEMORY_SHARE * space, space - ADDRESS_SPACE_HEADROOM):

@@ -270,8 +270,11 @@ async def test_list_filters_and_pages(trainer: Stub, jobs: dict[str, str]) -> No
         seen += [j.name for j in page.jobs]
     assert set(jobs.values()) <= set(seen) and len(seen) == len(set(seen))
     assert seen.index(jobs["cancel"]) < seen.index(jobs["sft_full"])  # newest first
+    # Other modules share this trainer: the filter keeps only DPO jobs, this module's among them.
     dpo = await trainer.ListTrainingJobs(pb.ListTrainingJobsRequest(method=pb.METHOD_DPO))
-    assert [j.name for j in dpo.jobs] == [jobs["dpo"]]
+    assert jobs["dpo"] in [j.name for j in dpo.jobs]
+    assert {j.spec.method for j in dpo.jobs} == {pb.METHOD_DPO}
+    assert len(dpo.jobs) < len(seen)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await trainer.ListTrainingJobs(
             pb.ListTrainingJobsRequest(method=pb.METHOD_KTO, page_token=page.next_page_token or "x")
