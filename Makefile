@@ -49,7 +49,8 @@ lint: $(STAMP) $(NODE_STAMP)
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The quick lane while editing: no lint, nothing that trains or generates with a model (`slow`).
+# The quick lane while editing: no lint, nothing seconds long (`slow`: training, models, `tlm up`,
+# timeouts); test modules slow as a whole are not even imported (conftest.py).
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not slow' $(PYTEST_ARGS)
 

@@ -1,7 +1,13 @@
-"""Reward Score throughput over gRPC vs the same scorer code in process, and latency under
-16 concurrent clients. Prints the ratio (target >= 0.8).
+"""Reward Score throughput over gRPC vs the same scorer code in process, at batch sizes 1, 16
+and 256, and latency under 16 concurrent clients.
 
-    .venv/bin/python bench/reward_throughput.py [--samples 2048] [--workers 2]
+For each batch size the sides run interleaved (which goes first rotates), `--repeats` rounds of
+`--samples` samples each: in process (one thread), over gRPC with rules in the server's thread
+(`rule_workers=0`, like for like) and over gRPC with `--workers` rule worker processes. Prints
+the median and spread (min-max) of samples/s per side, and of its ratio to in-process within
+each round (target >= 0.8 from batch 16).
+
+    .venv/bin/python bench/reward_throughput.py [--samples 512] [--workers 2] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +35,6 @@ from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
-BATCH = 256
 MATH_SPEC = {
     "scorers": [
         {"name": "format", "weight": 0.2, "format": {"tags": ["think", "answer"]}},
@@ -39,8 +45,8 @@ MATH_SPEC = {
 }
 
 
-def spec(data: dict[str, object]) -> ev.EvaluatorSpec:
-    return json_format.ParseDict(data, ev.EvaluatorSpec())
+def spec(data: Mapping[str, object]) -> ev.EvaluatorSpec:
+    return json_format.ParseDict(dict(data), ev.EvaluatorSpec())
 
 
 def sample(sample_id: str, completion: str, reference: str) -> rs.Sample:
@@ -61,30 +67,29 @@ def make_samples(n: int, offset: int) -> list[rs.Sample]:
     ]
 
 
-def in_process(samples: list[rs.Sample]) -> float:
+def in_process(samples: list[rs.Sample], batch: int) -> float:
+    """Conversion from proto, every scorer, and combining: what Score does, without gRPC."""
     evaluator = require_valid(spec(MATH_SPEC))
-    domain = [convert.sample_from_proto(s) for s in samples]
+    payloads = [s.SerializeToString() for s in evaluator.scorers]
     start = time.perf_counter()
-    for i in range(0, len(domain), BATCH):
-        batch = domain[i : i + BATCH]
-        columns = [
-            [r for r, _ in run_chunk(s.SerializeToString(), batch)] for s in evaluator.scorers
-        ]
-        for j, one in enumerate(batch):
+    for i in range(0, len(samples), batch):
+        chunk = [convert.sample_from_proto(s) for s in samples[i : i + batch]]
+        columns = [[r for r, _ in run_chunk(p, chunk)] for p in payloads]
+        for j, one in enumerate(chunk):
             row = [
                 scorer_result(sc, col[j])
                 for sc, col in zip(evaluator.scorers, columns, strict=True)
             ]
             combine(evaluator, one.sample_id, row)
-    return len(domain) / (time.perf_counter() - start)
+    return len(samples) / (time.perf_counter() - start)
 
 
-def over_grpc(stub: rs_grpc.RewardServiceStub, samples: list[rs.Sample]) -> float:
+def over_grpc(stub: rs_grpc.RewardServiceStub, samples: list[rs.Sample], batch: int) -> float:
     evaluator = spec(MATH_SPEC)
     start = time.perf_counter()
     statuses: set[int] = set()
-    for i in range(0, len(samples), BATCH):
-        request = rs.ScoreRequest(spec=evaluator, samples=samples[i : i + BATCH])
+    for i in range(0, len(samples), batch):
+        request = rs.ScoreRequest(spec=evaluator, samples=samples[i : i + batch])
         response = stub.Score(request, timeout=120)
         statuses |= {r.status for r in response.results}
     rate = len(samples) / (time.perf_counter() - start)
@@ -117,38 +122,58 @@ def latency(stub: rs_grpc.RewardServiceStub, clients: int, calls: int) -> list[f
         return [t for ts in pool.map(client, range(clients)) for t in ts]
 
 
+def spread(runs: list[float]) -> str:
+    return f"{statistics.median(runs):7,.0f} [{min(runs):,.0f}-{max(runs):,.0f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--samples", type=int, default=512, help="samples per round and side")
     parser.add_argument("--workers", type=int, default=2, help="rule worker processes")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", default="1,16,256")
     args = parser.parse_args()
     configure_logging(json=True, level="warning")
-    in_process(make_samples(64, 5_000_000))  # warm sympy / math-verify
-    local = in_process(make_samples(args.samples, 0))
-    # Like for like: the server scores in one thread too (rule_workers=0).
-    server = serve(0)
+    in_process(make_samples(64, 5_000_000), 64)  # warm sympy / math-verify
+    # Like for like: one server scores in one thread (rule_workers=0), the other as deployed.
+    thread_server, pool_server = serve(0), serve(args.workers)
+    offset = iter(range(10_000_000, 1 << 40, args.samples))  # distinct: the cache never answers
     try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = rs_grpc.RewardServiceStub(channel)
-            over_grpc(stub, make_samples(BATCH, 7_000_000))
-            same = over_grpc(stub, make_samples(args.samples, 2_000_000))
+        with (
+            grpc.insecure_channel(thread_server.address) as thread_channel,
+            grpc.insecure_channel(pool_server.address) as pool_channel,
+        ):
+            thread = rs_grpc.RewardServiceStub(thread_channel)
+            pool = rs_grpc.RewardServiceStub(pool_channel)
+            sides = {
+                "in process": lambda s, b: in_process(s, b),
+                "gRPC, rules in 1 thread": lambda s, b: over_grpc(thread, s, b),
+                f"gRPC, {args.workers} rule workers": lambda s, b: over_grpc(pool, s, b),
+            }
+            print(f"samples/s, median [min-max] of {args.repeats} interleaved rounds")
+            for batch in (int(b) for b in args.batches.split(",")):
+                runs: dict[str, list[float]] = {name: [] for name in sides}
+                for side in sides.values():  # warm-up
+                    side(make_samples(batch, next(offset)), batch)
+                names = list(sides)
+                for r in range(args.repeats):
+                    for name in names[r % 3 :] + names[: r % 3]:
+                        runs[name].append(
+                            sides[name](make_samples(args.samples, next(offset)), batch)
+                        )
+                for name, rates in runs.items():
+                    ratios = [a / b for a, b in zip(rates, runs["in process"], strict=True)]
+                    print(
+                        f"batch {batch:4d}  {name:24s} {spread(rates):24s} ratio "
+                        f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+                    )
+            times = sorted(latency(pool, clients=16, calls=8))
     finally:
-        server.stop()
-    server = serve(args.workers)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = rs_grpc.RewardServiceStub(channel)
-            over_grpc(stub, make_samples(BATCH, 6_000_000))  # warm the workers
-            remote = over_grpc(stub, make_samples(args.samples, 1_000_000))
-            times = sorted(latency(stub, clients=16, calls=8))
-    finally:
-        server.stop()
+        thread_server.stop()
+        pool_server.stop()
     p50 = statistics.median(times)
     p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
-    print(f"in-process (1 thread): {local:8.0f} samples/s")
-    print(f"gRPC Score (batch {BATCH}, rules in 1 thread): {same:8.0f} samples/s")
-    print(f"ratio gRPC / in-process, like for like: {same / local:.2f}  (target >= 0.8)")
-    print(f"gRPC Score (batch {BATCH}, {args.workers} rule workers): {remote:8.0f} samples/s")
+    print("target: gRPC / in process >= 0.8 from batch 16")
     print(f"16 clients x 16-sample calls: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
 
 

@@ -2,38 +2,44 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.common.auth import SERVICE_TEAM
-from services.common.server import ServiceBinding
 from services.common.settings import ServerSettings
-from services.deploy import app as deploy_app
 from services.deploy.settings import DeploySettings
-from services.registry import app as registry_app
 from services.registry.settings import RegistrySettings
-from services.reward import app as reward_app
 from services.reward.settings import RewardSettings
-from services.rollout import app as rollout_app
 from services.rollout.settings import RolloutSettings
-from services.trainer import app as trainer_app
 from services.trainer.settings import TrainerSettings
 
-SERVICES: dict[str, tuple[ModuleType, type[ServerSettings]]] = {
-    "registry": (registry_app, RegistrySettings),
-    "reward": (reward_app, RewardSettings),
-    "rollout": (rollout_app, RolloutSettings),
-    "trainer": (trainer_app, TrainerSettings),
-    "deploy": (deploy_app, DeploySettings),
+if TYPE_CHECKING:
+    from services.common.server import ServiceBinding
+
+# Each service's app module (imported when it is bound: `tlm serve registry` does not load
+# the rollout's torch) and settings class.
+SERVICES: dict[str, tuple[str, type[ServerSettings]]] = {
+    "registry": ("services.registry.app", RegistrySettings),
+    "reward": ("services.reward.app", RewardSettings),
+    "rollout": ("services.rollout.app", RolloutSettings),
+    "trainer": ("services.trainer.app", TrainerSettings),
+    "deploy": ("services.deploy.app", DeploySettings),
 }
 SERVICE_ORDER = tuple(SERVICES)
 
 
+def binding(service: str, settings: ServerSettings) -> ServiceBinding:
+    """The binding of `service` (a key of SERVICES) with `settings`."""
+    app = importlib.import_module(SERVICES[service][0])
+    result: ServiceBinding = app.binding(settings)
+    return result
+
+
 def service_settings(service: str, **overrides: Any) -> ServerSettings:
     """Settings of one service from TLM_<SERVICE>_... variables, then `overrides`."""
-    _module, settings_cls = SERVICES[service]
+    _app, settings_cls = SERVICES[service]
     values = {k: v for k, v in overrides.items() if v is not None}
     return settings_cls(**values)
 
@@ -49,12 +55,7 @@ def bindings_for(services: Sequence[str], shared: ServerSettings) -> list[Servic
         "insecure_dev": shared.insecure_dev,
         "service_api_key": service_key,
     }
-    result = []
-    for name in services:
-        module, settings_cls = SERVICES[name]
-        settings = settings_cls.model_validate(common)
-        result.append(module.binding(settings))
-    return result
+    return [binding(name, SERVICES[name][1].model_validate(common)) for name in services]
 
 
 def up_settings(

@@ -1,4 +1,4 @@
-"""`tlm deployments ...` (the deploy service from the shell) and `tlm serve gateway`.
+"""`tlm deployments ...`: the deploy service from the shell.
 
 Each command is one or two calls of the deploy client (services/clients/deploy.py); models are
 written MODEL[@REV|@ALIAS] as everywhere in `tlm` (no @: the `latest` alias, followed as it
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -17,10 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import errors
-from services.cli.errors import HandledGroup, UserError, err_console
+from services.cli.errors import HandledGroup, UserError
 from services.cli.registry_cmds import revision_name, show_json
 from services.clients.deploy import DeployClient
-from services.common.logs import configure_logging
+from services.common.proto_json import short_name
 from tlm.deploy.v1 import deploy_pb2 as pb
 
 console = Console()
@@ -37,7 +36,6 @@ TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature.
 TopPOpt = Annotated[float | None, typer.Option(help="Default top_p.")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Default max_tokens.")]
 WaitOpt = Annotated[bool, typer.Option(help="Wait until READY (exit 1 if it FAILED).")]
-STATES = {v: k.removeprefix("STATE_") for k, v in pb.Deployment.State.items()}
 WAIT_POLL_S = 0.5
 WAIT_LIMIT_S = 1800.0
 
@@ -62,7 +60,7 @@ def _print(d: pb.Deployment) -> None:
     serving = d.model_revision or "-"
     if d.adapter_revision:
         serving += f" + {d.adapter_revision}"
-    line = f"[bold]{d.name}[/] {STATES[d.state]}: serving {serving}"
+    line = f"[bold]{d.name}[/] {short_name(pb.Deployment.State, d.state)}: serving {serving}"
     if d.pending_model_revision:
         line += f", pending {d.pending_model_revision}"
     if d.previous_model_revision:
@@ -121,7 +119,8 @@ def list_(address: AddressOpt = None) -> None:
     """List deployments."""
     table = Table("name", "state", "model", "serving", "previous")
     for d in _run(address, lambda c: c.list_deployments()):
-        table.add_row(d.name, STATES[d.state], d.model, d.model_revision, d.previous_model_revision)
+        state = short_name(pb.Deployment.State, d.state)
+        table.add_row(d.name, state, d.model, d.model_revision, d.previous_model_revision)
     console.print(table)
 
 
@@ -186,24 +185,3 @@ def delete(name: str, address: AddressOpt = None) -> None:
     """Delete a deployment; the gateway stops serving it at once."""
     _run(address, lambda c: c.delete_deployment(_name(name)))
     console.print(f"deleted {_name(name)}")
-
-
-def serve_gateway(
-    port: int | None, host: str | None, insecure_dev: bool | None, ready_file: Path | None
-) -> None:
-    """`tlm serve gateway`: the OpenAI-compatible HTTP endpoint alone (TLM_GATEWAY_...)."""
-    from services.gateway.server import serve_gateway as run
-    from services.gateway.settings import GatewaySettings
-
-    flags = {"port": port, "host": host, "insecure_dev": insecure_dev}
-    settings = GatewaySettings(**{k: v for k, v in flags.items() if v is not None})  # type: ignore[arg-type]
-    configure_logging(settings.log_json, settings.log_level)
-
-    def ready(url: str) -> None:
-        err_console.print(f"[bold green]TLM gateway[/] on {url}")
-        if ready_file is not None:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(url)
-            tmp.replace(ready_file)
-
-    asyncio.run(run(settings, ready))

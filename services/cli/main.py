@@ -10,22 +10,23 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.console_cmds import serve_console
-from services.cli.deploy_cmds import deployments_app, serve_gateway
+from services.cli.deploy_cmds import deployments_app
 from services.cli.engine_cmds import engine_app
-from services.cli.errors import HandledGroup, UserError, err_console, print_error, unreachable
+from services.cli.errors import HandledGroup, UserError, print_error, unreachable
 from services.cli.estimate_cmds import estimate
 from services.cli.export_cmds import merge as models_merge
 from services.cli.export_cmds import pull as models_pull
 from services.cli.health import check_health
+from services.cli.http_cmds import HTTP_SERVERS, ready_writer, serve_http
 from services.cli.registry_cmds import datasets_app, evaluators_list, evaluators_show, models_app
 from services.cli.registry_manage import add_commands, datasets_append
 from services.cli.review_cmds import reviews_app
@@ -37,6 +38,9 @@ from services.cli.rollout_cmds import generate
 from services.cli.trainer_cmds import jobs_app
 from services.common.client import SERVICES, resolve_address
 from services.common.logs import configure_logging
+
+if TYPE_CHECKING:
+    from services.common.server import RunningServer
 
 app = typer.Typer(
     cls=HandledGroup, help="TLM: post-training LLMs as gRPC services.", no_args_is_help=True
@@ -80,15 +84,9 @@ ReadyOpt = Annotated[
 ]
 
 
-def _ready_writer(ready_file: Path | None):  # type: ignore[no-untyped-def]
-    def ready(running) -> None:  # type: ignore[no-untyped-def]
-        err_console.print(f"[bold green]TLM serving[/] on {running.address}")
-        if ready_file is not None:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(running.address)
-            tmp.replace(ready_file)
-
-    return ready
+def _ready_writer(ready_file: Path | None) -> Callable[[RunningServer], None]:
+    announce = ready_writer("TLM serving", ready_file)
+    return lambda running: announce(running.address)
 
 
 @app.callback()
@@ -145,21 +143,18 @@ def serve(
 ) -> None:
     """Run one service, configured by TLM_<SERVICE>_... variables (for containers)."""
     from services.common.server import serve_forever
-    from services.embedded import SERVICES as MODULES
-    from services.embedded import service_settings
+    from services.embedded import SERVICES as APPS
+    from services.embedded import binding, service_settings
 
-    if service == "gateway":
-        serve_gateway(port, host, insecure_dev, ready_file)
+    if service in HTTP_SERVERS:
+        serve_http(service, port, host, insecure_dev, ready_file)
         return
-    if service == "console":
-        serve_console(port, host, insecure_dev, ready_file)
-        return
-    if service not in MODULES:
-        raise UserError(f"unknown service {service!r}; expected one of {', '.join(MODULES)}")
+    if service not in APPS:
+        raise UserError(f"unknown service {service!r}; expected one of {', '.join(APPS)}")
     settings = service_settings(service, port=port, host=host, insecure_dev=insecure_dev)
     configure_logging(settings.log_json, settings.log_level)
-    binding = MODULES[service][0].binding(settings)
-    asyncio.run(serve_forever([binding], settings, _ready_writer(ready_file)))
+    bound = binding(service, settings)
+    asyncio.run(serve_forever([bound], settings, _ready_writer(ready_file)))
 
 
 @app.command()

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from google.protobuf import json_format, struct_pb2
 
 from services.common.errors import Aborted, InvalidArgument
 from services.common.ids import team_dir
+from services.common.streams import consume_pipelined
 from tlm.registry.v1 import registry_pb2
 
 if TYPE_CHECKING:
@@ -72,28 +74,40 @@ def from_struct(s: struct_pb2.Struct) -> dict[str, Any]:
 async def write_download(
     stream: AsyncIterable[registry_pb2.DownloadChunk], dest: Path
 ) -> registry_pb2.Manifest:
-    """Consume a DownloadChunk stream into `dest`, checking each file's size and sha256."""
-    manifest: registry_pb2.Manifest | None = None
+    """Consume a DownloadChunk stream into `dest`, checking each file's size and sha256. Chunks
+    are written in a thread while the next ones arrive (consume_pipelined), and hashed in
+    another while they are written (both release the GIL)."""
+    manifests: list[registry_pb2.Manifest] = []
     digests: dict[str, Any] = {}
     handles: dict[str, Any] = {}
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="tlm-download-hash")
+    hashing: list[Future[None]] = []  # the last chunk handed to the hash thread
+
+    def take(message: registry_pb2.DownloadChunk) -> None:
+        if message.HasField("manifest"):
+            manifests.append(message.manifest)
+            return
+        chunk = message.chunk
+        if chunk.path not in handles:
+            target = dest / chunk.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handles[chunk.path] = target.open("wb")
+            digests[chunk.path] = hashlib.sha256()
+        data = chunk.data
+        if hashing:
+            hashing.pop().result()  # at most one chunk is hashed behind the writes
+        hashing.append(hasher.submit(digests[chunk.path].update, data))
+        handles[chunk.path].write(data)
+
     try:
-        async for message in stream:
-            if message.HasField("manifest"):
-                manifest = message.manifest
-                continue
-            chunk = message.chunk
-            if chunk.path not in handles:
-                target = dest / chunk.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                handles[chunk.path] = target.open("wb")
-                digests[chunk.path] = hashlib.sha256()
-            handles[chunk.path].write(chunk.data)
-            digests[chunk.path].update(chunk.data)
+        await consume_pipelined(stream, take)
     finally:
+        await asyncio.to_thread(hasher.shutdown, wait=True)
         for handle in handles.values():
             handle.close()
-    if manifest is None:
+    if not manifests:
         raise InvalidArgument("download stream carried no manifest")
+    manifest = manifests[-1]
     for entry in manifest.files:
         got = digests.get(entry.path, hashlib.sha256()).hexdigest()
         if got != entry.sha256:

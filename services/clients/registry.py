@@ -192,8 +192,12 @@ class RegistryClient(ServiceClient):
             for entry in manifest.files:
                 offset = 0
                 async for block in produce_prefetched(read_blocks(folder / entry.path)):
-                    chunk = registry_pb2.FileChunk(path=entry.path, offset=offset, data=block)
-                    yield registry_pb2.UploadModelRevisionRequest(chunk=chunk)
+                    # Filled in place: UploadModelRevisionRequest(chunk=FileChunk(...)) copies
+                    # the block a second time.
+                    request = registry_pb2.UploadModelRevisionRequest()
+                    request.chunk.path, request.chunk.offset = entry.path, offset
+                    request.chunk.data = block
+                    yield request
                     offset += len(block)
 
         return await self._call(self.stub.UploadModelRevision, requests(), team)

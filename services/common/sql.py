@@ -10,7 +10,8 @@ tables and keeps its Alembic version in its own table. Synchronous: callers run 
 - `write_session`: a transaction that takes SQLite's write lock up front (BEGIN IMMEDIATE), so
   a transaction that reads and then writes never fails to upgrade its lock under contention.
 - `migrate`: Alembic to head on open, serialised between processes (several replicas of a
-  service may start at once against one database).
+  service may start at once against one database); `open_store` is both.
+- `unique_when_set`, `utc`: the pieces of table and row code the stores share.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import Engine, Index, MetaData, create_engine, event, text
 from sqlalchemy.orm import Session
 
 BUSY_TIMEOUT_S = 30
@@ -85,6 +87,35 @@ def migrate(engine: Engine, migrations: Path, version_table: str) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def open_store(url: str, migrations: Path, version_table: str) -> Engine:
+    """`make_engine` for `url`, its schema brought to head by `migrate`."""
+    engine = make_engine(url)
+    migrate(engine, migrations, version_table)
+    return engine
+
+
+def unique_when_set(name: str, *columns: str, when: str = "request_id") -> Index:
+    """A unique index on `columns` over the rows whose `when` column is set (not ''): a partial
+    index on SQLite and PostgreSQL alike, so that an idempotency key is unique per team only
+    where a caller gave one."""
+    where = text(f"{when} != ''")
+    return Index(name, *columns, unique=True, sqlite_where=where, postgresql_where=where)
+
+
+@overload
+def utc(t: datetime) -> datetime: ...
+@overload
+def utc(t: None) -> None: ...
+def utc(t: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC datetime: SQLite hands `DateTime(timezone=True)` back
+    without its zone.
+
+    >>> utc(datetime(2026, 1, 2)).isoformat(), utc(None)
+    ('2026-01-02T00:00:00+00:00', None)
+    """
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
 
 def run_migrations(target_metadata: MetaData, version_table: str) -> None:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, delete, select, text
+from sqlalchemy import JSON, DateTime, Index, Integer, String, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -40,14 +40,7 @@ class DeploymentRow(Base):
     __tablename__ = "deployments"
     __table_args__ = (
         Index("ux_deployments_team_id", "team", "deployment_id", unique=True),
-        Index(
-            "ux_deployments_team_request",
-            "team",
-            "request_id",
-            unique=True,
-            sqlite_where=text("request_id != ''"),
-            postgresql_where=text("request_id != ''"),
-        ),
+        sql.unique_when_set("ux_deployments_team_request", "team", "request_id"),
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -67,10 +60,6 @@ class DeploymentRow(Base):
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
 def _resolved(value: dict[str, str] | None) -> Resolved | None:
@@ -101,8 +90,8 @@ def _deployment(row: DeploymentRow) -> Deployment:
         previous=_resolved(row.previous),
         generation=row.generation,
         request_id=row.request_id,
-        create_time=_utc(row.create_time),
-        update_time=_utc(row.update_time),
+        create_time=sql.utc(row.create_time),
+        update_time=sql.utc(row.update_time),
     )
 
 
@@ -119,8 +108,7 @@ def _fill(row: DeploymentRow, d: Deployment) -> None:
 
 class DeploymentStore:
     def __init__(self, url: str) -> None:
-        self.engine = sql.make_engine(url)
-        sql.migrate(self.engine, MIGRATIONS, VERSION_TABLE)
+        self.engine = sql.open_store(url, MIGRATIONS, VERSION_TABLE)
 
     def close(self) -> None:
         self.engine.dispose()

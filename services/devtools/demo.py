@@ -52,6 +52,28 @@ def _start(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], 
     return proc, ready.read_text()
 
 
+def addition_chat_rows(upto: int) -> str:
+    """SFT rows (JSON lines) that teach the `<answer>` format: every a + b for a, b in 1..upto.
+
+    >>> print(addition_chat_rows(1), end="")  # doctest: +NORMALIZE_WHITESPACE
+    {"messages": [{"role": "user", "content": "What is 1 + 1?"},
+                  {"role": "assistant", "content": "<answer>2</answer>"}]}
+    """
+    return "".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": f"<answer>{a + b}</answer>"},
+                ]
+            }
+        )
+        + "\n"
+        for a in range(1, upto + 1)
+        for b in range(1, upto + 1)
+    )
+
+
 def _gateway_url(data_dir: Path) -> str:
     """The OpenAI-compatible endpoint's URL, from `tlm up`'s log (it starts before ready)."""
     for line in (data_dir / "server.log").read_text().splitlines():
@@ -157,6 +179,8 @@ def main() -> None:
         proc, address = _start(data_dir, env)
         env["TLM_ADDRESS"] = address
         console.print(f"tlm up is serving on {address} (data in {data_dir})")
+        console_url = f"{_gateway_url(data_dir)}/console/"
+        console.print(f"web console: {console_url} (the jobs' curves, live while the demo runs)")
         try:
             health = json.loads(_run("health", "--json", env=env))
             assert all(v["status"] == "SERVING" for v in health.values()), health
@@ -220,21 +244,7 @@ def main() -> None:
             )
             # The main job: SFT of the tiny model on chat rows, followed to the end.
             chat = data_dir / "chat.jsonl"
-            chat.write_text(
-                "".join(
-                    json.dumps(
-                        {
-                            "messages": [
-                                {"role": "user", "content": f"What is {a} + {b}?"},
-                                {"role": "assistant", "content": f"<answer>{a + b}</answer>"},
-                            ]
-                        }
-                    )
-                    + "\n"
-                    for a in range(1, 9)
-                    for b in range(1, 9)
-                )
-            )
+            chat.write_text(addition_chat_rows(8))
             _run("datasets", "push", "chat", str(chat), "--kind", "sft", env=env)
             job = ["jobs", "create", "--method", "sft", "--base-model", "tiny", "--dataset", "chat"]
             job += ["--full", "--max-steps", "160", "--learning-rate", "0.003"]
@@ -251,6 +261,10 @@ def main() -> None:
         if code != 0:
             raise SystemExit(f"tlm up exited with {code}; see its log above")
         console.print("[green]tlm up stopped cleanly[/]")
+        console.print(
+            f"The web console was at {console_url} while the demo ran; to browse your own data,"
+            " `tlm up --http-port PORT` serves it at /console on that port."
+        )
         if not passed:
             raise SystemExit(f"GRPO missed the bar: {FIRST_BELOW} -> {LAST_ABOVE} mean reward")
         console.rule("demo finished")

@@ -14,19 +14,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (
-    GenerationConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2ForSequenceClassification,
-    Qwen2Tokenizer,
-)
+if TYPE_CHECKING:  # imported where a model is built: a cached model needs neither (seconds)
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 
 # Bump when the corpus, tokenizer or architecture changes so stale caches are not reused.
 CACHE_VERSION = 1
@@ -105,6 +96,9 @@ def _corpus(n_lines: int) -> list[str]:
 
 
 def build_tokenizer(size: str = "test") -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
     spec = _check(size)
     # transformers 5 loads every qwen2 checkpoint with Qwen2Tokenizer, which rebuilds the
     # normalizer/pre-tokenizer itself and ignores ours; so train with exactly Qwen's pipeline
@@ -142,6 +136,9 @@ def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
 
 
 def _config(spec: TinySize, tokenizer: PreTrainedTokenizerFast, kind: str) -> Qwen2Config:
+    import torch
+    from transformers import Qwen2Config
+
     eos_id = _token_id(tokenizer, EOS)
     config = Qwen2Config(
         vocab_size=spec.vocab_size,
@@ -168,6 +165,9 @@ def build_tiny_model(
     out_dir: str | Path, size: str = "test", kind: str = "causal-lm", seed: int = 0
 ) -> Path:
     """Write a randomly initialised model plus its tokenizer to ``out_dir``; return the path."""
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
     spec = _check(size, kind)
     out = Path(out_dir)
     tokenizer = build_tokenizer(size)

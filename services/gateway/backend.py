@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from services.clients.deploy import DeployClient
 from services.clients.rollout import RolloutClient
 from services.common.errors import InvalidArgument, NotFound
+from services.common.proto_json import short_name
 from services.gateway.calls import Call, Sampling
 from services.gateway.errors import ApiError
 from tlm.common.v1 import common_pb2
@@ -82,7 +83,7 @@ class Backend:
                 404, f"The model '{model}' does not exist", param="model", code="model_not_found"
             ) from None
         if not d.model_revision:
-            state = deploy_pb2.Deployment.State.Name(d.state).removeprefix("STATE_")
+            state = short_name(deploy_pb2.Deployment.State, d.state)
             raise ApiError(
                 503,
                 f"The model '{model}' is not ready ({state}: {d.state_reason})",

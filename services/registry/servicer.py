@@ -66,7 +66,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         for path, key in key_sizes:
             offset = 0
             async for block in produce_prefetched(self.r.read_blob(key, chunk)):
-                yield pb.DownloadChunk(chunk=pb.FileChunk(path=path, offset=offset, data=block))
+                # Filled in place: DownloadChunk(chunk=FileChunk(...)) copies the block twice.
+                message = pb.DownloadChunk()
+                message.chunk.path, message.chunk.offset = path, offset
+                message.chunk.data = block
+                yield message
                 offset += len(block)
 
     async def _upload(

@@ -42,10 +42,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite drops the zone
-
-
 def _resource(row: ResourceRow) -> Resource:
     return Resource(
         team=row.team,
@@ -57,8 +53,8 @@ def _resource(row: ResourceRow) -> Resource:
         aliases=dict(row.aliases or {}),
         etag=row.etag,
         latest_revision_id=revision_id(row.last_seq) if row.last_seq else "",
-        create_time=_utc(row.create_time),
-        update_time=_utc(row.update_time),
+        create_time=sql.utc(row.create_time),
+        update_time=sql.utc(row.update_time),
     )
 
 
@@ -73,7 +69,7 @@ def _revision(row: RevisionRow, parent: Resource) -> Revision:
         row.request_id,
         body,
         list(row.blobs),
-        _utc(row.create_time),
+        sql.utc(row.create_time),
         revision_aliases(parent, row.seq),
     )
 

@@ -9,6 +9,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -107,15 +108,19 @@ class _File:
         self.path = path
         self.written = 0
         self.digest = hashlib.sha256()
+        self.hashing: Future[None] | None = None  # the last chunk handed to the hash thread
         self.handle: Any = None
 
 
 class StagedFiles:
-    """Receives the chunks of the files a manifest declares into a temporary folder."""
+    """Receives the chunks of the files a manifest declares into a temporary folder. A chunk is
+    hashed in a thread of its own while it is written (both release the GIL): sha256 costs as
+    much as the write, so doing them one after the other halves the upload rate."""
 
     def __init__(self, staging_root: Path, manifest: registry_pb2.Manifest) -> None:
         self.root = Path(tempfile.mkdtemp(dir=staging_root, prefix="upload-"))
         self.files = {e.path: _File(e, self.root / "files" / e.path) for e in manifest.files}
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tlm-upload-hash")
 
     def write(self, path: str, offset: int, data: bytes) -> None:
         f = self.files.get(path)
@@ -133,12 +138,15 @@ class StagedFiles:
         if f.handle is None:
             f.path.parent.mkdir(parents=True, exist_ok=True)
             f.handle = f.path.open("xb")  # never overwrite another entry's bytes
+        if f.hashing is not None:
+            f.hashing.result()  # at most one chunk is hashed behind the writes
+        f.hashing = self._hasher.submit(f.digest.update, data)
         f.handle.write(data)
-        f.digest.update(data)
         f.written += len(data)
 
     def finish(self) -> Path:
         """Check every file is complete and matches its sha256; returns the staged folder."""
+        self._hasher.shutdown(wait=True)  # every chunk hashed
         for f in self.files.values():
             if f.handle is not None:
                 f.handle.close()
@@ -166,6 +174,7 @@ class StagedFiles:
         return self.root / "files"
 
     def cleanup(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
         for f in self.files.values():
             if f.handle is not None:
                 f.handle.close()

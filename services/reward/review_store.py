@@ -68,10 +68,6 @@ class ReviewRow(Base):
     dataset_revision: Mapped[str] = mapped_column(String(256), default="")
 
 
-def _utc(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
-
-
 def _review(row: ReviewRow) -> Review:
     prompt = Prompt(
         text=row.prompt.get("text", ""),
@@ -89,9 +85,9 @@ def _review(row: ReviewRow) -> Review:
         rating_max=row.rating_max,
         dataset=row.dataset,
         scorer=row.scorer,
-        create_time=_utc(row.create_time) or datetime.now(UTC),
+        create_time=sql.utc(row.create_time) or datetime.now(UTC),
         answer=Answer(**row.answer) if row.answer is not None else None,
-        answer_time=_utc(row.answer_time),
+        answer_time=sql.utc(row.answer_time),
         dataset_revision=row.dataset_revision,
     )
 
@@ -112,8 +108,7 @@ class TeamLock:
 
 class ReviewStore:
     def __init__(self, url: str) -> None:
-        self.engine = sql.make_engine(url)
-        sql.migrate(self.engine, MIGRATIONS, VERSION_TABLE)
+        self.engine = sql.open_store(url, MIGRATIONS, VERSION_TABLE)
 
     def find_or_create(self, draft: Review, key: str, prompt_key: str) -> Review:
         """The team's review for `key`, created from `draft` if there is none."""

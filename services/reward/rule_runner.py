@@ -42,6 +42,11 @@ from tlm.reward.v1 import evaluator_pb2 as ev
 log = structlog.get_logger("tlm.reward.rules")
 
 CHUNK = 64
+# Rules whose cost is linear in the text and bounded by it (RE2 regexes, string scans, no sympy
+# and no JSON Schema): a call with this few characters of them is scored on the caller's
+# thread, where a hand-off to a thread or a worker would cost more than the scoring.
+INLINE_RULES = frozenset({"exact_match", "contains", "regex", "length", "format"})
+INLINE_MAX_CHARS = 64 * 1024
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
 RESTART_DELAY_S = 1.0
@@ -56,6 +61,27 @@ def score_timed(scorer: ev.ScorerSpec, sample: Sample) -> Result:
     start = time.perf_counter()
     outcome = score_rule(scorer, sample)
     return outcome, time.perf_counter() - start
+
+
+def inline(scorer: ev.ScorerSpec, samples: Sequence[Sample]) -> bool:
+    """Cheap enough to score on the calling thread (see INLINE_RULES)."""
+    if scorer.WhichOneof("scorer") not in INLINE_RULES:
+        return False
+    chars = 0
+    for sample in samples:
+        chars += len(sample.completion) + sum(_text_size(v) for v in sample.metadata.values())
+        if chars > INLINE_MAX_CHARS:
+            return False
+    return True
+
+
+def _text_size(value: Any) -> int:
+    """Characters a rule may scan in a metadata value (a reference, a list of substrings)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return 8 if isinstance(value, int | float | bool) or value is None else INLINE_MAX_CHARS
 
 
 def run_chunk(scorer_bytes: bytes, samples: Sequence[Sample]) -> list[Result]:
@@ -260,6 +286,8 @@ class RuleRunner:
         """Every sample's outcome, in order: scored, TIMEOUT (over `timeout_s`, or unfinished at
         `deadline`, a time.monotonic() value) or ERROR (its worker died twice). Workers are
         shared fairly between `team`s (see the module docstring)."""
+        if inline(scorer, samples):
+            return [score_timed(scorer, sample) for sample in samples]
         self._start()
         payload = scorer.SerializeToString()
         chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]

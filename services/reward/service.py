@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
@@ -39,6 +40,7 @@ ModelCheck = Callable[[str, str], Awaitable[str | None]]
 # What the deployment refuses in a valid spec (credentials, addresses), as JSON-path errors.
 Policy = Callable[[ev.EvaluatorSpec], list[FieldViolation]]
 T = TypeVar("T")
+VALID_SPECS = 64  # validated specs remembered by RewardCore._valid
 
 
 @dataclass
@@ -50,6 +52,10 @@ class RewardCore:
     probe: AddressProbe | None = None
     model_check: ModelCheck | None = None
     policy: Policy | None = None
+    # Serialized spec -> its normalised form, for specs validated before (least recent first).
+    _normalized: OrderedDict[bytes, bytes] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
 
     def _allowed(self, spec: ev.EvaluatorSpec) -> ev.EvaluatorSpec:
         problems = self.policy(spec) if self.policy is not None else []
@@ -62,13 +68,27 @@ class RewardCore:
     ) -> tuple[ev.EvaluatorSpec, str]:
         """The runnable spec (validated, defaults filled) and the registry revision name."""
         if inline is not None:
-            return self._allowed(await asyncio.to_thread(require_valid, inline)), ""
+            return self._allowed(await self._valid(inline)), ""
         if not name:
             raise InvalidArgument("set evaluator (a registry revision name) or spec")
         if self.registry is None:
             raise FailedPrecondition("no registry configured for the reward service")
         spec, revision = await self.registry.evaluator_spec(name, team)
-        return self._allowed(await asyncio.to_thread(require_valid, spec)), revision
+        return self._allowed(await self._valid(spec)), revision
+
+    async def _valid(self, spec: ev.EvaluatorSpec) -> ev.EvaluatorSpec:
+        """`require_valid`, in a thread the first time; a spec seen before is answered here (a
+        thread hand-off per call costs more than scoring a small batch)."""
+        key = spec.SerializeToString(deterministic=True)
+        known = self._normalized.get(key)
+        if known is not None:
+            self._normalized.move_to_end(key)
+            return ev.EvaluatorSpec.FromString(known)  # a fresh copy: callers may change it
+        valid = await asyncio.to_thread(require_valid, spec)
+        self._normalized[key] = valid.SerializeToString()
+        if len(self._normalized) > VALID_SPECS:
+            self._normalized.popitem(last=False)
+        return valid
 
     async def stream_opening(self, first: Awaitable[T]) -> T:
         """A stream's first message; a stream that sends none is closed like an idle one."""

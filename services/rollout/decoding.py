@@ -40,6 +40,10 @@ class Row:
     finish: FinishReason | None = None
 
 
+# Uniforms drawn per row at a time: one torch.rand call per row per DRAW_BLOCK steps, not per
+# step. A generator yields the same stream in blocks as one value at a time.
+DRAW_BLOCK = 32
+
 Forward = Callable[..., Any]  # model(input_ids, attention_mask, position_ids, cache, ...)
 
 
@@ -76,9 +80,14 @@ def decode(rows: list[Row], ctx: DecodeContext) -> None:
     logprob_t = torch.tensor([r.logprob_temperature for r in rows], device=dev)  # (B,)
     top_k = torch.tensor([r.top_k for r in rows], dtype=torch.long, device=dev)  # (B,)
     top_p = torch.tensor([r.top_p for r in rows], device=dev)  # (B,)
-    active, cache = list(rows), None
+    active, cache, step = list(rows), None, 0
+    draws = torch.empty(0, 0)  # (B, DRAW_BLOCK) uniforms, one row's draws from its generator
     with torch.inference_mode():
         while active:
+            if step % DRAW_BLOCK == 0:
+                draws = torch.stack([torch.rand(DRAW_BLOCK, generator=r.generator) for r in active])
+            uniforms = draws[:, step % DRAW_BLOCK]  # (B,)
+            step += 1
             out = ctx.forward(
                 input_ids=ids,
                 attention_mask=mask,
@@ -89,7 +98,6 @@ def decode(rows: list[Row], ctx: DecodeContext) -> None:
             )
             cache = out.cache
             logits = out.logits[:, -1, :].float()  # (B, V)
-            uniforms = torch.cat([torch.rand(1, generator=r.generator) for r in active])  # (B,)
             chosen = next_tokens(logits, temperature, top_k, top_p, uniforms.to(dev))  # (B,)
             scaled = logits / logprob_t.unsqueeze(1)  # (B, V)
             logprobs = torch.log_softmax(scaled, dim=-1).gather(1, chosen.unsqueeze(1))  # (B, 1)
@@ -105,6 +113,7 @@ def decode(rows: list[Row], ctx: DecodeContext) -> None:
                     break
                 index = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(index)
+                draws = draws[torch.tensor(keep)]
                 chosen, mask = chosen[index], mask[index]
                 positions, temperature = positions[index], temperature[index]
                 logprob_t = logprob_t[index]

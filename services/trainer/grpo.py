@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -33,6 +34,7 @@ from services.trainer.rl import (
 )
 from services.trainer.rl.actor import Actor, Objective, build_actor
 from services.trainer.rl.controller import Controller, ControllerConfig, Learner
+from services.trainer.rl.group import ActorGroup, Command, follow, open_group
 from services.trainer.rl.grpc_ports import GrpcPorts, GrpcPromptSource, open_ports
 from services.trainer.rl.outage import (
     Endpoint,
@@ -46,7 +48,7 @@ from services.trainer.rl.outage import (
 from services.trainer.rl.ports import PolicyRef
 from services.trainer.rl.weight_sync import PushPublisher, WeightPusher
 from services.trainer.spec import GrpoParams, JobSpec
-from services.trainer.worker_io import WorkerContext
+from services.trainer.worker_io import Cancelled, WorkerContext
 
 
 def kl_in_reward(params: GrpoParams) -> bool:
@@ -79,18 +81,22 @@ def device_of(plan: dict[str, Any]) -> str:
     return "cuda" if plan.get("device_type") == "cuda" else "cpu"
 
 
-def prompts_per_step(spec: JobSpec) -> int:
+def prompts_per_step(spec: JobSpec, devices: int = 1) -> int:
+    """B, the prompts of a step: per device x accumulation steps x devices, as TRL's global
+    batch (a group of `devices` ranks shares each step's micro-batches)."""
     t = spec.training
-    return t.per_device_batch_size * t.gradient_accumulation_steps
+    return t.per_device_batch_size * t.gradient_accumulation_steps * devices
 
 
-def controller_config(spec: JobSpec, total_steps: int, tag: str) -> ControllerConfig:
+def controller_config(
+    spec: JobSpec, total_steps: int, tag: str, devices: int = 1
+) -> ControllerConfig:
     params: GrpoParams = spec.params
     t = spec.training
     seed = params.sampling.seed if params.sampling.seed is not None else t.seed
     return ControllerConfig(
         total_steps=total_steps,
-        prompts_per_step=prompts_per_step(spec),
+        prompts_per_step=prompts_per_step(spec, devices),
         group_size=params.num_generations,
         sampling=dataclasses.replace(params.sampling, seed=seed),
         # A forward pass holds `per_device_batch_size` prompts' G sequences.
@@ -132,10 +138,11 @@ class WorkerReporter:
 
 
 class GrpoRecipe:
-    """setup / train / cleanup of one job; the result is the last published policy."""
+    """setup / train / cleanup of one job; the result is the last published policy. In a
+    group (`rl/group.py`) this runs on rank 0 and the other ranks follow its actor."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx, self.spec = ctx, ctx.spec
+    def __init__(self, ctx: WorkerContext, group: ActorGroup | None = None) -> None:
+        self.ctx, self.spec, self.group = ctx, ctx.spec, group
         self.ports: GrpcPorts | None = None
         self.pusher: WeightPusher | None = None
         self.controller: Controller | None = None
@@ -150,7 +157,7 @@ class GrpoRecipe:
         prompts = GuardedPrompts(source, guard, registry)
         if await prompts.open() == 0:
             raise FailedPrecondition(f"{spec.train_dataset} has no rows")
-        size = prompts_per_step(spec)
+        size = prompts_per_step(spec, self.devices)
         total = t.max_steps or max(1, math.ceil(t.epochs * source.row_count / size))
         eval_rows = []
         if spec.eval_dataset:
@@ -160,6 +167,8 @@ class GrpoRecipe:
         plan = ctx.job.device_plan
         tokenizer = AutoTokenizer.from_pretrained(base)
         pad = tokenizer.pad_token_id
+        if self.group is not None:
+            self.group.announce(Command.SETUP, str(base), total)
         actor = self._actor(base, plan, total)
         job_id = job.name.removeprefix("jobs/")
         self.ports = ports = open_ports(
@@ -205,12 +214,17 @@ class GrpoRecipe:
         actor = build_actor(base, self.spec, plan["precision"], device_of(plan))
         updates = total_steps * self.updates_per_step()
         actor.configure_optimizer(self.spec, plan["precision"], updates)
+        actor.group = self.group
         return actor
+
+    @property
+    def devices(self) -> int:
+        return self.group.size if self.group is not None else 1
 
     # What another online method changes (`ppo.PpoRecipe`) ----------------------------------
 
     def controller_config(self, total_steps: int) -> ControllerConfig:
-        return controller_config(self.spec, total_steps, self.ctx.job.name)
+        return controller_config(self.spec, total_steps, self.ctx.job.name, self.devices)
 
     def updates_per_step(self) -> int:
         """Optimizer steps of the actor per generation batch."""
@@ -243,10 +257,31 @@ class GrpoRecipe:
 
 
 async def run(ctx: WorkerContext) -> dict[str, Any]:
-    recipe = GrpoRecipe(ctx)
+    group = open_group(device_of(ctx.job.device_plan))  # None: one process
+    if group is not None and group.rank != 0:
+        follower(ctx, group)
+        return {"output_model_revision": "", "metrics": {}}  # rank 0 reports the result
+    recipe = GrpoRecipe(ctx, group)
     try:
         await recipe.setup()
         metrics = await recipe.train()
+    except Cancelled:
+        if group is not None:
+            group.stop()
+        raise
     finally:
         await recipe.cleanup()
+    if group is not None:
+        group.stop()
     return {"output_model_revision": recipe.output, "metrics": metrics}
+
+
+def follower(ctx: WorkerContext, group: ActorGroup) -> None:
+    """A rank other than 0: the same actor as rank 0's, built from the base and step count it
+    sends, then its commands until it stops (`rl/group.py`)."""
+    command, *args = group.receive()
+    if command != Command.SETUP:
+        group.close()
+        return  # rank 0 stopped before it built its actor
+    base, total = args
+    follow(GrpoRecipe(ctx, group)._actor(Path(base), ctx.job.device_plan, total), group)

@@ -34,7 +34,10 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ROLLOUT_PROMPT_TOKENS = 512
 AT = "spec.resources.explicit"
 # Runners that run as a torchrun group (one process per device) when the plan has several.
-DISTRIBUTED_RUNNERS = frozenset({"services.trainer.trl_methods"})
+DISTRIBUTED_RUNNERS = frozenset({"services.trainer.trl_methods", "services.trainer.grpo"})
+# Of those, the runners whose group replicates the model (DDP): GRPO's actor group
+# (`rl/group.py`) has no FSDP yet.
+REPLICATED_RUNNERS = frozenset({"services.trainer.grpo"})
 # What FSDP shards over the devices (ZeRO-3); activations stay per device.
 SHARDED = ("weights", "gradients", "optimizer", "reference_model", "critic")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,7 +77,8 @@ def detect_devices() -> Devices:
 
 def distributed(method: MethodDef) -> bool:
     """Whether the method's runner runs as a torchrun group: the offline methods, on TRL and
-    accelerate. The online engine's sharded actor is not built yet: GRPO/PPO use one device."""
+    accelerate, and GRPO, whose actor is replicated over the group (`rl/group.py`). PPO (its
+    critic) uses one device."""
     return method.runner in DISTRIBUTED_RUNNERS
 
 
@@ -115,7 +119,7 @@ def device_count(spec: JobSpec, device: str, devices: Devices) -> tuple[int, int
         if plan.num_nodes * plan.devices_per_node > 1 and not distributed(method):
             raise _plan_error(
                 f"{AT}.devices_per_node",
-                f"{method.name} runs on one device for now (its sharded actor is not built yet)",
+                f"{method.name} runs on one device for now (its critic is not distributed yet)",
             )
         return plan.num_nodes, plan.devices_per_node, []
     if not method.trains or not distributed(method):
@@ -149,6 +153,8 @@ def candidates(spec: JobSpec, device: str, count: int) -> list[DevicePlan]:
     else:
         options = [("ddp", False, False), ("fsdp", False, False), ("fsdp", True, False)]
         options.append(("fsdp", True, True))
+    if METHODS[spec.method].runner in REPLICATED_RUNNERS:
+        options = [option for option in options if option[0] != "fsdp"]
     return [
         replace(plan, strategy=s, gradient_checkpointing=g, cpu_offload=o) for s, g, o in options
     ]
@@ -161,6 +167,8 @@ def check_strategy(plan: DevicePlan, method: MethodDef) -> None:
         raise _plan_error(f"{AT}.strategy", f"SINGLE_DEVICE runs on one device, not {count}")
     if plan.strategy == "ddp" and count == 1:
         raise _plan_error(f"{AT}.strategy", "DDP needs two or more devices")
+    if plan.strategy == "fsdp" and method.runner in REPLICATED_RUNNERS:
+        raise _plan_error(f"{AT}.strategy", f"{method.name} replicates its actor: use DDP")
     if plan.strategy == "fsdp" and plan.device_type == "cpu":
         # accelerate (under TRL) shards with FSDP on accelerators only; CPU groups run DDP.
         raise _plan_error(f"{AT}.strategy", "FSDP runs on GPUs; a CPU group trains with DDP")

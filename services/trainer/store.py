@@ -22,7 +22,6 @@ from sqlalchemy import (
     Integer,
     String,
     select,
-    text,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -50,16 +49,7 @@ class Base(DeclarativeBase):
 class JobRow(Base):
     __tablename__ = "jobs"
     # request_id is unique per team where it is set (a partial index, also on PostgreSQL).
-    __table_args__ = (
-        Index(
-            "ux_jobs_team_request",
-            "team",
-            "request_id",
-            unique=True,
-            sqlite_where=text("request_id != ''"),
-            postgresql_where=text("request_id != ''"),
-        ),
-    )
+    __table_args__ = (sql.unique_when_set("ux_jobs_team_request", "team", "request_id"),)
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -103,10 +93,6 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def _utc(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
-
-
 def _job(row: JobRow) -> Job:
     error = JobError(**row.error) if row.error else None
     return Job(
@@ -116,7 +102,7 @@ def _job(row: JobRow) -> Job:
         state=JobState(row.state),
         device_plan=dict(row.device_plan or {}),
         progress=Progress(row.step, row.total_steps, row.epoch, dict(row.metrics or {})),
-        create_time=_utc(row.create_time) or now(),
+        create_time=sql.utc(row.create_time) or now(),
         display_name=row.display_name,
         request_id=row.request_id,
         request_digest=row.request_digest or "",
@@ -124,8 +110,8 @@ def _job(row: JobRow) -> Job:
         output_model_revision=row.output_model_revision,
         final_metrics=dict(row.final_metrics or {}),
         error=error,
-        start_time=_utc(row.start_time),
-        end_time=_utc(row.end_time),
+        start_time=sql.utc(row.start_time),
+        end_time=sql.utc(row.end_time),
         checkpoint_step=row.checkpoint_step,
         cancel_requested=row.cancel_requested,
     )
@@ -133,8 +119,7 @@ def _job(row: JobRow) -> Job:
 
 class JobStore:
     def __init__(self, url: str) -> None:
-        self.engine = sql.make_engine(url)
-        sql.migrate(self.engine, MIGRATIONS, VERSION_TABLE)
+        self.engine = sql.open_store(url, MIGRATIONS, VERSION_TABLE)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -269,7 +254,7 @@ class JobStore:
                 .order_by(EventRow.seq)
             )
             return [
-                Event(e.seq, _utc(e.time) or now(), EventKind(e.kind), dict(e.data))
+                Event(e.seq, sql.utc(e.time) or now(), EventKind(e.kind), dict(e.data))
                 for e in s.scalars(query)
             ]
 

@@ -4,59 +4,29 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-TLM = [sys.executable, "-m", "services.cli.main"]
+from tests.tlm_process import TLM, start, stop
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> str:  # type: ignore[type-arg]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text()
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    raise AssertionError("tlm up did not become ready")
-
-
+@pytest.mark.slow  # starts `tlm up`: every service, the rule pool
 def test_up_health_and_graceful_stop(tmp_path: Path) -> None:
     ready = tmp_path / "addr"
-    env = {**os.environ, "TLM_LOG_JSON": "true"}
-    proc = subprocess.Popen(
-        [
-            *TLM,
-            "up",
-            "--port",
-            "0",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--ready-file",
-            str(ready),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start("up", "--port", "0", "--data-dir", str(tmp_path / "data"), ready=ready)
     try:
-        address = _wait_for(ready, proc)
         out = subprocess.run(
-            [*TLM, "health", "--address", address, "--json"],
+            [*TLM, "health", "--address", ready.read_text(), "--json"],
             capture_output=True,
             text=True,
             timeout=60,
         )
-        assert out.returncode == 0, out.stderr
-        assert {r["status"] for r in json.loads(out.stdout).values()} == {"SERVING"}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
+        stderr = stop(proc)
+    assert out.returncode == 0, out.stderr
+    assert {r["status"] for r in json.loads(out.stdout).values()} == {"SERVING"}
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
     assert "insecure_dev_mode" in events and events[-1] == "server_stopped"
     assert events.count("rpc") == 5  # one line per health check

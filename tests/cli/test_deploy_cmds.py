@@ -6,19 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from safetensors.torch import load_file
 
 from services.clients.registry import RegistryClient
 from services.devtools.server_thread import ServerThread
 from tests.rollout.conftest import make_adapter
+from tests.tlm_process import TLM
 from tlm.registry.v1 import registry_pb2
 from tlm.rollout.v1 import rollout_pb2, rollout_pb2_grpc
-
-TLM = [sys.executable, "-m", "services.cli.main"]
 
 
 def tlm(server: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:
@@ -39,6 +38,7 @@ def push(server: ServerThread, model: str, folder: Path, count: int = 1) -> list
     return asyncio.run(main())
 
 
+@pytest.mark.slow  # generates with the tiny model
 def test_deployments_lifecycle(embedded: ServerThread, tiny_model_dir: Path) -> None:
     r1, r2 = push(embedded, "cli-dep", tiny_model_dir, 2)
     created = tlm(
@@ -91,6 +91,7 @@ def test_models_pull_writes_the_hf_folder(
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+@pytest.mark.slow  # generates with the tiny model
 def test_models_merge_pushes_full_weights_that_generate_as_base_plus_adapter(
     embedded: ServerThread, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,8 @@ from services.cli.reward_cmds import TEMPLATES
 from services.common.client import SERVICES
 from services.common.ids import ID_RULE
 from services.devtools.server_thread import ServerThread
+from tests.tlm_process import TLM
 
-TLM = [sys.executable, "-m", "services.cli.main"]
 CLOSED = "127.0.0.1:1"  # nothing listens on port 1
 UNKNOWN_HOST = "no-such-host.invalid:50051"  # .invalid never resolves (RFC 6761)
 HINT = "start the services with `tlm up`, or pass --address HOST:PORT"
@@ -43,6 +42,13 @@ def one_line(result: Result, code: int) -> str:
 @pytest.fixture
 def missing(tmp_path: Path) -> Path:
     return tmp_path / "missing.json"
+
+
+@pytest.fixture
+def one_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens: the message after one attempt is the one after the default policy's
+    retries (tests/clients/test_retries.py), which take 1.5 s to fail a closed port."""
+    monkeypatch.setenv("TLM_CLIENT_MAX_ATTEMPTS", "1")
 
 
 def test_missing_input_files_name_the_file(missing: Path) -> None:
@@ -91,7 +97,7 @@ def test_bad_input_rows_name_file_and_line(tmp_path: Path) -> None:
     ],
 )
 def test_unreachable_services_name_the_address_and_suggest_tlm_up(
-    args: tuple[str, ...], service: str, tmp_path: Path
+    args: tuple[str, ...], service: str, tmp_path: Path, one_attempt: None
 ) -> None:
     spec, rows = tmp_path / "spec.json", tmp_path / "rows.jsonl"
     spec.write_text(json.dumps(TEMPLATES["math"]))
@@ -122,6 +128,7 @@ def busy_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+@pytest.mark.slow  # starts `tlm up`, which fails to bind: seconds
 def test_up_on_a_busy_port(busy_port: int, tmp_path: Path) -> None:
     env = {**os.environ, "TLM_LOG_JSON": "true"}
     args = ["up", "--host", "127.0.0.1", "--port", str(busy_port), "--data-dir", str(tmp_path)]
@@ -183,7 +190,7 @@ def test_score_accepts_name_at_alias(embedded: ServerThread, tmp_path: Path) -> 
 
 
 def test_the_flag_suggested_is_the_one_that_set_the_address(
-    embedded: ServerThread, tmp_path: Path
+    embedded: ServerThread, tmp_path: Path, one_attempt: None
 ) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"scorers": [{"name": "n", "length": {"max_length": 9}}]}))

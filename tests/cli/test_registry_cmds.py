@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from services.devtools.server_thread import ServerThread
-
-TLM = [sys.executable, "-m", "services.cli.main"]
+from tests.tlm_process import TLM
 
 
 def tlm(server: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,14 +3,15 @@ serves it alone against a `tlm up` server, as users run them, in subprocesses.""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import urllib.request
 from pathlib import Path
 
-from tests.gateway.test_commands import TLM, stop
-from tests.waiting import wait_for
+import pytest
+
+from tests.tlm_process import gateway_url, json_log_env, start, stop
+
+# Each starts `tlm up` (every service, the rule pool) in a subprocess: seconds.
+pytestmark = pytest.mark.slow
 
 
 def page(url: str) -> str:
@@ -21,31 +22,18 @@ def page(url: str) -> str:
 
 def test_up_and_serve_console(tmp_path: Path) -> None:
     ready = tmp_path / "addr"
-    env = {**os.environ, "TLM_LOG_JSON": "true"}
     up_args = ["up", "--port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "d")]
-    up = subprocess.Popen(
-        [*TLM, *up_args, "--ready-file", str(ready)], stderr=subprocess.PIPE, text=True, env=env
-    )
+    up = start(*up_args, ready=ready)
     try:
-        wait_for(lambda: ready.exists() or up.poll() is not None, timeout=120, what="tlm up")
-        assert up.stderr is not None and up.poll() is None
-        url = ""
-        while not url:
-            event = json.loads(up.stderr.readline())
-            url = event["url"] if event["event"] == "gateway_started" else ""
+        url = gateway_url(up)
         # Keyless `tlm up` (team dev): the pages answer without signing in.
         assert "Create a training job" in page(f"{url}/console/jobs/new")
 
         alone_ready = tmp_path / "console"
-        args = ["serve", "console", "--port", "0", "--insecure-dev"]
-        console = subprocess.Popen(
-            [*TLM, *args, "--ready-file", str(alone_ready)],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**env, "TLM_ADDRESS": ready.read_text()},
-        )
+        env = json_log_env(TLM_ADDRESS=ready.read_text())
+        alone_args = ["serve", "console", "--port", "0", "--insecure-dev"]
+        console = start(*alone_args, ready=alone_ready, env=env)
         try:
-            wait_for(alone_ready.exists, timeout=60, what="tlm serve console")
             alone = alone_ready.read_text()  # the console's URL, ending in /console/
             assert "Model square" in page(alone)  # / -> /console/models
             assert "prompt datasets" in page(f"{alone}datasets")

@@ -256,6 +256,7 @@ def test_healthcheck_target_parsing() -> None:
         healthcheck.target([], ["tlm", "up"], {})
 
 
+@pytest.mark.slow  # starts a service in a subprocess
 def test_healthcheck_against_a_real_server(embedded: Any) -> None:
     port = embedded.running.port
     for name in NAMES:

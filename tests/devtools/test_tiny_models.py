@@ -15,6 +15,9 @@ from services.devtools.tiny_models import (
     cached_tiny_model,
 )
 
+# Builds and loads models (transformers alone takes seconds to import).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -5,7 +5,6 @@ streaming included, with every service real and in one `tlm up` server."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from services.clients.deploy import DeployClient
 from services.clients.registry import RegistryClient
 from services.clients.trainer import TrainerClient
+from services.devtools.demo import addition_chat_rows
 from services.devtools.gateway_thread import GatewayThread
 from services.devtools.server_thread import ServerThread
 from services.gateway.settings import GatewaySettings
@@ -30,21 +30,7 @@ QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What 
 async def train_adapter(address: str, tiny_model_dir: Path, tmp_path: Path) -> tuple[str, str]:
     """(base revision, the trained adapter revision)."""
     rows = tmp_path / "chat.jsonl"
-    rows.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": f"What is {a} + {b}?"},
-                        {"role": "assistant", "content": f"<answer>{a + b}</answer>"},
-                    ]
-                }
-            )
-            + "\n"
-            for a in range(1, 5)
-            for b in range(1, 5)
-        )
-    )
+    rows.write_text(addition_chat_rows(4))  # what `make demo` trains on, fewer
     async with RegistryClient(address, insecure=True) as registry:
         await registry.create_model("e2e-deploy-base", exist_ok=True)
         base = await registry.upload_model_revision("models/e2e-deploy-base", tiny_model_dir)

@@ -161,6 +161,7 @@ def test_idle_streams_of_one_team_do_not_lock_out_another(tmp_path: Path) -> Non
         server.stop()
 
 
+@pytest.mark.slow  # holds the rule pool's slots: seconds
 def test_a_team_at_its_share_cannot_lock_out_another(tmp_path: Path, blackhole: str) -> None:
     """limit 2: team A's two slow calls (alone, A may use both) hold every slot. B is under its
     share (2 // 2 = 1), so B is admitted at once; A's third call is over its share with every
@@ -194,6 +195,7 @@ def test_a_team_at_its_share_cannot_lock_out_another(tmp_path: Path, blackhole: 
         server.stop()
 
 
+@pytest.mark.slow  # waits out the idle timeout
 def test_an_idle_stream_is_closed_after_the_idle_timeout(tmp_path: Path, blackhole: str) -> None:
     """idle 0.5 s. A sample being scored for 1.5 s keeps the stream open (it is not idle);
     0.5 s after its result the stream ends with DEADLINE_EXCEEDED. A stream that never sends

@@ -136,6 +136,7 @@ def judge_scorer(name: str, **judge: Any) -> dict[str, Any]:
     return {"name": name, "judge": {"rubric": RUBRIC, "max_tokens": 3, **judge}}
 
 
+@pytest.mark.slow  # generates with the judge model
 def test_judge_through_rollout(embedded: ServerThread, judge_loaded: str) -> None:
     digits = {"score_pattern": "([0-9])", "score_min": 0, "score_max": 9}
     evaluator = {

@@ -92,6 +92,7 @@ async def test_tiny_reward_model_value_is_its_logit(
     assert [r.reward for r in plain] == pytest.approx(expected_plain, abs=1e-5)
 
 
+@pytest.mark.slow  # loads a model
 async def test_pretrained_minilm_encoder_with_a_fresh_head(
     embedded: ServerThread, tmp_path: Path
 ) -> None:

@@ -260,6 +260,7 @@ def alive(pids: list[int], expect: int = 0, within: float = 2.0) -> list[int]:
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # waits out rule deadlines and worker kills
 def test_overrunning_sample_is_killed_and_its_chunk_goes_on() -> None:
     scorer = json_scorer(UNIQUE, timeout_s=1)
     quick = [Sample("q", "[1, 2]")]
@@ -286,6 +287,7 @@ def test_overrunning_sample_is_killed_and_its_chunk_goes_on() -> None:
     asyncio.run(body())
 
 
+@pytest.mark.slow  # waits out rule deadlines and worker kills
 def test_request_deadline_kills_the_worker() -> None:
     scorer = json_scorer(UNIQUE, timeout_s=60)
 
@@ -307,6 +309,7 @@ def test_request_deadline_kills_the_worker() -> None:
     asyncio.run(body())
 
 
+@pytest.mark.slow  # waits out rule deadlines and worker kills
 def test_close_kills_a_running_worker_at_once() -> None:
     scorer = json_scorer(UNIQUE, timeout_s=60)
 
@@ -327,6 +330,7 @@ def test_close_kills_a_running_worker_at_once() -> None:
     asyncio.run(body())
 
 
+@pytest.mark.slow  # waits out rule deadlines and worker kills
 def test_cancelled_call_kills_its_worker() -> None:
     scorer = json_scorer(UNIQUE, timeout_s=60)
 
@@ -350,6 +354,7 @@ def test_cancelled_call_kills_its_worker() -> None:
     asyncio.run(body())
 
 
+@pytest.mark.slow  # waits out rule deadlines and worker kills
 def test_thread_mode_returns_at_the_deadline() -> None:
     """A thread cannot be killed: the result comes back TIMEOUT on time, the thread runs on."""
     scorer = json_scorer(UNIQUE, timeout_s=1)
@@ -368,6 +373,7 @@ def test_thread_mode_returns_at_the_deadline() -> None:
     asyncio.run(body())  # waits for the thread at the end (loop.shutdown_default_executor)
 
 
+@pytest.mark.slow  # waits out rule deadlines and worker kills
 def test_stuck_rule_worker_does_not_hold_the_server(tmp_path: Path) -> None:
     before = {p.pid for p in multiprocessing.active_children()}
     keys = {"key-a": "team-a", "key-b": "team-b"}

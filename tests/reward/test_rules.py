@@ -25,6 +25,7 @@ def test_math_timeout_is_timeout_not_a_cached_zero(monkeypatch: pytest.MonkeyPat
     assert outcome.status == Status.TIMEOUT and "timed out" in outcome.reason
 
 
+@pytest.mark.slow  # restarts a rule worker: seconds
 def test_rule_pool_recovers_after_a_worker_is_killed() -> None:
     import asyncio
     import os

@@ -60,11 +60,13 @@ def test_passing_and_failing_programs(reward: Stub) -> None:
     assert reward.Score(partial, timeout=30).results[0].reward == 1.0
 
 
+@pytest.mark.slow  # waits out the sandbox timeout
 def test_infinite_loop_is_timeout(reward: Stub) -> None:
     result = run(reward, "while True:\n    pass")
     assert result.status == rs.SCORE_STATUS_TIMEOUT and "CPU" in result.reason
 
 
+@pytest.mark.slow  # waits out the sandbox timeout
 def test_sleeping_forever_is_timeout(reward: Stub) -> None:
     result = run(reward, "import time\ntime.sleep(60)", timeout="1s")
     assert result.status == rs.SCORE_STATUS_TIMEOUT and "wall-clock" in result.reason
@@ -173,6 +175,7 @@ def _uid_processes(uid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # waits out the sandbox timeout
 @pytest.mark.skipif(os.geteuid() != 0, reason="slot uids exist only when the service is root")
 def test_no_process_outlives_its_run() -> None:
     """setsid + fork + sleep past the wall clock; the next run in the slot can still fork."""

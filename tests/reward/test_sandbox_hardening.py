@@ -291,6 +291,7 @@ def test_launcher_joins_the_sample_cgroup_first(tmp_path: Path) -> None:
     assert "ran" not in stdout
 
 
+@pytest.mark.slow  # runs sandboxed programs for seconds
 def test_slots_bound_the_samples_running_at_once() -> None:
     """The memory bound is slots x memory_mb: with one slot, three sleeping samples run one
     after another."""
@@ -375,6 +376,7 @@ def test_huge_tests_are_refused_before_parsing(
     assert latencies and max(latencies) < 1.0, latencies
 
 
+@pytest.mark.slow  # runs sandboxed programs for seconds
 def test_slow_to_parse_tests_are_compiled_in_the_sandbox(
     server: ServerThread, reward: rs_grpc.RewardServiceStub
 ) -> None:

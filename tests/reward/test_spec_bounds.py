@@ -242,6 +242,7 @@ def big_valid_spec() -> str:
     return text
 
 
+@pytest.mark.slow  # validates big specs for seconds
 def test_health_answers_while_big_specs_are_validated(reward_server: ServerThread) -> None:
     too_big = json.dumps(
         schema_spec({"properties": {f"p{i}": {"type": "string"} for i in range(100_000)}})

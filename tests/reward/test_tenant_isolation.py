@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from services.reward.cache import content_key
 from services.reward.domain import Sample
@@ -20,6 +21,7 @@ from tlm.reward.v1 import reward_service_pb2 as rs
 from tlm.reward.v1 import reward_service_pb2_grpc as rs_grpc
 
 
+@pytest.mark.slow  # holds the rule pool's workers: seconds
 def test_one_team_cannot_hold_every_rule_worker() -> None:
     """Team a's samples each run to a long per-sample timeout (a spec may ask for minutes);
     team b's quick sample still gets a worker at once instead of waiting out its deadline."""
@@ -54,6 +56,7 @@ def test_one_team_cannot_hold_every_rule_worker() -> None:
     asyncio.run(body())
 
 
+@pytest.mark.slow  # holds the rule pool's workers: seconds
 def test_a_team_alone_still_uses_the_pool() -> None:
     """Chunks of one team queue for the workers it may use and all finish."""
     scorer = ev.ScorerSpec(name="r")

@@ -97,6 +97,7 @@ def served_by(folder: Path, c: rollout_pb2.Completion, adapter: Path | None = No
     return bool(torch.allclose(torch.tensor(list(c.logprobs)), expected, atol=1e-4, rtol=0))
 
 
+@pytest.mark.slow  # loads and generates with models
 async def test_a_recreated_model_serves_its_new_weights(
     server: ServerThread, tiny_model_dir: Path, other_model_dir: Path
 ) -> None:

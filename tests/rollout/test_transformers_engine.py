@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.rollout import transformers_engine
+from services.rollout import decoding, transformers_engine
 from services.rollout.domain import (
     Completion,
     FinishReason,
@@ -85,6 +85,29 @@ def assert_full_forward_logprobs(
         expected = logp[steps, torch.tensor(c.token_ids)]
         assert len(c.logprobs) == len(c.token_ids) > 0
         torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # generates 40 tokens for 9 rows
+async def test_seeded_tokens_past_a_draw_block_do_not_depend_on_batch_mates(
+    engine: TransformersEngine,
+) -> None:
+    """Uniforms are drawn DRAW_BLOCK at a time per row: a row's tokens after the first block,
+    and after a batch mate ends mid-block (the batch is pruned), are still its seed's alone."""
+    long = decoding.DRAW_BLOCK + 8
+    alone = await run(engine, ["The red cat"], n=6, max_tokens=long, seed=11, temperature=0.7)
+    together = await asyncio.gather(
+        run(engine, ["The red cat"], n=6, max_tokens=long, seed=11, temperature=0.7),
+        run(engine, ["Anna likes the big dog"], n=3, max_tokens=5, seed=4),
+    )
+    assert tokens(together[0]) == tokens(alone)
+    lengths = sorted(len(t) for t in tokens(alone))
+    assert lengths[0] < decoding.DRAW_BLOCK < lengths[-1]  # rows end mid-block and go past it
+    # One draw per token from the row's generator: the stream a block of draws reproduces.
+    generator = torch.Generator().manual_seed(3)
+    one_by_one = torch.cat([torch.rand(1, generator=generator) for _ in range(2 * long)])
+    generator.manual_seed(3)
+    blocks = torch.cat([torch.rand(decoding.DRAW_BLOCK, generator=generator) for _ in range(3)])
+    assert torch.equal(blocks[: 2 * long], one_by_one)
 
 
 async def test_logprobs_equal_a_full_forward_pass(
@@ -208,6 +231,7 @@ async def test_an_idle_retired_adapter_is_deleted_at_once(
     assert name not in model._peft.peft_config
 
 
+@pytest.mark.slow  # loads models
 async def test_a_replaced_model_is_freed_and_dropped_before_the_load(
     engine: TransformersEngine, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

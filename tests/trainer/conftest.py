@@ -28,6 +28,9 @@ TERMINAL = {
     pb.TrainingJob.STATE_CANCELLED,
 }
 EVALUATOR = {"scorers": [{"name": "has_digit", "regex": {"pattern": "[0-9]"}}]}
+# The random tiny model's completions hold different numbers of vowels: rewards vary within a
+# GRPO group, so the advantages are not all zero.
+VOWELS = {"scorers": [{"name": "vowels", "regex": {"pattern": "[aeiou]", "count": True}}]}
 
 
 def start_stack(data_dir: Path, **trainer: object) -> ServerThread:
@@ -136,6 +139,18 @@ async def inputs(
     finally:
         await registry.close()
     return Inputs(base=base.name, evaluator=evaluator.name, **names)
+
+
+async def push_vowels(stack: ServerThread, name: str, request_id: str = "") -> str:
+    """Push VOWELS as the evaluator `name`; its revision's name."""
+    registry = RegistryClient(stack.address)
+    try:
+        revision = await registry.create_evaluator_revision(
+            name, json.dumps(VOWELS), request_id=request_id
+        )
+    finally:
+        await registry.close()
+    return revision.name
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,7 @@ def test_jobs_create_validate_only_shows_defaults(stack: ServerThread, inputs: I
     assert bad.exit_code == 2 and "FAILED_PRECONDITION" in bad.output
 
 
+@pytest.mark.slow  # runs an EVALUATE job: generates
 def test_jobs_create_watch_list_show_cancel(stack: ServerThread, inputs: Inputs) -> None:
     address = ["--address", stack.address]
     args = ["create", "--method", "evaluate", "--base-model", "tiny", "--dataset", "prompts"]
@@ -123,6 +124,7 @@ def test_jobs_plot_errors_are_clear_and_never_a_traceback(
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # reads a running job's events for seconds
 def test_jobs_plot_of_a_running_job_plots_what_it_has(
     stack: ServerThread, inputs: Inputs, scripted: tuple[str, str], tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ from services.trainer.spec import (
     GrpoParams,
     JobSpec,
     LoraParams,
+    PpoParams,
     Sampling,
     TrainingParams,
     validate,
@@ -138,14 +139,34 @@ def test_full_7b_on_one_gpu_needs_checkpointing_and_cpu_offload() -> None:
     assert any("host memory" in n for n in e.notes)
 
 
-def test_grpo_plans_one_gpu_of_eight_until_its_actor_shards() -> None:
+def grpo(plan: DevicePlan | None = None) -> JobSpec:
     params = GrpoParams(num_generations=4, sampling=Sampling(max_tokens=16))
+    job = JobSpec(
+        Method.GRPO,
+        BASE,
+        DATA,
+        evaluator="evaluators/e/revisions/1",
+        params=params,
+        resources=plan or DevicePlan(),
+        explicit_resources=plan is not None,
+    )
+    return validate(job)
+
+
+def test_grpo_replicates_its_actor_over_the_eight_gpus() -> None:
+    # GRPO's actor group is DDP (rl/group.py): no FSDP candidate, a full replica per GPU.
+    e = estimate(grpo(), 1000, TINY, EIGHT_GPUS)
+    assert shape(e.plan) == ("ddp", 1, 8, False, False)
+    assert any("DDP over 8 devices" in n for n in e.notes)
+
+
+def test_ppo_plans_one_gpu_of_eight() -> None:
     job = validate(
-        JobSpec(Method.GRPO, BASE, DATA, evaluator="evaluators/e/revisions/1", params=params)
+        JobSpec(Method.PPO, BASE, DATA, evaluator="evaluators/e/revisions/1", params=PpoParams())
     )
     e = estimate(job, 1000, TINY, EIGHT_GPUS)
     assert shape(e.plan) == ("single", 1, 1, False, False)
-    assert any("GRPO runs on one device" in n for n in e.notes)
+    assert any("PPO runs on one device" in n for n in e.notes)
 
 
 @pytest.mark.parametrize(
@@ -178,20 +199,17 @@ def test_an_explicit_plan_that_cannot_run_is_refused_naming_its_field(
     assert [v.field for v in err.value.violations] == [f"spec.resources.explicit.{field}"]
 
 
-def test_an_explicit_multi_device_grpo_plan_is_refused() -> None:
-    params = GrpoParams(num_generations=4, sampling=Sampling(max_tokens=16))
-    job = JobSpec(
-        Method.GRPO,
-        BASE,
-        DATA,
-        evaluator="evaluators/e/revisions/1",
-        params=params,
-        resources=DevicePlan(device_type="cpu", devices_per_node=2),
-        explicit_resources=True,
-    )
+def test_an_explicit_multi_device_grpo_plan_runs_ddp() -> None:
+    e = estimate(grpo(DevicePlan(device_type="cpu", devices_per_node=2)), 1000, TINY, TWO_CORES)
+    assert shape(e.plan) == ("ddp", 1, 2, False, False)
+
+
+def test_an_explicit_fsdp_grpo_plan_is_refused_naming_the_strategy() -> None:
+    plan = DevicePlan(device_type="cuda", devices_per_node=2, strategy="fsdp")
     with pytest.raises(FailedPrecondition) as err:
-        estimate(validate(job), 1000, TINY, TWO_CORES)
-    assert [v.field for v in err.value.violations] == ["spec.resources.explicit.devices_per_node"]
+        estimate(grpo(plan), 1000, TINY, EIGHT_GPUS)
+    assert [v.field for v in err.value.violations] == ["spec.resources.explicit.strategy"]
+    assert "use DDP" in err.value.message
 
 
 def test_an_explicit_fsdp_plan_on_gpus_is_kept_as_given() -> None:

@@ -3,7 +3,6 @@ pushes a LoRA adapter revision every step, and the rollout service ends up servi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from services.trainer.domain import Method
 from services.trainer.rl.actor import build_actor
 from services.trainer.rl.batch import Sample, make_batch
 from services.trainer.spec import GrpoParams, JobSpec, LoraParams
-from tests.trainer.conftest import Inputs, spec, wait_for, watch
+from tests.trainer.conftest import Inputs, push_vowels, spec, wait_for, watch
 from tests.trainer.test_api import refused
 from tlm.common.v1 import common_pb2
 from tlm.registry.v1 import registry_pb2
@@ -28,9 +27,6 @@ from tlm.trainer.v1 import trainer_pb2_grpc
 pytestmark = pytest.mark.slow
 Stub = trainer_pb2_grpc.TrainerServiceStub
 LORA = pb.Tuning(lora=pb.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
-# The random tiny model's completions differ in how many vowels they hold, so rewards vary
-# within a group and the advantages are not all zero.
-VOWELS = {"scorers": [{"name": "vowels", "regex": {"pattern": "[aeiou]", "count": True}}]}
 STEPS, GROUP = 3, 4
 # Not 1: the rollout's log-probs must be temperature-scaled to match the trainer's.
 TEMPERATURE = 0.7
@@ -59,14 +55,7 @@ def grpo_spec(inputs: Inputs, evaluator: str) -> pb.TrainingJobSpec:
 
 @pytest.fixture(scope="module")
 async def vowels(stack: ServerThread, inputs: Inputs) -> str:
-    registry = RegistryClient(stack.address)
-    try:
-        revision = await registry.create_evaluator_revision(
-            "evaluators/vowels", json.dumps(VOWELS), request_id="grpo-vowels"
-        )
-    finally:
-        await registry.close()
-    return revision.name
+    return await push_vowels(stack, "evaluators/vowels", "grpo-vowels")
 
 
 async def test_grpo_lora_trains_pushes_policies_and_the_rollout_serves_the_last(

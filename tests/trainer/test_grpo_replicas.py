@@ -4,7 +4,6 @@ a replica that holds the version it names, and a judge model loads on whichever 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -21,7 +20,7 @@ from services.rollout import app as rollout_app
 from services.rollout.settings import RolloutSettings
 from services.trainer.supervisor import DEFAULT_WORKER
 from tests.reward.helpers import sample, spec
-from tests.trainer.conftest import Inputs, start_trainer, wait_for, watch
+from tests.trainer.conftest import Inputs, push_vowels, start_trainer, wait_for, watch
 from tests.trainer.test_grpo import grpo_spec
 from tlm.registry.v1 import registry_pb2
 from tlm.reward.v1 import reward_service_pb2 as rs
@@ -31,7 +30,6 @@ from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
 
 pytestmark = pytest.mark.slow
-VOWELS = {"scorers": [{"name": "vowels", "regex": {"pattern": "[aeiou]", "count": True}}]}
 
 
 def bindings(settings: RolloutSettings) -> list[ServiceBinding]:
@@ -67,14 +65,7 @@ def replica_statuses(target: str) -> list[rollout_pb2.EngineStatus]:
 
 @pytest.fixture(scope="module")
 async def vowels(stack: ServerThread) -> str:
-    registry = RegistryClient(stack.address)
-    try:
-        revision = await registry.create_evaluator_revision(
-            "evaluators/vowels-replicas", json.dumps(VOWELS), request_id="replicas-vowels"
-        )
-    finally:
-        await registry.close()
-    return revision.name
+    return await push_vowels(stack, "evaluators/vowels-replicas", "replicas-vowels")
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -81,6 +81,7 @@ def make(
     return controller, reporter, publisher, prompts
 
 
+@pytest.mark.slow  # trains the tiny model
 async def test_the_critic_learns_and_the_policy_improves(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -114,6 +115,7 @@ async def test_the_critic_learns_and_the_policy_improves(
     assert first["approx_kl"] > 0 and first["value_clip_fraction"] > 0
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_a_failed_reward_adds_nothing(tiny_model_dir: Path) -> None:
     """Samples whose reward is not OK have no token in the mask: zero advantages and returns,
     and the targets of the others are what they are without those samples."""
@@ -138,6 +140,7 @@ def test_a_failed_reward_adds_nothing(tiny_model_dir: Path) -> None:
     torch.testing.assert_close(targets.advantages[keep][:, :width], without.advantages)
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_vf_coef_changes_the_update(tiny_model_dir: Path) -> None:
     """The gradient norm of policy and critic is clipped together (max_grad_norm 0.01, which
     every step reaches), as TRL's PPO: vf_coef sets the value gradient's share of that norm,
@@ -156,6 +159,7 @@ def test_vf_coef_changes_the_update(tiny_model_dir: Path) -> None:
     assert gap > 1e-5
 
 
+@pytest.mark.slow  # trains the tiny model
 async def test_resume_restores_the_critic_its_optimizer_and_kl_coef(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

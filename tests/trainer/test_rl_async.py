@@ -4,34 +4,23 @@ of steps on samples one policy old, and the parameter is checked at creation."""
 
 from __future__ import annotations
 
-import json
-
 import grpc
 import pytest
 
 from services.devtools.server_thread import ServerThread
-from services.registry.client import RegistryClient
 from tests.rpc_details import rpc_details
-from tests.trainer.conftest import Inputs, spec, wait_for, watch
+from tests.trainer.conftest import Inputs, push_vowels, spec, wait_for, watch
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
 
 pytestmark = pytest.mark.slow
 Stub = trainer_pb2_grpc.TrainerServiceStub
 STEPS, GROUP = 4, 4
-VOWELS = {"scorers": [{"name": "vowels", "regex": {"pattern": "[aeiou]", "count": True}}]}
 
 
 @pytest.fixture(scope="module")
 async def vowels(stack: ServerThread, inputs: Inputs) -> str:
-    registry = RegistryClient(stack.address)
-    try:
-        revision = await registry.create_evaluator_revision(
-            "evaluators/vowels-async", json.dumps(VOWELS), request_id="async-vowels"
-        )
-    finally:
-        await registry.close()
-    return revision.name
+    return await push_vowels(stack, "evaluators/vowels-async", "async-vowels")
 
 
 def async_spec(inputs: Inputs, evaluator: str, **grpo: object) -> pb.TrainingJobSpec:

@@ -31,6 +31,8 @@ from services.trainer.rl.ports import PolicyLost, PolicyRef
 from services.trainer.spec import GrpoParams, JobSpec, Sampling, TrainingParams
 from services.trainer.worker_protocol import CHECKPOINTS
 
+# Every test trains the tiny model through the controller (seconds in all).
+pytestmark = pytest.mark.slow
 BASE = "models/tiny/revisions/1"
 GOOD, BAD = 7, 9  # token ids the fake sampler ends completions with
 PROMPT = [3, 4, 5]

@@ -22,14 +22,13 @@ import psutil
 import pytest
 
 from services.devtools.server_thread import ServerThread
-from services.registry.client import RegistryClient
 from services.reward import app as reward_app
 from services.reward.settings import RewardSettings
 from services.rollout import app as rollout_app
 from services.rollout.settings import RolloutSettings
 from services.trainer.supervisor import job_folder
 from services.trainer.worker_protocol import EVENTS_FILE
-from tests.trainer.conftest import Inputs, spec, start_trainer, wait_for, watch
+from tests.trainer.conftest import Inputs, push_vowels, spec, start_trainer, wait_for, watch
 from tests.waiting import until
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
@@ -37,7 +36,6 @@ from tlm.trainer.v1 import trainer_pb2_grpc
 pytestmark = pytest.mark.slow
 Stub = trainer_pb2_grpc.TrainerServiceStub
 GROUP = 4
-VOWELS = {"scorers": [{"name": "vowels", "regex": {"pattern": "[aeiou]", "count": True}}]}
 
 
 def free_port() -> int:
@@ -86,14 +84,7 @@ class Restartable:
 
 @pytest.fixture(scope="module")
 async def vowels(stack: ServerThread, inputs: Inputs) -> str:
-    registry = RegistryClient(stack.address)
-    try:
-        revision = await registry.create_evaluator_revision(
-            "evaluators/vowels-outage", json.dumps(VOWELS), request_id="outage-vowels"
-        )
-    finally:
-        await registry.close()
-    return revision.name
+    return await push_vowels(stack, "evaluators/vowels-outage", "outage-vowels")
 
 
 def grpo_spec(inputs: Inputs, evaluator: str, steps: int, save_every: int = 0) -> Any:

@@ -11,7 +11,6 @@ optimizer and schedule, kl_coef and the batch count all come back."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
 from services.trainer.supervisor import job_folder
 from services.trainer.worker_protocol import EVENTS_FILE
-from tests.trainer.conftest import Inputs, start_trainer, wait_for, watch
+from tests.trainer.conftest import Inputs, push_vowels, start_trainer, wait_for, watch
 from tlm.registry.v1 import registry_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
@@ -35,7 +34,6 @@ from tlm.trainer.v1 import trainer_pb2_grpc
 pytestmark = pytest.mark.slow
 Stub = trainer_pb2_grpc.TrainerServiceStub
 STEPS, SAVE_EVERY, GROUP, KL_COEF = 5, 2, 4, 0.05
-VOWELS = {"scorers": [{"name": "vowels", "regex": {"pattern": "[aeiou]", "count": True}}]}
 # What each method's resumed steps must repeat of the uninterrupted run.
 COMPARED = {
     "ppo": ["loss", "value_loss", "kl", "kl_coef", "values_mean", "learning_rate",
@@ -81,14 +79,7 @@ def resume_spec(method: str, inputs: Inputs, evaluator: str, output: str) -> pb.
 async def vowels(stack: ServerThread) -> str:
     """The random tiny model's completions hold different numbers of vowels: rewards vary
     within a group, so the advantages are not all zero."""
-    registry = RegistryClient(stack.address)
-    try:
-        revision = await registry.create_evaluator_revision(
-            "evaluators/vowels-resume", json.dumps(VOWELS)
-        )
-    finally:
-        await registry.close()
-    return revision.name
+    return await push_vowels(stack, "evaluators/vowels-resume")
 
 
 def trainer_process(data_dir: Path, address: str) -> tuple[subprocess.Popen[bytes], str]:

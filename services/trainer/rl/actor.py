@@ -1,12 +1,13 @@
-"""The actor: the trainable policy of online RL, on one device (verl's `DataParallelPPOActor`).
+"""The actor: the trainable policy of online RL (verl's `DataParallelPPOActor`).
 
 It computes log-probs at the sampling temperature (as TRL, verl and OpenRLHF train), the
 reference's log-probs (the base: a frozen copy for full tuning, the adapters disabled for LoRA),
 and updates itself on a generation batch: `num_iterations` optimizer steps, each accumulating
 the gradients of micro-batches of at most `micro_batch_size` sequences, so that no forward pass
 holds all B x G sequences. It owns its optimizer, scheduler and loss scaler, saves and restores
-that state, and exports its weights to a folder. A sharded actor (several devices) and a critic
-(PPO) are other classes with the same methods. Shapes as in `rl/batch.py`.
+that state, and exports its weights to a folder. On several devices each rank holds a replica
+and trains its share of the micro-batches, the gradients summed over the group (`rl/group.py`).
+A critic (PPO) is another class with the same methods. Shapes as in `rl/batch.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from services.trainer.methods import METHODS
 from services.trainer.rl import KlEstimator, LossType, algos
 from services.trainer.rl.batch import TokenBatch
+from services.trainer.rl.group import CPU, ActorGroup, Command, batch_to
 from services.trainer.spec import ALL_LINEAR, GrpoParams, JobSpec, LoraParams, PpoParams
 from services.trainer.worker_io import check_lora_targets
 
@@ -155,6 +157,9 @@ class Actor:
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None
         self.max_grad_norm = 0.0
+        # Several ranks (`rl/group.py`): this rank trains its share of each batch's
+        # micro-batches and the gradients are summed over the group; None: one process.
+        self.group: ActorGroup | None = None
 
     @property
     def device(self) -> torch.device:
@@ -227,12 +232,18 @@ class Actor:
         gradients of its micro-batches; advantages (N, T). log pi_old is the actor's own before
         the first step (TRL on policy), taken from the first forward pass: no extra pass."""
         assert self.optimizer is not None and self.scaler is not None, "configure_optimizer first"
+        group = self.group
+        if group is not None:  # rank 0 sends the batch; every rank runs what follows
+            group.announce(Command.UPDATE, batch_to(batch, CPU), advantages, objective)
         # DAPO divides by the tokens of the whole generation batch, whichever micro-batch.
         config = replace(objective.loss, batch_tokens=float(batch.mask.sum()))
         n = len(batch)
         size = objective.micro_batch_size or n
+        ranks = group.size if group is not None else 1
         micro = []
-        for a in range(0, n, size):
+        for index, a in enumerate(range(0, n, size)):
+            if group is not None and not group.mine(index):
+                continue  # another rank's: the weights below are shares of the whole batch
             mb = batch.rows(a, min(a + size, n))
             adv = advantages[a : a + len(mb), : mb.mask.shape[1]]  # (n, t)
             ref = self.reference_logprobs(mb) if config.beta > 0 else None
@@ -249,8 +260,13 @@ class Actor:
         for _ in range(objective.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             loss = sum(self._accumulate(m, objective, config, stats) for m in micro)
+            if group is not None:
+                group.reduce_gradients(self.trainable_parameters())
             grad_norm = self._step()
-            stats.add("loss", loss, 1.0)
+            # This rank's part of the batch's loss: the parts add up to it over the ranks.
+            stats.add("loss", loss * ranks, 1.0 / ranks)
+        if group is not None:
+            stats.sums, stats.weights = group.merge_means(stats.sums, stats.weights)
         return {**stats.means(), "grad_norm": grad_norm, "learning_rate": learning_rate}
 
     def _accumulate(
@@ -313,6 +329,8 @@ class Actor:
         return training_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.group is not None:  # rank 0 read it: every rank resumes from it
+            self.group.announce(Command.LOAD, state)
         load_training_state(self, state)
 
     def export(self, folder: Path, tokenizer: Any | None = None) -> None:

@@ -6,9 +6,7 @@ and decide what a remote error means (by its `ErrorInfo.reason`, not the status 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from services.clients import rollout as rollout_client
@@ -218,41 +216,6 @@ def _score(result: rs.SampleResult) -> Score:
     has = result.HasField("reward") and math.isfinite(result.reward)
     reward = result.reward if status is ScoreStatus.OK and has else 0.0
     return Score(status, reward, scorers)
-
-
-class GrpcPublisher:
-    """Policies go to the registry (a revision of the output model, by `upload`) and the rollout
-    service loads them: a LoRA adapter by LoadAdapter, full weights by LoadModel."""
-
-    def __init__(
-        self,
-        rollout: RolloutClient,
-        upload: Callable[[Path, str], Awaitable[str]],
-        base_model: str,
-        lora: bool,
-        job_id: str,
-    ) -> None:
-        self.rollout, self.upload = rollout, upload
-        self.base_model, self.lora, self.job_id = base_model, lora, job_id
-
-    async def serve(self, policy: PolicyRef | None) -> PolicyRef:
-        if policy is None or not policy.step:
-            await self.rollout.serve_model(self.base_model)
-            return PolicyRef(self.base_model)
-        if self.lora:
-            await self.rollout.serve_model(self.base_model)
-            await self.rollout.load_adapter(policy.version)
-        else:
-            await self.rollout.serve_model(policy.version)
-        return policy
-
-    async def publish(self, folder: Path, step: int) -> PolicyRef:
-        revision = await self.upload(folder, f"{self.job_id}-step-{step}")
-        if self.lora:
-            await self.rollout.load_adapter(revision)
-            return PolicyRef(revision, adapter=revision, step=step)
-        await self.rollout.serve_model(revision, force=True)
-        return PolicyRef(revision, step=step)
 
 
 @dataclass

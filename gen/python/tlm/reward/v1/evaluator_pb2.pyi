@@ -1013,7 +1013,9 @@ class RemoteScorer(_message.Message):
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Per-call deadline (default 10s)."""
+        """Deadline of one score call, covering all its retry attempts together (default 10s); the
+        caller's own remaining deadline shortens it.
+        """
 
     @_builtins.property
     def breaker_reset(self) -> _duration_pb2.Duration:

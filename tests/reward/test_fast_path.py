@@ -1,0 +1,71 @@
+"""The per-call fast paths of Score: cheap rules scored inline, specs validated once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.reward.admission import Admission
+from services.reward.cache import OutcomeCache
+from services.reward.domain import Sample
+from services.reward.engine import Engine
+from services.reward.rule_runner import INLINE_MAX_CHARS, RuleRunner, inline
+from services.reward.service import VALID_SPECS, RewardCore
+from services.specs.evaluator import EvaluatorInvalid
+from tests.reward.helpers import MATH_SPEC, spec
+from tlm.reward.v1 import evaluator_pb2 as ev
+
+FORMAT = ev.ScorerSpec(name="f", format=ev.FormatScorer(tags=["answer"]))
+MATH = ev.ScorerSpec(name="m", math=ev.MathScorer())
+
+
+def test_only_small_batches_of_linear_rules_run_inline() -> None:
+    small = [Sample("a", "<answer>4</answer>", metadata={"reference": "4"})]
+    assert inline(FORMAT, small)
+    assert not inline(MATH, small)  # sympy: unbounded, stays off the caller's thread
+    json_rule = ev.ScorerSpec(name="j", json=ev.JsonScorer())
+    assert not inline(json_rule, small)  # JSON Schema checks can take long
+    big = [Sample("b", "x" * (INLINE_MAX_CHARS + 1))]
+    assert not inline(FORMAT, big)
+    # A reference list a contains rule would scan counts too; nested values are not sized.
+    long_reference = [Sample("c", "x", metadata={"reference": ["y" * INLINE_MAX_CHARS, "z"]})]
+    assert not inline(FORMAT, long_reference)
+    assert not inline(FORMAT, [Sample("d", "x", metadata={"nested": {"a": 1}})])
+
+
+def test_an_inline_rule_starts_no_worker() -> None:
+    async def body() -> None:
+        runner = RuleRunner(1)
+        try:
+            samples = [Sample("a", "<answer>4</answer>"), Sample("b", "no tags")]
+            results = await runner.run(FORMAT, samples, timeout_s=5, deadline=time.monotonic() + 5)
+            assert [o.raw for o, _ in results] == [1.0, 0.0]
+            assert runner.worker_pids() == []  # scored on this thread, no process spawned
+        finally:
+            runner.close()
+
+    asyncio.run(body())
+
+
+def test_a_spec_is_validated_once_and_each_call_gets_its_own_copy() -> None:
+    core = RewardCore(Engine(RuleRunner(0), OutcomeCache(0), {}), Admission(4, 60.0), 64)
+
+    async def body() -> None:
+        first, _ = await core.resolve(None, spec(MATH_SPEC), "t")
+        first.scorers[0].weight = 99.0  # a caller changing its copy changes nobody else's
+        second, _ = await core.resolve(None, spec(MATH_SPEC), "t")
+        assert second.scorers[0].weight == pytest.approx(0.2)
+        assert len(core._normalized) == 1
+        bad = spec({"scorers": [{"name": "x", "weight": 1.0}]})  # no scorer kind
+        for _ in range(2):  # an invalid spec is refused every time, never remembered
+            with pytest.raises(EvaluatorInvalid):
+                await core.resolve(None, bad, "t")
+        assert len(core._normalized) == 1
+        for i in range(VALID_SPECS + 5):  # bounded: the least recently used go
+            other = spec({"scorers": [{"name": f"s{i}", "length": {"max_length": 10}}]})
+            await core.resolve(None, other, "t")
+        assert len(core._normalized) == VALID_SPECS
+
+    asyncio.run(body())

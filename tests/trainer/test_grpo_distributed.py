@@ -1,0 +1,183 @@
+"""GRPO on a 2-process torchrun group (gloo, CPU) through the real trainer, rollout, reward and
+registry services on the tiny model: the actor group of `rl/group.py` against one process.
+
+Same global batch: the group's step is 2 prompts (1 per device x 2 devices), dealt one
+micro-batch (1 prompt x G completions) to each rank; the lone process takes the same 2 prompts
+as 2 accumulation steps of 1 prompt, so both compute the same micro-batches, with the same
+global loss normaliser. Sampling is seeded and both start from the base, so the rollouts
+are identical (the test checks the rewards); the runs then differ only by the order of float
+sums (rank 1's gradient added by all_reduce rather than by autograd's accumulation): the trained
+weights and each step's loss agree within 1e-5. The jobs run one after the other, so that one
+does not change how the rollout service batches the other's requests.
+
+A group whose rank 1 is killed (SIGKILL) after a checkpoint restarts from rank 0's resume state
+(every rank holds the whole actor: one file restores any number of ranks) and still ends with
+the one-process weights.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from services.devtools.server_thread import ServerThread
+from services.devtools.tiny_models import cached_tiny_model
+from tests.trainer.conftest import Inputs, push_vowels, spec, wait_for, watch
+from tests.trainer.test_distributed import ONE_CPU, TWO_CPUS, group_processes, rank_of
+from tests.trainer.test_grpo import LORA
+from tests.trainer.test_training import download
+from tests.waiting import until
+from tlm.registry.v1 import registry_pb2
+from tlm.trainer.v1 import trainer_pb2 as pb
+from tlm.trainer.v1 import trainer_pb2_grpc
+
+pytestmark = pytest.mark.slow
+Stub = trainer_pb2_grpc.TrainerServiceStub
+STEPS, GROUP = 3, 4
+FULL = pb.Tuning(full=pb.FullTuning())  # with beta's reference model on every rank
+
+
+def grpo_spec(
+    inputs: Inputs,
+    evaluator: str,
+    per_device: int,
+    accumulation: int,
+    resources: pb.Resources,
+    suffix: str = "",
+    tuning: pb.Tuning = FULL,
+) -> pb.TrainingJobSpec:
+    devices = resources.explicit.devices_per_node or 1
+    return spec(
+        pb.METHOD_GRPO,
+        inputs.base,
+        inputs.prompts,
+        evaluator=evaluator,
+        tuning=tuning,
+        output_model=f"models/grpo-dist-{devices}{suffix}",
+        resources=resources,
+        training=pb.TrainingParams(
+            max_steps=STEPS,
+            per_device_batch_size=per_device,
+            gradient_accumulation_steps=accumulation,
+            log_every=1,
+            learning_rate=1e-3,
+            save_every=1,  # rank 0's resume state, every step
+        ),
+        grpo=pb.GrpoParams(
+            num_generations=GROUP,
+            sync_every=1,
+            sampling={"max_tokens": 8, "seed": 3, "temperature": 0.7},
+        ),
+    )
+
+
+@dataclass
+class Run:
+    job: pb.TrainingJob
+    metrics: list[pb.Metrics]
+    weights: dict[str, torch.Tensor]
+
+
+RUNS: dict[str, Run] = {}  # the one-process reference, run once for the module's tests
+
+
+async def vowels(stack: ServerThread) -> str:
+    return await push_vowels(stack, "evaluators/vowels-dist", "grpo-dist-vowels")
+
+
+async def finished(stack: ServerThread, trainer: Stub, name: str, folder: Path) -> Run:
+    job = await wait_for(trainer, name, timeout=180)
+    assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
+    assert job.progress.step == STEPS and job.checkpoint_step == STEPS
+    events = await watch(trainer, job.name)
+    revision = await download(stack.address, job.output_model_revision, folder)
+    assert revision.format == registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
+    metrics = [e.metrics for e in events if e.HasField("metrics")]
+    return Run(job, metrics, load_file(folder / "model.safetensors"))
+
+
+async def one_process(stack: ServerThread, trainer: Stub, inputs: Inputs, folder: Path) -> Run:
+    if "one" not in RUNS:
+        job_spec = grpo_spec(inputs, await vowels(stack), 1, 2, ONE_CPU)
+        request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-dist-one")
+        name = (await trainer.CreateTrainingJob(request)).name
+        RUNS["one"] = await finished(stack, trainer, name, folder)
+        assert RUNS["one"].job.device_plan.strategy == pb.PARALLEL_STRATEGY_SINGLE_DEVICE
+    return RUNS["one"]
+
+
+async def until_event(trainer: Stub, name: str, kind: str) -> None:
+    async for event in trainer.WatchTrainingJob(pb.WatchTrainingJobRequest(name=name), timeout=180):
+        if event.HasField(kind):
+            return
+
+
+def assert_same_training(two: Run, one: Run, same_steps: int = STEPS) -> None:
+    """Rewards equal (the same completions), losses and weights within 1e-5."""
+    assert [m.step for m in one.metrics] == list(range(1, STEPS + 1))
+    for a, b in zip(two.metrics[:same_steps], one.metrics[:same_steps], strict=True):
+        assert a.step == b.step
+        assert a.values["reward_mean"] == b.values["reward_mean"]
+        assert a.values["tokens"] == b.values["tokens"]
+        for key in ("loss", "kl", "entropy", "grad_norm", "logprob_mismatch"):
+            assert a.values[key] == pytest.approx(b.values[key], abs=1e-5), (a.step, key)
+    assert any(m.values["reward_std"] > 0 for m in one.metrics)  # a learning signal existed
+    base = load_file(cached_tiny_model("test") / "model.safetensors")
+    assert any(not torch.equal(base[k], one.weights[k]) for k in base)  # it trained
+    assert two.weights.keys() == one.weights.keys()
+    for key in two.weights:
+        torch.testing.assert_close(two.weights[key], one.weights[key], atol=1e-5, rtol=0)
+
+
+async def test_grpo_on_two_processes_equals_one_on_the_same_global_batch(
+    stack: ServerThread, trainer: Stub, inputs: Inputs, tmp_path: Path
+) -> None:
+    one = await one_process(stack, trainer, inputs, tmp_path / "one")
+    job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS)
+    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-dist-two")
+    name = (await trainer.CreateTrainingJob(request)).name
+    await until_event(trainer, name, "metrics")
+    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}  # both ranks are training
+    two = await finished(stack, trainer, name, tmp_path / "two")
+    assert two.job.device_plan.devices_per_node == 2
+    assert two.job.device_plan.strategy == pb.PARALLEL_STRATEGY_DDP
+    assert_same_training(two, one)
+
+
+async def test_a_killed_rank_resumes_the_group_from_its_checkpoint_as_one_process_would(
+    stack: ServerThread, trainer: Stub, inputs: Inputs, tmp_path: Path
+) -> None:
+    one = await one_process(stack, trainer, inputs, tmp_path / "one")
+    job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS, "-killed")
+    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-dist-killed")
+    name = (await trainer.CreateTrainingJob(request)).name
+    await until_event(trainer, name, "checkpoint")  # step 1's resume state
+    (rank1,) = [p for p in group_processes(name) if rank_of(p) == 1]
+    rank1.send_signal(signal.SIGKILL)
+    two = await finished(stack, trainer, name, tmp_path / "two")
+    events = await watch(trainer, name)
+    changes = [e.state_change.message for e in events if e.HasField("state_change")]
+    assert any("killed by SIGKILL; restarting it from step" in m for m in changes), changes
+    # Rank 0 reports each step once; a step redone after the restart is not reported again.
+    assert [m.step for m in two.metrics] == list(range(1, STEPS + 1))
+    assert_same_training(two, one)
+
+
+async def test_cancel_stops_every_rank_of_a_lora_grpo_group(
+    stack: ServerThread, trainer: Stub, inputs: Inputs
+) -> None:
+    job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS, "-cancelled", LORA)
+    job_spec.training.max_steps = 100_000
+    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-dist-cancel")
+    name = (await trainer.CreateTrainingJob(request)).name
+    await until_event(trainer, name, "metrics")
+    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}
+    await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name))
+    job = await wait_for(trainer, name, timeout=60)
+    assert job.state == pb.TrainingJob.STATE_CANCELLED, job.error
+    await until(lambda: not group_processes(name), timeout=10, what="every rank exits")
