@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.common.auth import SERVICE_TEAM
 from services.common.settings import ServerSettings
 from services.deploy.settings import DeploySettings
 from services.registry.settings import RegistrySettings
@@ -46,9 +45,7 @@ def service_settings(service: str, **overrides: Any) -> ServerSettings:
 
 def bindings_for(services: Sequence[str], shared: ServerSettings) -> list[ServiceBinding]:
     """Bindings of `services` sharing `shared`'s server options (one process, one port)."""
-    service_key = shared.service_api_key or next(
-        (key for key, team in shared.api_keys.items() if team == SERVICE_TEAM), None
-    )
+    service_key = shared.outgoing_key()
     common = {
         "data_dir": shared.data_dir,
         "api_keys": shared.api_keys,

@@ -89,6 +89,16 @@ class ServiceClient:
         except grpc.RpcError as exc:
             raise to_domain(exc, self.service, self.address) from exc
 
+    async def _every_page(self, rpc: Any, request: Any, items: str, team: str | None) -> list[Any]:
+        """The `items` of every page of a List call, following next_page_token."""
+        found: list[Any] = []
+        while True:
+            response = await self._call(rpc, request, team)
+            found.extend(getattr(response, items))
+            if not response.next_page_token:
+                return found
+            request.page_token = response.next_page_token
+
     async def _stream(
         self,
         rpc: Callable[..., Any],

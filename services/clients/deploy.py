@@ -6,10 +6,11 @@ from __future__ import annotations
 from google.protobuf import field_mask_pb2
 
 from services.clients.base import ServiceClient
+from services.common.pagination import MAX_PAGE_SIZE
 from tlm.deploy.v1 import deploy_pb2 as pb
 from tlm.deploy.v1 import deploy_pb2_grpc
 
-PAGE_SIZE = 1000  # per List call; `list_deployments` follows next_page_token to the end
+PAGE_SIZE = MAX_PAGE_SIZE  # per List call; the lists follow next_page_token to the end
 
 
 class DeployClient(ServiceClient):
@@ -38,13 +39,7 @@ class DeployClient(ServiceClient):
     async def list_deployments(self, team: str | None = None) -> list[pb.Deployment]:
         """Every deployment of the team, page after page."""
         request = pb.ListDeploymentsRequest(page_size=PAGE_SIZE)
-        found: list[pb.Deployment] = []
-        while True:
-            response = await self._call(self.stub.ListDeployments, request, team)
-            found.extend(response.deployments)
-            if not response.next_page_token:
-                return found
-            request.page_token = response.next_page_token
+        return await self._every_page(self.stub.ListDeployments, request, "deployments", team)
 
     async def update_deployment(
         self, deployment: pb.Deployment, paths: list[str], team: str | None = None

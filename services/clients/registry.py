@@ -26,10 +26,11 @@ from services.clients.artifacts import (
 )
 from services.clients.base import ServiceClient
 from services.common.errors import AlreadyExists
+from services.common.pagination import MAX_PAGE_SIZE
 from services.common.streams import produce_prefetched
 from tlm.registry.v1 import registry_pb2, registry_pb2_grpc
 
-PAGE_SIZE = 1000  # per List call; `list` follows next_page_token to the end
+PAGE_SIZE = MAX_PAGE_SIZE  # per List call; the lists follow next_page_token to the end
 
 
 @dataclass(frozen=True)
@@ -90,16 +91,6 @@ class RegistryClient(ServiceClient):
         request = c.request("List", "Revisions", parent=parent, page_size=page_size)
         rpc = c.rpc(self.stub, "List", "Revisions")
         return await self._every_page(rpc, request, "revisions", team)
-
-    async def _every_page(self, rpc: Any, request: Any, items: str, team: str | None) -> list[Any]:
-        """The `items` of every page of a List call, following next_page_token."""
-        found: list[Any] = []
-        while True:
-            response = await self._call(rpc, request, team)
-            found.extend(getattr(response, items))
-            if not response.next_page_token:
-                return found
-            request.page_token = response.next_page_token
 
     async def set_alias(
         self,

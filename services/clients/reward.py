@@ -41,13 +41,7 @@ class RewardClient(ServiceClient):
     ) -> list[rs.Review]:
         """Every review of the team in `state` (0: all), page after page."""
         request = rs.ListReviewsRequest(page_size=page_size, state=state)  # type: ignore[arg-type]
-        found: list[rs.Review] = []
-        while True:
-            response = await self._call(self.stub.ListReviews, request, team)
-            found.extend(response.reviews)
-            if not response.next_page_token:
-                return found
-            request.page_token = response.next_page_token
+        return await self._every_page(self.stub.ListReviews, request, "reviews", team)
 
     async def get_review(self, name: str, team: str | None = None) -> rs.Review:
         return await self._call(self.stub.GetReview, rs.GetReviewRequest(name=name), team)

@@ -30,13 +30,7 @@ class TrainerClient(ServiceClient):
         self, request: pb.ListTrainingJobsRequest, team: str | None = None
     ) -> list[pb.TrainingJob]:
         """Every job the request's filters select, page after page."""
-        found: list[pb.TrainingJob] = []
-        while True:
-            response = await self._call(self.stub.ListTrainingJobs, request, team)
-            found.extend(response.jobs)
-            if not response.next_page_token:
-                return found
-            request.page_token = response.next_page_token
+        return await self._every_page(self.stub.ListTrainingJobs, request, "jobs", team)
 
     async def cancel_job(self, name: str, team: str | None = None) -> pb.TrainingJob:
         request = pb.CancelTrainingJobRequest(name=name)

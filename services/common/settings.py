@@ -38,6 +38,13 @@ class ServerSettings(BaseSettings):
     log_json: bool | None = None  # None: JSON when stderr is not a terminal.
     log_level: str = "info"
 
+    def outgoing_key(self) -> str | None:
+        """The key this process sends to the other services: `service_api_key`, else the first
+        key of the service team in `api_keys`."""
+        return self.service_api_key or next(
+            (key for key, team in self.api_keys.items() if team == SERVICE_TEAM), None
+        )
+
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -15,8 +15,8 @@ from services.common.errors import (
     Aborted,
     AlreadyExists,
     FieldViolation,
-    InvalidArgument,
     TlmError,
+    field_error,
 )
 from services.common.ids import ID_RULE, is_valid_id
 from services.common.pagination import decode_token, encode_token, page_size
@@ -60,14 +60,10 @@ def deployment_id(name: str, field: str = "name") -> str:
     """'deployments/{id}' -> id, checked."""
     value = name.removeprefix(PREFIX)
     if not name.startswith(PREFIX) or not is_valid_id(value):
-        raise _invalid(field, f"{name!r} is not valid: expected 'deployments/{{id}}', id {ID_RULE}")
+        raise field_error(
+            field, f"{name!r} is not valid: expected 'deployments/{{id}}', id {ID_RULE}"
+        )
     return value
-
-
-def _invalid(field: str, description: str) -> InvalidArgument:
-    return InvalidArgument(
-        f"{field}: {description}", violations=[FieldViolation(field, description)]
-    )
 
 
 class DeployCore:
@@ -81,7 +77,7 @@ class DeployCore:
 
     async def create(self, team: str, dep_id: str, spec: Spec, request_id: str) -> Deployment:
         if not is_valid_id(dep_id):
-            raise _invalid("deployment_id", f"{dep_id!r} is not valid: expected {ID_RULE}")
+            raise field_error("deployment_id", f"{dep_id!r} is not valid: expected {ID_RULE}")
         spec.check()
         if request_id:
             existing = await asyncio.to_thread(self.store.find_request, team, request_id)

@@ -22,6 +22,7 @@ from services.common.errors import (
     field_error,
 )
 from services.specs.names import Collection, parse_revision
+from services.specs.sampling import MAX_TEMPERATURE
 
 MAX_REPLICAS = 64
 MAX_STOP = 4  # as OpenAI's `stop`
@@ -46,8 +47,8 @@ class SamplingDefaults:
 
     def check(self, prefix: str = "deployment.sampling_defaults") -> SamplingDefaults:
         t, p = self.temperature, self.top_p
-        if t is not None and not (math.isfinite(t) and 0 <= t <= 2):
-            raise field_error(f"{prefix}.temperature", "must be in [0, 2]")
+        if t is not None and not (math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE):
+            raise field_error(f"{prefix}.temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
         if p is not None and not (math.isfinite(p) and 0 < p <= 1):
             raise field_error(f"{prefix}.top_p", "must be in (0, 1]")
         if self.max_tokens is not None and self.max_tokens < 1:

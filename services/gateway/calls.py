@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.gateway.errors import ApiError, bad_param
+from services.specs.sampling import MAX_TEMPERATURE
 
 Kind = Literal["completion", "chat"]
 MAX_STOP = 4
@@ -108,8 +109,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...] | None:
 
 def _sampling(body: dict[str, Any], kind: Kind) -> Sampling:
     temperature = _number(body, "temperature")
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise bad_param("temperature", "must be in [0, 2]")
+    if temperature is not None and not 0 <= temperature <= MAX_TEMPERATURE:
+        raise bad_param("temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
     top_p = _number(body, "top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise bad_param("top_p", "must be in (0, 1]")

@@ -16,7 +16,7 @@ import uvicorn
 
 from services.clients.deploy import DeployClient
 from services.clients.rollout import RolloutClient
-from services.common.auth import SERVICE_TEAM, Authenticator
+from services.common.auth import Authenticator
 from services.common.metrics import start_metrics_server
 from services.common.server import CannotBind, RunningServer, ServiceBinding, start_server
 from services.common.settings import ServerSettings
@@ -92,9 +92,7 @@ async def start_gateway(
     """Serve the gateway on settings.host:port; the deploy service and serving pool default to
     `grpc_address` (the `tlm up` server), then TLM_ADDRESS."""
     authenticator = _authenticator(settings)
-    key = settings.service_api_key or next(
-        (k for k, team in settings.api_keys.items() if team == SERVICE_TEAM), None
-    )
+    key = settings.outgoing_key()
     backend = Backend(
         DeployClient(settings.deploy_address or grpc_address, api_key=key),
         RolloutClient(settings.rollout_address or grpc_address, api_key=key),
