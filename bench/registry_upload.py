@@ -1,6 +1,12 @@
 """Registry throughput: a ~200 MB artifact uploaded and downloaded through the service vs a
 plain file copy on the same disk, and dataset validation speed in rows/s.
 
+The peer the target is set against is the read/write copy: read() and write() of the same bytes
+in 4 MiB blocks in user space, as any program that sees the bytes must do (the in-kernel copy,
+sendfile/copy_file_range, is printed for scale only). The peer neither hashes nor fsyncs, and
+its copy is deleted each round; the registry hashes (sha256 on both sides), fsyncs each blob
+before renaming it into place, and keeps every blob.
+
 Each round runs the four transfers (in-kernel copy, read/write copy, upload, download) in a
 rotating order, so load on the machine hits every side alike; each round uploads a fresh
 revision (the artifact's first bytes change, so nothing is deduplicated). Prints the median and

@@ -1,25 +1,36 @@
 """Reward Score throughput over gRPC vs the same scorer code in process, at batch sizes 1, 16
 and 256, and latency under 16 concurrent clients.
 
-For each batch size the sides run interleaved (which goes first rotates), `--repeats` rounds of
-`--samples` samples each: in process (one thread), over gRPC with rules in the server's thread
-(`rule_workers=0`, like for like) and over gRPC with `--workers` rule worker processes. Prints
-the median and spread (min-max) of samples/s per side, and of its ratio to in-process within
-each round (target >= 0.8 from batch 16).
+For each batch size, `--repeats` rounds of `--samples` samples per side: in process (the same
+scorer code in the calling thread, no worker processes), over gRPC with rules in the server's
+thread (`rule_workers=0`, like for like) and over gRPC with `--workers` rule worker processes.
+Within a round the sides take turns of `--turn` samples, in every order in turn, so load from
+elsewhere on the host falls on all of them alike. Prints the median and spread
+(min-max) of samples/s per side, and of its ratio to in-process within each round (target
+>= 0.8 from batch 16); then, per sample, the CPU time spent (this process, which hosts both
+servers, and the rule workers) and the time those threads waited for a CPU: a side that waited
+much longer than the others was measured under more load (Linux /proc schedstat).
 
     .venv/bin/python bench/reward_throughput.py [--samples 512] [--workers 2] [--repeats 5]
+        [--batches 1,16,256] [--turn 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
+import itertools
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from google.protobuf import json_format
@@ -28,7 +39,7 @@ from services.common.logs import configure_logging
 from services.devtools.server_thread import ServerThread
 from services.reward import app, convert
 from services.reward.aggregate import combine, scorer_result
-from services.reward.rule_runner import run_chunk
+from services.reward.rule_worker import run_chunk
 from services.reward.settings import RewardSettings
 from services.specs.evaluator import require_valid
 from tlm.reward.v1 import evaluator_pb2 as ev
@@ -55,6 +66,10 @@ def sample(sample_id: str, completion: str, reference: str) -> rs.Sample:
     return msg
 
 
+# Sample numbers never used before: the outcome cache (off in the servers here) never answers.
+OFFSETS = iter(range(100_000_000, 1 << 50, 1 << 20))
+
+
 def make_samples(n: int, offset: int) -> list[rs.Sample]:
     # Distinct completions, so the cache never answers.
     return [
@@ -67,35 +82,94 @@ def make_samples(n: int, offset: int) -> list[rs.Sample]:
     ]
 
 
-def in_process(samples: list[rs.Sample], batch: int) -> float:
-    """Conversion from proto, every scorer, and combining: what Score does, without gRPC."""
-    evaluator = require_valid(spec(MATH_SPEC))
-    payloads = [s.SerializeToString() for s in evaluator.scorers]
-    start = time.perf_counter()
-    for i in range(0, len(samples), batch):
-        chunk = [convert.sample_from_proto(s) for s in samples[i : i + batch]]
-        columns = [[r for r, _ in run_chunk(p, chunk)] for p in payloads]
-        for j, one in enumerate(chunk):
+class InProcess:
+    """The peer: conversion from proto, every scorer, and combining, in the calling thread; what
+    Score does for a batch, without gRPC, admission, worker processes or the outcome cache."""
+
+    def __init__(self) -> None:
+        self.evaluator = require_valid(spec(MATH_SPEC))
+        self.payloads = [s.SerializeToString() for s in self.evaluator.scorers]
+
+    def __call__(self, batch: list[rs.Sample]) -> None:
+        samples = [convert.sample_from_proto(s) for s in batch]
+        columns = [[r for r, _ in run_chunk(p, samples)] for p in self.payloads]
+        for j, one in enumerate(samples):
             row = [
                 scorer_result(sc, col[j])
-                for sc, col in zip(evaluator.scorers, columns, strict=True)
+                for sc, col in zip(self.evaluator.scorers, columns, strict=True)
             ]
-            combine(evaluator, one.sample_id, row)
-    return len(samples) / (time.perf_counter() - start)
+            combine(self.evaluator, one.sample_id, row)
 
 
-def over_grpc(stub: rs_grpc.RewardServiceStub, samples: list[rs.Sample], batch: int) -> float:
-    evaluator = spec(MATH_SPEC)
-    start = time.perf_counter()
-    statuses: set[int] = set()
-    for i in range(0, len(samples), batch):
-        request = rs.ScoreRequest(spec=evaluator, samples=samples[i : i + batch])
-        response = stub.Score(request, timeout=120)
-        statuses |= {r.status for r in response.results}
-    rate = len(samples) / (time.perf_counter() - start)
-    if statuses != {rs.SCORE_STATUS_OK}:  # a fast stream of errors is not throughput
-        raise SystemExit(f"unexpected statuses {statuses}")
-    return rate
+class OverGrpc:
+    """One Score call per batch."""
+
+    def __init__(self, stub: rs_grpc.RewardServiceStub) -> None:
+        self.stub = stub
+        self.evaluator = spec(MATH_SPEC)
+
+    def __call__(self, batch: list[rs.Sample]) -> None:
+        request = rs.ScoreRequest(spec=self.evaluator, samples=batch)
+        statuses = {r.status for r in self.stub.Score(request, timeout=120).results}
+        if statuses != {rs.SCORE_STATUS_OK}:  # a fast stream of errors is not throughput
+            raise SystemExit(f"unexpected statuses {statuses}")
+
+
+Side = Callable[[list[rs.Sample]], None]
+Order = tuple[str, ...]  # the sides in the order they take their turns
+
+
+class Round(NamedTuple):
+    """Per side: samples/s, and per sample the CPU ms spent by this process and its rule workers
+    (load-independent, mostly) and the ms its threads waited for a CPU (the host's load)."""
+
+    rate: dict[str, float]
+    cpu_ms: dict[str, float]
+    waited_ms: dict[str, float]
+
+
+def schedstat() -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of every thread of this process and of
+    its children (the rule workers), from /proc/<pid>/task/<tid>/schedstat."""
+    on_cpu = waited = 0
+    for pid in [os.getpid(), *(p.pid for p in multiprocessing.active_children())]:
+        for stat in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            with contextlib.suppress(OSError), open(stat) as f:
+                ran, wait, _ = f.read().split()
+                on_cpu, waited = on_cpu + int(ran), waited + int(wait)
+    return on_cpu, waited
+
+
+def one_round(
+    sides: Mapping[str, Side], samples: int, batch: int, turn: int, orders: Iterator[Order]
+) -> Round:
+    """Each side over `samples` distinct samples. The sides take turns of `turn` samples, long
+    enough for a side's CPU caches to be warm as in a busy service (turns of one 16-sample call
+    put the rule workers, whose memory the two sides in this process had evicted, at 0.73), and
+    in every order in turn (each side follows each other as often); load from elsewhere on the
+    host falls on all of them alike. `orders` goes on from one round to the next."""
+    calls = max(samples // batch, 1)
+    batches = {name: [make_samples(batch, next(OFFSETS)) for _ in range(calls)] for name in sides}
+    per_turn = max(turn // batch, 1)
+    spent = {name: [0.0, 0, 0] for name in sides}  # seconds, CPU ns, waited ns
+    for turn in range(0, calls, per_turn):
+        for name in next(orders):
+            cpu, waited = schedstat()
+            start = time.perf_counter()
+            for k in range(turn, min(turn + per_turn, calls)):
+                sides[name](batches[name][k])
+            seconds = time.perf_counter() - start
+            cpu_after, waited_after = schedstat()
+            total = spent[name]
+            total[0] += seconds
+            total[1] += cpu_after - cpu
+            total[2] += waited_after - waited
+    n = calls * batch
+    return Round(
+        rate={name: n / t[0] for name, t in spent.items()},
+        cpu_ms={name: t[1] / 1e6 / n for name, t in spent.items()},
+        waited_ms={name: t[2] / 1e6 / n for name, t in spent.items()},
+    )
 
 
 def serve(workers: int) -> ServerThread:
@@ -132,40 +206,43 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="rule worker processes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", default="1,16,256")
+    parser.add_argument("--turn", type=int, default=128, help="samples per side before the next")
     args = parser.parse_args()
     configure_logging(json=True, level="warning")
-    in_process(make_samples(64, 5_000_000), 64)  # warm sympy / math-verify
+    InProcess()(make_samples(64, 5_000_000))  # warm sympy / math-verify
     # Like for like: one server scores in one thread (rule_workers=0), the other as deployed.
     thread_server, pool_server = serve(0), serve(args.workers)
-    offset = iter(range(10_000_000, 1 << 40, args.samples))  # distinct: the cache never answers
     try:
         with (
             grpc.insecure_channel(thread_server.address) as thread_channel,
             grpc.insecure_channel(pool_server.address) as pool_channel,
         ):
-            thread = rs_grpc.RewardServiceStub(thread_channel)
             pool = rs_grpc.RewardServiceStub(pool_channel)
-            sides = {
-                "in process": lambda s, b: in_process(s, b),
-                "gRPC, rules in 1 thread": lambda s, b: over_grpc(thread, s, b),
-                f"gRPC, {args.workers} rule workers": lambda s, b: over_grpc(pool, s, b),
+            sides: dict[str, Side] = {
+                "in process": InProcess(),
+                "gRPC, rules in 1 thread": OverGrpc(rs_grpc.RewardServiceStub(thread_channel)),
+                f"gRPC, {args.workers} rule workers": OverGrpc(pool),
             }
-            print(f"samples/s, median [min-max] of {args.repeats} interleaved rounds")
+            print(
+                f"samples/s, median [min-max] of {args.repeats} interleaved rounds; per sample, "
+                "CPU time of this process and its rule workers, and time they waited for a CPU"
+            )
             for batch in (int(b) for b in args.batches.split(",")):
-                runs: dict[str, list[float]] = {name: [] for name in sides}
-                for side in sides.values():  # warm-up
-                    side(make_samples(batch, next(offset)), batch)
-                names = list(sides)
-                for r in range(args.repeats):
-                    for name in names[r % 3 :] + names[: r % 3]:
-                        runs[name].append(
-                            sides[name](make_samples(args.samples, next(offset)), batch)
-                        )
-                for name, rates in runs.items():
-                    ratios = [a / b for a, b in zip(rates, runs["in process"], strict=True)]
+                orders = itertools.cycle(itertools.permutations(sides))
+                one_round(sides, batch, batch, args.turn, orders)  # warm-up
+                rounds = [
+                    one_round(sides, args.samples, batch, args.turn, orders)
+                    for _ in range(args.repeats)
+                ]
+                for name in sides:
+                    rates = [r.rate[name] for r in rounds]
+                    ratios = [r.rate[name] / r.rate["in process"] for r in rounds]
+                    cpu = statistics.median(r.cpu_ms[name] for r in rounds)
+                    waited = statistics.median(r.waited_ms[name] for r in rounds)
                     print(
                         f"batch {batch:4d}  {name:24s} {spread(rates):24s} ratio "
                         f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+                        f"  cpu {cpu:.2f} ms, waited {waited:.2f} ms"
                     )
             times = sorted(latency(pool, clients=16, calls=8))
     finally:

@@ -4,7 +4,9 @@ cache that keeps one local copy per revision content."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +28,30 @@ if TYPE_CHECKING:
     from services.clients.registry import RegistryClient
 
 CHUNK = 4 * 1024 * 1024 - 64 * 1024  # under the 4 MiB per-message cap with room for framing
+# glibc's mallopt parameters (malloc.h) and the values transfers need.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 64 << 20  # the most glibc's own adjustment reaches
+
+
+@functools.cache
+def keep_transfer_buffers() -> bool:
+    """Let the C allocator reuse freed chunk-sized buffers instead of handing them back to the
+    kernel; once per process, called by both ends of a registry transfer. Every chunk passes
+    through several 4 MiB buffers (the read, the message, its serialisation, gRPC's copy); by
+    default glibc trims its heap whenever 8 MiB lie free at the top, so each buffer lands on
+    fresh pages that the kernel faults in and zeroes again: about 0.2 CPU-s per 200 MB and
+    buffer on our 2-core VM, more than sha256, and half the transfer rate measured
+    (bench/registry_upload.py). The thresholds set here, 32 MiB for mmap and 64 MiB for trimming,
+    are the highest glibc's dynamic adjustment reaches by itself once a process has freed a
+    32 MiB buffer (as torch processes do); at most 64 MiB of free heap stays per allocator arena.
+    False (nothing changed) without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -42,9 +68,23 @@ def read_blocks(path: Path) -> Iterator[bytes]:
             yield block
 
 
-def folder_manifest(folder: Path) -> registry_pb2.Manifest:
+def hashed_blocks(path: Path, size: int) -> Iterator[tuple[bytes, str]]:
+    """The first `size` bytes of `path` in blocks, each with "" except the last, which comes
+    with the sha256 of all of them: a file is read once, hashed as it is sent. A file that
+    shrank since `size` was taken ends without a digest (the service then reports it short)."""
+    digest = hashlib.sha256()
+    left = size
+    with path.open("rb") as f:
+        while left and (block := f.read(min(CHUNK, left))):
+            digest.update(block)  # releases the GIL: the previous block is sent meanwhile
+            left -= len(block)
+            yield block, "" if left else digest.hexdigest()
+
+
+def folder_manifest(folder: Path, *, digests: bool = True) -> registry_pb2.Manifest:
     """Path, size and sha256 of every file under `folder`, which must exist (a missing folder
-    is the caller's mistake, not an empty model)."""
+    is the caller's mistake, not an empty model). Without `digests`, sha256 is left empty (an
+    upload sends each file's on its last chunk instead)."""
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
     if not folder.exists():
@@ -54,7 +94,7 @@ def folder_manifest(folder: Path) -> registry_pb2.Manifest:
         registry_pb2.ArtifactFile(
             path=p.relative_to(folder).as_posix(),
             size_bytes=p.stat().st_size,
-            sha256=sha256_file(p),
+            sha256=sha256_file(p) if digests else "",
         )
         for p in files
     ]
@@ -77,6 +117,7 @@ async def write_download(
     """Consume a DownloadChunk stream into `dest`, checking each file's size and sha256. Chunks
     are written in a thread while the next ones arrive (consume_pipelined), and hashed in
     another while they are written (both release the GIL)."""
+    keep_transfer_buffers()
     manifests: list[registry_pb2.Manifest] = []
     digests: dict[str, Any] = {}
     handles: dict[str, Any] = {}

@@ -19,6 +19,8 @@ from services.clients.artifacts import (
     CHUNK,
     folder_manifest,
     from_struct,
+    hashed_blocks,
+    keep_transfer_buffers,
     read_blocks,
     sha256_file,
     to_struct,
@@ -79,10 +81,8 @@ class RegistryClient(ServiceClient):
     ) -> list[Any]:
         """Every resource of a collection, page after page; `filters` are request fields."""
         c = COLLECTIONS[collection]
-        request = getattr(registry_pb2, f"List{c.noun}sRequest")(page_size=page_size, **filters)
-        return await self._every_page(
-            getattr(self.stub, f"List{c.noun}s"), request, collection, team
-        )
+        request = c.request("List", "s", page_size=page_size, **filters)
+        return await self._every_page(c.rpc(self.stub, "List", "s"), request, collection, team)
 
     async def list_revisions(
         self, collection: str, parent: str, team: str | None = None, page_size: int = PAGE_SIZE
@@ -167,7 +167,11 @@ class RegistryClient(ServiceClient):
         labels: Mapping[str, str] | None = None,
         team: str | None = None,
     ) -> registry_pb2.ModelRevision:
-        manifest = folder_manifest(folder)
+        """Upload `folder` as a new revision of `parent`. Each file is read once: its sha256 is
+        computed while its blocks are sent, and travels on its last chunk (the manifest leaves
+        it empty); the service checks it before storing anything."""
+        keep_transfer_buffers()
+        manifest = folder_manifest(folder, digests=False)
         header = registry_pb2.ModelRevisionHeader(
             parent=parent,
             request_id=request_id,
@@ -182,12 +186,13 @@ class RegistryClient(ServiceClient):
             yield registry_pb2.UploadModelRevisionRequest(header=header)
             for entry in manifest.files:
                 offset = 0
-                async for block in produce_prefetched(read_blocks(folder / entry.path)):
+                blocks = hashed_blocks(folder / entry.path, entry.size_bytes)
+                async for block, sha256 in produce_prefetched(blocks):
                     # Filled in place: UploadModelRevisionRequest(chunk=FileChunk(...)) copies
                     # the block a second time.
                     request = registry_pb2.UploadModelRevisionRequest()
                     request.chunk.path, request.chunk.offset = entry.path, offset
-                    request.chunk.data = block
+                    request.chunk.data, request.chunk.sha256 = block, sha256
                     yield request
                     offset += len(block)
 
@@ -225,6 +230,7 @@ class RegistryClient(ServiceClient):
         description: str = "",
         team: str | None = None,
     ) -> registry_pb2.DatasetRevision:
+        keep_transfer_buffers()
         header = registry_pb2.DatasetRevisionHeader(
             parent=parent,
             request_id=request_id,

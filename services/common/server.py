@@ -56,10 +56,13 @@ class RunningServer:
         log.info("server_stopped", address=self.address)
 
 
-def _check_auth_config(settings: ServerSettings) -> Authenticator:
+def authenticator(
+    settings: ServerSettings, keys_variable: str = "TLM_<SERVICE>_API_KEYS"
+) -> Authenticator:
+    """The settings' key table; without keys, exit unless --insecure-dev (then warn)."""
     if not settings.api_keys and not settings.insecure_dev:
         raise SystemExit(
-            'no API keys configured: set TLM_<SERVICE>_API_KEYS=\'{"key": "team"}\', '
+            f'no API keys configured: set {keys_variable}=\'{{"key": "team"}}\', '
             "or pass --insecure-dev for local use"
         )
     if not settings.api_keys:
@@ -102,10 +105,10 @@ async def start_server(
     bindings: Sequence[ServiceBinding], settings: ServerSettings
 ) -> RunningServer:
     """Start a server for `bindings`; with settings.port 0 it binds a free port."""
-    authenticator = _check_auth_config(settings)
+    keys = authenticator(settings)
     limit = settings.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(authenticator)],
+        interceptors=[ServerInterceptor(keys)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -144,6 +147,15 @@ async def start_server(
     return RunningServer(server, port, address, health, bindings, metrics_port)
 
 
+async def until_signalled() -> None:
+    """Wait for SIGTERM (what Kubernetes sends first) or SIGINT (Ctrl-C)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def serve_forever(
     bindings: Sequence[ServiceBinding],
     settings: ServerSettings,
@@ -153,10 +165,6 @@ async def serve_forever(
     running = await start_server(bindings, settings)
     if ready is not None:
         ready(running)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     log.info("shutdown_requested", grace_s=settings.grace_period_s)
     await running.stop(settings.grace_period_s)

@@ -5,18 +5,17 @@ host, TLS) and its HTTP server; the services are found as the CLI finds them
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import structlog
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
+from services.common.server import until_signalled
 from services.console.app import BASE, Console, create_console
-from services.gateway.server import _bind, _config, _until_signalled
+from services.gateway.server import _bind, start_http
 from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("tlm.console")
@@ -40,17 +39,12 @@ async def serve_console(settings: GatewaySettings, ready: Callable[[str], None])
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
     app, console = standalone_app(None)
     sock = _bind(settings.host, settings.port)
-    config = _config(app, settings)
-    config.load()
-    server = uvicorn.Server(config)
-    server.lifespan = config.lifespan_class(config)
-    await server.startup(sockets=[sock])
-    task = asyncio.create_task(server.main_loop())
+    server, task = await start_http(app, settings, sock)
     scheme = "https" if settings.tls_cert_file else "http"
     url = f"{scheme}://{settings.host}:{sock.getsockname()[1]}{BASE}/"
     log.info("console_started", url=url)
     ready(url)
-    await _until_signalled()
+    await until_signalled()
     server.should_exit = True
     await task
     await server.shutdown(sockets=[sock])

@@ -31,9 +31,9 @@ from services.deploy.domain import (
     check_mask,
 )
 from services.deploy.store import DeploymentStore
+from services.specs.names import DEPLOYMENT_PREFIX
 
 log = structlog.get_logger("tlm.deploy")
-PREFIX = "deployments/"
 # Update mask paths -> Spec fields.
 SPEC_FIELDS = {
     "model": "model",
@@ -58,10 +58,10 @@ class Pool(Protocol):
 
 def deployment_id(name: str, field: str = "name") -> str:
     """'deployments/{id}' -> id, checked."""
-    value = name.removeprefix(PREFIX)
-    if not name.startswith(PREFIX) or not is_valid_id(value):
+    value = name.removeprefix(DEPLOYMENT_PREFIX)
+    if not name.startswith(DEPLOYMENT_PREFIX) or not is_valid_id(value):
         raise field_error(
-            field, f"{name!r} is not valid: expected 'deployments/{{id}}', id {ID_RULE}"
+            field, f"{name!r} is not valid: expected '{DEPLOYMENT_PREFIX}{{id}}', id {ID_RULE}"
         )
     return value
 

@@ -21,11 +21,10 @@ from services.common.errors import (
     NotFound,
     field_error,
 )
-from services.specs.names import Collection, parse_revision
-from services.specs.sampling import MAX_TEMPERATURE
+from services.specs.names import DEPLOYMENT_PREFIX, Collection, parse_revision
+from services.specs.sampling import MAX_STOP, MAX_TEMPERATURE
 
 MAX_REPLICAS = 64
-MAX_STOP = 4  # as OpenAI's `stop`
 MUTABLE = frozenset({"model", "adapter", "replicas", "sampling_defaults", "description"})
 
 
@@ -108,7 +107,7 @@ class Deployment:
 
     @property
     def name(self) -> str:
-        return f"deployments/{self.deployment_id}"
+        return DEPLOYMENT_PREFIX + self.deployment_id
 
     @property
     def etag(self) -> str:

@@ -27,6 +27,7 @@ from services.deploy.domain import (
     SamplingDefaults,
     Spec,
 )
+from services.specs.names import DEPLOYMENT_PREFIX
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "deploy_alembic_version"  # its own, so the stores can share one database
@@ -156,7 +157,7 @@ class DeploymentStore:
             )
         )
         if row is None:
-            name = f"deployments/{deployment_id}"
+            name = DEPLOYMENT_PREFIX + deployment_id
             raise DeploymentNotFound(f"{name} not found", metadata={"resource": name})
         return row
 

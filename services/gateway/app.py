@@ -26,6 +26,7 @@ from services.gateway import responses
 from services.gateway.backend import Backend, generate_request
 from services.gateway.calls import Call, Kind, parse
 from services.gateway.errors import ApiError, from_domain
+from services.specs.names import DEPLOYMENT_PREFIX
 
 log = structlog.get_logger("tlm.gateway")
 ID_PREFIX: dict[Kind, str] = {"completion": "cmpl-", "chat": "chatcmpl-"}
@@ -34,6 +35,12 @@ PROMPT_PARAM: dict[Kind, str] = {"completion": "prompt", "chat": "messages"}
 
 def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
+
+
+def api_error(exc: TlmError, kind: Kind) -> ApiError:
+    """A generation error, before or after the first byte: the rollout's `prompts[i]` is the
+    request's `prompt` or `messages`."""
+    return from_domain(exc, PROMPT_PARAM[kind])
 
 
 def create_app(
@@ -88,7 +95,7 @@ def create_app(
                 return JSONResponse(responses.whole(call, head, completions))
             first = await anext(aiter(stream))  # refusals answer as errors, before any byte
         except TlmError as exc:
-            raise from_domain(exc, PROMPT_PARAM[kind]) from exc
+            raise api_error(exc, kind) from exc
         events = _events(call, head, first, stream)
         return StreamingResponse(events, media_type="text/event-stream")
 
@@ -117,7 +124,7 @@ def create_app(
 
 def _model(d: Any) -> dict[str, Any]:
     return {
-        "id": d.name.removeprefix("deployments/"),
+        "id": d.name.removeprefix(DEPLOYMENT_PREFIX),
         "object": "model",
         "created": d.create_time.seconds,
         "owned_by": "tlm",
@@ -144,7 +151,7 @@ async def _events(
                 for chunk in responses.chunks(call, head, c):
                     yield _sse(chunk)
     except TlmError as exc:  # after the first byte, an error can only be an event
-        yield _sse(from_domain(exc).body())
+        yield _sse(api_error(exc, call.kind).body())
         return
     if call.include_usage:
         yield _sse(head | {"choices": [], "usage": responses.usage(done)})

@@ -11,11 +11,10 @@ from services.common.errors import InvalidArgument, NotFound
 from services.common.proto_json import short_name
 from services.gateway.calls import Call, Sampling
 from services.gateway.errors import ApiError
+from services.specs.names import DEPLOYMENT_PREFIX
 from tlm.common.v1 import common_pb2
 from tlm.deploy.v1 import deploy_pb2
 from tlm.rollout.v1 import rollout_pb2
-
-PREFIX = "deployments/"
 
 
 def deployment_name(model: str) -> str:
@@ -24,7 +23,7 @@ def deployment_name(model: str) -> str:
     >>> deployment_name("chat"), deployment_name("deployments/chat")
     ('deployments/chat', 'deployments/chat')
     """
-    return model if model.startswith(PREFIX) else PREFIX + model
+    return model if model.startswith(DEPLOYMENT_PREFIX) else DEPLOYMENT_PREFIX + model
 
 
 def sampling(

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.gateway.errors import ApiError, bad_param
-from services.specs.sampling import MAX_TEMPERATURE
+from services.specs.sampling import MAX_STOP, MAX_TEMPERATURE
 
 Kind = Literal["completion", "chat"]
-MAX_STOP = 4
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 COMMON = frozenset(
     {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "logprobs"}

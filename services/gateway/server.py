@@ -5,7 +5,6 @@ port 0 works (tests) and the bound port is known."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -16,9 +15,15 @@ import uvicorn
 
 from services.clients.deploy import DeployClient
 from services.clients.rollout import RolloutClient
-from services.common.auth import Authenticator
 from services.common.metrics import start_metrics_server
-from services.common.server import CannotBind, RunningServer, ServiceBinding, start_server
+from services.common.server import (
+    CannotBind,
+    RunningServer,
+    ServiceBinding,
+    authenticator,
+    start_server,
+    until_signalled,
+)
 from services.common.settings import ServerSettings
 from services.console.app import BASE as CONSOLE_PATH
 from services.console.app import Console, create_console
@@ -50,15 +55,6 @@ class RunningGateway:
         log.info("gateway_stopped", url=self.url)
 
 
-def _authenticator(settings: GatewaySettings) -> Authenticator:
-    if not settings.api_keys and not settings.insecure_dev:
-        raise SystemExit(
-            'no API keys configured: set TLM_GATEWAY_API_KEYS=\'{"key": "team"}\', '
-            "or pass --insecure-dev for local use"
-        )
-    return Authenticator(dict(settings.api_keys), settings.insecure_dev)
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -86,12 +82,24 @@ def _config(app: object, settings: GatewaySettings) -> uvicorn.Config:
     )
 
 
+async def start_http(
+    app: object, settings: GatewaySettings, sock: socket.socket
+) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """uvicorn serving `app` on the bound `sock`, on this event loop, until `should_exit`."""
+    config = _config(app, settings)
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[sock])
+    return server, asyncio.create_task(server.main_loop())
+
+
 async def start_gateway(
     settings: GatewaySettings, grpc_address: str | None = None
 ) -> RunningGateway:
     """Serve the gateway on settings.host:port; the deploy service and serving pool default to
     `grpc_address` (the `tlm up` server), then TLM_ADDRESS."""
-    authenticator = _authenticator(settings)
+    keys = authenticator(settings, "TLM_GATEWAY_API_KEYS")
     key = settings.outgoing_key()
     backend = Backend(
         DeployClient(settings.deploy_address or grpc_address, api_key=key),
@@ -99,16 +107,11 @@ async def start_gateway(
         settings.request_timeout_s,
     )
     sock = _bind(settings.host, settings.port)
-    app = create_app(backend, authenticator, settings.max_message_bytes)
+    app = create_app(backend, keys, settings.max_message_bytes)
     # The web console: the same services, called with each browser user's own API key.
     console_app, console = create_console(grpc_address)
     app.mount(CONSOLE_PATH, console_app)
-    config = _config(app, settings)
-    config.load()
-    server = uvicorn.Server(config)
-    server.lifespan = config.lifespan_class(config)
-    await server.startup(sockets=[sock])
-    task = asyncio.create_task(server.main_loop())
+    server, task = await start_http(app, settings, sock)
     if settings.metrics_port is not None:
         start_metrics_server(settings.metrics_port)
     port = sock.getsockname()[1]
@@ -118,19 +121,11 @@ async def start_gateway(
     return RunningGateway(server, [sock], task, backend, port, url, console)
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 async def serve_gateway(settings: GatewaySettings, ready: Callable[[str], None]) -> None:
     """`tlm serve gateway`: the gateway alone until SIGTERM or SIGINT."""
     gateway = await start_gateway(settings)
     ready(gateway.url)
-    await _until_signalled()
+    await until_signalled()
     await gateway.stop()
 
 
@@ -153,7 +148,7 @@ async def serve_up(
     if http_port is not None:
         gateway = await start_gateway(embedded_settings(settings, http_port), running.address)
     ready(running)
-    await _until_signalled()
+    await until_signalled()
     if gateway is not None:
         await gateway.stop()
     await running.stop(settings.grace_period_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.clients.artifacts import keep_transfer_buffers
 from services.common.server import ServiceBinding
 from services.registry.blobs import open_blob_store
 from services.registry.core import Registry
@@ -45,6 +46,7 @@ def build_registry(settings: RegistrySettings) -> Registry:
 
 
 def binding(settings: RegistrySettings) -> ServiceBinding:
+    keep_transfer_buffers()  # uploads and downloads reuse their chunk buffers' pages
     registry = build_registry(settings)
     servicer = RegistryServicer(registry)
 

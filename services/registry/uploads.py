@@ -1,7 +1,8 @@
 """Chunked uploads: bytes land in a private temporary folder, are hashed as they arrive, and are
 checked against the declared sizes and sha256 before anything is stored (`StagedFiles`); one
 upload session per stream checks its header first and stores the revision at the end
-(`ModelUpload`, `DatasetUpload`)."""
+(`ModelUpload`, `DatasetUpload`). A model file's sha256 may come in the manifest or, so that a
+client hashes while it sends instead of reading every file twice, on the file's last chunk."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from services.registry.core import Registry
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 DATA_FILE = "data.jsonl"  # a dataset revision's one file, as downloads name it
 BASE_FIELD = "header.lineage.base_model_revision"
 UPLOAD_FORMATS = (registry_pb2.MODEL_FORMAT_FULL_WEIGHTS, registry_pb2.MODEL_FORMAT_LORA_ADAPTER)
@@ -73,7 +75,7 @@ def _path_problem(path: str) -> str | None:
 
 def check_manifest(manifest: registry_pb2.Manifest, field: str) -> None:
     """Every path relative, '/'-separated, without '..', short enough for the filesystem;
-    sizes >= 0; sha256 hex; no repeats."""
+    sizes >= 0; sha256 hex or empty (then the file's last chunk carries it); no repeats."""
     violations: list[FieldViolation] = []
     seen: set[str] = set()
     paths = {f.path for f in manifest.files}
@@ -92,9 +94,11 @@ def check_manifest(manifest: registry_pb2.Manifest, field: str) -> None:
             violations.append(FieldViolation(at, "a folder of this path is also listed as a file"))
         if f.size_bytes < 0:
             violations.append(FieldViolation(f"{field}.files[{i}].size_bytes", "must be >= 0"))
-        if not SHA256.fullmatch(f.sha256):
+        if f.sha256 and not SHA256.fullmatch(f.sha256):
             violations.append(
-                FieldViolation(f"{field}.files[{i}].sha256", "must be 64 lowercase hex digits")
+                FieldViolation(
+                    f"{field}.files[{i}].sha256", "must be 64 lowercase hex digits, or empty"
+                )
             )
     if violations:
         raise InvalidArgument(
@@ -107,6 +111,8 @@ class _File:
         self.entry = entry
         self.path = path
         self.written = 0
+        # What the client says the bytes hash to: from the manifest, or from the last chunk.
+        self.declared = entry.sha256 or (EMPTY_SHA256 if entry.size_bytes == 0 else "")
         self.digest = hashlib.sha256()
         self.hashing: Future[None] | None = None  # the last chunk handed to the hash thread
         self.handle: Any = None
@@ -122,7 +128,9 @@ class StagedFiles:
         self.files = {e.path: _File(e, self.root / "files" / e.path) for e in manifest.files}
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tlm-upload-hash")
 
-    def write(self, path: str, offset: int, data: bytes) -> None:
+    def write(self, path: str, offset: int, data: bytes, sha256: str = "") -> None:
+        """Stage the chunk at `offset`; `sha256`, only on a file's last chunk, is the whole
+        file's digest (required there when the manifest left it empty)."""
         f = self.files.get(path)
         if f is None:
             raise field_error("chunk.path", f"{path!r} is not in the manifest")
@@ -135,6 +143,7 @@ class StagedFiles:
                 f"{path}: more bytes than the declared {f.entry.size_bytes}",
                 violations=[FieldViolation("chunk.data", "beyond the declared size")],
             )
+        self._take_digest(f, len(data), sha256)
         if f.handle is None:
             f.path.parent.mkdir(parents=True, exist_ok=True)
             f.handle = f.path.open("xb")  # never overwrite another entry's bytes
@@ -143,6 +152,38 @@ class StagedFiles:
         f.hashing = self._hasher.submit(f.digest.update, data)
         f.handle.write(data)
         f.written += len(data)
+
+    def _take_digest(self, f: _File, size: int, sha256: str) -> None:
+        """Check a chunk's `sha256` (before its bytes are written): on the last chunk only, well
+        formed, and present there when the manifest did not declare one."""
+        last = f.written + size == f.entry.size_bytes
+        if sha256 and not last:
+            raise field_error("chunk.sha256", f"{f.entry.path}: only on the file's last chunk")
+        if sha256 and not SHA256.fullmatch(sha256):
+            raise field_error("chunk.sha256", "must be 64 lowercase hex digits")
+        if sha256 and f.declared and sha256 != f.declared:
+            raise ChecksumMismatch(
+                f"{f.entry.path}: the last chunk's sha256 {sha256} differs from the manifest's "
+                f"{f.declared}; nothing was stored",
+                violations=[FieldViolation("chunk.sha256", "differs from the manifest")],
+            )
+        if last and not (sha256 or f.declared):
+            raise field_error(
+                "chunk.sha256",
+                f"{f.entry.path}: the manifest left its sha256 empty, so its last chunk must "
+                "carry it",
+            )
+        f.declared = f.declared or sha256
+
+    def manifest(self) -> registry_pb2.Manifest:
+        """The files with their verified sha256 (after `finish`)."""
+        files = [
+            registry_pb2.ArtifactFile(
+                path=f.entry.path, size_bytes=f.entry.size_bytes, sha256=f.declared
+            )
+            for f in self.files.values()
+        ]
+        return registry_pb2.Manifest(files=files, total_bytes=sum(f.size_bytes for f in files))
 
     def finish(self) -> Path:
         """Check every file is complete and matches its sha256; returns the staged folder."""
@@ -163,13 +204,14 @@ class StagedFiles:
                 violations=[FieldViolation("chunk", f"{len(incomplete)} file(s) incomplete")],
             )
         for f in self.files.values():
-            if f.digest.hexdigest() != f.entry.sha256:
+            if f.digest.hexdigest() != f.declared:
+                where = (
+                    f"manifest.files[{f.entry.path}].sha256" if f.entry.sha256 else "chunk.sha256"
+                )
                 raise ChecksumMismatch(
                     f"{f.entry.path}: sha256 of the bytes received is {f.digest.hexdigest()}, "
-                    f"not the declared {f.entry.sha256}; nothing was stored",
-                    violations=[
-                        FieldViolation(f"manifest.files[{f.entry.path}].sha256", "mismatch")
-                    ],
+                    f"not the declared {f.declared}; nothing was stored",
+                    violations=[FieldViolation(where, "mismatch")],
                 )
         return self.root / "files"
 
@@ -243,28 +285,26 @@ class ModelUpload:
 
     def write(self, chunk: registry_pb2.FileChunk) -> None:
         if self.done is None:  # a retried upload's bytes are not needed again
-            self.staged.write(chunk.path, chunk.offset, chunk.data)
+            self.staged.write(chunk.path, chunk.offset, chunk.data, chunk.sha256)
 
     def finish(self) -> Revision:
         if self.done is not None:
             return self.done
         folder = self.staged.finish()
+        manifest = self.staged.manifest()  # every sha256 verified, wherever it was declared
         fmt = self.header.format
         metadata = (
             models.adapter_metadata(folder)
             if fmt == registry_pb2.MODEL_FORMAT_LORA_ADAPTER
             else models.full_weights_metadata(folder)
         )
-        for entry in self.header.manifest.files:
+        for entry in manifest.files:
             self.registry.blobs.put(folder / entry.path, entry.sha256)
         body = registry_pb2.ModelRevision(
             format=fmt,  # type: ignore[arg-type]
             lineage=self.lineage,
             metadata=metadata,
-            manifest=registry_pb2.Manifest(
-                files=self.header.manifest.files,
-                total_bytes=sum(f.size_bytes for f in self.header.manifest.files),
-            ),
+            manifest=manifest,
             description=self.header.description,
             labels=dict(self.header.labels),
         )
@@ -276,7 +316,7 @@ class ModelUpload:
                 self.model_id,
                 request_id=self.header.request_id,
                 body=lambda _rid: body,
-                blobs=[f.sha256 for f in self.header.manifest.files],
+                blobs=[f.sha256 for f in manifest.files],
                 create_parent=lambda: store.create_resource(
                     self.team, Collection.MODELS, self.model_id, exist_ok=True
                 ),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 
 from google.protobuf import duration_pb2, json_format
 
@@ -54,7 +53,7 @@ def sample_to_proto(sample: Sample) -> rs.Sample:
 
 def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
-    d.FromTimedelta(timedelta(seconds=seconds))
+    d.FromNanoseconds(round(seconds * 1e9))  # a third of FromTimedelta's cost, per scorer result
     return d
 
 

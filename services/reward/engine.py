@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -13,7 +14,7 @@ from typing import Protocol
 import structlog
 
 from services.reward.aggregate import combine, scorer_result
-from services.reward.cache import OutcomeCache, content_key
+from services.reward.cache import OutcomeCache, content_keys, sample_digest
 from services.reward.domain import Outcome, Sample, SampleResult, ScorerResult
 from services.reward.metrics import SAMPLES, SCORER_LATENCY, SCORER_RESULTS
 from services.reward.rule_runner import RuleRunner
@@ -64,34 +65,49 @@ class Engine:
         self, spec: ev.EvaluatorSpec, samples: Sequence[Sample], ctx: ScoreContext
     ) -> list[SampleResult]:
         """Every sample's result, in order. `spec` must be validated and normalised."""
-        per_scorer = await asyncio.gather(*(self._run(s, samples, ctx) for s in spec.scorers))
-        results = []
-        for i, sample in enumerate(samples):
-            row = [column[i] for column in per_scorer]
-            result = combine(spec, sample.sample_id, row)
-            SAMPLES.labels(result.status.name).inc()
-            results.append(result)
+        cached = self.cache.enabled and any(s.WhichOneof("scorer") in RULES for s in spec.scorers)
+        digests = [sample_digest(s) for s in samples] if cached else []
+        per_scorer = await asyncio.gather(
+            *(self._run(s, samples, digests, ctx) for s in spec.scorers)
+        )
+        results = [
+            combine(spec, sample.sample_id, [column[i] for column in per_scorer])
+            for i, sample in enumerate(samples)
+        ]
+        # One increment per label set, not per sample: labels() costs more than the count.
+        for status, n in Counter(r.status.name for r in results).items():
+            SAMPLES.labels(status).inc(n)
         return results
 
     async def _run(
-        self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
+        self,
+        scorer: ev.ScorerSpec,
+        samples: Sequence[Sample],
+        digests: Sequence[bytes],
+        ctx: ScoreContext,
     ) -> list[ScorerResult]:
         kind = scorer.WhichOneof("scorer") or ""
         start = time.perf_counter()
         if kind in RULES:
-            results = await self._run_rule(scorer, samples, ctx)
+            results = await self._run_rule(scorer, samples, digests, ctx)
         else:
             results = await self._run_adapter(kind, scorer, samples, ctx)
         SCORER_LATENCY.labels(kind).observe(time.perf_counter() - start)
-        for r in results:
-            SCORER_RESULTS.labels(kind, r.status.name, str(r.cached).lower()).inc()
+        for (status, cached), n in Counter((r.status.name, r.cached) for r in results).items():
+            SCORER_RESULTS.labels(kind, status, str(cached).lower()).inc(n)
         return results
 
     async def _run_rule(
-        self, scorer: ev.ScorerSpec, samples: Sequence[Sample], ctx: ScoreContext
+        self,
+        scorer: ev.ScorerSpec,
+        samples: Sequence[Sample],
+        digests: Sequence[bytes],
+        ctx: ScoreContext,
     ) -> list[ScorerResult]:
-        keys = [content_key(scorer, s, ctx.team) for s in samples]
-        hits = [self.cache.get(k) for k in keys]
+        """Cached outcomes where the cache has them (`digests`: the samples' `sample_digest`s,
+        empty with the cache disabled), the rule runner for the rest."""
+        keys = content_keys(scorer, digests, ctx.team)
+        hits = [self.cache.get(k) for k in keys] if keys else [None] * len(samples)
         misses = [i for i, hit in enumerate(hits) if hit is None]
         fresh: dict[int, tuple[Outcome, float]] = {}
         if misses:
@@ -107,7 +123,8 @@ class Engine:
             )
             for i, item in zip(misses, done, strict=True):
                 fresh[i] = item
-                self.cache.put(keys[i], item[0])
+                if keys:
+                    self.cache.put(keys[i], item[0])
         results = []
         for i, hit in enumerate(hits):
             if hit is not None:

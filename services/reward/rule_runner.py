@@ -3,10 +3,11 @@ workers, in a thread.
 
 Why not a ProcessPoolExecutor: it cannot stop one task, so a CPU-bound sample (a huge JSON
 array under `uniqueItems`, a slow sympy simplification) holds its worker for good and every
-later sample, of every team, queues behind it. Here each spawned worker takes one chunk at a
-time and sends back one result per sample. A sample still running after its scorer's timeout,
-or at the request's deadline, gets its worker SIGKILLed and replaced; it comes back TIMEOUT and
-the rest of its chunk goes on in another worker. Scorers run in a worker's main thread, where
+later sample, of every team, queues behind it. Here each spawned worker (`rule_worker.py`)
+takes one chunk at a time and sends its results back in one message, while the server sees each
+sample start through shared memory. A sample still running after its scorer's timeout, or at the
+request's deadline, gets its worker SIGKILLed and replaced; it comes back TIMEOUT and the rest of
+its chunk goes on in another worker. Scorers run in a worker's main thread, where
 math-verify's signal-based timeouts work, and each worker imports math_verify before it takes
 work.
 
@@ -23,25 +24,29 @@ its thread (and a CPU) busy until it ends.
 from __future__ import annotations
 
 import asyncio
-import enum
 import multiprocessing
-import signal
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
 from typing import Any
 
 import structlog
 
 from services.reward.domain import Outcome, Sample
-from services.reward.rules import score_rule
+from services.reward.rule_worker import (
+    CHUNK,
+    REAP_TIMEOUT_S,
+    Reply,
+    Result,
+    Stop,
+    Worker,
+    score_timed,
+)
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 log = structlog.get_logger("tlm.reward.rules")
 
-CHUNK = 64
 # Rules whose cost is linear in the text and bounded by it (RE2 regexes, string scans, no sympy
 # and no JSON Schema): a call with this few characters of them is scored on the caller's
 # thread, where a hand-off to a thread or a worker would cost more than the scoring.
@@ -50,17 +55,6 @@ INLINE_MAX_CHARS = 64 * 1024
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
 RESTART_DELAY_S = 1.0
-# SIGKILLed processes exit at once; this only bounds a process stuck in the kernel.
-REAP_TIMEOUT_S = 2.0
-READY = "ready"
-
-Result = tuple[Outcome, float]  # (outcome, seconds it took)
-
-
-def score_timed(scorer: ev.ScorerSpec, sample: Sample) -> Result:
-    start = time.perf_counter()
-    outcome = score_rule(scorer, sample)
-    return outcome, time.perf_counter() - start
 
 
 def inline(scorer: ev.ScorerSpec, samples: Sequence[Sample]) -> bool:
@@ -84,85 +78,13 @@ def _text_size(value: Any) -> int:
     return 8 if isinstance(value, int | float | bool) or value is None else INLINE_MAX_CHARS
 
 
-def run_chunk(scorer_bytes: bytes, samples: Sequence[Sample]) -> list[Result]:
-    """One scorer over a chunk of samples, with per-sample latency."""
-    scorer = ev.ScorerSpec.FromString(scorer_bytes)
-    return [score_timed(scorer, sample) for sample in samples]
-
-
-def worker_main(conn: Connection) -> None:
-    """A worker process: one chunk at a time, one message per scored sample."""
-    # Ctrl-C reaches the whole process group; the server stops its workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import math_verify  # noqa: F401  # import sympy before taking work, not on the first request
-
-    conn.send(READY)
-    while True:
-        try:
-            scorer_bytes, samples = conn.recv()
-        except EOFError:  # the server closed the pipe, or died
-            return
-        scorer = ev.ScorerSpec.FromString(scorer_bytes)
-        for sample in samples:
-            conn.send(score_timed(scorer, sample))
-
-
-class Stop(enum.Enum):
-    """Why a worker stopped sending results for a chunk."""
-
-    DONE = "done"
-    OVERRAN = "overran"  # a sample took longer than its timeout
-    DEADLINE = "deadline"  # the request's deadline came
-    DIED = "died"  # the process ended (OOM killer, SIGKILL, crash)
-
-
-class Worker:
-    """A spawned process and the server's end of its pipe. `wait_ready` and `score` block: they
-    run in the runner's I/O threads, one at a time per worker."""
-
-    def __init__(self, context: Any) -> None:
-        self.conn, child = context.Pipe()
-        self.process = context.Process(
-            target=worker_main, args=(child,), name="tlm-rule-worker", daemon=True
-        )
-        self.process.start()
-        child.close()  # else this end never sees EOF when the worker dies
-        self.pid: int = self.process.pid
-
-    def wait_ready(self, timeout: float) -> bool:
-        try:
-            return bool(self.conn.poll(timeout)) and self.conn.recv() == READY
-        except (EOFError, OSError):
-            return False
-
-    def score(
-        self, payload: bytes, samples: Sequence[Sample], timeout_s: float, deadline: float
-    ) -> tuple[list[Result], Stop]:
-        """Results in order until all arrived, one is late, or the worker dies."""
-        results: list[Result] = []
-        try:
-            self.conn.send((payload, list(samples)))
-            while len(results) < len(samples):
-                left = deadline - time.monotonic()
-                if not self.conn.poll(max(min(timeout_s, left), 0.0)):
-                    return results, Stop.OVERRAN if left > timeout_s else Stop.DEADLINE
-                results.append(self.conn.recv())
-        except (EOFError, OSError):
-            return results, Stop.DIED
-        return results, Stop.DONE
-
-    def kill(self) -> None:
-        if self.process.exitcode is None:
-            self.process.kill()
-
-    def reap(self) -> None:
-        """After kill(), once no thread uses the pipe any more."""
-        self.process.join(REAP_TIMEOUT_S)
-        self.conn.close()
-
-
 def _timeout(why: str, seconds: float, n: int) -> list[Result]:
     return [(Outcome.timeout(why), max(seconds, 0.0))] * n
+
+
+def _fill(results: list[Result | None], missing: Result) -> list[Result]:
+    """`results` with `missing` for each sample that has none."""
+    return [missing if r is None else r for r in results]
 
 
 class _Pool:
@@ -260,7 +182,7 @@ class RuleRunner:
         self._live: set[Worker] = set()
         self._starting: set[asyncio.Task[None]] = set()
         self._started = self._closed = False
-        # Blocking pipe I/O: a chunk and a start-up wait per worker at most, plus reaping.
+        # Blocking pipe I/O: start-up waits, large sends and reaping.
         self._io = ThreadPoolExecutor(2 * workers + 2, thread_name_prefix="tlm-rule-io")
 
     def worker_pids(self) -> list[int]:
@@ -386,28 +308,32 @@ class RuleRunner:
         self, payload: bytes, chunk: Sequence[Sample], timeout_s: float, deadline: float, team: str
     ) -> list[Result]:
         """The chunk's results; after a kill or a crash the rest goes on in another worker."""
-        results: list[Result] = []
-        crashed_at = -1  # the sample whose worker died under it once already
-        while len(results) < len(chunk):
-            rest = chunk[len(results) :]
+        results: list[Result | None] = [None] * len(chunk)
+        crashed: set[int] = set()  # samples whose worker died under them once already
+        while todo := [i for i, r in enumerate(results) if r is None]:
             if time.monotonic() >= deadline:
-                return results + _timeout("the request deadline passed", 0.0, len(rest))
+                return _fill(results, _timeout("the request deadline passed", 0.0, 1)[0])
             worker = await self._pool.acquire(team, deadline - time.monotonic())
             if worker is None:
-                return results + self._unserved(len(rest))
-            got, stop = await self._call(worker, team, payload, rest, timeout_s, deadline)
-            results += got
-            if stop is Stop.OVERRAN:
+                return _fill(results, self._unserved(1)[0])
+            rest = [chunk[i] for i in todo]
+            reply = await self._call(worker, team, payload, rest, timeout_s, deadline)
+            for i, result in zip(todo, reply.results, strict=False):
+                results[i] = result
+            if reply.stop is Stop.DEADLINE:
+                return _fill(results, _timeout("the request deadline passed", 0.0, 1)[0])
+            if reply.stop is Stop.DONE:
+                continue
+            running = todo[reply.running]
+            if reply.stop is Stop.OVERRAN:
                 why = f"no result within {timeout_s:.3g}s; its rule worker was killed"
-                results += _timeout(why, timeout_s, 1)
-            elif stop is Stop.DEADLINE:
-                results += _timeout("the request deadline passed", 0.0, len(rest) - len(got))
-            elif stop is Stop.DIED and crashed_at == len(results):
-                results.append((Outcome.error("rule worker crashed"), 0.0))
-            elif stop is Stop.DIED:
+                results[running] = _timeout(why, timeout_s, 1)[0]
+            elif running in crashed:
+                results[running] = (Outcome.error("rule worker crashed"), 0.0)
+            else:
                 # Retried once: the OOM killer or an operator may have hit an innocent sample.
-                crashed_at = len(results)
-        return results
+                crashed.add(running)
+        return [r for r in results if r is not None]  # every one is set by now
 
     def _unserved(self, n: int) -> list[Result]:
         if self._closed:
@@ -417,22 +343,25 @@ class RuleRunner:
     async def _call(
         self, worker: Worker, team: str, payload: bytes, rest: Sequence[Sample],
         timeout_s: float, deadline: float,
-    ) -> tuple[list[Result], Stop]:  # fmt: skip
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._io, worker.score, payload, rest, timeout_s, deadline)
+    ) -> Reply:  # fmt: skip
+        call = asyncio.ensure_future(worker.score(payload, rest, timeout_s, deadline, self._io))
         try:
-            got, stop = await asyncio.shield(future)
+            reply = await asyncio.shield(call)
         except asyncio.CancelledError:
-            # The caller went away mid-chunk: nobody wants the rest of this work.
+            # The caller went away mid-chunk: nobody wants the rest of this work. The call sees
+            # the worker die and ends; then nothing uses its pipe any more.
             worker.kill()
             self._pool.release(team, None)
-            future.add_done_callback(lambda _: self._replace(worker))
+            call.add_done_callback(lambda _: self._replace(worker))
             raise
-        if stop is Stop.DONE and not self._closed:
+        if reply.stop is Stop.DONE and not self._closed:
             self._pool.release(team, worker)
         else:
             self._pool.release(team, None)
-            if stop is not Stop.DONE:
-                log.warning("rule_worker_killed", pid=worker.pid, why=stop.value, done=len(got))
+            if reply.stop is not Stop.DONE:
+                log.warning(
+                    "rule_worker_killed", pid=worker.pid, why=reply.stop.value,
+                    done=len(reply.results), running=reply.running,
+                )  # fmt: skip
             self._replace(worker)
-        return got, stop
+        return reply

@@ -72,7 +72,7 @@ class RolloutCore:
         self.engine = engine
         self.weights = weights
         self.max_n = max_n
-        self.cache = WeightCache(cache_bytes, engine.max_resident, self._evict)
+        self.cache = WeightCache(cache_bytes, engine.max_resident, self._drop, self._forget)
         self._defaults: dict[str, str] = {}  # team -> the version its LoadModel loaded here
         self._pushed_adapters: dict[tuple[str, str], str] = {}  # (team, version) -> base
         self._scratch = scratch or Path(tempfile.mkdtemp(prefix="tlm-rollout-pushed-"))
@@ -86,10 +86,17 @@ class RolloutCore:
         except RevisionNotFound as exc:
             raise invalid(field_path, f"unknown revision: {exc.message}") from exc
 
-    async def _evict(self, entry: CachedModel) -> None:
-        await self.engine.unload_model(entry.slot)
+    def _forget(self, entry: CachedModel) -> None:
+        """Forget an entry whose slot the engine no longer holds (or holds for new weights),
+        with its pushed adapters and their scratch folders."""
+        self.cache.forget(entry)
         for adapter in entry.adapters.values():
             self._forget_pushed_adapter(entry.team, adapter.revision)
+
+    async def _drop(self, entry: CachedModel) -> None:
+        """Forget an entry and free its slot in the engine (evicted, retired or superseded)."""
+        self._forget(entry)
+        await self.engine.unload_model(entry.slot)
 
     # Models ------------------------------------------------------------------------------------
 
@@ -117,15 +124,19 @@ class RolloutCore:
         revision = await self._fetch(name, team, field_path)
         if revision.format is not WeightFormat.FULL:
             raise invalid(field_path, "is a LoRA adapter; name it in adapter_revision")
-        entry = self.cache.peek(team, revision.name)
-        if entry is not None and (dtype != "auto" or max_len or entry.digest != revision.digest):
-            self.cache.forget(entry)  # reloaded in the same slot
+        stale = self.cache.peek(team, revision.name)
+        if stale is not None and (dtype != "auto" or max_len or stale.digest != revision.digest):
+            self.cache.forget(stale)  # reloaded in the same slot
+        else:
+            stale = None
         estimate = weight_bytes(revision.path)
 
         async def load(entry: CachedModel) -> CachedModel:
             await self.engine.load_model(
                 revision.path, revision.name, dtype, max_len or None, entry.slot
             )
+            if stale is not None:  # its adapters went with the old weights
+                self._forget(stale)
             entry.max_model_len = self.engine.context_len(entry.slot)
             entry.nbytes = self.engine.model_bytes(entry.slot) or estimate
             entry.digest = revision.digest
@@ -280,9 +291,10 @@ class RolloutCore:
             entry.nbytes = self.engine.model_bytes(entry.slot) or nbytes
             self.cache.put(entry)
             for old in older:
-                if old is not reuse and old.users == 0:
-                    self.cache.forget(old)
-                    await self.engine.unload_model(old.slot)
+                if old is reuse:
+                    self._forget(old)  # its slot holds the new weights
+                elif old.users == 0:
+                    await self._drop(old)
         log.info(
             "weights_pushed", version=version, team=team, tensors=len(tensors), reused=bool(slot)
         )
@@ -383,8 +395,7 @@ class RolloutCore:
             e.policy == entry.policy and e.step > entry.step for e in self.cache.entries(entry.team)
         )
         if newer and self.cache.peek(entry.team, entry.version) is entry:
-            self.cache.forget(entry)
-            await self.engine.unload_model(entry.slot)
+            await self._drop(entry)
 
     def _encode(self, index: int, prompt: PromptInput, slot: str) -> list[int]:
         try:

@@ -62,10 +62,14 @@ class WeightCache:
         budget_bytes: int,
         max_resident: int,
         evict: Callable[[CachedModel], Awaitable[None]],
+        replaced: Callable[[CachedModel], None] = lambda entry: None,
     ) -> None:
+        """`evict` frees an idle entry's weights; `replaced` is told of an entry that the engine
+        replaced by loading another (see `put`)."""
         self.budget_bytes = budget_bytes
         self.max_resident = max_resident  # 0: no limit but the budget
         self._evict = evict
+        self._replaced = replaced
         self._entries: OrderedDict[Key, CachedModel] = OrderedDict()
         self._loading: dict[Key, asyncio.Task[CachedModel]] = {}
 
@@ -119,6 +123,7 @@ class WeightCache:
             old = next(iter(self._entries.values()))
             del self._entries[(old.team, old.version)]
             log.info("weights_replaced", version=old.version, team=old.team)
+            self._replaced(old)
 
     def forget(self, entry: CachedModel) -> None:
         """Drop an entry whose weights the engine no longer holds under its slot."""

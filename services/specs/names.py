@@ -14,6 +14,8 @@ from services.common.ids import ID_RULE, is_valid_id
 from tlm.common.v1 import common_pb2
 
 LATEST = "latest"
+# The deploy service's resources are `deployments/{id}`; the gateway's OpenAI `model` is the id.
+DEPLOYMENT_PREFIX = "deployments/"
 
 
 class Collection(enum.StrEnum):

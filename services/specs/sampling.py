@@ -10,6 +10,8 @@ from services.common.errors import FieldViolation, InvalidArgument
 # Both engines sample at temperatures in [0, MAX_TEMPERATURE] (the OpenAI API's bound);
 # above it the distribution is close to uniform over the vocabulary.
 MAX_TEMPERATURE = 2.0
+# Stop sequences a request (or a deployment's defaults) may set, as OpenAI's `stop`.
+MAX_STOP = 4
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ class Loads:
     def __init__(self, nbytes: int = 100) -> None:
         self.calls: list[str] = []
         self.evicted: list[str] = []
+        self.replaced: list[str] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail = False
@@ -33,6 +34,9 @@ class Loads:
 
     async def evict(self, entry: CachedModel) -> None:
         self.evicted.append(entry.version)
+
+    def replace(self, entry: CachedModel) -> None:
+        self.replaced.append(entry.slot)
 
 
 async def test_concurrent_requests_wait_for_one_load() -> None:
@@ -82,7 +86,7 @@ async def test_least_recently_used_idle_models_go_first_and_used_ones_stay() -> 
 
 async def test_teams_are_apart_and_the_count_limit_holds() -> None:
     loads = Loads()
-    cache = WeightCache(0, 1, loads.evict)  # vLLM: one model at a time, no byte budget
+    cache = WeightCache(0, 1, loads.evict, loads.replace)  # vLLM: one model, no byte budget
     mine = await cache.get("team-a", "m", 100, loads.load)
     theirs = await cache.get("team-b", "m", 100, loads.load)
     assert mine is not theirs and mine.slot != theirs.slot
@@ -91,6 +95,7 @@ async def test_teams_are_apart_and_the_count_limit_holds() -> None:
     await cache.get("team-a", "m", 100, loads.load)
     # ... but the one-model engine replaced it all the same (after draining its requests)
     assert [e.team for e in cache.entries("team-a") + cache.entries("team-b")] == ["team-a"]
+    assert loads.replaced == ["team-b|m"]  # told, so the core forgets its adapters
 
 
 async def test_a_model_larger_than_the_budget_is_refused() -> None:

@@ -59,3 +59,11 @@ def test_the_registry_stores_specs_as_the_reward_service_validates_them() -> Non
         "scorers[0].name",
         "scorers[0].length.max_length",
     ]
+
+
+def test_the_deploy_service_and_the_gateway_share_the_stop_limit_and_the_name_prefix() -> None:
+    from services.deploy import core, domain
+    from services.gateway import backend, calls
+
+    assert domain.MAX_STOP is calls.MAX_STOP is sampling.MAX_STOP
+    assert core.deployment_id(backend.deployment_name("chat")) == "chat"

@@ -125,7 +125,10 @@ class ArtifactFile(_message.Message):
     size_bytes: _builtins.int
     """Size in bytes."""
     sha256: _builtins.str
-    """Lowercase hex sha256 of the file's bytes."""
+    """Lowercase hex sha256 of the file's bytes; always set in what the service returns. In an
+    upload's manifest it may be left empty, and the file's last chunk carries it instead
+    (FileChunk.sha256), so a client hashes while it sends rather than reading every file twice.
+    """
     def __init__(
         self,
         *,
@@ -150,22 +153,29 @@ class FileChunk(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """The file this chunk belongs to; must be in the upload's manifest."""
     offset: _builtins.int
     """Byte offset of this chunk in the file; chunks of a file arrive in order."""
     data: _builtins.bytes
     """The bytes; at most 4 MiB per message."""
+    sha256: _builtins.str
+    """Uploads only: on a file's last chunk, the lowercase hex sha256 of the whole file, required
+    when the manifest left the file's sha256 empty (and equal to it when it did not). The bytes
+    received must match it or nothing is stored (CHECKSUM_MISMATCH). Empty in downloads.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "path", b"path", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -767,7 +777,9 @@ class ModelRevisionHeader(_message.Message):
 
     @_builtins.property
     def manifest(self) -> Global___Manifest:
-        """Every file that will follow, with its size and sha256."""
+        """Every file that will follow, with its size and sha256 (or an empty sha256, then carried
+        by the file's last chunk).
+        """
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
