@@ -10,6 +10,11 @@ the collectives; on a GPU host it shows scaling), and per rank the model-state b
 peak memory (CUDA's max allocated, or the process's peak RSS on CPU, which the libraries
 dominate for a tiny model).
 
+A second table does the same for the online RL actor (`rl/actor.py`, GRPO's, full tuning with
+a reference model: `rl/group.py`): one process, the replicated group and the FSDP group, each
+taking the same updates on a fixed batch of 8 sequences x 64 tokens (2 per forward pass); its
+model state adds the reference model's weights (sharded too under FSDP).
+
     .venv/bin/python bench/multi_device.py [--steps 20] [--size bench]
 """
 
@@ -29,6 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GLOBAL_BATCH, LENGTH, WARMUP = 8, 128, 2
 RUNS = (("single", 1), ("ddp", 2), ("fsdp", 2))
+ACTOR_RUNS = (("actor-single", 1), ("actor-ddp", 2), ("actor-fsdp", 2))
+ACTOR_ROWS, ACTOR_LENGTH, ACTOR_MICRO = 8, 64, 2
 
 
 def state_bytes(model: object, optimizer: object) -> int:
@@ -96,6 +103,64 @@ def worker(strategy: str, steps: int, size: str, out: Path) -> None:
         dist.destroy_process_group()
 
 
+def actor_worker(strategy: str, steps: int, size: str, out: Path) -> None:
+    """The online actor (GRPO's, KL to a reference) replicated or sharded over the group; rank
+    0 leads the updates, the others follow (`rl/group.py`)."""
+    import torch
+
+    from services.devtools.tiny_models import cached_tiny_model
+    from services.trainer.domain import Method
+    from services.trainer.grpo import objective
+    from services.trainer.rl.actor import build_actor
+    from services.trainer.rl.batch import Sample, make_batch
+    from services.trainer.rl.group import follow, open_group
+    from services.trainer.spec import GrpoParams, JobSpec, Sampling, TrainingParams
+
+    cuda = torch.cuda.is_available()
+    group = open_group("cuda" if cuda else "cpu")  # None: one process
+    params = GrpoParams(num_generations=2, sampling=Sampling(n=2, max_tokens=ACTOR_LENGTH))
+    training = TrainingParams(learning_rate=1e-4, lr_scheduler="constant")
+    base, data = "models/b/revisions/1", "datasets/p/revisions/1"
+    spec = JobSpec(Method.GRPO, base, data, None, training=training, params=params)
+    actor = build_actor(cached_tiny_model(size), spec, "fp32", "cuda" if cuda else "cpu")
+    actor.group = group
+    if strategy == "actor-fsdp":
+        actor.shard()
+    actor.configure_optimizer(spec, "fp32", WARMUP + steps)
+    rank = group.rank if group is not None else 0
+    elapsed = 0.0
+    if rank == 0:
+        g = torch.Generator().manual_seed(0)
+        vocab = 2048 if size == "bench" else 512
+        shape = (ACTOR_LENGTH,)
+        rows = [torch.randint(1, vocab, shape, generator=g).tolist() for _ in range(ACTOR_ROWS)]
+        samples = [Sample(r[:8], r[8:], [-1.0] * (ACTOR_LENGTH - 8), "", "base") for r in rows]
+        batch = make_batch(samples, torch.ones(ACTOR_ROWS, dtype=torch.bool), 0, actor.device)
+        advantages = torch.randn(batch.mask.shape, generator=g).to(actor.device) * batch.mask
+        how = objective(params, ACTOR_MICRO)
+        for step in range(WARMUP + steps):
+            if step == WARMUP:
+                start = time.perf_counter()
+            actor.update(batch, advantages, how)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    elif group is not None:
+        follow(actor, group)  # until rank 0's stop
+    held = state_bytes(actor.model, actor.optimizer)  # local shards: no collective
+    if actor.reference is not None:
+        held += state_bytes(actor.reference, torch.optim.SGD([torch.zeros(1)]))
+    if group is not None and rank == 0:
+        group.stop()
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    result = {"steps_per_s": steps / elapsed if elapsed else 0.0, "state": held, "peak": peak}
+    (out / f"{strategy}-{rank}.json").write_text(json.dumps(result))
+
+
 def launch(strategy: str, nproc: int, steps: int, size: str, out: Path) -> list[dict[str, float]]:
     args = [
         __file__,
@@ -132,23 +197,33 @@ def main() -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.size, Path(args.out))
+        run = actor_worker if args.worker.startswith("actor-") else worker
+        run(args.worker, args.steps, args.size, Path(args.out))
         return
     from services.devtools.tiny_models import cached_tiny_model
 
     cached_tiny_model(args.size)  # built once, before the ranks race for it
     with tempfile.TemporaryDirectory() as tmp:
         results = {s: launch(s, n, args.steps, args.size, Path(tmp)) for s, n in RUNS}
-    base = results["single"][0]["steps_per_s"]
-    mib = 2**20
+        actors = {s: launch(s, n, args.steps, args.size, Path(tmp)) for s, n in ACTOR_RUNS}
     print(f"global batch {GLOBAL_BATCH} x {LENGTH} tokens, {args.steps} steps, model {args.size}")
-    print(f"{'run':<10}{'steps/s':>9}{'ratio':>8}  per rank: model state MiB, peak MiB")
-    for (strategy, nproc), ranks in zip(RUNS, results.values(), strict=True):
-        rate = min(r["steps_per_s"] for r in ranks)  # the group goes at its slowest rank
+    table(RUNS, results)
+    print(f"online actor: {ACTOR_ROWS} x {ACTOR_LENGTH} tokens per update, KL to a reference")
+    table(ACTOR_RUNS, actors)
+
+
+def table(runs: tuple[tuple[str, int], ...], results: dict[str, list[dict[str, float]]]) -> None:
+    base = results[runs[0][0]][0]["steps_per_s"]
+    mib = 2**20
+    print(f"{'run':<16}{'steps/s':>9}{'ratio':>8}  per rank: model state MiB, peak MiB")
+    for strategy, nproc in runs:
+        ranks = results[strategy]
+        # The group goes at its slowest rank (the actor's followers keep no clock: rank 0's).
+        rate = min(r["steps_per_s"] for r in ranks if r["steps_per_s"])
         per_rank = "  ".join(
             f"r{i} {r['state'] / mib:.1f}, {r['peak'] / mib:.0f}" for i, r in enumerate(ranks)
         )
-        print(f"{f'{strategy} x{nproc}':<10}{rate:>9.2f}{rate / base:>8.2f}  {per_rank}")
+        print(f"{f'{strategy} x{nproc}':<16}{rate:>9.2f}{rate / base:>8.2f}  {per_rank}")
 
 
 if __name__ == "__main__":

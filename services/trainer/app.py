@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import fcntl
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
 from services.common.server import ServiceBinding
 from services.trainer.core import Changes, TrainerCore
+from services.trainer.launchers import Launcher
 from services.trainer.registry_port import RegistryPort
 from services.trainer.resources import detect_devices
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import JobStore
-from services.trainer.supervisor import DEFAULT_WORKER, Supervisor, WorkerConfig
+from services.trainer.supervisor import DEFAULT_WORKER, Supervisor, WorkerConfig, local_launcher
 from tlm.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -31,7 +33,8 @@ def binding(
     store = JobStore(f"sqlite:///{work_dir / 'jobs.db'}")
     changes = Changes()
     holder: dict[str, Supervisor] = {}
-    core = TrainerCore(store, None, changes, detect_devices())  # type: ignore[arg-type]
+    devices = replace(detect_devices(), nodes=settings.max_nodes())  # >1: on Kubernetes
+    core = TrainerCore(store, None, changes, devices)  # type: ignore[arg-type]
     servicer = TrainerServicer(core)
 
     async def on_start(address: str) -> None:
@@ -50,7 +53,13 @@ def binding(
             max_restarts=settings.max_restarts,
         )
         core.registry = RegistryPort(config.registry_address, settings.service_api_key)
-        core.supervisor = holder["supervisor"] = Supervisor(store, config, changes.notify)
+        launcher: Launcher = local_launcher(config)
+        if settings.kubernetes_jobs != "off":  # the client is the `kubernetes` extra's
+            from services.trainer.kubernetes_jobs import with_kubernetes
+
+            launcher = with_kubernetes(settings, launcher, config.root, worker_module)
+        supervisor = Supervisor(store, config, changes.notify, launcher)
+        core.supervisor = holder["supervisor"] = supervisor
         holder["supervisor"].recover()
 
     async def on_stop() -> None:

@@ -5,9 +5,12 @@ torchrun worker group, one worker process per device.
   module as the group's launcher: `python -m services.trainer.distributed --nproc-per-node N
   [--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB] -m <worker>
   <folder>`, torchrun's own arguments (`torch.distributed.run`), run by torchrun's own agent.
-- The launcher adds what the service needs around torchrun's agent: a SIGTERM from the
-  service (cancel) is recorded in the folder (`CANCEL_FILE`) before the agent stops the ranks,
-  so a rank stopped by a cancel reports it and a rank stopped because a peer died does not.
+- The launcher adds what the service needs around torchrun's agent: a SIGTERM stops the
+  ranks; it is a cancel only when the service wrote the folder's `CANCEL_FILE` before sending
+  it (`Workers.stop`), and then rank 0 reports the cancel. Any other SIGTERM (a Kubernetes
+  eviction, preemption or node drain) is a kill: the launcher dies by it, so the supervisor
+  restarts the group from its last checkpoint. The supervisor, not the agent, clears the file
+  before a start: an agent starting late must not erase a cancel already asked for.
   When a rank fails, torchrun's first failure is the root cause: that rank's own error becomes
   the job's error; a rank killed by a signal without a word (SIGKILL, the OOM killer) makes the
   launcher die by the same signal, so the supervisor restarts the group from its last
@@ -22,7 +25,6 @@ import contextlib
 import ctypes
 import json
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -33,8 +35,6 @@ from services.trainer.worker_protocol import EventWriter
 CANCEL_FILE = "cancel"  # in the job folder: the service cancelled the group
 RANK_ERRORS = "rank-errors"  # in the job folder: each failed rank's error event, by rank
 LAUNCHER = "services.trainer.distributed"
-# The signals torchrun's agent handles itself; SIGTERM is ours (see `_on_sigterm`).
-AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 def group_size(plan: dict[str, Any]) -> int:
@@ -137,16 +137,14 @@ def stop_agreed(stop: bool) -> bool:
 # The launcher ------------------------------------------------------------------------------
 
 
-def _on_sigterm(folder: Path) -> Any:
-    def handler(signum: int, _frame: Any) -> None:
-        from torch.distributed.elastic.multiprocessing.api import SignalException
-
-        (folder / CANCEL_FILE).touch()
-        # torchrun's agent answers this as it answers its own handler: SIGTERM to every rank,
-        # SIGKILL after its shutdown timeout.
-        raise SignalException(f"cancelled (pid {os.getpid()})", sigval=signal.Signals(signum))
-
-    return handler
+def _die_by(sig: int) -> int:
+    """End this process by `sig`, as the rank it stands for ended; the exit status 128+N for
+    when the kernel ignores it (as pid 1 in a container, where a pod's exit code 128+N says the
+    same to the Kubernetes launcher)."""
+    with contextlib.suppress(OSError):  # SIGKILL has no handler to reset
+        signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    return 128 + sig
 
 
 def root_cause(folder: Path, failures: dict[int, Any]) -> tuple[dict[str, Any], int]:
@@ -179,14 +177,20 @@ def main(argv: list[str]) -> int:
     _die_with_parent()  # the service's death ends the group too (its ranks die with this)
     args = parse_args(argv)
     folder = Path(args.training_script_args[-1])
-    (folder / CANCEL_FILE).unlink(missing_ok=True)
-    shutil.rmtree(folder / RANK_ERRORS, ignore_errors=True)
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
-    signal.signal(signal.SIGTERM, _on_sigterm(folder))
     try:
+        # torchrun's agent answers a SIGTERM itself (--signals-to-handle): SIGTERM to every
+        # rank, SIGKILL after its shutdown timeout, then SignalException here.
         run(args)
-    except SignalException:
-        return 0  # cancelled: the ranks reported it
+    except SignalException as exc:
+        # A cancel only when the service wrote the file before it signalled (never here: an
+        # eviction's SIGTERM is no cancel, and a late agent must not erase one).
+        if (folder / CANCEL_FILE).exists():
+            return 0  # cancelled: the ranks reported it
+        events = EventWriter(folder)
+        message = f"the group was stopped by {exc.sigval.name} without a cancel (an eviction?)"
+        events.emit("log", level="warning", message=message)
+        events.close()
+        return _die_by(exc.sigval)  # the supervisor restarts it from its checkpoint
     except ChildFailedError as exc:
         failures = exc.failures
         error, killed_by = root_cause(folder, failures)
@@ -196,9 +200,7 @@ def main(argv: list[str]) -> int:
             name = signal.Signals(killed_by).name
             events.emit("log", level="warning", message=f"rank {first} was killed by {name}")
             events.close()
-            with contextlib.suppress(OSError):  # SIGKILL has no handler to reset
-                signal.signal(killed_by, signal.SIG_DFL)
-            os.kill(os.getpid(), killed_by)  # die as the rank died: the supervisor restarts
+            return _die_by(killed_by)  # die as the rank died: the supervisor restarts
         events.emit("error", **error)
         events.close()
         return 1
@@ -214,18 +216,33 @@ if __name__ == "__main__":
 # actor); TRL's trainers get the same through accelerate.
 
 
-def shard_model(model: Any) -> Any:
+def shard_model(model: Any, sum_gradients: bool = False) -> Any:
     """FSDP2: `fully_shard` each decoder layer (the model's `_no_split_modules`), then the
     whole model (embeddings, norm, head), as torchtitan does, so a layer's full weights exist
-    only while it computes. The model trains as before; its parameters become DTensor shards."""
-    from torch.distributed.fsdp import fully_shard
+    only while it computes. The model trains as before; its parameters become DTensor shards.
+    FSDP averages the gradients over the ranks; `sum_gradients` sums them instead (a loss
+    already weighted by each rank's share of the global batch), with plain SUM collectives
+    (gloo has no pre-multiplied sum)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     names = set(getattr(model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if type(module).__name__ in names:
             fully_shard(module)
     fully_shard(model)
+    if sum_gradients:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether `model` was sharded by `shard_model` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def full_state_dict(model: Any) -> dict[str, Any]:
@@ -236,22 +253,61 @@ def full_state_dict(model: Any) -> dict[str, Any]:
     return get_model_state_dict(model, options=options)
 
 
+def full_trainable(model: Any) -> dict[str, Any]:
+    """The unsharded trainable parameters (LoRA's adapters: not the frozen base) on rank 0, on
+    CPU (empty on the other ranks), by their state-dict names; a collective (one all-gather
+    per parameter, in the same order on every rank)."""
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            if rank() == 0:
+                out[name] = full.detach().cpu()
+    return out
+
+
+def unique_names(model: Any) -> set[str]:
+    """The state-dict names of `model` without tied aliases (a tied head is its embedding):
+    the first name of each tensor, as `save_pretrained` writes them. A gathered state dict
+    holds a copy per name."""
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        seen.setdefault(id(tensor), name)
+    return set(seen.values())
+
+
+def _trainable_options(strict: bool = True) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen weights (LoRA's base) come from the base model again: not in the checkpoint, and
+    # not missing when it loads (DCP itself fails on a trainable tensor it lacks).
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
 def save_sharded(folder: Path, model: Any, optimizer: Any) -> None:
-    """Model and optimizer state with torch.distributed.checkpoint: each rank writes its own
-    shards in parallel, and the checkpoint loads on any number of ranks (DCP reshards)."""
+    """Trainable weights and optimizer state with torch.distributed.checkpoint: each rank
+    writes its own shards in parallel, and the checkpoint loads on any number of ranks (DCP
+    reshards); a collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_trainable_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
 
 
 def load_sharded(folder: Path, model: Any, optimizer: Any) -> None:
     """`save_sharded`'s checkpoint into this group's model and optimizer, whatever the number
-    of ranks that wrote it."""
+    of ranks that wrote it (one process, unsharded, too)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = _trainable_options(strict=False)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=folder)  # in place
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=options,
+    )

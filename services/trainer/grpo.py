@@ -10,7 +10,8 @@ B = `per_device_batch_size` x `gradient_accumulation_steps` prompts per step, G 
 forward pass with the gradients of a step accumulated. The loop is `rl/controller.py`, with
 `max_policy_lag` 1 asynchronous; every service call goes through an outage guard
 (`rl/outage.py`), so a service that is down makes the job wait, up to the trainer's
-`outage_timeout_s`.
+`outage_timeout_s`. On several devices rank 0 runs this recipe and the other ranks follow its
+actor (`rl/group.py`), a replica on each rank, or a shard when the plan's strategy is FSDP.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from services.trainer.rl import (
 )
 from services.trainer.rl.actor import Actor, Objective, build_actor
 from services.trainer.rl.controller import Controller, ControllerConfig, Learner
-from services.trainer.rl.group import ActorGroup, Command, follow, open_group
+from services.trainer.rl.group import ActorGroup, Command, Follower, follow, open_group
 from services.trainer.rl.grpc_ports import GrpcPorts, GrpcPromptSource, open_ports
 from services.trainer.rl.outage import (
     Endpoint,
@@ -49,6 +50,7 @@ from services.trainer.rl.ports import PolicyRef
 from services.trainer.rl.weight_sync import PushPublisher, WeightPusher
 from services.trainer.spec import GrpoParams, JobSpec
 from services.trainer.worker_io import Cancelled, WorkerContext
+from services.trainer.worker_protocol import CHECKPOINTS
 
 
 def kl_in_reward(params: GrpoParams) -> bool:
@@ -187,7 +189,10 @@ class GrpoRecipe:
         )
         # Syncs push to every rollout replica; the registry gets checkpoints and the end.
         self.pusher = WeightPusher(job.rollout_address, ports.rollout.metadata())
-        publisher = PushPublisher.for_job(self.pusher, upload, actor.model, spec, job_id, total)
+        gathered = actor.gathered if actor.sharded else None
+        publisher = PushPublisher.for_job(
+            self.pusher, upload, actor.model, spec, job_id, total, gathered
+        )
         self.controller = Controller(
             self.controller_config(total),
             actor,
@@ -211,10 +216,15 @@ class GrpoRecipe:
         return total
 
     def _actor(self, base: Any, plan: dict[str, Any], total_steps: int) -> Actor:
+        """The actor, the same on every rank; sharded over the group when the plan says FSDP
+        (`rl/group.py`), its checkpoints in the job's folder."""
         actor = build_actor(base, self.spec, plan["precision"], device_of(plan))
+        actor.group = self.group
+        actor.checkpoints = self.ctx.folder / CHECKPOINTS
+        if self.group is not None and plan.get("strategy") == "fsdp":
+            actor.shard()
         updates = total_steps * self.updates_per_step()
         actor.configure_optimizer(self.spec, plan["precision"], updates)
-        actor.group = self.group
         return actor
 
     @property
@@ -240,6 +250,11 @@ class GrpoRecipe:
         """What trains in place of the actor's own update (PPO's critic); GRPO has none."""
         return None
 
+    def follower_setup(self, actor: Actor, total_steps: int) -> Follower | None:
+        """A follower rank, once its actor is built: what its commands run on, with what else
+        rank 0 builds (PPO's critic). None when rank 0 stopped first."""
+        return Follower(actor)
+
     async def train(self) -> dict[str, float]:
         assert self.controller is not None, "setup first"
         return await self.controller.run()
@@ -256,12 +271,13 @@ class GrpoRecipe:
             await self.pusher.close()
 
 
-async def run(ctx: WorkerContext) -> dict[str, Any]:
+async def run(ctx: WorkerContext, recipe_type: type[GrpoRecipe] = GrpoRecipe) -> dict[str, Any]:
+    """The job (`recipe_type`: GRPO's, or another online method's: `ppo.PpoRecipe`)."""
     group = open_group(device_of(ctx.job.device_plan))  # None: one process
     if group is not None and group.rank != 0:
-        follower(ctx, group)
+        follower(ctx, group, recipe_type)
         return {"output_model_revision": "", "metrics": {}}  # rank 0 reports the result
-    recipe = GrpoRecipe(ctx, group)
+    recipe = recipe_type(ctx, group)
     try:
         await recipe.setup()
         metrics = await recipe.train()
@@ -276,7 +292,9 @@ async def run(ctx: WorkerContext) -> dict[str, Any]:
     return {"output_model_revision": recipe.output, "metrics": metrics}
 
 
-def follower(ctx: WorkerContext, group: ActorGroup) -> None:
+def follower(
+    ctx: WorkerContext, group: ActorGroup, recipe_type: type[GrpoRecipe] = GrpoRecipe
+) -> None:
     """A rank other than 0: the same actor as rank 0's, built from the base and step count it
     sends, then its commands until it stops (`rl/group.py`)."""
     command, *args = group.receive()
@@ -284,4 +302,8 @@ def follower(ctx: WorkerContext, group: ActorGroup) -> None:
         group.close()
         return  # rank 0 stopped before it built its actor
     base, total = args
-    follow(GrpoRecipe(ctx, group)._actor(Path(base), ctx.job.device_plan, total), group)
+    recipe = recipe_type(ctx, group)
+    actor = recipe._actor(Path(base), ctx.job.device_plan, total)
+    context = recipe.follower_setup(actor, total)
+    if context is not None:
+        follow(context, group)

@@ -8,6 +8,12 @@ update is `rl/ppo_learner.py`'s (GAE over the critic's values, `ppo_epochs` x
 `num_mini_batches` optimizer steps of actor and critic per batch), `per_device_batch_size`
 prompts (x n sequences) per forward pass. The critic starts from `critic_model` (a reward
 model's head becomes its value head) or from the base with a new head.
+
+On several devices (a torchrun group, `rl/group.py`) PPO is data parallel as GRPO is: every
+rank holds a replica of the actor and the critic (no FSDP), rank 0 runs the controller, sends
+the critic's folder after the actor's (a second SETUP) and each batch to learn, and every rank
+trains its share of each mini-batch (`rl/ppo_learner.py`); B is then `per_device_batch_size` x
+`gradient_accumulation_steps` x devices prompts per step.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from services.trainer import grpo
 from services.trainer.grpo import GrpoRecipe, device_of, prompts_per_step
 from services.trainer.rl import LossType, algos
-from services.trainer.rl.actor import Objective
+from services.trainer.rl.actor import Actor, Objective
 from services.trainer.rl.controller import ControllerConfig
 from services.trainer.rl.critic import build_critic
+from services.trainer.rl.group import Command, Follower
 from services.trainer.rl.ppo_learner import PpoConfig, PpoLearner
 from services.trainer.spec import JobSpec, PpoParams
 from services.trainer.worker_io import WorkerContext
@@ -55,16 +63,18 @@ def ppo_config(spec: JobSpec) -> PpoConfig:
     )
 
 
-def controller_config(spec: JobSpec, total_steps: int, tag: str) -> ControllerConfig:
-    """The loop's settings; `objective` is the actor's own update, which PPO's learner replaces
-    (its clipped token-mean loss, for the record)."""
+def controller_config(
+    spec: JobSpec, total_steps: int, tag: str, devices: int = 1
+) -> ControllerConfig:
+    """The loop's settings (`devices` ranks share each step); `objective` is the actor's own
+    update, which PPO's learner replaces (its clipped token-mean loss, for the record)."""
     params: PpoParams = spec.params
     t = spec.training
     seed = params.sampling.seed if params.sampling.seed is not None else t.seed
     loss = algos.LossConfig(LossType.BNPO, params.sampling.max_tokens, params.cliprange)
     return ControllerConfig(
         total_steps=total_steps,
-        prompts_per_step=prompts_per_step(spec),
+        prompts_per_step=prompts_per_step(spec, devices),
         group_size=params.sampling.n,
         sampling=dataclasses.replace(params.sampling, seed=seed),
         objective=Objective(loss, micro_batch_size=micro_batch_size(spec)),
@@ -80,7 +90,7 @@ class PpoRecipe(GrpoRecipe):
     """GRPO's setup / train / cleanup with PPO's controller settings and learner."""
 
     def controller_config(self, total_steps: int) -> ControllerConfig:
-        return controller_config(self.spec, total_steps, self.ctx.job.name)
+        return controller_config(self.spec, total_steps, self.ctx.job.name, self.devices)
 
     def updates_per_step(self) -> int:
         params: PpoParams = self.spec.params
@@ -92,12 +102,31 @@ class PpoRecipe(GrpoRecipe):
     async def learner(self, plan: dict[str, Any], total_steps: int) -> PpoLearner:
         params: PpoParams = self.spec.params
         path = await self._critic_weights()
+        if self.group is not None:  # the followers build the same critic (`follower_setup`)
+            self.group.announce(Command.SETUP, str(path))
+        learner = self._learner(path, plan, total_steps)
+        self.ctx.log(f"critic from {params.critic_model or self.spec.base_model}")
+        return learner
+
+    def _learner(self, path: Path, plan: dict[str, Any], total_steps: int) -> PpoLearner:
+        params: PpoParams = self.spec.params
         critic = build_critic(path, self.spec, plan["precision"], device_of(plan))
         rate = params.critic_learning_rate or self.spec.training.learning_rate or 0.0
         updates = total_steps * self.updates_per_step()
         critic.configure_optimizer(self.spec, rate, plan["precision"], updates)
-        self.ctx.log(f"critic from {params.critic_model or self.spec.base_model}")
-        return PpoLearner(critic, ppo_config(self.spec))
+        learner = PpoLearner(critic, ppo_config(self.spec))
+        learner.group = self.group
+        return learner
+
+    def follower_setup(self, actor: Actor, total_steps: int) -> Follower | None:
+        """The actor and the critic, from the folder rank 0 sends once it resolved it."""
+        assert self.group is not None
+        command, *args = self.group.receive()
+        if command != Command.SETUP:
+            self.group.close()
+            return None  # rank 0 stopped before it built its critic
+        (path,) = args
+        return Follower(actor, self._learner(Path(path), self.ctx.job.device_plan, total_steps))
 
     async def _critic_weights(self) -> Path:
         params: PpoParams = self.spec.params
@@ -105,10 +134,4 @@ class PpoRecipe(GrpoRecipe):
 
 
 async def run(ctx: WorkerContext) -> dict[str, Any]:
-    recipe = PpoRecipe(ctx)
-    try:
-        await recipe.setup()
-        metrics = await recipe.train()
-    finally:
-        await recipe.cleanup()
-    return {"output_model_revision": recipe.output, "metrics": metrics}
+    return await grpo.run(ctx, PpoRecipe)  # one process, or rank 0 of a group and followers

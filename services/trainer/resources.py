@@ -34,10 +34,19 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ROLLOUT_PROMPT_TOKENS = 512
 AT = "spec.resources.explicit"
 # Runners that run as a torchrun group (one process per device) when the plan has several.
-DISTRIBUTED_RUNNERS = frozenset({"services.trainer.trl_methods", "services.trainer.grpo"})
-# Of those, the runners whose group replicates the model (DDP): GRPO's actor group
-# (`rl/group.py`) has no FSDP yet.
-REPLICATED_RUNNERS = frozenset({"services.trainer.grpo"})
+DISTRIBUTED_RUNNERS = frozenset(
+    {"services.trainer.trl_methods", "services.trainer.grpo", "services.trainer.ppo"}
+)
+# Of those, the runners whose group only replicates the model (DDP): PPO's actor and critic
+# (`rl/ppo_learner.py`).
+REPLICATED_RUNNERS = frozenset({"services.trainer.ppo"})
+# Of those, the runners that shard with FSDP2 in a loop of our own (`distributed.shard_model`:
+# GRPO's actor group, `rl/group.py`): on GPUs or on CPU (gloo), without CPU offload or
+# gradient checkpointing.
+OWN_FSDP_RUNNERS = frozenset({"services.trainer.grpo"})
+# The online loop's (GRPO, PPO: `rl/actor.py`) forward passes keep their activations: no plan
+# of theirs checkpoints, or the memory estimate would count activations the actor holds.
+NO_CHECKPOINTING = OWN_FSDP_RUNNERS | REPLICATED_RUNNERS
 # What FSDP shards over the devices (ZeRO-3); activations stay per device.
 SHARDED = ("weights", "gradients", "optimizer", "reference_model", "critic")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,8 +86,8 @@ def detect_devices() -> Devices:
 
 def distributed(method: MethodDef) -> bool:
     """Whether the method's runner runs as a torchrun group: the offline methods, on TRL and
-    accelerate, and GRPO, whose actor is replicated over the group (`rl/group.py`). PPO (its
-    critic) uses one device."""
+    accelerate, GRPO, whose actor is replicated or sharded over the group (`rl/group.py`), and
+    PPO, whose actor and critic are replicated."""
     return method.runner in DISTRIBUTED_RUNNERS
 
 
@@ -108,7 +117,12 @@ def device_count(spec: JobSpec, device: str, devices: Devices) -> tuple[int, int
         if plan.num_nodes > devices.nodes:
             raise _plan_error(
                 f"{AT}.num_nodes",
-                f"asks for {plan.num_nodes} nodes; this trainer has {devices.nodes}",
+                f"asks for {plan.num_nodes} nodes; this trainer has {devices.nodes}"
+                + (
+                    " (multi-node jobs run on Kubernetes: TLM_TRAINER_KUBERNETES_JOBS)"
+                    if devices.nodes == 1
+                    else " (TLM_TRAINER_KUBERNETES_MAX_NODES)"
+                ),
             )
         if plan.devices_per_node > per_node_max:
             raise _plan_error(
@@ -119,7 +133,7 @@ def device_count(spec: JobSpec, device: str, devices: Devices) -> tuple[int, int
         if plan.num_nodes * plan.devices_per_node > 1 and not distributed(method):
             raise _plan_error(
                 f"{AT}.devices_per_node",
-                f"{method.name} runs on one device for now (its critic is not distributed yet)",
+                f"{method.name} runs on one device",
             )
         return plan.num_nodes, plan.devices_per_node, []
     if not method.trains or not distributed(method):
@@ -153,8 +167,13 @@ def candidates(spec: JobSpec, device: str, count: int) -> list[DevicePlan]:
     else:
         options = [("ddp", False, False), ("fsdp", False, False), ("fsdp", True, False)]
         options.append(("fsdp", True, True))
-    if METHODS[spec.method].runner in REPLICATED_RUNNERS:
+    runner = METHODS[spec.method].runner
+    if runner in REPLICATED_RUNNERS:
         options = [option for option in options if option[0] != "fsdp"]
+    if runner in OWN_FSDP_RUNNERS:
+        options = [o for o in options if o[0] != "fsdp" or not (o[1] or o[2])]
+    if runner in NO_CHECKPOINTING and not spec.explicit_resources:  # explicit: refused
+        options = [o for o in options if not o[1]]
     return [
         replace(plan, strategy=s, gradient_checkpointing=g, cpu_offload=o) for s, g, o in options
     ]
@@ -167,8 +186,18 @@ def check_strategy(plan: DevicePlan, method: MethodDef) -> None:
         raise _plan_error(f"{AT}.strategy", f"SINGLE_DEVICE runs on one device, not {count}")
     if plan.strategy == "ddp" and count == 1:
         raise _plan_error(f"{AT}.strategy", "DDP needs two or more devices")
+    if plan.gradient_checkpointing and method.runner in NO_CHECKPOINTING:
+        raise _plan_error(
+            f"{AT}.gradient_checkpointing", f"{method.name}'s actor does not checkpoint"
+        )
     if plan.strategy == "fsdp" and method.runner in REPLICATED_RUNNERS:
         raise _plan_error(f"{AT}.strategy", f"{method.name} replicates its actor: use DDP")
+    if plan.strategy == "fsdp" and method.runner in OWN_FSDP_RUNNERS:
+        if plan.cpu_offload:
+            raise _plan_error(f"{AT}.cpu_offload", f"{method.name}'s FSDP does not offload")
+        if count == 1:
+            raise _plan_error(f"{AT}.strategy", f"{method.name}'s FSDP needs two or more devices")
+        return  # its own FSDP2 loop: GPUs or a CPU (gloo) group
     if plan.strategy == "fsdp" and plan.device_type == "cpu":
         # accelerate (under TRL) shards with FSDP on accelerators only; CPU groups run DDP.
         raise _plan_error(f"{AT}.strategy", "FSDP runs on GPUs; a CPU group trains with DDP")

@@ -2,11 +2,13 @@
 watched by a task that tails its events file into the store and decides how the job ended.
 
 A worker is `python -m services.trainer.worker <job folder>` in its own session, so a crash,
-an OOM kill or a segfault never takes the service down. A worker killed by a signal before it
-reported an outcome (no result, error or cancel: a SIGKILL, the OOM killer, a segfault) is
-started again from its last checkpoint, at most `max_restarts` times per job, each restart a
-job event; then the job FAILS. Where to resume is read from the checkpoint folder itself
-(`saved_step`), not only from the checkpoint events, which a crash can leave one behind.
+an OOM kill or a segfault never takes the service down; where it runs is the launcher's
+(`launchers.py`: this host, or an indexed Job on Kubernetes, `kubernetes_jobs.py`). A worker
+killed by a signal before it reported an outcome (no result, error or cancel: a SIGKILL, the
+OOM killer, a segfault) is started again from its last checkpoint, at most `max_restarts` times
+per job, each restart a job event; then the job FAILS. Where to resume is read from the
+checkpoint folder itself (`saved_step`), not only from the checkpoint events, which a crash can
+leave one behind.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import contextlib
 import math
 import os
 import shutil
-import signal
-import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -29,14 +29,14 @@ from typing import Any
 import structlog
 
 from services.common.ids import team_dir
-from services.trainer.distributed import launch_command
+from services.trainer.distributed import CANCEL_FILE, RANK_ERRORS
 from services.trainer.domain import EventKind, JobError, JobState
+from services.trainer.launchers import Exit, Launcher, LaunchFailed, LocalLauncher, Workers
 from services.trainer.store import JobStore
 from services.trainer.tensorboard_log import TensorBoardLog
 from services.trainer.worker_protocol import (
     API_KEY_ENV,
     EVENTS_FILE,
-    LOG_FILE,
     SCRATCH,
     EventTailer,
     WorkerJob,
@@ -91,12 +91,20 @@ class _Outcome:
 
 
 class Supervisor:
-    def __init__(self, store: JobStore, config: WorkerConfig, notify: Callable[[Key], None]):
+    def __init__(
+        self,
+        store: JobStore,
+        config: WorkerConfig,
+        notify: Callable[[Key], None],
+        launcher: Launcher | None = None,
+    ):
+        """`launcher`: where workers run; by default this host (`config.module`, `worker_env`)."""
         self.store = store
         self.config = config
         self.notify = notify
+        self.launcher = launcher or local_launcher(config)
         self._queue: deque[Key] = deque()
-        self._procs: dict[Key, subprocess.Popen[bytes]] = {}
+        self._workers: dict[Key, Workers] = {}
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self._cancel_deadline: dict[Key, float] = {}
         self._stopping = False
@@ -104,17 +112,21 @@ class Supervisor:
         self._recorded_step: dict[Key, int] = {}
         # Each running job's metrics, also as TensorBoard event files in its folder.
         self._boards: dict[Key, TensorBoardLog] = {}
+        self._forgetting: set[asyncio.Task[None]] = set()
 
     # Lifecycle -----------------------------------------------------------------------------
 
     def recover(self) -> None:
         """At start: jobs left RUNNING by a previous process resume from their last checkpoint
-        or fail; CANCELLING ones are CANCELLED; PENDING ones are queued again."""
+        or fail; CANCELLING ones are CANCELLED; PENDING ones are queued again. What the launcher
+        still runs for the jobs not resumed (a Kubernetes Job) is removed (`Launcher.forget`)."""
+        ended: list[str] = []
         for job in self.store.jobs_in([JobState.CANCELLING, JobState.RUNNING, JobState.PENDING]):
             key = (job.team, job.job_id)
             step = self._checkpoint(key) if job.state is JobState.RUNNING else 0
             if job.state is JobState.CANCELLING:
                 self.store.transition(*key, JobState.CANCELLED, "the trainer restarted")
+                ended.append(job.job_id)
             elif job.state is JobState.RUNNING and step > 0:
                 message = f"the trainer restarted; resuming from step {step}"
                 self.store.transition(*key, JobState.PENDING, message)
@@ -124,21 +136,34 @@ class Supervisor:
                     "ABORTED", "the trainer restarted while the job ran, before any checkpoint"
                 )
                 self.store.transition(*key, JobState.FAILED, error.message, error=error)
+                ended.append(job.job_id)
             else:
                 self._queue.append(key)
+        if ended:
+            task = asyncio.get_running_loop().create_task(self._forget(ended))
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
         self._kick()
+
+    async def _forget(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            try:
+                await self.launcher.forget(job_id)
+            except Exception as exc:  # best effort: a Kubernetes Job's TTL removes it in the end
+                log.warning("job_workers_not_forgotten", job=job_id, error=str(exc))
 
     async def stop(self) -> None:
         """Stop every worker (jobs stay RUNNING: the next start resumes or fails them) and
         start no queued job: those stay PENDING for the next start."""
         self._stopping = True
-        procs = list(self._procs.values())
-        for proc in procs:
-            _signal(proc, signal.SIGKILL)
+        running = list(self._workers.values())
+        for workers in running:
+            workers.kill()
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        await asyncio.gather(*(asyncio.to_thread(proc.wait) for proc in procs))
+        await asyncio.gather(*(workers.release() for workers in running), return_exceptions=True)
+        await asyncio.gather(*self._forgetting, return_exceptions=True)
 
     # Scheduling ----------------------------------------------------------------------------
 
@@ -157,9 +182,9 @@ class Supervisor:
     def cancel(self, team: str, job_id: str) -> None:
         """Ask a running worker to stop (SIGTERM); it is killed after cancel_grace_s."""
         key = (team, job_id)
-        proc = self._procs.get(key)
-        if proc is not None:
-            _signal(proc, signal.SIGTERM)
+        workers = self._workers.get(key)
+        if workers is not None:
+            workers.stop()
             self._cancel_deadline[key] = time.monotonic() + self.config.cancel_grace_s
 
     @property
@@ -179,27 +204,34 @@ class Supervisor:
                 # Cancelled between leaving the queue and starting: nothing to run.
                 self._end(key, JobState.CANCELLED, "cancelled before it started")
                 return
-            restarts = 0
+            restarts, step = 0, self._checkpoint(key)
             while True:
-                proc, tailer = self._spawn(key)
-                outcome = await self._watch(key, proc, tailer)
-                if not self._restart(key, proc.returncode, outcome, restarts):
+                workers, tailer = await self._spawn(key, step)
+                outcome, ended = await self._watch(key, workers, tailer)
+                await workers.release()
+                self._workers.pop(key, None)
+                resume = self._restart(key, ended, outcome, restarts)
+                if resume is None:
                     break
-                restarts += 1
-            self._finish(key, proc.returncode, outcome)
+                restarts, step = restarts + 1, resume
+            self._finish(key, ended, outcome)
             self._clean(key)
         except asyncio.CancelledError:
             raise
+        except LaunchFailed as exc:  # e.g. the cluster refused the Job: the job says why
+            log.error("job_launch_failed", job=key[1], message=exc.error.message)
+            self._end(key, JobState.FAILED, exc.error.message, error=exc.error)
         except Exception as exc:  # the supervisor itself failed: the job must not hang
             log.error("job_supervision_failed", job=key[1], exc_info=exc)
             error = JobError("INTERNAL", "the trainer could not run this job's worker")
             self._end(key, JobState.FAILED, error.message, error=error)
         finally:
-            orphan = self._procs.pop(key, None)
-            if orphan is not None and orphan.poll() is None:  # supervision failed or stopped
-                _signal(orphan, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    orphan.wait(timeout=5)
+            orphan = self._workers.pop(key, None)
+            if orphan is not None:  # supervision failed, or the trainer is stopping
+                orphan.kill()
+                if not self._stopping:  # stop() releases what it killed
+                    with contextlib.suppress(Exception):
+                        await orphan.release()
             self._tasks.pop(key, None)
             self._cancel_deadline.pop(key, None)
             self._recorded_step.pop(key, None)
@@ -209,7 +241,8 @@ class Supervisor:
             self.notify(key)
             self._kick()
 
-    def _spawn(self, key: Key) -> tuple[subprocess.Popen[bytes], EventTailer]:
+    async def _spawn(self, key: Key, step: int) -> tuple[Workers, EventTailer]:
+        """Start the job's workers, resuming from checkpoint `step` (0: from the start)."""
         team, job_id = key
         job = self.store.get(team, job_id)
         folder = job_folder(self.config.root, key)
@@ -226,44 +259,57 @@ class Supervisor:
             reward_address=self.config.reward_address,
             cache_dir=str(self.config.root / "cache"),
             torch_threads=self.config.torch_threads,
-            resume_step=self._checkpoint(key),
+            resume_step=step,
             outage_timeout_s=self.config.outage_timeout_s,
         ).write(folder)
-        env = worker_env(os.environ, self.config.api_key)
-        with (folder / LOG_FILE).open("ab") as out:
-            proc = subprocess.Popen(
-                # One device: the worker; more: a torchrun group of workers (distributed.py).
-                launch_command(self.config.module, folder, job.device_plan),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        self._procs[key] = proc
+        # A previous attempt's cancel and rank errors; here, not in the workers: a worker that
+        # starts late must not erase a cancel asked for since (distributed.py).
+        (folder / CANCEL_FILE).unlink(missing_ok=True)
+        shutil.rmtree(folder / RANK_ERRORS, ignore_errors=True)
+        # One device: the worker; more: a torchrun group of workers (distributed.py).
+        workers = await self._start(job_id, folder, job.device_plan)
+        self._workers[key] = workers
         self._recorded_step[key] = job.progress.step
         board = self._boards.pop(key, None)
         if board is not None:  # a restarted worker: a new board on the same folder
             board.close()
         self._boards[key] = TensorBoardLog(folder)
-        self.store.transition(team, job_id, JobState.RUNNING, f"worker started (pid {proc.pid})")
-        log.info("job_started", job=job_id, team=team, method=job.method.name, pid=proc.pid)
+        self.store.transition(team, job_id, JobState.RUNNING, f"worker started ({workers.label})")
+        log.info("job_started", job=job_id, team=team, method=job.method.name, at=workers.label)
         self.notify(key)
-        return proc, EventTailer(folder)
+        return workers, EventTailer(folder)
+
+    async def _start(self, job_id: str, folder: Path, plan: dict[str, Any]) -> Workers:
+        """The launcher's start, which `stop()` cannot interrupt halfway (a Kubernetes Job being
+        created in a thread): if the trainer stops meanwhile, what was started is removed."""
+        starting = asyncio.ensure_future(self.launcher.start(job_id, folder, plan))
+        try:
+            workers = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                workers = await starting
+                workers.kill()
+                await workers.release()
+            raise
+        if self._stopping:  # started as stop() began: nobody would release these
+            workers.kill()
+            await workers.release()
+            raise asyncio.CancelledError
+        return workers
 
     async def _watch(
-        self, key: Key, proc: subprocess.Popen[bytes], tailer: EventTailer
-    ) -> _Outcome:
+        self, key: Key, workers: Workers, tailer: EventTailer
+    ) -> tuple[_Outcome, Exit]:
         outcome = _Outcome()
         while True:
-            exited = proc.poll() is not None
+            ended = await workers.poll()
             for event in tailer.read_new():
                 self._record(key, event, outcome)
-            if exited:
-                return outcome
+            if ended is not None:
+                return outcome, ended
             deadline = self._cancel_deadline.get(key)
             if deadline is not None and time.monotonic() > deadline:
-                _signal(proc, signal.SIGKILL)
+                workers.kill()
             await asyncio.sleep(self.config.poll_s)
 
     def _checkpoint(self, key: Key) -> int:
@@ -275,25 +321,25 @@ class Supervisor:
             self.store.update(*key, checkpoint_step=step)
         return max(step, recorded)
 
-    def _restart(self, key: Key, returncode: int | None, outcome: _Outcome, restarts: int) -> bool:
-        """Whether to start the worker again: a signal killed it before it reported how the job
-        ended (an exit of its own is its answer), nobody asked it to stop, and the job has
-        restarts left. Records the restart."""
+    def _restart(self, key: Key, ended: Exit, outcome: _Outcome, restarts: int) -> int | None:
+        """The checkpoint step to start the worker again from, or None: only when a signal killed
+        it before it reported how the job ended (an exit of its own is its answer), nobody asked
+        it to stop, and the job has restarts left. Records the restart."""
         job = self.store.get(*key)
         if outcome.result or outcome.error or outcome.cancelled or job.cancel_requested:
-            return False
-        if returncode is None or returncode >= 0:
-            return False
+            return None
+        if ended.error or ended.returncode is None or ended.returncode >= 0:
+            return None
         if self._stopping or job.state is not JobState.RUNNING:
-            return False
-        died = _death(returncode)
+            return None
+        died = ended.how
         if restarts >= self.config.max_restarts:
             again = f" again after {restarts} restarts" if restarts else ""
             outcome.error = JobError(
                 "ABORTED",
                 f"the worker {died}{again} (max_restarts {self.config.max_restarts}); see its log",
             )
-            return False
+            return None
         step = self._checkpoint(key)
         where = f"from step {step}" if step else "from the start (no checkpoint yet)"
         message = (
@@ -301,9 +347,9 @@ class Supervisor:
             f"(restart {restarts + 1} of {self.config.max_restarts})"
         )
         self.store.transition(*key, JobState.PENDING, message)
-        log.warning("job_worker_restarted", job=key[1], team=key[0], returncode=returncode)
+        log.warning("job_worker_restarted", job=key[1], team=key[0], returncode=ended.returncode)
         self.notify(key)
-        return True
+        return step
 
     def _record(self, key: Key, event: dict[str, Any], outcome: _Outcome) -> None:
         kind = event.get("kind")
@@ -336,7 +382,7 @@ class Supervisor:
             outcome.cancelled = True
         self.notify(key)
 
-    def _finish(self, key: Key, returncode: int | None, outcome: _Outcome) -> None:
+    def _finish(self, key: Key, ended: Exit, outcome: _Outcome) -> None:
         job = self.store.get(*key)
         if outcome.result is not None and outcome.error is None:
             result = outcome.result
@@ -351,8 +397,13 @@ class Supervisor:
         elif job.cancel_requested:
             self._end(key, JobState.CANCELLED, "cancelled; the worker has exited")
         else:
-            error = outcome.error or JobError(
-                "INTERNAL", f"the worker process died (exit code {returncode}); see its log"
+            error = (
+                outcome.error
+                or ended.error
+                or JobError(
+                    "INTERNAL",
+                    f"the worker process died (exit code {ended.returncode}); see its log",
+                )
             )
             self._end(key, JobState.FAILED, error.message, error=error)
 
@@ -372,23 +423,15 @@ class Supervisor:
         log.info("job_ended", job=key[1], team=key[0], state=state.name, message=message)
 
 
+def local_launcher(config: WorkerConfig) -> LocalLauncher:
+    """Workers on this host: `config.module` with the allowlisted environment (`worker_env`)."""
+    return LocalLauncher(config.module, lambda: worker_env(os.environ, config.api_key))
+
+
 def job_folder(root: Path, key: Key) -> Path:
     """`<root>/<team>/<job_id>`; the team is checked again (`team_dir`): it came from a header."""
     team, job_id = key
     return team_dir(root, team) / job_id
-
-
-def _death(returncode: int | None) -> str:
-    """How a worker ended, in words: "was killed by SIGKILL", "exited with code 1"."""
-    with contextlib.suppress(ValueError, TypeError):
-        return f"was killed by {signal.Signals(-(returncode or 0)).name}"
-    return f"was killed (exit code {returncode})"
-
-
-def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)  # the worker's whole session (dataloader processes too)
 
 
 def worker_env(environ: Mapping[str, str], api_key: str | None) -> dict[str, str]:

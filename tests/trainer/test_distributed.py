@@ -9,6 +9,8 @@ same steps; they differ by float reduction order only (tolerance 1e-5).
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from pathlib import Path
 
@@ -20,6 +22,10 @@ from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
 from services.devtools.tiny_models import cached_tiny_model
+from services.trainer.distributed import CANCEL_FILE
+from services.trainer.launchers import LocalLauncher, LocalWorkers
+from services.trainer.supervisor import worker_env
+from services.trainer.worker_protocol import EVENTS_FILE
 from tests.trainer.conftest import Inputs, spec, wait_for
 from tests.trainer.test_training import LORA, download
 from tests.waiting import until
@@ -225,3 +231,42 @@ async def test_a_group_killed_after_a_checkpoint_restarts_from_it(
     assert any("restarting it from step" in m for m in changes), changes
     steps_seen = [e.metrics.step for e in events if e.HasField("metrics")]
     assert steps_seen == list(range(1, 201))  # rank 0's, once each: redone steps not again
+
+
+async def test_a_sigterm_is_a_cancel_only_when_the_trainer_wrote_the_cancel_file(
+    tmp_path: Path,
+) -> None:
+    """A Kubernetes eviction, preemption or drain SIGTERMs the agent (a pod's pid 1) with no
+    cancel file: no rank reports a cancel, no cancel file appears, and the agent dies by
+    SIGTERM (the supervisor restarts the group from its checkpoint). The trainer's cancel
+    writes the file first: an agent starting after it keeps it, and rank 0 reports the cancel."""
+    launcher = LocalLauncher("tests.trainer.stopping_worker", lambda: worker_env(os.environ, None))
+    plan = {"device_type": "cpu", "devices_per_node": 2}
+    evicted, cancelled = tmp_path / "evicted", tmp_path / "cancelled"
+    evicted.mkdir()
+    cancelled.mkdir()
+    (cancelled / CANCEL_FILE).touch()  # as `Workers.stop` writes it before a late pod starts
+    groups = {}
+    for folder in (evicted, cancelled):
+        workers = await launcher.start("j", folder, plan)
+        assert isinstance(workers, LocalWorkers)
+        groups[folder] = workers.proc
+    await until(
+        lambda: all((f / f"rank-{r}.ready").exists() for f in groups for r in (0, 1)),
+        timeout=120,
+        what="both groups' ranks start",
+    )
+    assert (cancelled / CANCEL_FILE).exists()
+    for proc in groups.values():
+        proc.send_signal(signal.SIGTERM)  # the agent alone, as the kubelet signals pid 1
+    await until(lambda: all(p.poll() is not None for p in groups.values()), timeout=60)
+    assert groups[evicted].returncode == -signal.SIGTERM
+    assert not (evicted / CANCEL_FILE).exists()
+    assert "cancelled" not in event_kinds(evicted)
+    assert groups[cancelled].returncode == 0
+    assert event_kinds(cancelled) == ["cancelled"]
+
+
+def event_kinds(folder: Path) -> list[str]:
+    lines = (folder / EVENTS_FILE).read_text().splitlines()
+    return [json.loads(line)["kind"] for line in lines]

@@ -12,6 +12,9 @@ vocab 32000, one row of 1024 tokens per device. Per device, in bytes:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 
 from services.common.errors import FailedPrecondition
@@ -160,13 +163,35 @@ def test_grpo_replicates_its_actor_over_the_eight_gpus() -> None:
     assert any("DDP over 8 devices" in n for n in e.notes)
 
 
-def test_ppo_plans_one_gpu_of_eight() -> None:
-    job = validate(
-        JobSpec(Method.PPO, BASE, DATA, evaluator="evaluators/e/revisions/1", params=PpoParams())
+def ppo(plan: DevicePlan | None = None) -> JobSpec:
+    return validate(
+        JobSpec(
+            Method.PPO,
+            BASE,
+            DATA,
+            evaluator="evaluators/e/revisions/1",
+            params=PpoParams(),
+            resources=plan or DevicePlan(),
+            explicit_resources=plan is not None,
+        )
     )
-    e = estimate(job, 1000, TINY, EIGHT_GPUS)
-    assert shape(e.plan) == ("single", 1, 1, False, False)
-    assert any("PPO runs on one device" in n for n in e.notes)
+
+
+def test_ppo_replicates_its_actor_and_critic_over_the_eight_gpus() -> None:
+    # PPO's group is DDP (rl/ppo_learner.py): no FSDP candidate, a full replica per GPU.
+    e = estimate(ppo(), 1000, TINY, EIGHT_GPUS)
+    assert shape(e.plan) == ("ddp", 1, 8, False, False)
+    assert any("DDP over 8 devices" in n for n in e.notes)
+
+
+def test_an_explicit_multi_device_ppo_plan_runs_ddp_and_fsdp_is_refused() -> None:
+    two = DevicePlan(device_type="cpu", devices_per_node=2)
+    assert shape(estimate(ppo(two), 1000, TINY, TWO_CORES).plan) == ("ddp", 1, 2, False, False)
+    with pytest.raises(FailedPrecondition) as err:
+        fsdp = DevicePlan(device_type="cuda", devices_per_node=2, strategy="fsdp")
+        estimate(ppo(fsdp), 1000, TINY, EIGHT_GPUS)
+    assert [v.field for v in err.value.violations] == ["spec.resources.explicit.strategy"]
+    assert "use DDP" in err.value.message
 
 
 @pytest.mark.parametrize(
@@ -204,12 +229,66 @@ def test_an_explicit_multi_device_grpo_plan_runs_ddp() -> None:
     assert shape(e.plan) == ("ddp", 1, 2, False, False)
 
 
-def test_an_explicit_fsdp_grpo_plan_is_refused_naming_the_strategy() -> None:
-    plan = DevicePlan(device_type="cuda", devices_per_node=2, strategy="fsdp")
+def test_an_explicit_fsdp_grpo_plan_shards_its_actor_on_gpus_or_a_cpu_group() -> None:
+    # GRPO's actor group shards with FSDP2 in its own loop (rl/group.py), gloo on CPU too.
+    for plan, devices in (
+        (DevicePlan(device_type="cuda", devices_per_node=2, strategy="fsdp"), EIGHT_GPUS),
+        (DevicePlan(device_type="cpu", devices_per_node=2, strategy="fsdp"), TWO_CORES),
+    ):
+        assert shape(estimate(grpo(plan), 1000, TINY, devices).plan)[:3] == ("fsdp", 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("plan", "field"),
+    [
+        (
+            DevicePlan(device_type="cuda", devices_per_node=2, strategy="fsdp", cpu_offload=True),
+            "cpu_offload",
+        ),
+        (DevicePlan(device_type="cuda", devices_per_node=1, strategy="fsdp"), "strategy"),
+    ],
+)
+def test_an_fsdp_grpo_plan_it_cannot_run_is_refused_naming_the_field(
+    plan: DevicePlan, field: str
+) -> None:
     with pytest.raises(FailedPrecondition) as err:
         estimate(grpo(plan), 1000, TINY, EIGHT_GPUS)
-    assert [v.field for v in err.value.violations] == ["spec.resources.explicit.strategy"]
-    assert "use DDP" in err.value.message
+    assert [v.field for v in err.value.violations] == [f"spec.resources.explicit.{field}"]
+
+
+@pytest.mark.parametrize("job", [grpo, ppo], ids=["grpo", "ppo"])
+@pytest.mark.parametrize(
+    ("plan", "devices"),
+    [
+        (DevicePlan(device_type="cuda", devices_per_node=2, strategy="fsdp"), EIGHT_GPUS),
+        (DevicePlan(device_type="cpu", devices_per_node=2, strategy="ddp"), TWO_CORES),
+        (DevicePlan(device_type="cpu", devices_per_node=2), TWO_CORES),  # strategy auto
+        (DevicePlan(device_type="cpu"), ONE_CPU),
+    ],
+)
+def test_an_online_plan_with_gradient_checkpointing_is_refused_naming_it(
+    job: Any, plan: DevicePlan, devices: Devices
+) -> None:
+    # The online actor keeps its activations (rl/actor.py). The spec's check refuses the field
+    # first (GRPO and PPO do not read it); the plan's own check refuses it too.
+    spec = dataclasses.replace(
+        job(), resources=dataclasses.replace(plan, gradient_checkpointing=True)
+    )
+    spec = dataclasses.replace(spec, explicit_resources=True)
+    with pytest.raises(FailedPrecondition) as err:
+        estimate(spec, 1000, TINY, devices)
+    field = "spec.resources.explicit.gradient_checkpointing"
+    assert [v.field for v in err.value.violations] == [field]
+    assert "does not checkpoint" in err.value.message
+
+
+@pytest.mark.parametrize("job", [grpo, ppo], ids=["grpo", "ppo"])
+def test_an_online_auto_plan_never_counts_on_gradient_checkpointing(job: Any) -> None:
+    # Full 7B on one GPU fits no plan; the last tried keeps its activations, as the actor does.
+    e = estimate(dataclasses.replace(job(), lora=None), P7B, LLAMA7, ONE_GPU)
+    assert shape(e.plan) == ("single", 1, 1, False, False)
+    assert not e.fits
+    assert e.breakdown["activations"] > 1024 * 4096 * 32 * 4  # not checkpointing's layer inputs
 
 
 def test_an_explicit_fsdp_plan_on_gpus_is_kept_as_given() -> None:

@@ -13,6 +13,12 @@ does not change how the rollout service batches the other's requests.
 A group whose rank 1 is killed (SIGKILL) after a checkpoint restarts from rank 0's resume state
 (every rank holds the whole actor: one file restores any number of ranks) and still ends with
 the one-process weights.
+
+The same with the plan's strategy FSDP: the actor and its reference sharded (FSDP2) over the 2
+ranks, the gradients reduce-scattered (summed) in each backward pass, the published policy
+gathered to rank 0; full tuning and LoRA each equal their one-process run within the same 1e-5.
+A killed rank restarts the sharded group from its DCP checkpoint (each rank's shards, beside
+rank 0's resume state), and a cancel stops both ranks.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ pytestmark = pytest.mark.slow
 Stub = trainer_pb2_grpc.TrainerServiceStub
 STEPS, GROUP = 3, 4
 FULL = pb.Tuning(full=pb.FullTuning())  # with beta's reference model on every rank
+FSDP = pb.Resources(
+    explicit=pb.DevicePlan(
+        device_type=pb.DEVICE_TYPE_CPU, devices_per_node=2, strategy=pb.PARALLEL_STRATEGY_FSDP
+    )
+)
 
 
 def grpo_spec(
@@ -90,25 +101,32 @@ async def vowels(stack: ServerThread) -> str:
     return await push_vowels(stack, "evaluators/vowels-dist", "grpo-dist-vowels")
 
 
-async def finished(stack: ServerThread, trainer: Stub, name: str, folder: Path) -> Run:
-    job = await wait_for(trainer, name, timeout=180)
+async def finished(
+    stack: ServerThread, trainer: Stub, name: str, folder: Path, lora: bool = False
+) -> Run:
+    job = await wait_for(trainer, name, timeout=240)
     assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
     assert job.progress.step == STEPS and job.checkpoint_step == STEPS
     events = await watch(trainer, job.name)
     revision = await download(stack.address, job.output_model_revision, folder)
-    assert revision.format == registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
+    formats = registry_pb2.MODEL_FORMAT_LORA_ADAPTER, registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
+    assert revision.format == formats[0 if lora else 1]  # an ordinary HF folder either way
     metrics = [e.metrics for e in events if e.HasField("metrics")]
-    return Run(job, metrics, load_file(folder / "model.safetensors"))
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    return Run(job, metrics, load_file(folder / weights))
 
 
-async def one_process(stack: ServerThread, trainer: Stub, inputs: Inputs, folder: Path) -> Run:
-    if "one" not in RUNS:
-        job_spec = grpo_spec(inputs, await vowels(stack), 1, 2, ONE_CPU)
-        request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-dist-one")
+async def one_process(
+    stack: ServerThread, trainer: Stub, inputs: Inputs, folder: Path, tuning: pb.Tuning = FULL
+) -> Run:
+    key = "one-lora" if tuning.HasField("lora") else "one"
+    if key not in RUNS:
+        job_spec = grpo_spec(inputs, await vowels(stack), 1, 2, ONE_CPU, f"-{key}", tuning)
+        request = pb.CreateTrainingJobRequest(spec=job_spec, request_id=f"grpo-dist-{key}")
         name = (await trainer.CreateTrainingJob(request)).name
-        RUNS["one"] = await finished(stack, trainer, name, folder)
-        assert RUNS["one"].job.device_plan.strategy == pb.PARALLEL_STRATEGY_SINGLE_DEVICE
-    return RUNS["one"]
+        RUNS[key] = await finished(stack, trainer, name, folder, tuning.HasField("lora"))
+        assert RUNS[key].job.device_plan.strategy == pb.PARALLEL_STRATEGY_SINGLE_DEVICE
+    return RUNS[key]
 
 
 async def until_event(trainer: Stub, name: str, kind: str) -> None:
@@ -128,7 +146,10 @@ def assert_same_training(two: Run, one: Run, same_steps: int = STEPS) -> None:
             assert a.values[key] == pytest.approx(b.values[key], abs=1e-5), (a.step, key)
     assert any(m.values["reward_std"] > 0 for m in one.metrics)  # a learning signal existed
     base = load_file(cached_tiny_model("test") / "model.safetensors")
-    assert any(not torch.equal(base[k], one.weights[k]) for k in base)  # it trained
+    if "lora_B" in " ".join(one.weights):  # LoRA's B starts at 0
+        assert any(v.abs().max() > 0 for k, v in one.weights.items() if "lora_B" in k)
+    else:
+        assert any(not torch.equal(base[k], one.weights[k]) for k in base)  # it trained
     assert two.weights.keys() == one.weights.keys()
     for key in two.weights:
         torch.testing.assert_close(two.weights[key], one.weights[key], atol=1e-5, rtol=0)
@@ -168,12 +189,15 @@ async def test_a_killed_rank_resumes_the_group_from_its_checkpoint_as_one_proces
     assert_same_training(two, one)
 
 
+@pytest.mark.parametrize(
+    ("resources", "suffix"), [(TWO_CPUS, "ddp"), (FSDP, "fsdp")], ids=["ddp", "fsdp"]
+)
 async def test_cancel_stops_every_rank_of_a_lora_grpo_group(
-    stack: ServerThread, trainer: Stub, inputs: Inputs
+    stack: ServerThread, trainer: Stub, inputs: Inputs, resources: pb.Resources, suffix: str
 ) -> None:
-    job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS, "-cancelled", LORA)
+    job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, resources, f"-cancel-{suffix}", LORA)
     job_spec.training.max_steps = 100_000
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-dist-cancel")
+    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id=f"grpo-dist-cancel-{suffix}")
     name = (await trainer.CreateTrainingJob(request)).name
     await until_event(trainer, name, "metrics")
     assert {0, 1} <= {rank_of(p) for p in group_processes(name)}
@@ -181,3 +205,47 @@ async def test_cancel_stops_every_rank_of_a_lora_grpo_group(
     job = await wait_for(trainer, name, timeout=60)
     assert job.state == pb.TrainingJob.STATE_CANCELLED, job.error
     await until(lambda: not group_processes(name), timeout=10, what="every rank exits")
+
+
+@pytest.mark.parametrize(
+    ("tuning", "suffix"), [(FULL, "full"), (LORA, "lora")], ids=["full", "lora"]
+)
+async def test_an_fsdp_grpo_group_equals_one_process_on_the_same_global_batch(
+    stack: ServerThread,
+    trainer: Stub,
+    inputs: Inputs,
+    tmp_path: Path,
+    tuning: pb.Tuning,
+    suffix: str,
+) -> None:
+    lora = tuning.HasField("lora")
+    one = await one_process(stack, trainer, inputs, tmp_path / "one", tuning)
+    job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, FSDP, f"-fsdp-{suffix}", tuning)
+    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id=f"grpo-fsdp-{suffix}")
+    name = (await trainer.CreateTrainingJob(request)).name
+    two = await finished(stack, trainer, name, tmp_path / "two", lora)
+    assert two.job.device_plan.strategy == pb.PARALLEL_STRATEGY_FSDP
+    assert two.job.device_plan.devices_per_node == 2
+    assert_same_training(two, one)
+
+
+async def test_a_killed_rank_resumes_an_fsdp_group_from_its_sharded_checkpoint(
+    stack: ServerThread, trainer: Stub, inputs: Inputs, tmp_path: Path
+) -> None:
+    one = await one_process(stack, trainer, inputs, tmp_path / "one")
+    job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, FSDP, "-fsdp-killed")
+    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-fsdp-killed")
+    name = (await trainer.CreateTrainingJob(request)).name
+    await until_event(trainer, name, "checkpoint")  # step 1's resume state and its shards
+    processes = group_processes(name)
+    (rank1,) = [p for p in processes if rank_of(p) == 1]
+    folder = Path(processes[0].cmdline()[-1]) / "checkpoints"  # the job's, on the command line
+    shards = {p.name for p in folder.glob("actor-*/*.distcp")}
+    assert shards == {"__0_0.distcp", "__1_0.distcp"}  # each rank's shards (DCP)
+    rank1.send_signal(signal.SIGKILL)
+    two = await finished(stack, trainer, name, tmp_path / "two")
+    events = await watch(trainer, name)
+    changes = [e.state_change.message for e in events if e.HasField("state_change")]
+    assert any("killed by SIGKILL; restarting it from step" in m for m in changes), changes
+    assert [m.step for m in two.metrics] == list(range(1, STEPS + 1))
+    assert_same_training(two, one)

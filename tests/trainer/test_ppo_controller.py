@@ -129,12 +129,12 @@ def test_a_failed_reward_adds_nothing(tiny_model_dir: Path) -> None:
     trained = [True, False, True, True]
     t = _trajectories(samples, rewards, trained)
     batch = make_batch(samples, t.valid(), 0)
-    targets, _ = learner.targets(actor, batch, t)
+    targets, _ = learner.targets(actor, batch, t.rewards())
     assert bool(torch.all(targets.advantages[1] == 0)) and bool(torch.all(targets.returns[1] == 0))
     keep = [0, 2, 3]
     alone = _trajectories([samples[i] for i in keep], [rewards[i] for i in keep], [True] * 3)
     alone_batch = make_batch([samples[i] for i in keep], alone.valid(), 0)
-    without, _ = learner.targets(actor, alone_batch, alone)
+    without, _ = learner.targets(actor, alone_batch, alone.rewards())
     width = without.returns.shape[1]
     torch.testing.assert_close(targets.returns[keep][:, :width], without.returns)
     torch.testing.assert_close(targets.advantages[keep][:, :width], without.advantages)

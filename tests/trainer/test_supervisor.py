@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -14,11 +15,13 @@ from typing import Any
 
 import pytest
 
+from services.trainer.distributed import CANCEL_FILE
 from services.trainer.domain import EventKind, Job, JobState, Method, Progress
+from services.trainer.launchers import LocalWorkers
 from services.trainer.spec import JobSpec, validate
 from services.trainer.store import JobStore, new_job_id
-from services.trainer.supervisor import Key, Supervisor, WorkerConfig
-from services.trainer.worker_protocol import SCRATCH
+from services.trainer.supervisor import Key, Supervisor, WorkerConfig, local_launcher
+from services.trainer.worker_protocol import EVENTS_FILE, SCRATCH, WorkerJob
 from tests.waiting import until
 
 BASE = "models/tiny/revisions/r1"
@@ -51,14 +54,15 @@ def _supervisor(store: JobStore, root: Path, max_running: int = 1) -> Supervisor
 def _spawned(supervisor: Supervisor) -> list[subprocess.Popen[bytes]]:
     """Record every worker process the supervisor starts."""
     procs: list[subprocess.Popen[bytes]] = []
-    spawn = supervisor._spawn
+    start = supervisor.launcher.start
 
-    def recording(key: Key) -> Any:
-        proc, tailer = spawn(key)
-        procs.append(proc)
-        return proc, tailer
+    async def recording(*args: Any) -> Any:
+        workers = await start(*args)
+        assert isinstance(workers, LocalWorkers)
+        procs.append(workers.proc)
+        return workers
 
-    supervisor._spawn = recording  # type: ignore[method-assign]
+    supervisor.launcher.start = recording  # type: ignore[method-assign, assignment]
     return procs
 
 
@@ -122,3 +126,23 @@ async def test_a_resumed_job_records_each_step_once(store: JobStore, tmp_path: P
     assert steps == [4, 5, 6]
     job_file = json.loads((tmp_path / "jobs" / key[0] / key[1] / "job.json").read_text())
     assert job_file["resume_step"] == 4
+
+
+async def test_stop_writes_the_cancel_file_before_it_signals(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """The file is what makes a SIGTERM a cancel (distributed.py): a signal from anyone else,
+    a Kubernetes eviction say, is not one."""
+    key = _create(store, "sleep")
+    folder = tmp_path / "job"
+    folder.mkdir()
+    job = store.get(*key)
+    WorkerJob(job.name, job.team, job.spec, {}, "", "", "", str(tmp_path)).write(folder)
+    workers = await local_launcher(_supervisor(store, tmp_path).config).start(key[1], folder, {})
+    assert isinstance(workers, LocalWorkers)
+    await until(lambda: (folder / EVENTS_FILE).exists())  # the worker runs
+    assert not (folder / CANCEL_FILE).exists()
+    workers.stop()
+    assert (folder / CANCEL_FILE).exists()
+    await workers.release()
+    assert workers.proc.returncode == -signal.SIGTERM

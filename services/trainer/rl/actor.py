@@ -6,7 +6,9 @@ and updates itself on a generation batch: `num_iterations` optimizer steps, each
 the gradients of micro-batches of at most `micro_batch_size` sequences, so that no forward pass
 holds all B x G sequences. It owns its optimizer, scheduler and loss scaler, saves and restores
 that state, and exports its weights to a folder. On several devices each rank holds a replica
-and trains its share of the micro-batches, the gradients summed over the group (`rl/group.py`).
+(or, sharded with FSDP2, 1/N of it) and trains its share of the micro-batches, the gradients
+summed over the group; a sharded actor's every forward pass, export and checkpoint is a command
+of the group's (`rl/group.py`).
 A critic (PPO) is another class with the same methods. Shapes as in `rl/batch.py`.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,10 +28,18 @@ from peft import LoraConfig, get_peft_model
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, get_scheduler
 
+from services.trainer.distributed import (
+    full_state_dict,
+    full_trainable,
+    load_sharded,
+    save_sharded,
+    shard_model,
+    unique_names,
+)
 from services.trainer.methods import METHODS
 from services.trainer.rl import KlEstimator, LossType, algos
 from services.trainer.rl.batch import TokenBatch
-from services.trainer.rl.group import CPU, ActorGroup, Command, batch_to
+from services.trainer.rl.group import ActorGroup, Command, Saved, by_micro_batch, lead, share
 from services.trainer.spec import ALL_LINEAR, GrpoParams, JobSpec, LoraParams, PpoParams
 from services.trainer.worker_io import check_lora_targets
 
@@ -121,6 +132,7 @@ class _Micro:
     weight: float
     old: torch.Tensor | None = None  # (n, t)
     weights: torch.Tensor | None = None  # (n, t)
+    filler: bool = False  # a sharded rank's padding pass: weight 0, no statistics
 
 
 class Means:
@@ -160,10 +172,25 @@ class Actor:
         # Several ranks (`rl/group.py`): this rank trains its share of each batch's
         # micro-batches and the gradients are summed over the group; None: one process.
         self.group: ActorGroup | None = None
+        # FSDP2 over the group (`shard`): every forward pass is a collective. Its checkpoints
+        # go to `checkpoints` (the job's folder), the last one written or read is `_kept`.
+        self.sharded = False
+        self.checkpoints: Path | None = None
+        self._kept = ""
+        self._gathered: dict[str, torch.Tensor] | None = None  # this version's, on rank 0
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def shard(self) -> None:
+        """FSDP2 over the group, before `configure_optimizer`: the policy (gradients summed over
+        the ranks, as the replicated path's all_reduce) and the frozen reference."""
+        assert self.group is not None and self.optimizer is None
+        shard_model(self.model, sum_gradients=True)
+        if self.reference is not None:
+            shard_model(self.reference)
+        self.sharded = True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -175,6 +202,11 @@ class Actor:
         self.optimizer, self.scheduler, self.scaler = optimizer_parts(
             self.trainable_parameters(), spec, lr, precision, total_updates, self.device
         )
+        if self.sharded and self.scaler.is_enabled():
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            # Each rank sees only its shards' overflow: agree on it, so all skip the same steps.
+            self.scaler = ShardedGradScaler(self.device.type, enabled=True)
         self.max_grad_norm = spec.training.max_grad_norm
 
     def _compute(self) -> contextlib.AbstractContextManager[Any]:
@@ -215,15 +247,16 @@ class Actor:
         """KL_t of the policy as it is (pi_old, before the batch's update) to the reference, per
         loss token, `micro_batch_size` sequences per forward pass (0: all): the KL penalty in
         the reward of RLOO and REINFORCE++. No gradient. (N, T)."""
-        n, width = len(batch), batch.mask.shape[1]
-        size, parts = micro_batch_size or n, []
-        for a in range(0, n, size):
-            mb = batch.rows(a, min(a + size, n))
-            kl = algos.KL_ESTIMATORS[estimator](
+
+        def kl_of(mb: TokenBatch) -> torch.Tensor:
+            return algos.KL_ESTIMATORS[estimator](
                 self.logprobs(mb).float(), self.reference_logprobs(mb).float(), mb.mask
             )  # (n, t)
-            parts.append(torch.nn.functional.pad(kl, (0, width - kl.shape[1])))  # (n, T)
-        return torch.cat(parts)  # (N, T)
+
+        if not self.sharded:  # one process, or a replica on rank 0 alone
+            return by_micro_batch([kl_of], batch, micro_batch_size)[0]  # (N, T)
+        with lead(self.group, Command.KL, batch, estimator, micro_batch_size):
+            return by_micro_batch([kl_of], batch, micro_batch_size, self.group, padded=True)[0]
 
     def update(
         self, batch: TokenBatch, advantages: torch.Tensor, objective: Objective
@@ -232,35 +265,41 @@ class Actor:
         gradients of its micro-batches; advantages (N, T). log pi_old is the actor's own before
         the first step (TRL on policy), taken from the first forward pass: no extra pass."""
         assert self.optimizer is not None and self.scaler is not None, "configure_optimizer first"
+        with lead(self.group, Command.UPDATE, batch, advantages, objective):  # rank 0 sends it
+            update = self._update(batch, advantages, objective)
+            self._gathered = None  # a new version: gathered again when exported
+        return update
+
+    def _update(
+        self, batch: TokenBatch, advantages: torch.Tensor, objective: Objective
+    ) -> dict[str, float]:
+        assert self.optimizer is not None
         group = self.group
-        if group is not None:  # rank 0 sends the batch; every rank runs what follows
-            group.announce(Command.UPDATE, batch_to(batch, CPU), advantages, objective)
         # DAPO divides by the tokens of the whole generation batch, whichever micro-batch.
         config = replace(objective.loss, batch_tokens=float(batch.mask.sum()))
         n = len(batch)
         size = objective.micro_batch_size or n
         ranks = group.size if group is not None else 1
-        micro = []
-        for index, a in enumerate(range(0, n, size)):
-            if group is not None and not group.mine(index):
-                continue  # another rank's: the weights below are shares of the whole batch
+        count, micro = -(-n // size), []
+        # This rank's micro-batches (the others' are another rank's: the weights below are
+        # shares of the whole batch); a sharded rank short of them pads with the last one.
+        for index in share(group, count, padded=self.sharded):
+            a = (count - 1 if index is None else index) * size
             mb = batch.rows(a, min(a + size, n))
             adv = advantages[a : a + len(mb), : mb.mask.shape[1]]  # (n, t)
             ref = self.reference_logprobs(mb) if config.beta > 0 else None
-            micro.append(
-                _Micro(
-                    mb,
-                    adv,
-                    ref,
-                    MICRO_WEIGHTS[config.loss_type](mb.mask, batch.mask, -(-n // size)),
-                )
-            )
+            weight = MICRO_WEIGHTS[config.loss_type](mb.mask, batch.mask, count)
+            filler = index is None
+            micro.append(_Micro(mb, adv, ref, 0.0 if filler else weight, filler=filler))
         stats, grad_norm = Means(), 0.0
         learning_rate = float(self.scheduler.get_last_lr()[0])  # what this batch's steps use
         for _ in range(objective.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = sum(self._accumulate(m, objective, config, stats) for m in micro)
-            if group is not None:
+            loss = sum(
+                self._accumulate(m, objective, config, Means() if m.filler else stats)
+                for m in micro
+            )
+            if group is not None and not self.sharded:  # FSDP summed them in backward
                 group.reduce_gradients(self.trainable_parameters())
             grad_norm = self._step()
             # This rank's part of the batch's loss: the parts add up to it over the ranks.
@@ -318,6 +357,8 @@ class Actor:
         norm = torch.nn.utils.clip_grad_norm_(
             self.trainable_parameters(), self.max_grad_norm or float("inf")
         )
+        if hasattr(norm, "full_tensor"):  # sharded gradients: the norm over every shard
+            norm = norm.full_tensor()
         self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
         self.scaler.update()
         self.scheduler.step()
@@ -326,16 +367,79 @@ class Actor:
     # State -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return training_state(self)
+        """What a resume needs (`training_state`); sharded, the weights and optimizer state go
+        to a sharded checkpoint (`save_shards`) that the returned state names."""
+        if not self.sharded:
+            return training_state(self)
+        assert self.scaler is not None
+        name = f"actor-{self.scheduler.last_epoch}"  # optimizer steps taken: one per save
+        self.save_shards(name)
+        return {
+            "shards": name,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.group is not None:  # rank 0 read it: every rank resumes from it
-            self.group.announce(Command.LOAD, state)
-        load_training_state(self, state)
+    def save_shards(self, name: str) -> None:
+        """Every rank's shards of the trainable weights and optimizer state (DCP) to
+        `checkpoints/name`; rank 0 then drops the ones no resume state names any more."""
+        assert self.checkpoints is not None, "set the actor's checkpoints folder"
+        with lead(self.group, Command.SAVE, name):
+            save_sharded(self.checkpoints / name, self.model, self.optimizer)
+        if self.group is None or self.group.rank == 0:
+            # The resume state naming `_kept` stays in force until the one naming `name` is.
+            for old in self.checkpoints.glob("actor-*"):
+                if old.name not in (name, self._kept):
+                    shutil.rmtree(old, ignore_errors=True)
+        self._kept = name
+
+    def load_state_dict(self, state: dict[str, Any], saved: Saved | None = None) -> None:
+        """A resume state. A sharded one (its checkpoint named by "shards") loads on any number
+        of ranks, sharded or not (DCP reshards); a replica's (its trainable weights whole) loads
+        into replicas only: a sharded actor refuses it (ValueError, before any collective). In a
+        group rank 0 sends `saved`, where it read `state` (file and entry), and every rank
+        reads it there."""
+        if self.sharded and "shards" not in state:
+            raise ValueError(
+                "a replicated actor's resume state (no sharded checkpoint) does not load into "
+                "a sharded (FSDP) actor: resume with the plan that saved it (DDP)"
+            )
+        if self.group is not None and self.group.rank == 0 and saved is None:
+            raise ValueError("a group resumes from a state file: pass where it was read")
+        with lead(self.group, Command.LOAD, *(saved or ())):
+            if "shards" not in state:
+                load_training_state(self, state)
+            else:
+                assert self.checkpoints is not None and self.scaler is not None
+                load_sharded(self.checkpoints / state["shards"], self.model, self.optimizer)
+                self.scheduler.load_state_dict(state["scheduler"])
+                self.scaler.load_state_dict(state["scaler"])
+                self._kept = state["shards"]
+            self._gathered = None
+
+    def gathered(self) -> dict[str, torch.Tensor]:
+        """A sharded actor's weights, whole, on rank 0's CPU: the full state dict (tied
+        aliases once) or LoRA's trainable adapters; gathered once per version (the export and
+        the push of a sync share it)."""
+        if self._gathered is None:
+            with lead(self.group, Command.GATHER):
+                self._gathered = self.gather()
+        return self._gathered
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        """`gathered`'s collective, on every rank (empty but on rank 0)."""
+        if self.lora:
+            return full_trainable(self.model)
+        names = unique_names(self.model)
+        return {k: v for k, v in full_state_dict(self.model).items() if k in names}
 
     def export(self, folder: Path, tokenizer: Any | None = None) -> None:
-        """The adapter (LoRA) or the full weights and tokenizer, as the registry stores them."""
-        self.model.save_pretrained(folder)
+        """The adapter (LoRA) or the full weights and tokenizer, as the registry stores them
+        (sharded: from the weights gathered to rank 0, which exports)."""
+        if self.sharded:
+            self.model.save_pretrained(folder, state_dict=self.gathered())
+        else:
+            self.model.save_pretrained(folder)
         if not self.lora and tokenizer is not None:
             tokenizer.save_pretrained(folder)
 

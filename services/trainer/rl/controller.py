@@ -52,6 +52,7 @@ from services.trainer.rl.batch import (
     make_batch,
 )
 from services.trainer.rl.evaluation import evaluate
+from services.trainer.rl.group import Saved
 from services.trainer.rl.ports import (
     PolicyLost,
     PolicyPublisher,
@@ -142,7 +143,7 @@ class Learner(Protocol):
 
     def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any], saved: Saved | None = None) -> None: ...
 
 
 def compute_advantages(
@@ -199,9 +200,10 @@ class Controller:
         path = saved_state(self.folder / CHECKPOINTS)
         if path is not None:
             state = torch.load(path, weights_only=False)
-            self.actor.load_state_dict(state["actor"])
+            # A group's other ranks read theirs from the file (`rl/group.py`).
+            self.actor.load_state_dict(state["actor"], (path, "actor"))
             if self.learner is not None:
-                self.learner.load_state_dict(state["learner"])
+                self.learner.load_state_dict(state["learner"], (path, "learner"))
             self.start_step, served = state["step"], PolicyRef(**state["policy"])
             log.info("rl_resumed", step=self.start_step, policy=served.version)
         self.history = [await self.publisher.serve(served)]

@@ -14,6 +14,17 @@ optimizer step of both models, accumulated over micro-batches of `micro_batch_si
 token means over the mini-batch, the gradient norm of policy and critic together clipped to
 `max_grad_norm`, as TRL's PPO clips its policy-and-value model. A sample whose reward is not OK
 has no token in the mask: it adds nothing, to any term or normaliser.
+
+On several ranks (`rl/group.py`: every rank holds a replica of the actor and the critic) rank 0
+sends each batch, its scores, kl_coef and the batch count (`PPO_LEARN`), and every rank runs
+the same update on its share: the targets' forward passes are dealt by micro-batch and summed
+over the ranks (each rank's rows, zeros elsewhere), so every rank holds the whole batch's
+targets and computes the same GAE and whitening; each mini-batch's micro-batches are dealt
+round-robin, each weighted by its share of the whole mini-batch's tokens (the global
+normaliser), the gradients of actor and critic summed over the ranks before the joint clip
+and step, and the statistics merged. The result is one process's up to the order of float
+sums. `PPO_LOAD` restores the critic and the KL controller on every rank, from the resume
+state's file.
 """
 
 from __future__ import annotations
@@ -28,6 +39,15 @@ from services.trainer.rl import algos, ppo_algos
 from services.trainer.rl.actor import Actor, Means
 from services.trainer.rl.batch import TokenBatch, Trajectories
 from services.trainer.rl.critic import Critic
+from services.trainer.rl.group import (
+    ActorGroup,
+    Command,
+    Saved,
+    batch_to,
+    by_micro_batch,
+    lead,
+    share,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,19 +106,6 @@ def select(batch: TokenBatch, index: torch.Tensor) -> TokenBatch:
     )
 
 
-@torch.no_grad()
-def per_token(
-    fn: Callable[[TokenBatch], torch.Tensor], batch: TokenBatch, size: int
-) -> torch.Tensor:
-    """fn over micro-batches of `size` sequences (0: all at once), padded to (N, T) fp32."""
-    n, width = len(batch), batch.mask.shape[1]
-    size, parts = size or n, []
-    for a in range(0, n, size):
-        x = fn(batch.rows(a, min(a + size, n))).float()  # (n, t)
-        parts.append(torch.nn.functional.pad(x, (0, width - x.shape[1])))  # (n, T)
-    return torch.cat(parts)
-
-
 def joint_step(models: list[Any], max_grad_norm: float) -> float:
     """Unscale each model's gradients, clip their norm together (TRL's PPO clips its
     policy-and-value wrapper as one model), step each optimizer and schedule. `models` have
@@ -123,18 +130,22 @@ class PpoLearner:
         self.critic, self.config = critic, config
         self.kl = ppo_algos.KlController(config.kl_coef, config.target_kl, config.kl_horizon)
         self.batches = 0  # batches learned: the shuffles' seed
+        # Several ranks (`rl/group.py`): rank 0 sends each update to the others, which hold
+        # replicas of the actor and critic; None: one process.
+        self.group: ActorGroup | None = None
 
-    def targets(self, actor: Actor, batch: TokenBatch, t: Trajectories) -> tuple[Targets, Any]:
+    def targets(self, actor: Actor, batch: TokenBatch, scores: torch.Tensor) -> tuple[Targets, Any]:
         """log pi_old, V_old, the KL-penalised rewards, GAE advantages and returns; and the
-        per-token KL (N, T). No gradient."""
+        per-token KL (N, T). scores: (N,), NaN where not OK. No gradient."""
         c, mask = self.config, batch.mask
-        old = per_token(actor.logprobs, batch, c.micro_batch_size)  # (N, T)
-        ref = old
+        fns: list[Callable[[TokenBatch], torch.Tensor]] = [actor.logprobs, self.critic.values]
         if c.kl_coef > 0:
-            ref = per_token(actor.reference_logprobs, batch, c.micro_batch_size)  # (N, T)
-        values = per_token(self.critic.values, batch, c.micro_batch_size) * mask  # (N, T)
-        kl = (old - ref) * mask  # (N, T) k1: Ziegler et al. 2019's KL in the reward
-        scores = t.rewards().to(mask.device)  # (N,) NaN where not OK: those rows are masked
+            fns.append(actor.reference_logprobs)
+        # In a group each rank runs its micro-batches, summed over the ranks: the whole batch's.
+        old, values, *ref = by_micro_batch(fns, batch, c.micro_batch_size, self.group)  # (N, T)
+        values = values * mask
+        kl = (old - (ref[0] if ref else old)) * mask  # (N, T) k1: Ziegler et al. 2019's
+        scores = scores.to(mask.device)  # (N,) NaN where not OK: those rows are masked
         rewards = ppo_algos.token_rewards(scores, kl, mask, self.kl.value, c.reward_clip)
         if c.whiten_rewards:
             rewards = ppo_algos.masked_whiten(rewards, mask, shift_mean=False)
@@ -145,9 +156,17 @@ class PpoLearner:
 
     def learn(self, actor: Actor, batch: TokenBatch, t: Trajectories) -> dict[str, float]:
         """ppo_epochs passes over shuffled mini-batches; the batch's metrics."""
+        return self.train(actor, batch, t.rewards())
+
+    def train(self, actor: Actor, batch: TokenBatch, scores: torch.Tensor) -> dict[str, float]:
+        """`learn` on the batch's scores (N,): what every rank of a group runs."""
+        with lead(self.group, Command.PPO_LEARN, batch, scores, self.kl.value, self.batches):
+            return self._train(actor, batch, scores)
+
+    def _train(self, actor: Actor, batch: TokenBatch, scores: torch.Tensor) -> dict[str, float]:
         assert actor.scheduler is not None and self.critic.scheduler is not None
         c, mask = self.config, batch.mask
-        targets, kl = self.targets(actor, batch, t)
+        targets, kl = self.targets(actor, batch, scores)
         kl_coef = self.kl.value
         before = {
             "kl": float(ppo_algos.masked_mean(kl, mask)),
@@ -170,11 +189,20 @@ class PpoLearner:
             order = torch.randperm(len(batch), generator=generator)
             for index in order.chunk(c.num_mini_batches):
                 grad_norm = self._mini_batch(actor, batch, targets, index, stats, epoch == 0)
+        if self.group is not None:
+            stats.sums, stats.weights = self.group.merge_means(stats.sums, stats.weights)
         rows = mask.sum(dim=1) > 0  # (N,) samples in the loss
         per_sample = (kl.sum(dim=1) / mask.sum(dim=1).clamp_min(1))[rows]  # token means
         self.kl.update(float(per_sample.mean()) if len(per_sample) else 0.0, int(rows.sum()))
         self.batches += 1
         return {**stats.means(), **before, "grad_norm": grad_norm}
+
+    def follow(
+        self, actor: Actor, batch: TokenBatch, scores: torch.Tensor, kl_coef: float, batches: int
+    ) -> None:
+        """A follower rank's `PPO_LEARN`: rank 0's batch with rank 0's kl_coef and count."""
+        self.kl.value, self.batches = kl_coef, batches
+        self.train(actor, batch_to(batch, actor.device), scores)
 
     def _mini_batch(
         self,
@@ -188,17 +216,26 @@ class PpoLearner:
         """One optimizer step of actor and critic on the samples at `index`."""
         assert actor.optimizer is not None and self.critic.optimizer is not None
         mini = select(batch, index)
-        mine = targets.rows(index.to(batch.mask.device), mini.mask.shape[1])
+        picked = targets.rows(index.to(batch.mask.device), mini.mask.shape[1])
         tokens = float(mini.mask.sum())
         actor.optimizer.zero_grad(set_to_none=True)
         self.critic.optimizer.zero_grad(set_to_none=True)
         n = len(mini)
         size = self.config.micro_batch_size or n
-        for a in range(0, n, size):
+        group = self.group
+        # This rank's micro-batches (the others' are another rank's: the weights below are
+        # shares of the whole mini-batch).
+        for micro_index in share(group, -(-n // size)):
+            assert micro_index is not None  # not padded: replicas
+            a = micro_index * size
             micro = mini.rows(a, min(a + size, n))
-            part = mine.rows(slice(a, a + len(micro)), micro.mask.shape[1])
-            share = float(micro.mask.sum()) / max(tokens, 1.0)  # token means add up
-            self._accumulate(actor, micro, part, share, stats, first_epoch)
+            part = picked.rows(slice(a, a + len(micro)), micro.mask.shape[1])
+            weight = float(micro.mask.sum()) / max(tokens, 1.0)  # token means add up
+            self._accumulate(actor, micro, part, weight, stats, first_epoch)
+        if group is not None:  # clip and step on the whole mini-batch's gradient
+            group.reduce_gradients(
+                actor.trainable_parameters() + self.critic.trainable_parameters()
+            )
         return joint_step([actor, self.critic], self.config.max_grad_norm)
 
     def _accumulate(
@@ -250,6 +287,11 @@ class PpoLearner:
             "batches": self.batches,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.critic.load_state_dict(state["critic"])
-        self.kl.value, self.batches = state["kl_coef"], state["batches"]
+    def load_state_dict(self, state: dict[str, Any], saved: Saved | None = None) -> None:
+        """The learner's resume state; in a group rank 0 sends `saved`, where it read `state`
+        (file and entry), and every rank reads it there."""
+        if self.group is not None and self.group.rank == 0 and saved is None:
+            raise ValueError("a group resumes from a state file: pass where it was read")
+        with lead(self.group, Command.PPO_LOAD, *(saved or ())):
+            self.critic.load_state_dict(state["critic"])
+            self.kl.value, self.batches = state["kl_coef"], state["batches"]

@@ -37,6 +37,7 @@ from tlm.rollout.v1 import rollout_pb2
 log = structlog.get_logger()
 Metadata = tuple[tuple[str, str], ...]
 DEFAULT_PORT = 443  # what gRPC assumes for a DNS name without a port
+CPU_DEVICE = torch.device("cpu")
 
 
 def replica_addresses(address: str) -> list[str]:
@@ -74,7 +75,8 @@ def _join(host: str, port: int) -> str:
 
 @dataclass(frozen=True)
 class Payload:
-    """What one push carries: the header and the tensors, by name."""
+    """What one push carries: the header and the tensors, by name, on the CPU (copied from the
+    device once, however many replicas each push goes to)."""
 
     header: PushHeader
     tensors: dict[str, torch.Tensor]
@@ -86,26 +88,34 @@ class Payload:
         return push_to_proto(self.header, pieces)
 
 
-def actor_payload(model: Any, lora: bool, policy: str, step: int, base_model: str) -> Payload:
+def actor_payload(
+    model: Any,
+    lora: bool,
+    policy: str,
+    step: int,
+    base_model: str,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Payload:
     """The actor's weights as a push: the LoRA tensors and adapter config (as peft saves them),
-    or every tensor of the full state dict (shared tensors once, by their first name)."""
+    or every tensor of the full state dict (shared tensors once, by their first name). `state`:
+    the weights of a sharded model, gathered (`Actor.gathered`), in place of its own."""
     if lora:
         from peft import get_peft_model_state_dict
 
-        tensors = get_peft_model_state_dict(model)
+        tensors = get_peft_model_state_dict(model, state_dict=state)
         config = model.peft_config["default"].to_dict()
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         config_json = json.dumps(config, default=str)
     else:
         seen: set[int] = set()
         tensors = {}
-        for name, tensor in model.state_dict().items():
+        for name, tensor in (model.state_dict() if state is None else state).items():
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
                 tensors[name] = tensor
         config_json = ""
     header = PushHeader(policy, step, base_model, lora, config_json, len(tensors))
-    return Payload(header, {k: v.detach() for k, v in tensors.items()})
+    return Payload(header, {k: v.detach().to(CPU_DEVICE) for k, v in tensors.items()})
 
 
 class WeightPusher:
@@ -170,12 +180,15 @@ class PushPublisher:
         spec: Any,  # a JobSpec of an online method (GRPO, PPO: `publish_every`)
         job_id: str,
         total_steps: int,
+        gathered: Callable[[], dict[str, torch.Tensor]] | None = None,
     ) -> PushPublisher:
+        """`gathered`: a sharded model's weights, gathered to this rank (`Actor.gathered`)."""
         lora = spec.lora is not None
         base = spec.base_model
 
         def weights(policy: str, step: int) -> Payload:
-            return actor_payload(model, lora, policy, step, base)
+            state = gathered() if gathered is not None else None
+            return actor_payload(model, lora, policy, step, base, state)
 
         steps = registry_steps(spec.params.publish_every, spec.training.save_every, total_steps)
         return cls(pusher, upload, weights, base, lora, job_id, steps)
