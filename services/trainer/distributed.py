@@ -137,7 +137,7 @@ def stop_agreed(stop: bool) -> bool:
 # The launcher ------------------------------------------------------------------------------
 
 
-def _die_by(sig: int) -> int:
+def die_by(sig: int) -> int:
     """End this process by `sig`, as the rank it stands for ended; the exit status 128+N for
     when the kernel ignores it (as pid 1 in a container, where a pod's exit code 128+N says the
     same to the Kubernetes launcher)."""
@@ -190,7 +190,7 @@ def main(argv: list[str]) -> int:
         message = f"the group was stopped by {exc.sigval.name} without a cancel (an eviction?)"
         events.emit("log", level="warning", message=message)
         events.close()
-        return _die_by(exc.sigval)  # the supervisor restarts it from its checkpoint
+        return die_by(exc.sigval)  # the supervisor restarts it from its checkpoint
     except ChildFailedError as exc:
         failures = exc.failures
         error, killed_by = root_cause(folder, failures)
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
             name = signal.Signals(killed_by).name
             events.emit("log", level="warning", message=f"rank {first} was killed by {name}")
             events.close()
-            return _die_by(killed_by)  # die as the rank died: the supervisor restarts
+            return die_by(killed_by)  # die as the rank died: the supervisor restarts
         events.emit("error", **error)
         events.close()
         return 1

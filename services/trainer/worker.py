@@ -1,8 +1,11 @@
 """A job's worker process: `python -m services.trainer.worker <job folder>`.
 
 Reads job.json, runs the method's runner, reports through events.jsonl and exits. Any error
-becomes an `error` event (the job FAILS); SIGTERM asks it to stop at the next step (the job
-is CANCELLED). It dies with the service process (PR_SET_PDEATHSIG).
+becomes an `error` event (the job FAILS); SIGTERM asks it to stop at the next step: the job is
+CANCELLED when the service wrote the folder's cancel file first (`Workers.stop`); a SIGTERM from
+anyone else (a Kubernetes eviction, preemption or drain) is no cancel: the worker dies by it, and
+the supervisor restarts the job from its last checkpoint as after any kill. It dies with the
+service process (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from services.clients.registry import RegistryClient
 from services.common.errors import NotImplementedYet, TlmError, status_code_for
-from services.trainer.distributed import RankEvents, exit_status, world_size
+from services.trainer.distributed import CANCEL_FILE, RankEvents, die_by, exit_status, world_size
 from services.trainer.domain import Method
 from services.trainer.methods import METHODS
 from services.trainer.spec import JobSpec
@@ -71,7 +74,7 @@ def main(folder: Path) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     job = WorkerJob.read(folder)
     events = RankEvents(folder)  # a torchrun group: rank 0 reports, the others their errors
-    failed = False
+    failed = evicted = False
     if job.torch_threads:
         import torch
 
@@ -82,7 +85,15 @@ def main(folder: Path) -> int:
         result = asyncio.run(_run(job, folder, events, stop))
         events.emit("result", **result)
     except Cancelled:
-        events.emit("cancelled")
+        # In a group the ranks' events say the same (RankEvents); torchrun's agent decides.
+        evicted = world_size() == 1 and not (folder / CANCEL_FILE).exists()
+        if evicted:
+            message = (
+                "stopped by SIGTERM without a cancel (an eviction?): restart from a checkpoint"
+            )
+            events.emit("log", level="warning", message=message)
+        else:
+            events.emit("cancelled")
     except Exception as exc:
         traceback.print_exc()
         code, message = _status(exc)
@@ -90,6 +101,8 @@ def main(folder: Path) -> int:
         failed = True
     finally:
         events.close()
+    if evicted:
+        return die_by(signal.SIGTERM)
     return exit_status(failed)
 
 

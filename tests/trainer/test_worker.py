@@ -4,6 +4,7 @@ the precision weights load in, resuming, cancellation, upload retries and LoRA t
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from services.clients.errors import to_domain
 from services.common.errors import InvalidArgument, PermissionDenied, TlmError, Unavailable
 from services.trainer import trl_methods, worker
+from services.trainer.distributed import CANCEL_FILE
 from services.trainer.domain import Method
 from services.trainer.spec import JobSpec, LoraParams, TrainingParams, validate
 from services.trainer.worker_io import WorkerContext, check_lora_targets, retrying
@@ -126,15 +128,53 @@ def test_resume_from_the_recorded_checkpoint_and_drop_later_ones(tmp_path: Path)
 def test_a_cancel_during_the_upload_keeps_the_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ctx = _context(tmp_path, validate(JobSpec(Method.SFT, BASE, DATA)))
-    ctx.events.close()
-    monkeypatch.setitem(worker.RUNNERS, Method.SFT, "tests.trainer.fake_runner")
-    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
-    monkeypatch.setattr(worker.signal, "signal", lambda *args: None)
+    _worker_with(tmp_path, monkeypatch, "tests.trainer.fake_runner")
     assert worker.main(tmp_path) == 0
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in events] == ["result"]
     assert events[0]["output_model_revision"] == "models/m/revisions/r1"
+
+
+def _worker_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: str) -> None:
+    """An SFT job's folder whose worker runs `runner` (a module), in this process."""
+    ctx = _context(tmp_path, validate(JobSpec(Method.SFT, BASE, DATA)))
+    ctx.events.close()
+    monkeypatch.setitem(worker.RUNNERS, Method.SFT, runner)
+    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
+    monkeypatch.setattr(worker.signal, "signal", lambda *args: None)
+
+
+def _stopped_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A worker whose runner is stopped by a SIGTERM; the signals it would die by, recorded."""
+    _worker_with(tmp_path, monkeypatch, "tests.trainer.cancelled_runner")
+    deaths: list[int] = []
+    monkeypatch.setattr(worker, "die_by", lambda sig: deaths.append(sig) or 128 + sig)
+    return deaths
+
+
+def _event_kinds(folder: Path) -> list[str]:
+    return [json.loads(line)["kind"] for line in (folder / "events.jsonl").read_text().splitlines()]
+
+
+def test_a_sigterm_after_the_cancel_file_is_a_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deaths = _stopped_worker(tmp_path, monkeypatch)
+    (tmp_path / CANCEL_FILE).touch()  # what Workers.stop writes before it signals
+    assert worker.main(tmp_path) == 0
+    assert _event_kinds(tmp_path) == ["cancelled"]
+    assert deaths == []
+
+
+def test_a_sigterm_without_the_cancel_file_dies_by_it_to_be_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes eviction SIGTERMs a lone worker too: no cancel, a death the supervisor
+    restarts from the last checkpoint."""
+    deaths = _stopped_worker(tmp_path, monkeypatch)
+    assert worker.main(tmp_path) == 128 + signal.SIGTERM
+    assert _event_kinds(tmp_path) == ["log"]
+    assert deaths == [signal.SIGTERM]
 
 
 def _rpc_error(code: grpc.StatusCode) -> TlmError:
