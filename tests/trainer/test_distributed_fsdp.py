@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,17 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from services.devtools.tiny_models import cached_tiny_model
+from tests.trainer.distributed_jobs import assert_same_weights, run_script
 
 pytestmark = pytest.mark.slow
 SCRIPT = "tests.trainer.fsdp_group"
 
 
 def run(out: Path, *args: str, nproc: int = 1) -> Path:
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command = [sys.executable, *(launch if nproc > 1 else []), "-m", SCRIPT, str(out), *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return run_script(SCRIPT, out, *args, nproc=nproc)
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -48,9 +43,7 @@ def test_fsdp2_group_equals_one_process_and_its_checkpoint_resumes_on_one_rank(
     ]  # one file of shards per rank
     single = run(tmp_path / "one", "--steps", "3")
     two, one = weights(sharded), weights(single)
-    assert two.keys() == one.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=0)
+    assert_same_weights(two, one, atol=2e-5)
     losses = [json.loads((out / "losses.json").read_text()) for out in (sharded, single)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     base = load_file(cached_tiny_model("test") / "model.safetensors")

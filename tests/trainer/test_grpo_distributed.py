@@ -23,8 +23,6 @@ rank 0's resume state), and a cancel stops both ranks.
 
 from __future__ import annotations
 
-import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,18 +31,25 @@ from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
 from services.devtools.tiny_models import cached_tiny_model
-from tests.trainer.conftest import Inputs, push_vowels, spec, wait_for, watch
-from tests.trainer.test_distributed import ONE_CPU, TWO_CPUS, group_processes, rank_of
+from tests.trainer.conftest import Inputs, push_vowels, spec
+from tests.trainer.distributed_jobs import (
+    STEPS,
+    Run,
+    Stub,
+    assert_cancel_stops_every_rank,
+    assert_same_weights,
+    at_first_checkpoint,
+    finished,
+    finished_after_killing_rank_1,
+    finished_as_ddp,
+    submit,
+)
+from tests.trainer.test_distributed import ONE_CPU, TWO_CPUS
 from tests.trainer.test_grpo import LORA
-from tests.trainer.test_training import download
-from tests.waiting import until
-from tlm.registry.v1 import registry_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
-from tlm.trainer.v1 import trainer_pb2_grpc
 
 pytestmark = pytest.mark.slow
-Stub = trainer_pb2_grpc.TrainerServiceStub
-STEPS, GROUP = 3, 4
+GROUP = 4
 FULL = pb.Tuning(full=pb.FullTuning())  # with beta's reference model on every rank
 FSDP = pb.Resources(
     explicit=pb.DevicePlan(
@@ -87,33 +92,11 @@ def grpo_spec(
     )
 
 
-@dataclass
-class Run:
-    job: pb.TrainingJob
-    metrics: list[pb.Metrics]
-    weights: dict[str, torch.Tensor]
-
-
 RUNS: dict[str, Run] = {}  # the one-process reference, run once for the module's tests
 
 
 async def vowels(stack: ServerThread) -> str:
     return await push_vowels(stack, "evaluators/vowels-dist", "grpo-dist-vowels")
-
-
-async def finished(
-    stack: ServerThread, trainer: Stub, name: str, folder: Path, lora: bool = False
-) -> Run:
-    job = await wait_for(trainer, name, timeout=240)
-    assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
-    assert job.progress.step == STEPS and job.checkpoint_step == STEPS
-    events = await watch(trainer, job.name)
-    revision = await download(stack.address, job.output_model_revision, folder)
-    formats = registry_pb2.MODEL_FORMAT_LORA_ADAPTER, registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
-    assert revision.format == formats[0 if lora else 1]  # an ordinary HF folder either way
-    metrics = [e.metrics for e in events if e.HasField("metrics")]
-    weights = "adapter_model.safetensors" if lora else "model.safetensors"
-    return Run(job, metrics, load_file(folder / weights))
 
 
 async def one_process(
@@ -122,17 +105,10 @@ async def one_process(
     key = "one-lora" if tuning.HasField("lora") else "one"
     if key not in RUNS:
         job_spec = grpo_spec(inputs, await vowels(stack), 1, 2, ONE_CPU, f"-{key}", tuning)
-        request = pb.CreateTrainingJobRequest(spec=job_spec, request_id=f"grpo-dist-{key}")
-        name = (await trainer.CreateTrainingJob(request)).name
+        name = await submit(trainer, job_spec, f"grpo-dist-{key}")
         RUNS[key] = await finished(stack, trainer, name, folder, tuning.HasField("lora"))
         assert RUNS[key].job.device_plan.strategy == pb.PARALLEL_STRATEGY_SINGLE_DEVICE
     return RUNS[key]
-
-
-async def until_event(trainer: Stub, name: str, kind: str) -> None:
-    async for event in trainer.WatchTrainingJob(pb.WatchTrainingJobRequest(name=name), timeout=180):
-        if event.HasField(kind):
-            return
 
 
 def assert_same_training(two: Run, one: Run, same_steps: int = STEPS) -> None:
@@ -150,9 +126,7 @@ def assert_same_training(two: Run, one: Run, same_steps: int = STEPS) -> None:
         assert any(v.abs().max() > 0 for k, v in one.weights.items() if "lora_B" in k)
     else:
         assert any(not torch.equal(base[k], one.weights[k]) for k in base)  # it trained
-    assert two.weights.keys() == one.weights.keys()
-    for key in two.weights:
-        torch.testing.assert_close(two.weights[key], one.weights[key], atol=1e-5, rtol=0)
+    assert_same_weights(two.weights, one.weights)
 
 
 async def test_grpo_on_two_processes_equals_one_on_the_same_global_batch(
@@ -160,13 +134,8 @@ async def test_grpo_on_two_processes_equals_one_on_the_same_global_batch(
 ) -> None:
     one = await one_process(stack, trainer, inputs, tmp_path / "one")
     job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS)
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-dist-two")
-    name = (await trainer.CreateTrainingJob(request)).name
-    await until_event(trainer, name, "metrics")
-    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}  # both ranks are training
-    two = await finished(stack, trainer, name, tmp_path / "two")
-    assert two.job.device_plan.devices_per_node == 2
-    assert two.job.device_plan.strategy == pb.PARALLEL_STRATEGY_DDP
+    name = await submit(trainer, job_spec, "grpo-dist-two")
+    two = await finished_as_ddp(stack, trainer, name, tmp_path / "two")
     assert_same_training(two, one)
 
 
@@ -175,15 +144,9 @@ async def test_a_killed_rank_resumes_the_group_from_its_checkpoint_as_one_proces
 ) -> None:
     one = await one_process(stack, trainer, inputs, tmp_path / "one")
     job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS, "-killed")
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-dist-killed")
-    name = (await trainer.CreateTrainingJob(request)).name
-    await until_event(trainer, name, "checkpoint")  # step 1's resume state
-    (rank1,) = [p for p in group_processes(name) if rank_of(p) == 1]
-    rank1.send_signal(signal.SIGKILL)
-    two = await finished(stack, trainer, name, tmp_path / "two")
-    events = await watch(trainer, name)
-    changes = [e.state_change.message for e in events if e.HasField("state_change")]
-    assert any("killed by SIGKILL; restarting it from step" in m for m in changes), changes
+    name = await submit(trainer, job_spec, "grpo-dist-killed")
+    processes = await at_first_checkpoint(trainer, name)
+    two = await finished_after_killing_rank_1(stack, trainer, name, processes, tmp_path / "two")
     # Rank 0 reports each step once; a step redone after the restart is not reported again.
     assert [m.step for m in two.metrics] == list(range(1, STEPS + 1))
     assert_same_training(two, one)
@@ -197,14 +160,8 @@ async def test_cancel_stops_every_rank_of_a_lora_grpo_group(
 ) -> None:
     job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, resources, f"-cancel-{suffix}", LORA)
     job_spec.training.max_steps = 100_000
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id=f"grpo-dist-cancel-{suffix}")
-    name = (await trainer.CreateTrainingJob(request)).name
-    await until_event(trainer, name, "metrics")
-    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}
-    await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name))
-    job = await wait_for(trainer, name, timeout=60)
-    assert job.state == pb.TrainingJob.STATE_CANCELLED, job.error
-    await until(lambda: not group_processes(name), timeout=10, what="every rank exits")
+    name = await submit(trainer, job_spec, f"grpo-dist-cancel-{suffix}")
+    await assert_cancel_stops_every_rank(trainer, name)
 
 
 @pytest.mark.parametrize(
@@ -221,8 +178,7 @@ async def test_an_fsdp_grpo_group_equals_one_process_on_the_same_global_batch(
     lora = tuning.HasField("lora")
     one = await one_process(stack, trainer, inputs, tmp_path / "one", tuning)
     job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, FSDP, f"-fsdp-{suffix}", tuning)
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id=f"grpo-fsdp-{suffix}")
-    name = (await trainer.CreateTrainingJob(request)).name
+    name = await submit(trainer, job_spec, f"grpo-fsdp-{suffix}")
     two = await finished(stack, trainer, name, tmp_path / "two", lora)
     assert two.job.device_plan.strategy == pb.PARALLEL_STRATEGY_FSDP
     assert two.job.device_plan.devices_per_node == 2
@@ -234,18 +190,11 @@ async def test_a_killed_rank_resumes_an_fsdp_group_from_its_sharded_checkpoint(
 ) -> None:
     one = await one_process(stack, trainer, inputs, tmp_path / "one")
     job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, FSDP, "-fsdp-killed")
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="grpo-fsdp-killed")
-    name = (await trainer.CreateTrainingJob(request)).name
-    await until_event(trainer, name, "checkpoint")  # step 1's resume state and its shards
-    processes = group_processes(name)
-    (rank1,) = [p for p in processes if rank_of(p) == 1]
+    name = await submit(trainer, job_spec, "grpo-fsdp-killed")
+    processes = await at_first_checkpoint(trainer, name)  # step 1's resume state and its shards
     folder = Path(processes[0].cmdline()[-1]) / "checkpoints"  # the job's, on the command line
     shards = {p.name for p in folder.glob("actor-*/*.distcp")}
     assert shards == {"__0_0.distcp", "__1_0.distcp"}  # each rank's shards (DCP)
-    rank1.send_signal(signal.SIGKILL)
-    two = await finished(stack, trainer, name, tmp_path / "two")
-    events = await watch(trainer, name)
-    changes = [e.state_change.message for e in events if e.HasField("state_change")]
-    assert any("killed by SIGKILL; restarting it from step" in m for m in changes), changes
+    two = await finished_after_killing_rank_1(stack, trainer, name, processes, tmp_path / "two")
     assert [m.step for m in two.metrics] == list(range(1, STEPS + 1))
     assert_same_training(two, one)

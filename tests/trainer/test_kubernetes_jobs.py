@@ -151,14 +151,40 @@ async def started(store: JobStore, api: FakeApi, key: Key, creates: int = 1) -> 
     return name
 
 
+async def submitted(
+    store: JobStore, api: FakeApi, sup: Supervisor, output: str = "models/sleep"
+) -> tuple[Key, str]:
+    """A two-node job submitted to `sup`, once running: its key and its Kubernetes Job's name."""
+    key = create(store, TWO_NODES, output)
+    sup.submit(*key)
+    return key, await started(store, api, key)
+
+
+async def ended(store: JobStore, sup: Supervisor, key: Key) -> Job:
+    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
+    return store.get(*key)
+
+
+def job_folder(tmp_path: Path, key: Key) -> Path:
+    return tmp_path / "jobs" / "a" / key[1]
+
+
+def complete(api: FakeApi, folder: Path, name: str, revision: str = "m/r") -> None:
+    """Rank 0 reports its result; the Job controller marks the Job complete."""
+    emit(folder, "result", output_model_revision=revision, metrics={})
+    api.set_job_status(NS, name, {"conditions": [{"type": "Complete", "status": "True"}]})
+
+
+def assert_deleted(api: FakeApi, name: str) -> None:
+    assert api.get("jobs", NS, name) is None and api.get("services", NS, name) is None
+
+
 async def test_a_two_node_plan_creates_the_rendezvous_service_and_an_indexed_job(
     store: JobStore, tmp_path: Path, api: FakeApi
 ) -> None:
     root = tmp_path / "jobs"
     sup = supervisor(store, root, api)
-    key = create(store, TWO_NODES, output="models/out")
-    sup.submit(*key)
-    name = await started(store, api, key)
+    key, name = await submitted(store, api, sup, output="models/out")
     (service,), (job,) = api.created("services"), api.created("jobs")
     assert service["metadata"]["name"] == job["metadata"]["name"] == name
     assert service["spec"]["clusterIP"] == "None"
@@ -184,11 +210,10 @@ async def test_a_two_node_plan_creates_the_rendezvous_service_and_an_indexed_job
     assert f"worker started (Kubernetes Job {NS}/{name})" in messages
     # The workers report through the shared folder; the Job completes: the job succeeds.
     emit(folder, "started", total_steps=2)
-    emit(folder, "result", output_model_revision="models/out/revisions/r1", metrics={})
-    api.set_job_status(NS, name, {"conditions": [{"type": "Complete", "status": "True"}]})
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
+    complete(api, folder, name, "models/out/revisions/r1")
+    await ended(store, sup, key)
     assert store.get(*key).state is JobState.SUCCEEDED
-    assert api.get("jobs", NS, name) is None and api.get("services", NS, name) is None
+    assert_deleted(api, name)
 
 
 async def test_a_one_node_job_still_runs_on_this_host(
@@ -197,7 +222,7 @@ async def test_a_one_node_job_still_runs_on_this_host(
     sup = supervisor(store, tmp_path / "jobs", api)
     key = create(store, {"device_type": "cpu", "devices_per_node": 1}, output="models/succeed")
     sup.submit(*key)
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
+    await ended(store, sup, key)
     assert store.get(*key).state is JobState.SUCCEEDED and not api.calls
 
 
@@ -205,33 +230,27 @@ async def test_a_failed_job_condition_fails_the_job_with_the_pod_s_reason(
     store: JobStore, tmp_path: Path, api: FakeApi
 ) -> None:
     sup = supervisor(store, tmp_path / "jobs", api)
-    key = create(store, TWO_NODES)
-    sup.submit(*key)
-    name = await started(store, api, key)
+    key, name = await submitted(store, api, sup)
     terminated = {"exitCode": 2, "reason": "Error"}
     api.add_pod(NS, pod(f"{name}-1-abcde", name, terminated=terminated, phase="Failed"))
     api.set_job_status(NS, name, failed_condition())
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
-    job = store.get(*key)
+    job = await ended(store, sup, key)
     assert job.state is JobState.FAILED and job.error is not None
     assert job.error.code == "ABORTED"
     assert "BackoffLimitExceeded" in job.error.message
     assert f"pod {name}-1-abcde: worker exited with code 2" in job.error.message
-    assert api.get("jobs", NS, name) is None and api.get("services", NS, name) is None
+    assert_deleted(api, name)
 
 
 async def test_the_workers_own_error_wins_over_the_job_s_condition(
     store: JobStore, tmp_path: Path, api: FakeApi
 ) -> None:
     sup = supervisor(store, tmp_path / "jobs", api)
-    key = create(store, TWO_NODES)
-    sup.submit(*key)
-    name = await started(store, api, key)
-    folder = tmp_path / "jobs" / "a" / key[1]
+    key, name = await submitted(store, api, sup)
+    folder = job_folder(tmp_path, key)
     emit(folder, "error", code="INVALID_ARGUMENT", message="rank 3: dataset row 7 is invalid")
     api.set_job_status(NS, name, failed_condition())
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
-    error = store.get(*key).error
+    error = (await ended(store, sup, key)).error
     assert error is not None and error.message == "rank 3: dataset row 7 is invalid"
 
 
@@ -248,8 +267,7 @@ async def test_an_oom_killed_pod_restarts_the_job_then_fails_it_naming_the_kill(
         api.set_job_status(NS, name, failed_condition())
         if attempt == 1:  # deleted, then created again for the restart
             await until(lambda: len(api.created("jobs")) == 2)
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
-    job = store.get(*key)
+    job = await ended(store, sup, key)
     assert job.state is JobState.FAILED and job.error is not None
     assert job.error.message.startswith(f"the worker was OOMKilled in pod {name}-0-x2")
     assert "again after 1 restarts" in job.error.message
@@ -311,30 +329,25 @@ async def test_a_pod_that_cannot_start_fails_the_job_with_its_reason(
     store: JobStore, tmp_path: Path, api: FakeApi, status: dict[str, Any], code: str, words: str
 ) -> None:
     sup = supervisor(store, tmp_path / "jobs", api, start_timeout_s=0)
-    key = create(store, TWO_NODES)
-    sup.submit(*key)
-    name = await started(store, api, key)
+    key, name = await submitted(store, api, sup)
     api.add_pod(NS, pod(f"{name}-1-abcde", name) | {"status": status})
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
-    job = store.get(*key)
+    job = await ended(store, sup, key)
     assert job.state is JobState.FAILED and job.error is not None
     assert job.error.code == code and job.error.message == f"pod {name}-1-abcde {words}"
-    assert api.get("jobs", NS, name) is None and api.get("services", NS, name) is None
+    assert_deleted(api, name)
 
 
 async def test_cancel_writes_the_cancel_file_and_deletes_the_job_and_service(
     store: JobStore, tmp_path: Path, api: FakeApi
 ) -> None:
     sup = supervisor(store, tmp_path / "jobs", api)
-    key = create(store, TWO_NODES)
-    sup.submit(*key)
-    name = await started(store, api, key)
+    key, name = await submitted(store, api, sup)
     store.transition(*key, JobState.CANCELLING, "cancel requested", cancel_requested=True)
     sup.cancel(*key)
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
+    await ended(store, sup, key)
     assert store.get(*key).state is JobState.CANCELLED
-    assert (tmp_path / "jobs" / "a" / key[1] / CANCEL_FILE).exists()
-    assert api.get("jobs", NS, name) is None and api.get("services", NS, name) is None
+    assert (job_folder(tmp_path, key) / CANCEL_FILE).exists()
+    assert_deleted(api, name)
     created = max(i for i, c in enumerate(api.calls) if c.method == "POST")
     after = [c for c in api.calls[created:] if c.method == "DELETE"]
     assert {(c.resource, c.name) for c in after} == {("jobs", name), ("services", name)}
@@ -345,17 +358,14 @@ async def test_an_api_server_outage_is_waited_out(
     store: JobStore, tmp_path: Path, api: FakeApi
 ) -> None:
     sup = supervisor(store, tmp_path / "jobs", api)
-    key = create(store, TWO_NODES, output="models/out")
-    sup.submit(*key)
-    name = await started(store, api, key)
+    key, name = await submitted(store, api, sup, output="models/out")
     api.reads_fail = True
     failing = len(api.calls)
     await until(lambda: sum(c.verb == "get" for c in api.calls[failing:]) >= 5)
     assert store.get(*key).state is JobState.RUNNING
     api.reads_fail = False
-    emit(tmp_path / "jobs" / "a" / key[1], "result", output_model_revision="m/r", metrics={})
-    api.set_job_status(NS, name, {"conditions": [{"type": "Complete", "status": "True"}]})
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
+    complete(api, job_folder(tmp_path, key), name)
+    await ended(store, sup, key)
     assert store.get(*key).state is JobState.SUCCEEDED
 
 
@@ -363,12 +373,9 @@ async def test_an_api_server_gone_for_longer_than_the_outage_limit_fails_the_job
     store: JobStore, tmp_path: Path, api: FakeApi
 ) -> None:
     sup = supervisor(store, tmp_path / "jobs", api, api_outage_s=0)
-    key = create(store, TWO_NODES)
-    sup.submit(*key)
-    name = await started(store, api, key)
+    key, name = await submitted(store, api, sup)
     api.reads_fail = True
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
-    error = store.get(*key).error
+    error = (await ended(store, sup, key)).error
     assert store.get(*key).state is JobState.FAILED and error is not None
     assert error.code == "UNAVAILABLE"
     assert error.message.startswith(f"Kubernetes Job {NS}/{name} could not be read for 0 s")
@@ -383,8 +390,7 @@ async def test_a_job_the_cluster_refuses_fails_saying_why(
     sup = supervisor(store, tmp_path / "jobs", api)
     key = create(store, TWO_NODES)
     sup.submit(*key)
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
-    error = store.get(*key).error
+    error = (await ended(store, sup, key)).error
     assert store.get(*key).state is JobState.FAILED and error is not None
     assert error.code == "FAILED_PRECONDITION"
     assert error.message.startswith(f"could not create Kubernetes Job {NS}/{job_name(key[1])}")
@@ -396,9 +402,7 @@ async def test_a_kill_in_any_pod_restarts_the_job_though_another_pod_exited_firs
 ) -> None:
     """Pod 1 OOMKilled; pod 0 then exits 1 (its rendezvous lost): a kill, not pod 0's error."""
     sup = supervisor(store, tmp_path / "jobs", api, max_restarts=1)
-    key = create(store, TWO_NODES, output="models/out")
-    sup.submit(*key)
-    name = await started(store, api, key)
+    key, name = await submitted(store, api, sup, output="models/out")
     lost = {"exitCode": 1, "reason": "Error"}
     api.add_pod(NS, pod(f"{name}-0-a", name, terminated=lost, phase="Failed"))
     oom = {"exitCode": 137, "reason": "OOMKilled"}
@@ -407,9 +411,8 @@ async def test_a_kill_in_any_pod_restarts_the_job_though_another_pod_exited_firs
     await started(store, api, key, creates=2)
     messages = [e.data.get("message", "") for e in store.events(*key, 0)]
     assert any(f"was OOMKilled in pod {name}-1-b" in m and "restarting" in m for m in messages)
-    emit(tmp_path / "jobs" / "a" / key[1], "result", output_model_revision="m/r", metrics={})
-    api.set_job_status(NS, name, {"conditions": [{"type": "Complete", "status": "True"}]})
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
+    complete(api, job_folder(tmp_path, key), name)
+    await ended(store, sup, key)
     assert store.get(*key).state is JobState.SUCCEEDED
 
 
@@ -419,9 +422,7 @@ async def test_the_start_timeout_counts_from_each_pod_s_own_start(
     """A pod the Job controller re-created long after the Job (while an autoscaler adds a node)
     is briefly unschedulable: not yet a failure. Once every pod is ready, no pod is listed."""
     sup = supervisor(store, tmp_path / "jobs", api, start_timeout_s=3)
-    key = create(store, TWO_NODES, output="models/out")
-    sup.submit(*key)
-    name = await started(store, api, key)
+    key, name = await submitted(store, api, sup, output="models/out")
     await until(lambda: pod_lists(api) > 0)  # the Job is older than the timeout
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     unschedulable = {
@@ -446,9 +447,8 @@ async def test_the_start_timeout_counts_from_each_pod_s_own_start(
     listed, reads = pod_lists(api) + 1, job_reads(api)  # + one poll already under way
     await until(lambda: job_reads(api) >= reads + 5)
     assert pod_lists(api) <= listed
-    emit(tmp_path / "jobs" / "a" / key[1], "result", output_model_revision="m/r", metrics={})
-    api.set_job_status(NS, name, {"conditions": [{"type": "Complete", "status": "True"}]})
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
+    complete(api, job_folder(tmp_path, key), name)
+    await ended(store, sup, key)
     assert store.get(*key).state is JobState.SUCCEEDED
 
 
@@ -467,7 +467,7 @@ async def test_a_start_clears_a_previous_attempt_s_cancel_and_rank_errors(
     (distributed.py)."""
     sup = supervisor(store, tmp_path / "jobs", api)
     key = create(store, TWO_NODES)
-    folder = tmp_path / "jobs" / "a" / key[1]
+    folder = job_folder(tmp_path, key)
     (folder / RANK_ERRORS).mkdir(parents=True)
     (folder / RANK_ERRORS / "3.json").write_text("{}")
     (folder / CANCEL_FILE).touch()
@@ -484,8 +484,7 @@ async def test_a_job_the_cluster_refuses_leaves_no_service_behind(
     sup = supervisor(store, tmp_path / "jobs", api)
     key = create(store, TWO_NODES)
     sup.submit(*key)
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
-    error = store.get(*key).error
+    error = (await ended(store, sup, key)).error
     assert error is not None and error.code == "FAILED_PRECONDITION"
     assert "403 Forbidden" in error.message
     created = [("DELETE", "jobs"), ("DELETE", "services"), ("POST", "services"), ("POST", "jobs")]
@@ -503,8 +502,7 @@ async def test_a_previous_attempt_that_is_not_deleted_in_time_fails_the_job_as_u
     job["metadata"]["finalizers"] = ["tlm.dev/test"]  # deleted, but it stays
     api.add("jobs", NS, job)
     sup.submit(*key)
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
-    error = store.get(*key).error
+    error = (await ended(store, sup, key)).error
     assert error is not None and error.code == "UNAVAILABLE"
     assert error.message == (
         f"could not create Kubernetes Job {NS}/{name}: a previous attempt is still being deleted"
@@ -526,7 +524,7 @@ async def test_a_trainer_stopping_while_a_job_is_created_deletes_it(
     api.hold_job_creates.set()  # the create the stop interrupted goes through
     await stopping
     await until(lambda: api.created("jobs"))
-    assert api.get("jobs", NS, name) is None and api.get("services", NS, name) is None
+    assert_deleted(api, name)
 
 
 async def test_a_restarted_trainer_deletes_the_jobs_it_will_not_resume(
@@ -564,7 +562,7 @@ async def test_rbac_grants_exactly_the_calls_the_launcher_makes(
     await until(lambda: any(c.resource == "pods" for c in api.calls))
     store.transition(*key, JobState.CANCELLING, "cancel requested", cancel_requested=True)
     sup.cancel(*key)
-    await until(lambda: store.get(*key).state.terminal and sup.running == 0)
+    await ended(store, sup, key)
     used = {(c.group, c.resource, c.verb) for c in api.calls}
     rbac = ROOT / "deploy" / "k8s" / "multinode" / "rbac.yaml"
     (role,) = [d for d in yaml.safe_load_all(rbac.read_text()) if d["kind"] == "Role"]

@@ -20,7 +20,6 @@ group.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -29,16 +28,24 @@ from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
 from services.devtools.tiny_models import cached_tiny_model
-from tests.trainer.conftest import Inputs, push_vowels, spec, wait_for, watch
-from tests.trainer.test_distributed import ONE_CPU, TWO_CPUS, group_processes, rank_of
+from tests.trainer.conftest import Inputs, push_vowels, spec
+from tests.trainer.distributed_jobs import (
+    STEPS,
+    Run,
+    Stub,
+    assert_cancel_stops_every_rank,
+    assert_same_weights,
+    at_first_checkpoint,
+    finished,
+    finished_after_killing_rank_1,
+    finished_as_ddp,
+    submit,
+)
+from tests.trainer.test_distributed import ONE_CPU, TWO_CPUS
 from tests.trainer.test_grpo import LORA
-from tests.trainer.test_grpo_distributed import STEPS, Run, finished, until_event
-from tests.waiting import until
 from tlm.trainer.v1 import trainer_pb2 as pb
-from tlm.trainer.v1 import trainer_pb2_grpc
 
 pytestmark = pytest.mark.slow
-Stub = trainer_pb2_grpc.TrainerServiceStub
 FULL = pb.Tuning(full=pb.FullTuning())  # with kl_coef's reference model on every rank
 COMPARED = (
     "loss",
@@ -98,8 +105,7 @@ async def vowels(stack: ServerThread) -> str:
 async def one_process(stack: ServerThread, trainer: Stub, inputs: Inputs, folder: Path) -> Run:
     if "one" not in RUNS:
         job_spec = ppo_spec(inputs, await vowels(stack), 1, 2, ONE_CPU)
-        request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="ppo-dist-one")
-        name = (await trainer.CreateTrainingJob(request)).name
+        name = await submit(trainer, job_spec, "ppo-dist-one")
         RUNS["one"] = await finished(stack, trainer, name, folder)
         assert RUNS["one"].job.device_plan.strategy == pb.PARALLEL_STRATEGY_SINGLE_DEVICE
     return RUNS["one"]
@@ -117,9 +123,7 @@ def assert_same_training(two: Run, one: Run) -> None:
     assert one.metrics[-1].values["kl"] != 0 and one.metrics[-1].values["value_loss"] > 0
     start = load_file(cached_tiny_model("test") / "model.safetensors")
     assert any(not torch.equal(start[k], one.weights[k]) for k in start)  # it trained
-    assert two.weights.keys() == one.weights.keys()
-    for key in two.weights:
-        torch.testing.assert_close(two.weights[key], one.weights[key], atol=1e-5, rtol=0)
+    assert_same_weights(two.weights, one.weights)
 
 
 async def test_ppo_on_two_processes_equals_one_on_the_same_global_batch(
@@ -127,13 +131,8 @@ async def test_ppo_on_two_processes_equals_one_on_the_same_global_batch(
 ) -> None:
     one = await one_process(stack, trainer, inputs, tmp_path / "one")
     job_spec = ppo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS)
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="ppo-dist-two")
-    name = (await trainer.CreateTrainingJob(request)).name
-    await until_event(trainer, name, "metrics")
-    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}  # both ranks are training
-    two = await finished(stack, trainer, name, tmp_path / "two")
-    assert two.job.device_plan.devices_per_node == 2
-    assert two.job.device_plan.strategy == pb.PARALLEL_STRATEGY_DDP
+    name = await submit(trainer, job_spec, "ppo-dist-two")
+    two = await finished_as_ddp(stack, trainer, name, tmp_path / "two")
     assert_same_training(two, one)
 
 
@@ -142,15 +141,9 @@ async def test_a_killed_rank_resumes_actor_and_critic_from_the_checkpoint_as_one
 ) -> None:
     one = await one_process(stack, trainer, inputs, tmp_path / "one")
     job_spec = ppo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS, "-killed")
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="ppo-dist-killed")
-    name = (await trainer.CreateTrainingJob(request)).name
-    await until_event(trainer, name, "checkpoint")  # step 1's resume state
-    (rank1,) = [p for p in group_processes(name) if rank_of(p) == 1]
-    rank1.send_signal(signal.SIGKILL)
-    two = await finished(stack, trainer, name, tmp_path / "two")
-    events = await watch(trainer, name)
-    changes = [e.state_change.message for e in events if e.HasField("state_change")]
-    assert any("killed by SIGKILL; restarting it from step" in m for m in changes), changes
+    name = await submit(trainer, job_spec, "ppo-dist-killed")
+    processes = await at_first_checkpoint(trainer, name)
+    two = await finished_after_killing_rank_1(stack, trainer, name, processes, tmp_path / "two")
     # The steps after the restart used every rank's restored critic (values_mean, value_loss).
     assert_same_training(two, one)
 
@@ -160,11 +153,5 @@ async def test_cancel_stops_every_rank_of_a_lora_ppo_group(
 ) -> None:
     job_spec = ppo_spec(inputs, await vowels(stack), 1, 1, TWO_CPUS, "-cancelled", LORA)
     job_spec.training.max_steps = 100_000
-    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id="ppo-dist-cancel")
-    name = (await trainer.CreateTrainingJob(request)).name
-    await until_event(trainer, name, "metrics")
-    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}
-    await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name))
-    job = await wait_for(trainer, name, timeout=60)
-    assert job.state == pb.TrainingJob.STATE_CANCELLED, job.error
-    await until(lambda: not group_processes(name), timeout=10, what="every rank exits")
+    name = await submit(trainer, job_spec, "ppo-dist-cancel")
+    await assert_cancel_stops_every_rank(trainer, name)

@@ -17,8 +17,6 @@ resume state (its weights whole) is refused by the sharded actor.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from tests.trainer.actor_group import CASES
+from tests.trainer.distributed_jobs import assert_same_weights, run_script
 
 pytestmark = pytest.mark.slow
 SCRIPT = "tests.trainer.actor_group"
@@ -42,11 +41,7 @@ COMPARED = (
 
 
 def run(out: Path, *args: str, nproc: int = 1) -> Path:
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command = [sys.executable, *(launch if nproc > 1 else []), "-m", SCRIPT, str(out), *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return run_script(SCRIPT, out, *args, nproc=nproc, timeout=240)
 
 
 def metrics(out: Path) -> list[dict[str, float]]:
@@ -57,12 +52,6 @@ def exported(out: Path, lora: bool) -> dict[str, torch.Tensor]:
     return load_file(
         out / "export" / ("adapter_model.safetensors" if lora else "model.safetensors")
     )
-
-
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
 def checkpointed(out: Path) -> set[str]:
@@ -86,9 +75,9 @@ def test_a_sharded_actor_group_updates_as_one_process_and_resumes_on_one_rank(
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], abs=1e-5), (case, key)
         assert b["kl"] > 0 and b["grad_norm"] > 0 and b["reference_kl"] != 0  # k1 may be < 0
-    assert_close(exported(two, lora), exported(one, lora))
+    assert_same_weights(exported(two, lora), exported(one, lora))
     pushed = load_file(two / "pushed.safetensors")
-    assert_close(pushed, load_file(one / "pushed.safetensors"))
+    assert_same_weights(pushed, load_file(one / "pushed.safetensors"))
     assert any("lora_A" in n for n in pushed) == lora and "lm_head.weight" not in pushed
     assert "does not load into a sharded (FSDP) actor" in json.loads(
         (two / "refused.json").read_text()
@@ -102,4 +91,4 @@ def test_a_sharded_actor_group_updates_as_one_process_and_resumes_on_one_rank(
     assert [m["loss"] for m in metrics(resumed)] == pytest.approx(
         [m["loss"] for m in metrics(two)[2:]], abs=1e-5
     )
-    assert_close(exported(resumed, lora), exported(two, lora))
+    assert_same_weights(exported(resumed, lora), exported(two, lora))

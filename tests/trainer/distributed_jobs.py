@@ -1,0 +1,118 @@
+"""Shared steps of the torchrun group tests: online RL jobs on a 2-process group through the
+trainer service (test_grpo_distributed.py, test_ppo_distributed.py) and group scripts run
+without the services (test_distributed_fsdp.py, test_rl_group_fsdp.py)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import load_file
+
+from services.devtools.server_thread import ServerThread
+from tests.trainer.conftest import wait_for, watch
+from tests.trainer.test_distributed import group_processes, rank_of
+from tests.trainer.test_training import download
+from tests.waiting import until
+from tlm.registry.v1 import registry_pb2
+from tlm.trainer.v1 import trainer_pb2 as pb
+from tlm.trainer.v1 import trainer_pb2_grpc
+
+Stub = trainer_pb2_grpc.TrainerServiceStub
+STEPS = 3
+
+
+@dataclass
+class Run:
+    job: pb.TrainingJob
+    metrics: list[pb.StepMetrics]
+    weights: dict[str, torch.Tensor]
+
+
+async def submit(trainer: Stub, job_spec: pb.TrainingJobSpec, request_id: str) -> str:
+    request = pb.CreateTrainingJobRequest(spec=job_spec, request_id=request_id)
+    return (await trainer.CreateTrainingJob(request)).name
+
+
+async def until_event(trainer: Stub, name: str, kind: str) -> None:
+    async for event in trainer.WatchTrainingJob(pb.WatchTrainingJobRequest(name=name), timeout=180):
+        if event.HasField(kind):
+            return
+
+
+async def finished(
+    stack: ServerThread, trainer: Stub, name: str, folder: Path, lora: bool = False
+) -> Run:
+    job = await wait_for(trainer, name, timeout=240)
+    assert job.state == pb.TrainingJob.STATE_SUCCEEDED, job.error
+    assert job.progress.step == STEPS and job.checkpoint_step == STEPS
+    events = await watch(trainer, job.name)
+    revision = await download(stack.address, job.output_model_revision, folder)
+    formats = registry_pb2.MODEL_FORMAT_LORA_ADAPTER, registry_pb2.MODEL_FORMAT_FULL_WEIGHTS
+    assert revision.format == formats[0 if lora else 1]  # an ordinary HF folder either way
+    metrics = [e.metrics for e in events if e.HasField("metrics")]
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    return Run(job, metrics, load_file(folder / weights))
+
+
+async def both_ranks_training(trainer: Stub, name: str) -> None:
+    await until_event(trainer, name, "metrics")
+    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}
+
+
+async def finished_as_ddp(stack: ServerThread, trainer: Stub, name: str, folder: Path) -> Run:
+    """The run of a job planned on 2 CPU ranks (DDP), once both ranks have trained."""
+    await both_ranks_training(trainer, name)
+    two = await finished(stack, trainer, name, folder)
+    assert two.job.device_plan.devices_per_node == 2
+    assert two.job.device_plan.strategy == pb.PARALLEL_STRATEGY_DDP
+    return two
+
+
+async def at_first_checkpoint(trainer: Stub, name: str) -> list[psutil.Process]:
+    """The job's processes once step 1's resume state is written."""
+    await until_event(trainer, name, "checkpoint")
+    return group_processes(name)
+
+
+async def finished_after_killing_rank_1(
+    stack: ServerThread, trainer: Stub, name: str, processes: list[psutil.Process], folder: Path
+) -> Run:
+    """SIGKILL to rank 1 of `processes`; the run, which the supervisor restarted from step 1."""
+    (rank1,) = [p for p in processes if rank_of(p) == 1]
+    rank1.send_signal(signal.SIGKILL)
+    run = await finished(stack, trainer, name, folder)
+    events = await watch(trainer, name)
+    changes = [e.state_change.message for e in events if e.HasField("state_change")]
+    assert any("killed by SIGKILL; restarting it from step" in m for m in changes), changes
+    return run
+
+
+async def assert_cancel_stops_every_rank(trainer: Stub, name: str) -> None:
+    await both_ranks_training(trainer, name)
+    await trainer.CancelTrainingJob(pb.CancelTrainingJobRequest(name=name))
+    job = await wait_for(trainer, name, timeout=60)
+    assert job.state == pb.TrainingJob.STATE_CANCELLED, job.error
+    await until(lambda: not group_processes(name), timeout=10, what="every rank exits")
+
+
+def assert_same_weights(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5
+) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0)
+
+
+def run_script(script: str, out: Path, *args: str, nproc: int = 1, timeout: float = 120) -> Path:
+    """`python -m script out args...`, under torchrun on `nproc` ranks when more than one."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [sys.executable, *(launch if nproc > 1 else []), "-m", script, str(out), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
