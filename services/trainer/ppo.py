@@ -9,10 +9,12 @@ update is `rl/ppo_learner.py`'s (GAE over the critic's values, `ppo_epochs` x
 prompts (x n sequences) per forward pass. The critic starts from `critic_model` (a reward
 model's head becomes its value head) or from the base with a new head.
 
-On several devices (a torchrun group, `rl/group.py`) PPO is data parallel as GRPO is: every
-rank holds a replica of the actor and the critic (no FSDP), rank 0 runs the controller, sends
-the critic's folder after the actor's (a second SETUP) and each batch to learn, and every rank
-trains its share of each mini-batch (`rl/ppo_learner.py`); B is then `per_device_batch_size` x
+On several devices (a torchrun group, `rl/group.py`) PPO runs as GRPO does: every rank holds
+a replica of the actor and the critic (DDP), or, when the plan's strategy is FSDP, 1/N of the
+actor, of its reference and of the critic (FSDP2; their checkpoints sharded, the published
+policy gathered to rank 0). Rank 0 runs the controller, sends the critic's folder after the
+actor's (a second SETUP) and each batch to learn, and every rank trains its share of each
+mini-batch (`rl/ppo_learner.py`); B is then `per_device_batch_size` x
 `gradient_accumulation_steps` x devices prompts per step.
 """
 
@@ -32,6 +34,7 @@ from services.trainer.rl.group import Command, Follower
 from services.trainer.rl.ppo_learner import PpoConfig, PpoLearner
 from services.trainer.spec import JobSpec, PpoParams
 from services.trainer.worker_io import WorkerContext
+from services.trainer.worker_protocol import CHECKPOINTS
 
 
 def micro_batch_size(spec: JobSpec) -> int:
@@ -111,6 +114,10 @@ class PpoRecipe(GrpoRecipe):
     def _learner(self, path: Path, plan: dict[str, Any], total_steps: int) -> PpoLearner:
         params: PpoParams = self.spec.params
         critic = build_critic(path, self.spec, plan["precision"], device_of(plan))
+        critic.group = self.group
+        critic.checkpoints = self.ctx.folder / CHECKPOINTS  # beside the actor's shards
+        if self.group is not None and plan.get("strategy") == "fsdp":
+            critic.shard()
         rate = params.critic_learning_rate or self.spec.training.learning_rate or 0.0
         updates = total_steps * self.updates_per_step()
         critic.configure_optimizer(self.spec, rate, plan["precision"], updates)

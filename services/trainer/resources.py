@@ -37,16 +37,13 @@ AT = "spec.resources.explicit"
 DISTRIBUTED_RUNNERS = frozenset(
     {"services.trainer.trl_methods", "services.trainer.grpo", "services.trainer.ppo"}
 )
-# Of those, the runners whose group only replicates the model (DDP): PPO's actor and critic
-# (`rl/ppo_learner.py`).
-REPLICATED_RUNNERS = frozenset({"services.trainer.ppo"})
 # Of those, the runners that shard with FSDP2 in a loop of our own (`distributed.shard_model`:
-# GRPO's actor group, `rl/group.py`): on GPUs or on CPU (gloo), without CPU offload or
-# gradient checkpointing.
-OWN_FSDP_RUNNERS = frozenset({"services.trainer.grpo"})
+# GRPO's actor group, `rl/group.py`, and PPO's actor and critic, `rl/ppo_learner.py`): on GPUs
+# or on CPU (gloo), without CPU offload or gradient checkpointing.
+OWN_FSDP_RUNNERS = frozenset({"services.trainer.grpo", "services.trainer.ppo"})
 # The online loop's (GRPO, PPO: `rl/actor.py`) forward passes keep their activations: no plan
 # of theirs checkpoints, or the memory estimate would count activations the actor holds.
-NO_CHECKPOINTING = OWN_FSDP_RUNNERS | REPLICATED_RUNNERS
+NO_CHECKPOINTING = OWN_FSDP_RUNNERS
 # What FSDP shards over the devices (ZeRO-3); activations stay per device.
 SHARDED = ("weights", "gradients", "optimizer", "reference_model", "critic")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -87,7 +84,7 @@ def detect_devices() -> Devices:
 def distributed(method: MethodDef) -> bool:
     """Whether the method's runner runs as a torchrun group: the offline methods, on TRL and
     accelerate, GRPO, whose actor is replicated or sharded over the group (`rl/group.py`), and
-    PPO, whose actor and critic are replicated."""
+    PPO, whose actor and critic are too (`rl/ppo_learner.py`)."""
     return method.runner in DISTRIBUTED_RUNNERS
 
 
@@ -168,8 +165,6 @@ def candidates(spec: JobSpec, device: str, count: int) -> list[DevicePlan]:
         options = [("ddp", False, False), ("fsdp", False, False), ("fsdp", True, False)]
         options.append(("fsdp", True, True))
     runner = METHODS[spec.method].runner
-    if runner in REPLICATED_RUNNERS:
-        options = [option for option in options if option[0] != "fsdp"]
     if runner in OWN_FSDP_RUNNERS:
         options = [o for o in options if o[0] != "fsdp" or not (o[1] or o[2])]
     if runner in NO_CHECKPOINTING and not spec.explicit_resources:  # explicit: refused
@@ -190,8 +185,6 @@ def check_strategy(plan: DevicePlan, method: MethodDef) -> None:
         raise _plan_error(
             f"{AT}.gradient_checkpointing", f"{method.name}'s actor does not checkpoint"
         )
-    if plan.strategy == "fsdp" and method.runner in REPLICATED_RUNNERS:
-        raise _plan_error(f"{AT}.strategy", f"{method.name} replicates its actor: use DDP")
     if plan.strategy == "fsdp" and method.runner in OWN_FSDP_RUNNERS:
         if plan.cpu_offload:
             raise _plan_error(f"{AT}.cpu_offload", f"{method.name}'s FSDP does not offload")

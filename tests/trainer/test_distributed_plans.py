@@ -178,20 +178,38 @@ def ppo(plan: DevicePlan | None = None) -> JobSpec:
 
 
 def test_ppo_replicates_its_actor_and_critic_over_the_eight_gpus() -> None:
-    # PPO's group is DDP (rl/ppo_learner.py): no FSDP candidate, a full replica per GPU.
+    # A replica of the tiny actor and critic fits: DDP before FSDP (rl/ppo_learner.py).
     e = estimate(ppo(), 1000, TINY, EIGHT_GPUS)
     assert shape(e.plan) == ("ddp", 1, 8, False, False)
     assert any("DDP over 8 devices" in n for n in e.notes)
 
 
-def test_an_explicit_multi_device_ppo_plan_runs_ddp_and_fsdp_is_refused() -> None:
+def test_full_7b_ppo_on_8_gpus_shards_actor_reference_and_critic_with_fsdp() -> None:
+    # A replica holds the actor's 112e9 bytes of model state, the bf16 reference (14e9) and a
+    # critic of the base's size (112e9 more): FSDP2 over 8 (rl/ppo_learner.py) divides all
+    # three by 8: 3.5e9 + 3.5e9 + 7e9 for the actor, 1.75e9 for the reference, 14e9 (plus its
+    # activations) for the critic.
+    job = JobSpec(
+        Method.PPO,
+        BASE,
+        DATA,
+        lora=None,
+        evaluator="evaluators/e/revisions/1",
+        params=PpoParams(sampling=Sampling(n=1, max_tokens=16)),
+        training=TrainingParams(per_device_batch_size=1),
+    )
+    e = estimate(validate(job), P7B, LLAMA7, EIGHT_GPUS)
+    assert shape(e.plan) == ("fsdp", 1, 8, False, False)
+    assert e.breakdown["weights"] == 3_500_000_000 and e.breakdown["gradients"] == 3_500_000_000
+    assert e.breakdown["optimizer"] == 7_000_000_000
+    assert e.breakdown["reference_model"] == 1_750_000_000
+    assert 14_000_000_000 < e.breakdown["critic"] < 14_000_000_000 + 2**30
+    assert e.fits and any("FSDP over 8 devices" in n for n in e.notes)
+
+
+def test_an_explicit_multi_device_ppo_plan_runs_ddp() -> None:
     two = DevicePlan(device_type="cpu", devices_per_node=2)
     assert shape(estimate(ppo(two), 1000, TINY, TWO_CORES).plan) == ("ddp", 1, 2, False, False)
-    with pytest.raises(FailedPrecondition) as err:
-        fsdp = DevicePlan(device_type="cuda", devices_per_node=2, strategy="fsdp")
-        estimate(ppo(fsdp), 1000, TINY, EIGHT_GPUS)
-    assert [v.field for v in err.value.violations] == ["spec.resources.explicit.strategy"]
-    assert "use DDP" in err.value.message
 
 
 @pytest.mark.parametrize(
@@ -229,13 +247,15 @@ def test_an_explicit_multi_device_grpo_plan_runs_ddp() -> None:
     assert shape(e.plan) == ("ddp", 1, 2, False, False)
 
 
-def test_an_explicit_fsdp_grpo_plan_shards_its_actor_on_gpus_or_a_cpu_group() -> None:
-    # GRPO's actor group shards with FSDP2 in its own loop (rl/group.py), gloo on CPU too.
+@pytest.mark.parametrize("job", [grpo, ppo], ids=["grpo", "ppo"])
+def test_an_explicit_fsdp_online_plan_shards_its_models_on_gpus_or_a_cpu_group(job: Any) -> None:
+    # GRPO's actor group, and PPO's actor and critic, shard with FSDP2 in their own loop
+    # (rl/group.py, rl/ppo_learner.py), gloo on CPU too.
     for plan, devices in (
         (DevicePlan(device_type="cuda", devices_per_node=2, strategy="fsdp"), EIGHT_GPUS),
         (DevicePlan(device_type="cpu", devices_per_node=2, strategy="fsdp"), TWO_CORES),
     ):
-        assert shape(estimate(grpo(plan), 1000, TINY, devices).plan)[:3] == ("fsdp", 1, 2)
+        assert shape(estimate(job(plan), 1000, TINY, devices).plan)[:3] == ("fsdp", 1, 2)
 
 
 @pytest.mark.parametrize(
@@ -248,11 +268,12 @@ def test_an_explicit_fsdp_grpo_plan_shards_its_actor_on_gpus_or_a_cpu_group() ->
         (DevicePlan(device_type="cuda", devices_per_node=1, strategy="fsdp"), "strategy"),
     ],
 )
-def test_an_fsdp_grpo_plan_it_cannot_run_is_refused_naming_the_field(
-    plan: DevicePlan, field: str
+@pytest.mark.parametrize("job", [grpo, ppo], ids=["grpo", "ppo"])
+def test_an_fsdp_online_plan_it_cannot_run_is_refused_naming_the_field(
+    job: Any, plan: DevicePlan, field: str
 ) -> None:
     with pytest.raises(FailedPrecondition) as err:
-        estimate(grpo(plan), 1000, TINY, EIGHT_GPUS)
+        estimate(job(plan), 1000, TINY, EIGHT_GPUS)
     assert [v.field for v in err.value.violations] == [f"spec.resources.explicit.{field}"]
 
 

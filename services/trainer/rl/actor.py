@@ -151,9 +151,56 @@ class Means:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
-class Actor:
+class ShardedTraining:
+    """A model being trained (Actor, Critic: `model`, `optimizer`, `scheduler`, `scaler`,
+    `group`, `sharded`, `checkpoints`, `_kept`) and its resume state: `training_state` for a
+    replica; sharded, the weights and optimizer state go to a DCP checkpoint
+    `checkpoints/{SHARDS}-{optimizer steps}` that every rank writes (its `SAVE` command)."""
+
+    SHARDS = ""  # the checkpoints' name prefix
+    SAVE = Command.SAVE  # the command the other ranks write their shards on
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    group: ActorGroup | None
+    sharded: bool
+    checkpoints: Path | None
+    _kept: str
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs (`training_state`); sharded, the weights and optimizer state go
+        to a sharded checkpoint (`save_shards`) that the returned state names."""
+        if not self.sharded:
+            return training_state(self)
+        assert self.scaler is not None
+        name = f"{self.SHARDS}-{self.scheduler.last_epoch}"  # optimizer steps: one per save
+        self.save_shards(name)
+        return {
+            "shards": name,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def save_shards(self, name: str) -> None:
+        """Every rank's shards of the trainable weights and optimizer state (DCP) to
+        `checkpoints/name`; rank 0 then drops the ones no resume state names any more."""
+        assert self.checkpoints is not None, f"set the {self.SHARDS}'s checkpoints folder"
+        with lead(self.group, self.SAVE, name):
+            save_sharded(self.checkpoints / name, self.model, self.optimizer)
+        if self.group is None or self.group.rank == 0:
+            # The resume state naming `_kept` stays in force until the one naming `name` is.
+            for old in self.checkpoints.glob(f"{self.SHARDS}-*"):
+                if old.name not in (name, self._kept):
+                    shutil.rmtree(old, ignore_errors=True)
+        self._kept = name
+
+
+class Actor(ShardedTraining):
     """The policy being trained. `autocast` is the 16-bit compute dtype (None: fp32) under which
     fp32 master weights train; `reference` is the frozen copy (full tuning with KL), else None."""
+
+    SHARDS = "actor"
 
     def __init__(
         self,
@@ -267,8 +314,13 @@ class Actor:
         assert self.optimizer is not None and self.scaler is not None, "configure_optimizer first"
         with lead(self.group, Command.UPDATE, batch, advantages, objective):  # rank 0 sends it
             update = self._update(batch, advantages, objective)
-            self._gathered = None  # a new version: gathered again when exported
+            self.changed()
         return update
+
+    def changed(self) -> None:
+        """The weights changed (an update: this actor's own, or PPO's learner's): a new version,
+        gathered again when exported or pushed."""
+        self._gathered = None
 
     def _update(
         self, batch: TokenBatch, advantages: torch.Tensor, objective: Objective
@@ -365,33 +417,6 @@ class Actor:
         return float(norm)
 
     # State -------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a resume needs (`training_state`); sharded, the weights and optimizer state go
-        to a sharded checkpoint (`save_shards`) that the returned state names."""
-        if not self.sharded:
-            return training_state(self)
-        assert self.scaler is not None
-        name = f"actor-{self.scheduler.last_epoch}"  # optimizer steps taken: one per save
-        self.save_shards(name)
-        return {
-            "shards": name,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
-
-    def save_shards(self, name: str) -> None:
-        """Every rank's shards of the trainable weights and optimizer state (DCP) to
-        `checkpoints/name`; rank 0 then drops the ones no resume state names any more."""
-        assert self.checkpoints is not None, "set the actor's checkpoints folder"
-        with lead(self.group, Command.SAVE, name):
-            save_sharded(self.checkpoints / name, self.model, self.optimizer)
-        if self.group is None or self.group.rank == 0:
-            # The resume state naming `_kept` stays in force until the one naming `name` is.
-            for old in self.checkpoints.glob("actor-*"):
-                if old.name not in (name, self._kept):
-                    shutil.rmtree(old, ignore_errors=True)
-        self._kept = name
 
     def load_state_dict(self, state: dict[str, Any], saved: Saved | None = None) -> None:
         """A resume state. A sharded one (its checkpoint named by "shards") loads on any number

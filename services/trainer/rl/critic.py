@@ -1,4 +1,5 @@
-"""The critic of PPO: a value model V(s_t) on one device (verl's `DataParallelPPOCritic`).
+"""The critic of PPO: a value model V(s_t) (verl's `DataParallelPPOCritic`), on one device, a
+replica on each rank of a group, or sharded with FSDP2 over it beside a sharded actor.
 
 It is a sequence-classification model with one label, as TRL's PPO builds its value model: a
 reward model's score head becomes the value head, or the policy's base gets a new one. Its
@@ -6,11 +7,17 @@ backbone's hidden state at each position, through that head, is the value of the
 the next token (TRL's `get_reward` on every position). It trains full or LoRA as the job's
 tuning says (the head is always trained), with dropout off, fp32 master weights under the
 compute precision's autocast, its own AdamW, schedule and loss scaler. Shapes as in `rl/batch.py`.
+
+Sharded (`shard`), it is sharded as `completion_values` calls it: each decoder layer and the
+backbone, and the score head apart (the backbone and the head are called one after the other,
+so each is an FSDP root of its own); its checkpoints are DCP shards (`critic-N`) beside the
+actor's, written on every rank (`Command.CRITIC_SAVE`) and read on any number of ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,27 +25,35 @@ from peft import get_peft_model
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForSequenceClassification
 
+from services.trainer.distributed import load_sharded, shard_model
 from services.trainer.rl.actor import (
     DTYPES,
+    ShardedTraining,
     load_training_state,
     lora_config,
     optimizer_parts,
-    training_state,
 )
 from services.trainer.rl.batch import TokenBatch
+from services.trainer.rl.group import ActorGroup, Command
 from services.trainer.spec import JobSpec
 from services.trainer.worker_io import check_lora_targets
+
+
+def parts(model: Any) -> tuple[Any, Any]:
+    """The backbone (the decoder) and the score head of a sequence-classification model (or
+    peft's wrapper of one)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.score
 
 
 def completion_values(model: Any, batch: TokenBatch) -> torch.Tensor:
     """V(q, o_<t) for each completion token t: the head on the hidden state at the position
     before it (the one that predicts it). (N, T) fp32, zero-padded past each completion."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(inner, inner.base_model_prefix)
+    backbone, score = parts(model)
     hidden = backbone(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state  # (N, L, H)
-    scores = inner.score(hidden).squeeze(-1).float()  # (N, L)
+    scores = score(hidden).squeeze(-1).float()  # (N, L)
     rows = [
         scores[i, p - 1 : p - 1 + c]  # (C_i,)
         for i, (p, c) in enumerate(zip(batch.prompt_lens, batch.completion_lens, strict=True))
@@ -46,14 +61,31 @@ def completion_values(model: Any, batch: TokenBatch) -> torch.Tensor:
     return pad_sequence(rows, batch_first=True)  # (N, T)
 
 
-class Critic:
+class Critic(ShardedTraining):
     """The value model being trained; `autocast` is the 16-bit compute dtype (None: fp32)."""
+
+    SHARDS, SAVE = "critic", Command.CRITIC_SAVE
 
     def __init__(self, model: Any, autocast: torch.dtype | None = None) -> None:
         self.model, self.autocast = model, autocast
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None
+        # As the actor's (`rl/actor.py`): its group, and FSDP2 over it; its sharded
+        # checkpoints go to `checkpoints`, the last one written or read is `_kept`.
+        self.group: ActorGroup | None = None
+        self.sharded = False
+        self.checkpoints: Path | None = None
+        self._kept = ""
+
+    def shard(self) -> None:
+        """FSDP2 over the group, before `configure_optimizer`, the gradients summed over the
+        ranks (each micro-batch's loss is weighted by its share of the global mini-batch)."""
+        assert self.group is not None and self.optimizer is None
+        backbone, score = parts(self.model)
+        shard_model(backbone, sum_gradients=True)  # each decoder layer, then the rest
+        shard_model(score, sum_gradients=True)
+        self.sharded = True
 
     @property
     def device(self) -> torch.device:
@@ -69,6 +101,11 @@ class Critic:
         self.optimizer, self.scheduler, self.scaler = optimizer_parts(
             self.trainable_parameters(), spec, learning_rate, precision, total_updates, self.device
         )
+        if self.sharded and self.scaler.is_enabled():
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            # Each rank sees only its shards' overflow: agree on it, so all skip the same steps.
+            self.scaler = ShardedGradScaler(self.device.type, enabled=True)
 
     def values(self, batch: TokenBatch) -> torch.Tensor:
         """V per completion token, differentiable. (N, T) fp32."""
@@ -78,11 +115,27 @@ class Critic:
         with context:
             return completion_values(self.model, batch)
 
-    def state_dict(self) -> dict[str, Any]:
-        return training_state(self)
+    def check_loadable(self, state: dict[str, Any]) -> None:
+        """A replica's state (its weights whole) does not load into a sharded critic:
+        ValueError, before any collective."""
+        if self.sharded and "shards" not in state:
+            raise ValueError(
+                "a replicated critic's resume state (no sharded checkpoint) does not load into "
+                "a sharded (FSDP) critic: resume with the plan that saved it (DDP)"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_training_state(self, state)
+        """A resume state (on every rank of a group: its sharded checkpoint is a collective,
+        on any number of ranks, sharded or not: DCP reshards)."""
+        self.check_loadable(state)
+        if "shards" not in state:
+            load_training_state(self, state)
+            return
+        assert self.checkpoints is not None and self.scaler is not None
+        load_sharded(self.checkpoints / state["shards"], self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self._kept = state["shards"]
 
 
 def build_critic(path: Any, spec: JobSpec, precision: str, device: str) -> Critic:

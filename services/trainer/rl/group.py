@@ -78,6 +78,7 @@ class Command(enum.StrEnum):
     # learner trains on (batch, scores, kl_coef, batch count), restores (state file, entry).
     PPO_LEARN = "ppo_learn"
     PPO_LOAD = "ppo_load"
+    CRITIC_SAVE = "critic_save"  # (checkpoint folder name): a sharded critic's `SAVE`
 
 
 class ActorGroup:
@@ -260,6 +261,7 @@ FOLLOWERS: dict[Command, Callable[..., None]] = {
     Command.SAVE: lambda f, name: f.actor.save_shards(name),
     Command.PPO_LEARN: lambda f, *args: f.learner.follow(f.actor, *args),
     Command.PPO_LOAD: lambda f, path, entry: _load(f.learner, path, entry),
+    Command.CRITIC_SAVE: lambda f, name: f.learner.critic.save_shards(name),
 }
 
 

@@ -25,6 +25,13 @@ normaliser), the gradients of actor and critic summed over the ranks before the 
 and step, and the statistics merged. The result is one process's up to the order of float
 sums. `PPO_LOAD` restores the critic and the KL controller on every rank, from the resume
 state's file.
+
+Sharded (the plan's FSDP: the actor, its reference and the critic, each FSDP2 over the group),
+every forward and backward pass is a collective: a rank short of micro-batches, in the targets
+and in each mini-batch, runs one more pass with weight 0 (its rows dropped, its statistics not
+counted), FSDP's reduce-scatter sums the gradients (no `reduce_gradients`), the joint clip
+takes the norm over every rank's shards, and the critic's state is a sharded checkpoint beside
+the actor's (`Critic.save_shards`).
 """
 
 from __future__ import annotations
@@ -116,6 +123,8 @@ def joint_step(models: list[Any], max_grad_norm: float) -> float:
         m.scaler.unscale_(m.optimizer)
         parameters += m.trainable_parameters()
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+    if hasattr(norm, "full_tensor"):  # sharded gradients: the norm over every rank's shards
+        norm = norm.full_tensor()
     for m in models:
         m.scaler.step(m.optimizer)  # skipped when fp16 gradients overflowed
         m.scaler.update()
@@ -142,7 +151,10 @@ class PpoLearner:
         if c.kl_coef > 0:
             fns.append(actor.reference_logprobs)
         # In a group each rank runs its micro-batches, summed over the ranks: the whole batch's.
-        old, values, *ref = by_micro_batch(fns, batch, c.micro_batch_size, self.group)  # (N, T)
+        # Sharded, a rank short of micro-batches runs one more pass (FSDP's collectives).
+        old, values, *ref = by_micro_batch(
+            fns, batch, c.micro_batch_size, self.group, padded=actor.sharded
+        )  # (N, T)
         values = values * mask
         kl = (old - (ref[0] if ref else old)) * mask  # (N, T) k1: Ziegler et al. 2019's
         scores = scores.to(mask.device)  # (N,) NaN where not OK: those rows are masked
@@ -161,7 +173,9 @@ class PpoLearner:
     def train(self, actor: Actor, batch: TokenBatch, scores: torch.Tensor) -> dict[str, float]:
         """`learn` on the batch's scores (N,): what every rank of a group runs."""
         with lead(self.group, Command.PPO_LEARN, batch, scores, self.kl.value, self.batches):
-            return self._train(actor, batch, scores)
+            metrics = self._train(actor, batch, scores)
+            actor.changed()  # a sharded actor's next export or push gathers the new weights
+        return metrics
 
     def _train(self, actor: Actor, batch: TokenBatch, scores: torch.Tensor) -> dict[str, float]:
         assert actor.scheduler is not None and self.critic.scheduler is not None
@@ -223,16 +237,20 @@ class PpoLearner:
         n = len(mini)
         size = self.config.micro_batch_size or n
         group = self.group
+        count = -(-n // size)
         # This rank's micro-batches (the others' are another rank's: the weights below are
-        # shares of the whole mini-batch).
-        for micro_index in share(group, -(-n // size)):
-            assert micro_index is not None  # not padded: replicas
-            a = micro_index * size
+        # shares of the whole mini-batch); a sharded rank short of them pads with the last one,
+        # at weight 0 and without statistics.
+        for micro_index in share(group, count, padded=actor.sharded):
+            a = (count - 1 if micro_index is None else micro_index) * size
             micro = mini.rows(a, min(a + size, n))
             part = picked.rows(slice(a, a + len(micro)), micro.mask.shape[1])
             weight = float(micro.mask.sum()) / max(tokens, 1.0)  # token means add up
-            self._accumulate(actor, micro, part, weight, stats, first_epoch)
-        if group is not None:  # clip and step on the whole mini-batch's gradient
+            if micro_index is None:
+                self._accumulate(actor, micro, part, 0.0, Means(), first_epoch)
+            else:
+                self._accumulate(actor, micro, part, weight, stats, first_epoch)
+        if group is not None and not actor.sharded:  # FSDP summed them in backward
             group.reduce_gradients(
                 actor.trainable_parameters() + self.critic.trainable_parameters()
             )
@@ -292,6 +310,7 @@ class PpoLearner:
         (file and entry), and every rank reads it there."""
         if self.group is not None and self.group.rank == 0 and saved is None:
             raise ValueError("a group resumes from a state file: pass where it was read")
+        self.critic.check_loadable(state["critic"])  # before any collective
         with lead(self.group, Command.PPO_LOAD, *(saved or ())):
             self.critic.load_state_dict(state["critic"])
             self.kl.value, self.batches = state["kl_coef"], state["batches"]
