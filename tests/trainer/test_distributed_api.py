@@ -63,18 +63,3 @@ async def test_a_plan_this_trainer_cannot_run_is_refused_naming_the_field(
     err, fields, _ = await refused(trainer, job_spec)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert fields == [f"spec.resources.explicit.{field}"]
-
-
-async def test_ppo_on_two_processes_is_refused_until_its_critic_is_distributed(
-    trainer: Stub, inputs: Inputs
-) -> None:
-    job_spec = spec(
-        pb.METHOD_PPO, inputs.base, inputs.prompts, evaluator=inputs.evaluator,
-        resources=cpu_plan(min(2, CORES)),
-        training=pb.TrainingParams(max_steps=1, per_device_batch_size=2),
-    )  # fmt: skip
-    if CORES < 2:
-        pytest.skip("needs 2 cores")
-    err, fields, _ = await refused(trainer, job_spec)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert fields == ["spec.resources.explicit.devices_per_node"]

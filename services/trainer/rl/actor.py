@@ -446,10 +446,11 @@ class Actor(ShardedTraining):
         """A sharded actor's weights, whole, on rank 0's CPU: the full state dict (tied
         aliases once) or LoRA's trainable adapters; gathered once per version (the export and
         the push of a sync share it)."""
-        if self._gathered is None:
+        gathered = self._gathered  # an update thread's `changed` may clear it meanwhile
+        if gathered is None:
             with lead(self.group, Command.GATHER):
-                self._gathered = self.gather()
-        return self._gathered
+                gathered = self._gathered = self.gather()
+        return gathered
 
     def gather(self) -> dict[str, torch.Tensor]:
         """`gathered`'s collective, on every rank (empty but on rank 0)."""

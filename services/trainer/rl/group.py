@@ -121,7 +121,8 @@ class ActorGroup:
         """Rank 0, at the end of a run that ended well (done or cancelled: the rank exits 0, and
         torchrun waits for the others). A rank that fails sends nothing (its peers may wait in
         another collective): it exits non-zero and torchrun stops the group."""
-        self.announce(Command.STOP)
+        with self.lock:  # after any command an update thread is still sending
+            self.announce(Command.STOP)
         self.close()
 
     # An update's share and reductions ----------------------------------------------------

@@ -195,9 +195,12 @@ class PushPublisher:
 
     async def serve(self, policy: PolicyRef | None) -> PolicyRef:
         """The base or a registry revision: warm it up on every replica. A pushed version (the
-        sampler lost it): push the actor's weights again, to every replica now resolved."""
+        sampler lost it): push the actor's weights again, to every replica now resolved. In a
+        thread: with one step ahead (`max_policy_lag`), an update may hold a sharded actor's
+        group meanwhile (and the weights pushed are then the newer ones, under the old name)."""
         if policy is not None and policy.step and policy.version.startswith(self.policy + "@"):
-            await self.pusher.push(self.weights(self.policy, policy.step), refresh=True)
+            payload = await asyncio.to_thread(self.weights, self.policy, policy.step)
+            await self.pusher.push(payload, refresh=True)
             return policy
         if policy is None or not policy.step:
             await self._warm(self.base_model, lora=False, refresh=True)
