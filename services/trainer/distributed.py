@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from services.trainer.worker_protocol import EventWriter
 
@@ -115,6 +115,20 @@ def exit_status(failed: bool) -> int:
     """A rank that failed exits non-zero so torchrun stops the group at once (its peers would
     wait in a collective); a lone worker reports through its events and exits 0."""
     return 1 if failed and world_size() > 1 else 0
+
+
+def end_rank(code: int) -> NoReturn:
+    """Exit a process with `code`; a rank of a group skips the interpreter's finalization
+    (`os._exit`, after flushing its output): objects that still hold the torch.distributed
+    group after `destroy_process_group` (FSDP's device mesh, pending gloo work) would otherwise
+    be destroyed after the interpreter, which can abort the rank (SIGABRT, "terminate called
+    without an active exception") after a run that ended well, and torchrun would then count it
+    as a failure."""
+    if world_size() == 1:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_main() -> bool:

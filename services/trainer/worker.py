@@ -25,7 +25,14 @@ from typing import Any
 
 from services.clients.registry import RegistryClient
 from services.common.errors import NotImplementedYet, TlmError, status_code_for
-from services.trainer.distributed import CANCEL_FILE, RankEvents, die_by, exit_status, world_size
+from services.trainer.distributed import (
+    CANCEL_FILE,
+    RankEvents,
+    die_by,
+    end_rank,
+    exit_status,
+    world_size,
+)
 from services.trainer.domain import Method
 from services.trainer.methods import METHODS
 from services.trainer.spec import JobSpec
@@ -107,4 +114,4 @@ def main(folder: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    end_rank(main(Path(sys.argv[1])))

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from services.devtools.tiny_models import cached_tiny_model
+from services.trainer.distributed import end_rank
 from services.trainer.grpo import loss_config
 from services.trainer.rl import KlEstimator, LossType
 from services.trainer.rl.actor import Objective, build_actor
@@ -134,3 +135,4 @@ if __name__ == "__main__":
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--resume", type=Path)
     main(parser.parse_args())
+    end_rank(0)  # without the finalization that can abort a rank (distributed.py)

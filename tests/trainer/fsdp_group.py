@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from services.devtools.tiny_models import cached_tiny_model
 from services.trainer.distributed import (
+    end_rank,
     full_state_dict,
     load_sharded,
     rank,
@@ -82,3 +83,4 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()
+    end_rank(0)  # without the finalization that can abort a rank (distributed.py)

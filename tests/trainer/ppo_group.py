@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from services.devtools.tiny_models import cached_tiny_model
-from services.trainer.distributed import unique_names
+from services.trainer.distributed import end_rank, unique_names
 from services.trainer.ppo import ppo_config
 from services.trainer.rl.actor import Actor, build_actor
 from services.trainer.rl.critic import build_critic
@@ -146,3 +146,4 @@ if __name__ == "__main__":
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--resume", type=Path)
     main(parser.parse_args())
+    end_rank(0)  # without the finalization that can abort a rank (distributed.py)
