@@ -161,19 +161,34 @@ def die_by(sig: int) -> int:
     return 128 + sig
 
 
-def root_cause(folder: Path, failures: dict[int, Any]) -> tuple[dict[str, Any], int]:
-    """How the group ended, from torchrun's first failure (`failures`: ProcessFailure by global
-    rank): (the error event that ends the job, 0), or for a rank killed by a signal without a
-    word (SIGKILL, the OOM killer) ({}, the signal), which the launcher passes on so that the
-    supervisor restarts the group from its last checkpoint, as it restarts a lone worker."""
-    first = min(failures, key=lambda r: failures[r].timestamp)
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((folder / RANK_ERRORS / f"{first}.json").read_text()), 0
-    code = failures[first].exitcode
-    if code < 0 and -code in signal.Signals.__members__.values():
-        return {}, -code
-    message = f"rank {first} exited with code {code}; see the worker log"
-    return {"code": "ABORTED", "message": message}, 0
+def _killed_by(failure: Any) -> int:
+    """The signal that killed a rank, 0 for an exit; SIGTERM counts as none: torchrun's agent
+    sends it to the other ranks once one failed."""
+    code = failure.exitcode
+    if code < 0 and -code in signal.Signals.__members__.values() and -code != signal.SIGTERM:
+        return -code
+    return 0
+
+
+def root_cause(folder: Path, failures: dict[int, Any]) -> tuple[dict[str, Any], int, int]:
+    """How the group ended (`failures`: torchrun's ProcessFailure by global rank, the failed
+    ranks and those its agent then stopped), and the rank to blame. A rank killed by a signal
+    without a word (SIGKILL, the OOM killer): ({}, the signal), which the launcher passes on so
+    that the supervisor restarts the group from its last checkpoint, as it restarts a lone
+    worker; its peers' errors ("connection closed by peer") are its consequences. Else (the
+    error event that ends the job, 0): the lowest rank's own error. Not torchrun's order: its
+    failures carry the second they were collected in, the same for all."""
+    errors = folder / RANK_ERRORS
+    for r in sorted(failures):
+        if _killed_by(failures[r]) and not (errors / f"{r}.json").exists():
+            return {}, _killed_by(failures[r]), r
+    for r in sorted(failures):
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((errors / f"{r}.json").read_text()), 0, r
+    stopped = {r for r, f in failures.items() if f.exitcode == -signal.SIGTERM}
+    first = min(set(failures) - stopped or failures)
+    message = f"rank {first} exited with code {failures[first].exitcode}; see the worker log"
+    return {"code": "ABORTED", "message": message}, 0, first
 
 
 def _die_with_parent() -> None:
@@ -207,10 +222,9 @@ def main(argv: list[str]) -> int:
         return die_by(exc.sigval)  # the supervisor restarts it from its checkpoint
     except ChildFailedError as exc:
         failures = exc.failures
-        error, killed_by = root_cause(folder, failures)
+        error, killed_by, first = root_cause(folder, failures)
         events = EventWriter(folder)
         if killed_by:
-            first = min(failures, key=lambda r: failures[r].timestamp)
             name = signal.Signals(killed_by).name
             events.emit("log", level="warning", message=f"rank {first} was killed by {name}")
             events.close()

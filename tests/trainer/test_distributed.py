@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
 from services.devtools.tiny_models import cached_tiny_model
-from services.trainer.distributed import CANCEL_FILE
+from services.trainer.distributed import CANCEL_FILE, RANK_ERRORS, root_cause
 from services.trainer.launchers import LocalLauncher, LocalWorkers
 from services.trainer.supervisor import worker_env
 from services.trainer.worker_protocol import EVENTS_FILE
@@ -270,3 +271,37 @@ async def test_a_sigterm_is_a_cancel_only_when_the_trainer_wrote_the_cancel_file
 def event_kinds(folder: Path) -> list[str]:
     lines = (folder / EVENTS_FILE).read_text().splitlines()
     return [json.loads(line)["kind"] for line in lines]
+
+
+@dataclass
+class _Failure:  # what root_cause reads of torchrun's ProcessFailure
+    exitcode: int
+    timestamp: int = 0  # torchrun's: the second the failures were collected in, all the same
+
+
+def _rank_error(folder: Path, r: int, message: str) -> None:
+    (folder / RANK_ERRORS).mkdir(exist_ok=True)
+    (folder / RANK_ERRORS / f"{r}.json").write_text(
+        json.dumps({"code": "INTERNAL", "message": message})
+    )
+
+
+def test_a_killed_rank_is_the_root_cause_not_its_peers_connection_error(tmp_path: Path) -> None:
+    _rank_error(tmp_path, 0, "rank 0: RuntimeError: Connection closed by peer")
+    failures = {0: _Failure(1), 1: _Failure(-signal.SIGKILL)}
+    assert root_cause(tmp_path, failures) == ({}, signal.SIGKILL, 1)
+
+
+def test_a_ranks_own_error_ends_the_job_and_the_ranks_stopped_after_it_do_not(
+    tmp_path: Path,
+) -> None:
+    _rank_error(tmp_path, 1, "rank 1: ValueError: bad")
+    failures = {0: _Failure(-signal.SIGTERM), 1: _Failure(1)}  # the agent SIGTERMs rank 0
+    error, killed_by, blamed = root_cause(tmp_path, failures)
+    assert (error["message"], killed_by, blamed) == ("rank 1: ValueError: bad", 0, 1)
+    error, killed_by, blamed = root_cause(tmp_path / "none", {0: _Failure(-15), 1: _Failure(3)})
+    assert (error["message"], killed_by, blamed) == (
+        "rank 1 exited with code 3; see the worker log",
+        0,
+        1,
+    )
