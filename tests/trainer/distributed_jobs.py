@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
-from tests.trainer.conftest import wait_for, watch
+from tests.trainer.conftest import Inputs, spec, wait_for, watch
 from tests.trainer.test_distributed import group_processes, rank_of
 from tests.trainer.test_training import download
 from tests.waiting import until
@@ -99,6 +99,39 @@ async def assert_cancel_stops_every_rank(trainer: Stub, name: str) -> None:
     job = await wait_for(trainer, name, timeout=60)
     assert job.state == pb.TrainingJob.STATE_CANCELLED, job.error
     await until(lambda: not group_processes(name), timeout=10, what="every rank exits")
+
+
+def online_spec(
+    method: pb.Method,
+    inputs: Inputs,
+    evaluator: str,
+    per_device: int,
+    accumulation: int,
+    resources: pb.Resources,
+    output_model: str,
+    tuning: pb.Tuning,
+    **params: object,
+) -> pb.TrainingJobSpec:
+    """An online job (GRPO, PPO: its params as `grpo=` or `ppo=`) of STEPS steps, logging and
+    saving rank 0's resume state every step, on `resources`."""
+    return spec(
+        method,
+        inputs.base,
+        inputs.prompts,
+        evaluator=evaluator,
+        tuning=tuning,
+        output_model=output_model,
+        resources=resources,
+        training=pb.TrainingParams(
+            max_steps=STEPS,
+            per_device_batch_size=per_device,
+            gradient_accumulation_steps=accumulation,
+            log_every=1,
+            learning_rate=1e-3,
+            save_every=1,  # rank 0's resume state, every step
+        ),
+        **params,
+    )
 
 
 def assert_same_weights(

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
 from services.devtools.tiny_models import cached_tiny_model
-from tests.trainer.conftest import Inputs, push_vowels, spec
+from tests.trainer.conftest import Inputs, push_vowels
 from tests.trainer.distributed_jobs import (
     STEPS,
     Run,
@@ -42,6 +42,7 @@ from tests.trainer.distributed_jobs import (
     finished,
     finished_after_killing_rank_1,
     finished_as_ddp,
+    online_spec,
     submit,
 )
 from tests.trainer.test_distributed import ONE_CPU, TWO_CPUS
@@ -68,22 +69,16 @@ def grpo_spec(
     tuning: pb.Tuning = FULL,
 ) -> pb.TrainingJobSpec:
     devices = resources.explicit.devices_per_node or 1
-    return spec(
+    output = f"models/grpo-dist-{devices}{suffix}"
+    return online_spec(
         pb.METHOD_GRPO,
-        inputs.base,
-        inputs.prompts,
-        evaluator=evaluator,
-        tuning=tuning,
-        output_model=f"models/grpo-dist-{devices}{suffix}",
-        resources=resources,
-        training=pb.TrainingParams(
-            max_steps=STEPS,
-            per_device_batch_size=per_device,
-            gradient_accumulation_steps=accumulation,
-            log_every=1,
-            learning_rate=1e-3,
-            save_every=1,  # rank 0's resume state, every step
-        ),
+        inputs,
+        evaluator,
+        per_device,
+        accumulation,
+        resources,
+        output,
+        tuning,
         grpo=pb.GrpoParams(
             num_generations=GROUP,
             sync_every=1,

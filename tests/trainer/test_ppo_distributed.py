@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
 from services.devtools.tiny_models import cached_tiny_model
-from tests.trainer.conftest import Inputs, push_vowels, spec
+from tests.trainer.conftest import Inputs, push_vowels
 from tests.trainer.distributed_jobs import (
     STEPS,
     Run,
@@ -39,6 +39,7 @@ from tests.trainer.distributed_jobs import (
     finished,
     finished_after_killing_rank_1,
     finished_as_ddp,
+    online_spec,
     submit,
 )
 from tests.trainer.test_distributed import ONE_CPU, TWO_CPUS
@@ -70,22 +71,16 @@ def ppo_spec(
     tuning: pb.Tuning = FULL,
 ) -> pb.TrainingJobSpec:
     devices = resources.explicit.devices_per_node or 1
-    return spec(
+    output = f"models/ppo-dist-{devices}{suffix}"
+    return online_spec(
         pb.METHOD_PPO,
-        inputs.base,
-        inputs.prompts,
-        evaluator=evaluator,
-        tuning=tuning,
-        output_model=f"models/ppo-dist-{devices}{suffix}",
-        resources=resources,
-        training=pb.TrainingParams(
-            max_steps=STEPS,
-            per_device_batch_size=per_device,
-            gradient_accumulation_steps=accumulation,
-            log_every=1,
-            learning_rate=1e-3,
-            save_every=1,  # rank 0's resume state, every step
-        ),
+        inputs,
+        evaluator,
+        per_device,
+        accumulation,
+        resources,
+        output,
+        tuning,
         ppo=pb.PpoParams(
             ppo_epochs=2,
             num_mini_batches=1,
