@@ -11,11 +11,14 @@ its chunk goes on in another worker. Scorers run in a worker's main thread, wher
 math-verify's signal-based timeouts work, and each worker imports math_verify before it takes
 work.
 
-Workers are shared fairly between teams (`_Pool`): a free worker goes to the waiting team that
-holds the fewest, and a team that already holds a worker never takes the last free one. So one
-team's slow samples (a spec may set a per-sample timeout of minutes) cannot queue every other
-team's chunks behind them: while workers > 1, a team that holds none finds one free or gets the
-next one that frees. The price: a team alone uses at most workers - 1 of them.
+Workers are shared fairly between teams (`_Pool`) without leaving any idle: a free worker goes
+to the waiting team that holds the fewest. A team that already holds one and takes the last free
+one has it on loan: when a team that holds none comes and finds none free, a loan is given back
+(`Worker.give_back`): the worker stops before its next sample and the rest of that chunk queues
+again, or, if its sample still runs RECLAIM_GRACE_S later, it is killed and the sample scored
+again elsewhere. So one team's slow samples (a spec may set a per-sample timeout of minutes)
+cannot queue every other team's chunks behind them, and a team alone uses every worker. A call's
+samples are split between the workers (chunks of at least MIN_CHUNK).
 
 A thread cannot be killed: with zero workers an overrunning chunk comes back TIMEOUT but keeps
 its thread (and a CPU) busy until it ends.
@@ -52,6 +55,12 @@ log = structlog.get_logger("tlm.reward.rules")
 # thread, where a hand-off to a thread or a worker would cost more than the scoring.
 INLINE_RULES = frozenset({"exact_match", "contains", "regex", "length", "format"})
 INLINE_MAX_CHARS = 64 * 1024
+# Fewest samples per chunk when a call's samples are spread over the workers: a chunk costs a
+# message each way (about 0.1 ms) and a worker wake-up.
+MIN_CHUNK = 4
+# A loaned worker asked back whose sample still runs this much later is killed (and replaced):
+# the wait of a team that holds no worker is bounded by this plus a worker's start (~1 s).
+RECLAIM_GRACE_S = 0.5
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
 RESTART_DELAY_S = 1.0
@@ -88,35 +97,45 @@ def _fill(results: list[Result | None], missing: Result) -> list[Result]:
 
 
 class _Pool:
-    """Ready workers and the teams waiting for one; runs on the event loop only."""
+    """Ready workers, the teams waiting for one and the loans; runs on the event loop only."""
 
     def __init__(self) -> None:
         self.free: list[Worker] = []
         self.held: dict[str, int] = {}  # workers each team is using now
+        # Busy workers a team took as the last free one while holding another.
+        self.loans: dict[Worker, str] = {}
+        self.reclaiming: set[Worker] = set()  # loans asked back, not released yet
         # Waiting calls per team; dict order is the order teams are served in on a tie.
         self.waiting: dict[str, deque[asyncio.Future[Worker | None]]] = {}
         self.closed = False
 
-    def _may_take(self, team: str) -> bool:
-        # A team holding a worker leaves the last free one to teams that hold none.
-        return bool(self.free) and (len(self.free) > 1 or not self.held.get(team))
-
-    def _take(self, team: str) -> Worker:
-        self.held[team] = self.held.get(team, 0) + 1
-        return self.free.pop()
-
     def _dispatch(self) -> None:
-        while True:
-            teams = [t for t in self.waiting if self._may_take(t)]
-            if not teams:
-                return
-            team = min(teams, key=lambda t: self.held.get(t, 0))
+        while self.free and self.waiting:
+            team = min(self.waiting, key=lambda t: self.held.get(t, 0))
             queue = self.waiting.pop(team)
             future = queue.popleft()
             if queue:
                 self.waiting[team] = queue  # to the back of the line
-            if not future.done():
-                future.set_result(self._take(team))
+            if future.done():
+                continue
+            worker = self.free.pop()
+            if self.held.get(team) and not self.free:
+                self.loans[worker] = team
+            self.held[team] = self.held.get(team, 0) + 1
+            future.set_result(worker)
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Ask back one loan per waiting team that holds no worker (none is free now), from the
+        teams holding the most first."""
+        starving = sum(1 for team in self.waiting if not self.held.get(team))
+        loans = sorted(self.loans.items(), key=lambda loan: -self.held.get(loan[1], 0))
+        for worker, _team in loans:
+            if len(self.reclaiming) >= starving:
+                return
+            if worker not in self.reclaiming:
+                self.reclaiming.add(worker)
+                worker.give_back(RECLAIM_GRACE_S)
 
     async def acquire(self, team: str, timeout: float) -> Worker | None:
         """A worker for `team`, or None at the timeout or once closed."""
@@ -136,8 +155,8 @@ class _Pool:
         return None
 
     def _forget(self, team: str, future: asyncio.Future[Worker | None]) -> None:
-        if future.done() and not future.cancelled() and future.result() is not None:
-            self.release(team, future.result())  # handed over just as the caller left
+        if future.done() and not future.cancelled() and (worker := future.result()) is not None:
+            self.release(team, worker, reuse=True)  # handed over just as the caller left
             return
         future.cancel()
         queue = self.waiting.get(team)
@@ -146,13 +165,16 @@ class _Pool:
             if not queue:
                 del self.waiting[team]
 
-    def release(self, team: str, worker: Worker | None) -> None:
-        """`team` is done with a worker: `worker` is free again, or None when it was retired."""
+    def release(self, team: str, worker: Worker, *, reuse: bool) -> None:
+        """`team` is done with `worker`: free again if `reuse`, else retired."""
         self.held[team] -= 1
         if not self.held[team]:
             del self.held[team]
-        if worker is not None:
-            self.add(worker)
+        self.loans.pop(worker, None)
+        self.reclaiming.discard(worker)
+        if reuse and not self.closed:
+            self.free.append(worker)
+        self._dispatch()
 
     def add(self, worker: Worker) -> None:
         if self.closed:
@@ -209,10 +231,13 @@ class RuleRunner:
         `deadline`, a time.monotonic() value) or ERROR (its worker died twice). Workers are
         shared fairly between `team`s (see the module docstring)."""
         if inline(scorer, samples):
+            # Other scorers of the call first: their chunks go to the workers before this runs.
+            await asyncio.sleep(0)
             return [score_timed(scorer, sample) for sample in samples]
         self._start()
         payload = scorer.SerializeToString()
-        chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
+        size = min(CHUNK, max(MIN_CHUNK, -(-len(samples) // max(self._workers, 1))))
+        chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
         score = self._in_thread if self._workers <= 0 else self._in_workers
         parts = await asyncio.gather(
             *(score(payload, c, timeout_s, deadline, team) for c in chunks)
@@ -322,8 +347,8 @@ class RuleRunner:
                 results[i] = result
             if reply.stop is Stop.DEADLINE:
                 return _fill(results, _timeout("the request deadline passed", 0.0, 1)[0])
-            if reply.stop is Stop.DONE:
-                continue
+            if reply.stop in (Stop.DONE, Stop.YIELDED, Stop.RECLAIMED):
+                continue  # RECLAIMED: killed to give its worker back, not the sample's fault
             running = todo[reply.running]
             if reply.stop is Stop.OVERRAN:
                 why = f"no result within {timeout_s:.3g}s; its rule worker was killed"
@@ -351,14 +376,15 @@ class RuleRunner:
             # The caller went away mid-chunk: nobody wants the rest of this work. The call sees
             # the worker die and ends; then nothing uses its pipe any more.
             worker.kill()
-            self._pool.release(team, None)
+            self._pool.release(team, worker, reuse=False)
             call.add_done_callback(lambda _: self._replace(worker))
             raise
-        if reply.stop is Stop.DONE and not self._closed:
-            self._pool.release(team, worker)
+        alive = reply.stop in (Stop.DONE, Stop.YIELDED)
+        if alive and not self._closed:
+            self._pool.release(team, worker, reuse=True)
         else:
-            self._pool.release(team, None)
-            if reply.stop is not Stop.DONE:
+            self._pool.release(team, worker, reuse=False)
+            if not alive:
                 log.warning(
                     "rule_worker_killed", pid=worker.pid, why=reply.stop.value,
                     done=len(reply.results), running=reply.running,

@@ -13,6 +13,11 @@ The server still sees each sample start without a message: the worker writes tim
 it shares with the server before scoring it. The server sleeps until the running sample's start
 plus its timeout (or the deadline), then reads which sample that is. A killed worker loses the
 results it had not sent yet (under FLUSH_S of work): those samples are scored again elsewhere.
+
+The server can also ask for a worker back mid-chunk (`Worker.give_back`, when the pool lent it
+to a team past its share and another team waits): a flag in shared memory the worker reads
+before each sample. It then sends what it has and YIELDED, and takes the next chunk; one whose
+sample is still running a grace period later is killed instead (Stop.RECLAIMED).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import enum
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -41,6 +46,7 @@ FLUSH_S = 0.1
 # SIGKILLed processes exit at once; this only bounds a process stuck in the kernel.
 REAP_TIMEOUT_S = 2.0
 READY = "ready"
+YIELDED = "yielded"  # sent after the results of a chunk given back before its end
 # The worker has read the previous chunk before it sends that chunk's last results, so the
 # server's socket buffer is empty when it sends the next: a message this small goes out at once.
 SEND_INLINE_BYTES = 64 * 1024
@@ -92,8 +98,9 @@ class _Outbox:
             self.send(older_than=FLUSH_S)
 
 
-def worker_main(conn: Connection, starts: Any) -> None:
-    """The worker process: one chunk at a time; `starts[i]` is when sample i of it started."""
+def worker_main(conn: Connection, starts: Any, wanted: Any) -> None:
+    """The worker process: one chunk at a time; `starts[i]` is when sample i of it started, and
+    a set `wanted` asks for the worker back before the next sample."""
     # Ctrl-C reaches the whole process group; the server stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import math_verify  # noqa: F401  # import sympy before taking work, not on the first request
@@ -108,11 +115,16 @@ def worker_main(conn: Connection, starts: Any) -> None:
             return
         scorer = ev.ScorerSpec.FromString(scorer_bytes)
         for i, sample in enumerate(samples):
+            if wanted.value:
+                outbox.send()
+                conn.send(YIELDED)
+                break
             starts[i] = time.monotonic()
             outbox.add(score_timed(scorer, sample))
             if time.monotonic() >= deadline - FLUSH_S:
                 outbox.send()
-        outbox.send()
+        else:
+            outbox.send()
 
 
 class Stop(enum.Enum):
@@ -122,11 +134,13 @@ class Stop(enum.Enum):
     OVERRAN = "overran"  # a sample took longer than its timeout
     DEADLINE = "deadline"  # the request's deadline came
     DIED = "died"  # the process ended (OOM killer, SIGKILL, crash)
+    YIELDED = "yielded"  # given back before the chunk's end (give_back), alive and free
+    RECLAIMED = "reclaimed"  # given back by a kill: its sample ran past the grace period
 
 
 class Reply(NamedTuple):
     """The results that came back (in order, from the first sample), why they stopped, and for
-    OVERRAN and DIED the index of the sample the worker was running then."""
+    OVERRAN, DIED and RECLAIMED the index of the sample the worker was running then."""
 
     results: list[Result]
     stop: Stop
@@ -141,12 +155,17 @@ class Worker:
     def __init__(self, context: Any) -> None:
         self.conn, child = context.Pipe()
         self.starts = context.RawArray(ctypes.c_double, CHUNK)
+        self.wanted = context.RawValue(ctypes.c_int, 0)
         self.process = context.Process(
-            target=worker_main, args=(child, self.starts), name="tlm-rule-worker", daemon=True
+            target=worker_main,
+            args=(child, self.starts, self.wanted),
+            name="tlm-rule-worker",
+            daemon=True,
         )
         self.process.start()
         child.close()  # else this end never sees EOF when the worker dies
         self.pid: int = self.process.pid
+        self._on_give_back: Callable[[float], None] | None = None  # set while score() runs
 
     def wait_ready(self, timeout: float) -> bool:
         try:
@@ -169,6 +188,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         n = len(samples)
         ctypes.memset(self.starts, 0, n * ctypes.sizeof(ctypes.c_double))
+        self.wanted.value = 0
         message = ForkingPickler.dumps((payload, list(samples), deadline))
         sent = time.monotonic()
         try:
@@ -181,6 +201,7 @@ class Worker:
         reply: asyncio.Future[Reply] = loop.create_future()
         results: list[Result] = []
         timer: asyncio.TimerHandle | None = None
+        grace: asyncio.TimerHandle | None = None
 
         def finish(stop: Stop, running: int) -> None:
             if not reply.done():
@@ -203,21 +224,46 @@ class Worker:
 
         def readable() -> None:
             try:
-                while len(results) < n and self.conn.poll(0):
-                    results.extend(self.conn.recv())
+                while not reply.done() and len(results) < n and self.conn.poll(0):
+                    message = self.conn.recv()
+                    if message == YIELDED:
+                        finish(Stop.YIELDED, len(results))
+                    else:
+                        results.extend(message)
             except (EOFError, OSError):
                 finish(Stop.DIED, self._running(len(results), n, sent)[0])
             if len(results) >= n:
                 finish(Stop.DONE, n)
 
+        def overdue() -> None:
+            readable()
+            finish(Stop.RECLAIMED, self._running(len(results), n, sent)[0])
+
+        def give_back(grace_s: float) -> None:
+            nonlocal grace
+            if grace is None:
+                grace = loop.call_later(grace_s, overdue)
+
         loop.add_reader(self.conn.fileno(), readable)
+        self._on_give_back = give_back
         check()
         try:
             return await reply
         finally:
+            self._on_give_back = None
             loop.remove_reader(self.conn.fileno())
-            if timer is not None:
-                timer.cancel()
+            for handle in (timer, grace):
+                if handle is not None:
+                    handle.cancel()
+
+    def give_back(self, grace_s: float) -> None:
+        """Ask for the worker before its chunk ends: it stops before its next sample (the call
+        ends YIELDED, the worker free), or `grace_s` later the call ends RECLAIMED (the sample
+        still running; the caller kills the worker). Between calls it only sets the flag, which
+        the next call clears. On the event loop."""
+        self.wanted.value = 1
+        if self._on_give_back is not None:
+            self._on_give_back(grace_s)
 
     def _running(self, received: int, n: int, sent: float) -> tuple[int, float]:
         """The sample the worker is on (the last one it started, of those not received) and when

@@ -4,6 +4,7 @@ knows which sample is running, and results finished before a stuck sample are no
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import signal
@@ -83,5 +84,37 @@ def test_results_finished_before_a_stuck_sample_survive_the_deadline() -> None:
             assert [o.raw for o, _ in results[:2]] == [1.0, 0.0]
         finally:
             runner.close()
+
+    asyncio.run(body())
+
+
+@pytest.mark.slow  # spawns a rule worker: seconds
+def test_a_worker_given_back_stops_between_samples_or_is_reclaimed(worker: Worker) -> None:
+    """give_back: the worker stops before its next sample (YIELDED, with the results so far)
+    and takes the next chunk; a sample still running after the grace period ends the call
+    RECLAIMED, naming that sample."""
+    medium = json.dumps([{"a": i} for i in range(300)])  # ~80 ms of CPU each
+    scorer = json_scorer(UNIQUE, timeout_s=60).SerializeToString()
+
+    async def body() -> None:
+        samples = [Sample(f"m{i}", medium) for i in range(20)]
+        call = asyncio.ensure_future(worker.score(scorer, samples, 60, time.monotonic() + 60))
+        await until(lambda: worker.starts[2], what="the third sample started")
+        worker.give_back(30.0)
+        reply = await asyncio.wait_for(call, 10)
+        assert reply.stop is Stop.YIELDED and 3 <= len(reply.results) < 20
+        assert {o.status for o, _ in reply.results} == {Status.OK}
+        again = await worker.score(scorer, [Sample("q", "[1]")], 60, time.monotonic() + 60)
+        assert again.stop is Stop.DONE and again.results[0][0].raw == 1.0  # flag cleared
+
+        stuck = [Sample("a", "[1]"), Sample("slow", SLOW), Sample("b", "[2]")]
+        sent = time.monotonic()
+        call = asyncio.ensure_future(worker.score(scorer, stuck, 60, sent + 60))
+        await until(lambda: worker.starts[1] > sent, what="the slow sample started")
+        start = time.monotonic()
+        worker.give_back(0.3)
+        reply = await asyncio.wait_for(call, 10)
+        assert reply.stop is Stop.RECLAIMED and reply.running == 1
+        assert 0.3 <= time.monotonic() - start < 3
 
     asyncio.run(body())
