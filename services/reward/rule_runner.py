@@ -11,14 +11,14 @@ its chunk goes on in another worker. Scorers run in a worker's main thread, wher
 math-verify's signal-based timeouts work, and each worker imports math_verify before it takes
 work.
 
-Workers are shared fairly between teams (`_Pool`) without leaving any idle: a free worker goes
-to the waiting team that holds the fewest. A team that already holds one and takes the last free
-one has it on loan: when a team that holds none comes and finds none free, a loan is given back
-(`Worker.give_back`): the worker stops before its next sample and the rest of that chunk queues
-again, or, if its sample still runs RECLAIM_GRACE_S later, it is killed and the sample scored
-again elsewhere. So one team's slow samples (a spec may set a per-sample timeout of minutes)
-cannot queue every other team's chunks behind them, and a team alone uses every worker. A call's
-samples are split between the workers (chunks of at least MIN_CHUNK).
+Workers are shared fairly between teams (`_Pool`) without leaving one idle while a team waits:
+a free worker goes to the waiting team that holds the fewest. When a team that holds none comes
+and finds none free, a team holding several gives one back (`Worker.give_back`): the worker
+stops before its next sample and the rest of that chunk queues again, or, if its sample still
+runs RECLAIM_GRACE_S later, it is killed and the sample scored again elsewhere. So one team's
+slow samples (a spec may set a per-sample timeout of minutes) cannot queue every other team's
+chunks behind them, and a team alone uses every worker. A call's samples are split between the
+workers (chunks of at least MIN_CHUNK).
 
 A thread cannot be killed: with zero workers an overrunning chunk comes back TIMEOUT but keeps
 its thread (and a CPU) busy until it ends.
@@ -58,8 +58,8 @@ INLINE_MAX_CHARS = 64 * 1024
 # Fewest samples per chunk when a call's samples are spread over the workers: a chunk costs a
 # message each way (about 0.1 ms) and a worker wake-up.
 MIN_CHUNK = 4
-# A loaned worker asked back whose sample still runs this much later is killed (and replaced):
-# the wait of a team that holds no worker is bounded by this plus a worker's start (~1 s).
+# A worker asked back whose sample still runs this much later is killed (and replaced): the wait
+# of a team that holds no worker is bounded by this plus a worker's start (~1 s).
 RECLAIM_GRACE_S = 0.5
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
@@ -97,52 +97,78 @@ def _fill(results: list[Result | None], missing: Result) -> list[Result]:
 
 
 class _Pool:
-    """Ready workers, the teams waiting for one and the loans; runs on the event loop only."""
+    """Ready workers, the teams waiting for one and who holds which; runs on the event loop
+    only. A free worker goes to the waiting team holding the fewest; none stays idle while a
+    team waits. When a team holding none waits and none is free (nor starting), a worker of the
+    team holding the most, among teams holding several, is asked back (`Worker.give_back`),
+    one per such waiting team; asks no longer needed are withdrawn. A chunk that lost its worker
+    that way once acquires only within the old share (never the last free worker while its team
+    holds another), and its worker is never asked back: no sample is killed twice for another
+    team."""
 
     def __init__(self) -> None:
         self.free: list[Worker] = []
         self.held: dict[str, int] = {}  # workers each team is using now
-        # Busy workers a team took as the last free one while holding another.
-        self.loans: dict[Worker, str] = {}
-        self.reclaiming: set[Worker] = set()  # loans asked back, not released yet
-        # Waiting calls per team; dict order is the order teams are served in on a tie.
-        self.waiting: dict[str, deque[asyncio.Future[Worker | None]]] = {}
+        self.busy: dict[Worker, str] = {}  # worker -> the team using it
+        self.kept: set[Worker] = set()  # busy with a chunk that must not be asked back
+        self.reclaiming: set[Worker] = set()  # asked back, not released yet
+        self.coming = 0  # workers starting (each ends in add())
+        # Waiting calls per team (with their `kept`); dict order is the order teams are served
+        # in on a tie.
+        self.waiting: dict[str, deque[tuple[asyncio.Future[Worker | None], bool]]] = {}
         self.closed = False
 
+    def _may_take(self, team: str, kept: bool) -> bool:
+        return bool(self.free) and (not kept or len(self.free) > 1 or not self.held.get(team))
+
     def _dispatch(self) -> None:
-        while self.free and self.waiting:
-            team = min(self.waiting, key=lambda t: self.held.get(t, 0))
+        while teams := [t for t, q in self.waiting.items() if self._may_take(t, q[0][1])]:
+            team = min(teams, key=lambda t: self.held.get(t, 0))
             queue = self.waiting.pop(team)
-            future = queue.popleft()
+            future, kept = queue.popleft()
             if queue:
                 self.waiting[team] = queue  # to the back of the line
             if future.done():
                 continue
             worker = self.free.pop()
-            if self.held.get(team) and not self.free:
-                self.loans[worker] = team
+            worker.keep()  # whatever was asked of it before
+            self.busy[worker] = team
+            if kept:
+                self.kept.add(worker)
             self.held[team] = self.held.get(team, 0) + 1
             future.set_result(worker)
         self._reclaim()
 
     def _reclaim(self) -> None:
-        """Ask back one loan per waiting team that holds no worker (none is free now), from the
-        teams holding the most first."""
+        """As many workers asked back as teams holding none wait, less those starting."""
         starving = sum(1 for team in self.waiting if not self.held.get(team))
-        loans = sorted(self.loans.items(), key=lambda loan: -self.held.get(loan[1], 0))
-        for worker, _team in loans:
-            if len(self.reclaiming) >= starving:
+        owed = starving - self.coming - len(self.reclaiming)
+        while owed < 0 and self.reclaiming:
+            self.reclaiming.pop().keep()
+            owed += 1
+        if owed <= 0:
+            return
+        asked = {t: 0 for t in self.held}
+        for worker in self.reclaiming:
+            asked[self.busy[worker]] += 1
+        # The team holding the most gives first, and each keeps at least one.
+        for worker, team in sorted(self.busy.items(), key=lambda wt: -self.held[wt[1]]):
+            if owed <= 0:
                 return
-            if worker not in self.reclaiming:
+            if worker in self.kept or worker in self.reclaiming:
+                continue
+            if self.held[team] - asked[team] > 1:
+                asked[team] += 1
                 self.reclaiming.add(worker)
                 worker.give_back(RECLAIM_GRACE_S)
+                owed -= 1
 
-    async def acquire(self, team: str, timeout: float) -> Worker | None:
-        """A worker for `team`, or None at the timeout or once closed."""
+    async def acquire(self, team: str, timeout: float, *, kept: bool = False) -> Worker | None:
+        """A worker for `team`, or None at the timeout or once closed. `kept`: see the class."""
         if self.closed:
             return None
         future: asyncio.Future[Worker | None] = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(team, deque()).append(future)
+        self.waiting.setdefault(team, deque()).append((future, kept))
         self._dispatch()
         try:
             await asyncio.wait({future}, timeout=max(timeout, 0.0))
@@ -160,23 +186,32 @@ class _Pool:
             return
         future.cancel()
         queue = self.waiting.get(team)
-        if queue is not None and future in queue:
-            queue.remove(future)
-            if not queue:
+        if queue is not None:
+            queue = deque(item for item in queue if item[0] is not future)
+            if queue:
+                self.waiting[team] = queue
+            else:
                 del self.waiting[team]
+        self._reclaim()  # one fewer may be waiting
 
     def release(self, team: str, worker: Worker, *, reuse: bool) -> None:
         """`team` is done with `worker`: free again if `reuse`, else retired."""
         self.held[team] -= 1
         if not self.held[team]:
             del self.held[team]
-        self.loans.pop(worker, None)
+        del self.busy[worker]
+        self.kept.discard(worker)
         self.reclaiming.discard(worker)
         if reuse and not self.closed:
             self.free.append(worker)
         self._dispatch()
 
+    def expect(self) -> None:
+        """A worker is starting; add() follows."""
+        self.coming += 1
+
     def add(self, worker: Worker) -> None:
+        self.coming = max(self.coming - 1, 0)
         if self.closed:
             return
         self.free.append(worker)
@@ -186,7 +221,7 @@ class _Pool:
         self.closed = True
         self.free.clear()
         for queue in self.waiting.values():
-            for future in queue:
+            for future, _ in queue:
                 if not future.done():
                     future.set_result(None)
         self.waiting.clear()
@@ -231,8 +266,6 @@ class RuleRunner:
         `deadline`, a time.monotonic() value) or ERROR (its worker died twice). Workers are
         shared fairly between `team`s (see the module docstring)."""
         if inline(scorer, samples):
-            # Other scorers of the call first: their chunks go to the workers before this runs.
-            await asyncio.sleep(0)
             return [score_timed(scorer, sample) for sample in samples]
         self._start()
         payload = scorer.SerializeToString()
@@ -292,6 +325,7 @@ class RuleRunner:
     def _start_one(self) -> None:
         if self._closed:
             return
+        self._pool.expect()
         task = asyncio.get_running_loop().create_task(self._spawn())
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
@@ -335,10 +369,11 @@ class RuleRunner:
         """The chunk's results; after a kill or a crash the rest goes on in another worker."""
         results: list[Result | None] = [None] * len(chunk)
         crashed: set[int] = set()  # samples whose worker died under them once already
+        kept = False  # a sample of it was killed to give its worker back once
         while todo := [i for i, r in enumerate(results) if r is None]:
             if time.monotonic() >= deadline:
                 return _fill(results, _timeout("the request deadline passed", 0.0, 1)[0])
-            worker = await self._pool.acquire(team, deadline - time.monotonic())
+            worker = await self._pool.acquire(team, deadline - time.monotonic(), kept=kept)
             if worker is None:
                 return _fill(results, self._unserved(1)[0])
             rest = [chunk[i] for i in todo]
@@ -347,8 +382,10 @@ class RuleRunner:
                 results[i] = result
             if reply.stop is Stop.DEADLINE:
                 return _fill(results, _timeout("the request deadline passed", 0.0, 1)[0])
+            if reply.stop is Stop.RECLAIMED:
+                kept = True  # killed to give its worker back: not the sample's fault
             if reply.stop in (Stop.DONE, Stop.YIELDED, Stop.RECLAIMED):
-                continue  # RECLAIMED: killed to give its worker back, not the sample's fault
+                continue
             running = todo[reply.running]
             if reply.stop is Stop.OVERRAN:
                 why = f"no result within {timeout_s:.3g}s; its rule worker was killed"

@@ -165,7 +165,9 @@ class Worker:
         self.process.start()
         child.close()  # else this end never sees EOF when the worker dies
         self.pid: int = self.process.pid
-        self._on_give_back: Callable[[float], None] | None = None  # set while score() runs
+        self._asked: float | None = None  # the grace of a give_back not withdrawn (keep)
+        # While score() runs: start and cancel its grace timer.
+        self._grace: tuple[Callable[[float], None], Callable[[], None]] | None = None
 
     def wait_ready(self, timeout: float) -> bool:
         try:
@@ -188,7 +190,6 @@ class Worker:
         loop = asyncio.get_running_loop()
         n = len(samples)
         ctypes.memset(self.starts, 0, n * ctypes.sizeof(ctypes.c_double))
-        self.wanted.value = 0
         message = ForkingPickler.dumps((payload, list(samples), deadline))
         sent = time.monotonic()
         try:
@@ -239,18 +240,26 @@ class Worker:
             readable()
             finish(Stop.RECLAIMED, self._running(len(results), n, sent)[0])
 
-        def give_back(grace_s: float) -> None:
+        def arm(grace_s: float) -> None:
             nonlocal grace
             if grace is None:
                 grace = loop.call_later(grace_s, overdue)
 
+        def disarm() -> None:
+            nonlocal grace
+            if grace is not None:
+                grace.cancel()
+                grace = None
+
         loop.add_reader(self.conn.fileno(), readable)
-        self._on_give_back = give_back
+        self._grace = (arm, disarm)
+        if self._asked is not None:  # asked back between its hand-out and this call
+            arm(self._asked)
         check()
         try:
             return await reply
         finally:
-            self._on_give_back = None
+            self._grace = None
             loop.remove_reader(self.conn.fileno())
             for handle in (timer, grace):
                 if handle is not None:
@@ -259,11 +268,19 @@ class Worker:
     def give_back(self, grace_s: float) -> None:
         """Ask for the worker before its chunk ends: it stops before its next sample (the call
         ends YIELDED, the worker free), or `grace_s` later the call ends RECLAIMED (the sample
-        still running; the caller kills the worker). Between calls it only sets the flag, which
-        the next call clears. On the event loop."""
+        still running; the caller kills the worker). Asked between calls, the next call yields
+        before its first sample. Holds until `keep`. On the event loop."""
         self.wanted.value = 1
-        if self._on_give_back is not None:
-            self._on_give_back(grace_s)
+        self._asked = grace_s
+        if self._grace is not None:
+            self._grace[0](grace_s)
+
+    def keep(self) -> None:
+        """Withdraw a give_back (no longer needed, or the worker is handed out again)."""
+        self.wanted.value = 0
+        self._asked = None
+        if self._grace is not None:
+            self._grace[1]()
 
     def _running(self, received: int, n: int, sent: float) -> tuple[int, float]:
         """The sample the worker is on (the last one it started, of those not received) and when

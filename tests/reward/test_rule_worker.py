@@ -90,9 +90,9 @@ def test_results_finished_before_a_stuck_sample_survive_the_deadline() -> None:
 
 @pytest.mark.slow  # spawns a rule worker: seconds
 def test_a_worker_given_back_stops_between_samples_or_is_reclaimed(worker: Worker) -> None:
-    """give_back: the worker stops before its next sample (YIELDED, with the results so far)
-    and takes the next chunk; a sample still running after the grace period ends the call
-    RECLAIMED, naming that sample."""
+    """give_back: the worker stops before its next sample (YIELDED, with the results so far),
+    and before the first one of later chunks until keep(); a sample still running after the
+    grace period ends the call RECLAIMED, naming that sample."""
     medium = json.dumps([{"a": i} for i in range(300)])  # ~80 ms of CPU each
     scorer = json_scorer(UNIQUE, timeout_s=60).SerializeToString()
 
@@ -104,8 +104,12 @@ def test_a_worker_given_back_stops_between_samples_or_is_reclaimed(worker: Worke
         reply = await asyncio.wait_for(call, 10)
         assert reply.stop is Stop.YIELDED and 3 <= len(reply.results) < 20
         assert {o.status for o, _ in reply.results} == {Status.OK}
-        again = await worker.score(scorer, [Sample("q", "[1]")], 60, time.monotonic() + 60)
-        assert again.stop is Stop.DONE and again.results[0][0].raw == 1.0  # flag cleared
+        quick = [Sample("q", "[1]")]
+        again = await worker.score(scorer, quick, 60, time.monotonic() + 60)
+        assert again.stop is Stop.YIELDED and again.results == []  # asked until withdrawn
+        worker.keep()
+        again = await worker.score(scorer, quick, 60, time.monotonic() + 60)
+        assert again.stop is Stop.DONE and again.results[0][0].raw == 1.0
 
         stuck = [Sample("a", "[1]"), Sample("slow", SLOW), Sample("b", "[2]")]
         sent = time.monotonic()

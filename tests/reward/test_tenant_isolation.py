@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from services.reward.rule_runner import RECLAIM_GRACE_S, RuleRunner, _Pool
 from services.reward.rule_worker import Worker
 from tests.reward.conftest import start_reward
 from tests.reward.helpers import sample, spec
-from tests.reward.test_rule_hardening import SLOW, UNIQUE, json_scorer, statuses
+from tests.reward.test_rule_hardening import SLOW, UNIQUE, alive, json_scorer, statuses
 from tests.waiting import until
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
@@ -30,6 +31,36 @@ def json_quick() -> ev.ScorerSpec:
     return json_scorer(UNIQUE, timeout_s=5)
 
 
+def with_runner(workers: int, body: Callable[[RuleRunner], Awaitable[None]]) -> None:
+    """`body` with a warmed-up RuleRunner of `workers`, closed after."""
+
+    async def main() -> None:
+        runner = RuleRunner(workers)
+        try:
+            await runner.warm_up()
+            await body(runner)
+        finally:
+            runner.close()
+
+    asyncio.run(main())
+
+
+async def team_b_quick(runner: RuleRunner) -> float:
+    """Team b scores one quick sample (15 s deadline): OK; returns the seconds it took."""
+    start = time.monotonic()
+    got = await runner.run(
+        json_quick(), [Sample("q", "[1]")], timeout_s=5, deadline=start + 15, team="b"
+    )
+    assert statuses(got) == ["OK"] and got[0][0].raw == 1.0
+    return time.monotonic() - start
+
+
+async def cancel(tasks: list[asyncio.Future[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @pytest.mark.slow  # holds the rule pool's workers: seconds
 def test_one_team_cannot_hold_every_rule_worker() -> None:
     """Team a's samples each run to a long per-sample timeout (a spec may ask for minutes) on
@@ -37,121 +68,165 @@ def test_one_team_cannot_hold_every_rule_worker() -> None:
     killed after the grace period and replaced) instead of waiting out its deadline."""
     slow = json_scorer(UNIQUE, timeout_s=60)
 
-    async def body() -> None:
-        runner = RuleRunner(2)
-        try:
-            await runner.warm_up()
-            far = time.monotonic() + 30
-            hogs = [
-                asyncio.ensure_future(
-                    runner.run(slow, [Sample(f"s{i}", SLOW)], timeout_s=60, deadline=far, team="a")
-                )
-                for i in range(3)
-            ]
-            await until(lambda: runner._pool.held.get("a") == 2, what="team a on both workers")
-            start = time.monotonic()
-            got = await runner.run(
-                json_quick(), [Sample("q", "[1]")], timeout_s=5, deadline=start + 15, team="b"
+    async def body(runner: RuleRunner) -> None:
+        first = runner.worker_pids()
+        far = time.monotonic() + 30
+        hogs = [
+            asyncio.ensure_future(
+                runner.run(slow, [Sample(f"s{i}", SLOW)], timeout_s=60, deadline=far, team="a")
             )
-            assert statuses(got) == ["OK"] and got[0][0].raw == 1.0
-            assert time.monotonic() - start < 8  # the grace, then a worker's start
-            for hog in hogs:
-                hog.cancel()
-            await asyncio.gather(*hogs, return_exceptions=True)
-        finally:
-            runner.close()
+            for i in range(3)
+        ]
+        await until(lambda: runner._pool.held.get("a") == 2, what="team a on both workers")
+        assert await team_b_quick(runner) < 8  # the grace, then a worker's start
+        assert len(alive(first, expect=1)) == 1  # one killed, team a kept the other
+        await cancel(hogs)
 
-    asyncio.run(body())
+    with_runner(2, body)
 
 
 @pytest.mark.slow  # holds the rule pool's workers: seconds
-def test_a_loaned_worker_comes_back_between_samples() -> None:
-    """Team a alone spreads its call over both workers; team b's call takes the loaned one back
-    at a sample boundary (no worker killed), and team a's samples all finish."""
+def test_a_worker_asked_back_before_its_call_starts_still_comes_back() -> None:
+    """Team a's second call is handed the last worker and team b asks for it in the same turn,
+    before that call has sent anything: the ask must hold for the call when it starts."""
+    slow = json_scorer(UNIQUE, timeout_s=60)
+
+    async def body(runner: RuleRunner) -> None:
+        far = time.monotonic() + 30
+        one = runner.run(slow, [Sample("s1", SLOW)], timeout_s=60, deadline=far, team="a")
+        hogs = [asyncio.ensure_future(one)]
+        await until(lambda: runner._pool.held.get("a") == 1, what="team a on one worker")
+        two = runner.run(slow, [Sample("s2", SLOW)], timeout_s=60, deadline=far, team="a")
+        hogs.append(asyncio.ensure_future(two))
+        await asyncio.sleep(0)  # handed the worker; its call has not started
+        assert await team_b_quick(runner) < 3  # yielded before its first sample: no restart
+        await cancel(hogs)
+
+    with_runner(2, body)
+
+
+@pytest.mark.slow  # holds the rule pool's workers: seconds
+def test_a_worker_comes_back_between_samples() -> None:
+    """Team a alone spreads its call over both workers; team b's call takes one back at a sample
+    boundary (no worker killed), and team a's samples all finish."""
     medium = json.dumps([{"a": i} for i in range(300)])  # ~80 ms of CPU each
 
-    async def body() -> None:
-        runner = RuleRunner(2)
-        try:
-            await runner.warm_up()
-            pids = runner.worker_pids()
-            samples = [Sample(f"m{i}", medium) for i in range(60)]  # 2 chunks of ~2.4 s
-            deadline = time.monotonic() + 60
-            call = runner.run(json_quick(), samples, timeout_s=5, deadline=deadline, team="a")
-            a = asyncio.ensure_future(call)
-            await until(lambda: runner._pool.held.get("a") == 2, what="team a on both workers")
-            start = time.monotonic()
-            got = await runner.run(
-                json_quick(), [Sample("q", "[1]")], timeout_s=5, deadline=start + 15, team="b"
-            )
-            waited = time.monotonic() - start
-            assert statuses(got) == ["OK"]
-            assert not a.done(), "team a finished first: the test measured nothing"
-            assert waited < 1.2  # one ~80 ms sample, not the rest of a chunk nor a restart
-            assert statuses(await a) == ["OK"] * 60
-            assert runner.worker_pids() == pids  # given back, not killed
-        finally:
-            runner.close()
+    async def body(runner: RuleRunner) -> None:
+        pids = runner.worker_pids()
+        samples = [Sample(f"m{i}", medium) for i in range(60)]  # 2 chunks of ~2.4 s
+        deadline = time.monotonic() + 60
+        call = runner.run(json_quick(), samples, timeout_s=5, deadline=deadline, team="a")
+        a = asyncio.ensure_future(call)
+        await until(lambda: runner._pool.held.get("a") == 2, what="team a on both workers")
+        waited = await team_b_quick(runner)
+        assert not a.done(), "team a finished first: the test measured nothing"
+        assert waited < 1.2  # one ~80 ms sample, not the rest of a chunk nor a restart
+        assert statuses(await a) == ["OK"] * 60
+        assert runner.worker_pids() == pids  # given back, not killed
 
-    asyncio.run(body())
+    with_runner(2, body)
 
 
 @pytest.mark.slow  # holds the rule pool's workers: seconds
 def test_a_team_alone_still_uses_the_pool() -> None:
-    """A call's chunks of one team go to every worker and all finish."""
+    """A call's chunks of one team go to every worker at once and all finish."""
     scorer = json_quick()
+    medium = json.dumps([{"a": i} for i in range(200)])  # ~40 ms of CPU each
 
+    async def body(runner: RuleRunner) -> None:
+        call = runner.run(
+            scorer, [Sample(f"m{i}", medium) for i in range(16)], timeout_s=5,
+            deadline=time.monotonic() + 30, team="a",
+        )  # fmt: skip
+        both = asyncio.ensure_future(call)
+        await until(lambda: runner._pool.held.get("a") == 2, what="team a on both workers")
+        assert statuses(await both) == ["OK"] * 16
+        samples = [Sample(f"s{i}", "[1, 2]" if i % 2 else "[1, 1]") for i in range(300)]
+        got = await runner.run(
+            scorer, samples, timeout_s=5, deadline=time.monotonic() + 30, team="a"
+        )
+        assert [o.raw for o, _ in got] == [1.0 if i % 2 else 0.0 for i in range(300)]
+
+    with_runner(2, body)
+
+
+class Stand:
+    """A worker as the pool sees it: whether it is asked back now, and how often it was."""
+
+    def __init__(self) -> None:
+        self.wanted = False
+        self.asked: list[float] = []
+
+    def give_back(self, grace_s: float) -> None:
+        self.wanted = True
+        self.asked.append(grace_s)
+
+    def keep(self) -> None:
+        self.wanted = False
+
+
+def stands(pool: _Pool, n: int) -> list[Stand]:
+    made = [Stand() for _ in range(n)]
+    for w in made:
+        pool.expect()
+        pool.add(cast(Worker, w))
+    return made
+
+
+def test_a_team_holding_several_gives_one_back_to_a_team_holding_none() -> None:
     async def body() -> None:
-        runner = RuleRunner(2)
-        try:
-            await runner.warm_up()
-            samples = [Sample(f"s{i}", "[1, 2]" if i % 2 else "[1, 1]") for i in range(300)]
-            got = await runner.run(
-                scorer, samples, timeout_s=5, deadline=time.monotonic() + 30, team="a"
-            )
-            assert [o.raw for o, _ in got] == [1.0 if i % 2 else 0.0 for i in range(300)]
-        finally:
-            runner.close()
+        pool = _Pool()
+        stands(pool, 2)
+        first = cast(Stand, await pool.acquire("a", 1))
+        second = cast(Stand, await pool.acquire("a", 1))  # a team alone takes every worker
+        assert pool.held == {"a": 2} and not first.asked and not second.asked
+        b = asyncio.ensure_future(pool.acquire("b", 5))
+        await asyncio.sleep(0)
+        asked = [w for w in (first, second) if w.wanted]
+        assert len(asked) == 1 and asked[0].asked == [RECLAIM_GRACE_S]  # one, not both
+        other = second if asked[0] is first else first
+        pool.release("a", cast(Worker, other), reuse=True)  # another frees first: b takes it
+        assert await b is other
+        assert not asked[0].wanted and pool.reclaiming == set()  # the ask is withdrawn
+        assert pool.held == {"a": 1, "b": 1}
+        c = asyncio.ensure_future(pool.acquire("c", 0.2))  # everyone holds one: nobody gives
+        assert await c is None and len(asked[0].asked) == 1 and not other.asked
 
     asyncio.run(body())
 
 
-class Stand:
-    """A worker as the pool sees it: it only records being asked back."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.asked: list[float] = []
-
-    def give_back(self, grace_s: float) -> None:
-        self.asked.append(grace_s)
-
-
-def test_the_pool_lends_the_last_worker_and_asks_it_back() -> None:
+def test_no_worker_is_asked_back_while_one_is_starting() -> None:
     async def body() -> None:
         pool = _Pool()
-        one, two = Stand("one"), Stand("two")
-        for w in (one, two):
-            pool.add(cast(Worker, w))
-        first = await pool.acquire("a", 1)
-        second = await pool.acquire("a", 1)  # a team alone takes the last one too: a loan
-        assert {first, second} == {one, two} and pool.loans == {second: "a"}
-        assert one.asked == two.asked == []
+        stands(pool, 2)
+        held = [cast(Stand, await pool.acquire("a", 1)) for _ in range(2)]
+        pool.expect()  # a replacement is starting
         b = asyncio.ensure_future(pool.acquire("b", 5))
         await asyncio.sleep(0)
-        assert cast(Stand, second).asked == [RECLAIM_GRACE_S]  # the loan, not the other
-        assert cast(Stand, first).asked == []
-        c = asyncio.ensure_future(pool.acquire("a", 5))  # team a waits too: b goes first
+        assert not any(w.asked for w in held)
+        new = Stand()
+        pool.add(cast(Worker, new))
+        assert await b is new
+
+    asyncio.run(body())
+
+
+def test_a_chunk_once_reclaimed_keeps_its_worker() -> None:
+    """A chunk whose sample was killed to give its worker back takes only a worker within its
+    team's old share and is never asked back; the team's other worker is."""
+
+    async def body() -> None:
+        pool = _Pool()
+        stands(pool, 2)
+        kept = cast(Stand, await pool.acquire("a", 1, kept=True))
+        later = asyncio.ensure_future(pool.acquire("a", 0.2, kept=True))  # not the last free
+        assert await later is None
+        plain = cast(Stand, await pool.acquire("a", 1))  # a plain chunk may take it
+        b = asyncio.ensure_future(pool.acquire("b", 5))
         await asyncio.sleep(0)
-        assert second is not None
-        pool.release("a", second, reuse=True)  # the loan came back
-        assert await b is second and not c.done()
-        assert pool.loans == {} and pool.reclaiming == set() and pool.held == {"a": 1, "b": 1}
-        assert first is not None
-        pool.release("a", first, reuse=True)  # c: not a loan (a holds none now)
-        assert await c is first and pool.loans == {}
-        d = asyncio.ensure_future(pool.acquire("b", 0.2))  # b holds one: no loan asked back
-        assert await d is None and cast(Stand, first).asked == []
+        assert plain.wanted and not kept.asked
+        pool.release("a", cast(Worker, plain), reuse=True)  # it yielded
+        assert await b is plain and pool.kept == {cast(Worker, kept)}
 
     asyncio.run(body())
 
