@@ -13,12 +13,13 @@ work.
 
 Workers are shared fairly between teams (`_Pool`) without leaving one idle while a team waits:
 a free worker goes to the waiting team that holds the fewest. When a team that holds none comes
-and finds none free, a team holding several gives one back (`Worker.give_back`): the worker
-stops before its next sample and the rest of that chunk queues again, or, if its sample still
-runs RECLAIM_GRACE_S later, it is killed and the sample scored again elsewhere. So one team's
-slow samples (a spec may set a per-sample timeout of minutes) cannot queue every other team's
-chunks behind them, and a team alone uses every worker. A call's samples are split between the
-workers (chunks of at least MIN_CHUNK).
+and finds none free (nor starting), a team holding several gives one back (`Worker.give_back`):
+the worker stops before its next sample and the rest of that chunk queues again, or, if its
+sample still runs RECLAIM_GRACE_S later, it is killed and the sample scored again elsewhere. So
+one team's slow samples (a spec may set a per-sample timeout of minutes) cannot queue every
+other team's chunks behind them: a team holding none waits about a sample, or RECLAIM_GRACE_S
+plus a worker's start (1-2 s), while workers starting count as its own. A team alone uses every
+worker. A call's samples are split between the workers (chunks of at least MIN_CHUNK).
 
 A thread cannot be killed: with zero workers an overrunning chunk comes back TIMEOUT but keeps
 its thread (and a CPU) busy until it ends.
@@ -59,7 +60,7 @@ INLINE_MAX_CHARS = 64 * 1024
 # message each way (about 0.1 ms) and a worker wake-up.
 MIN_CHUNK = 4
 # A worker asked back whose sample still runs this much later is killed (and replaced): the wait
-# of a team that holds no worker is bounded by this plus a worker's start (~1 s).
+# of a team that holds no worker is bounded by this plus a worker's start (1-2 s).
 RECLAIM_GRACE_S = 0.5
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
@@ -99,31 +100,27 @@ def _fill(results: list[Result | None], missing: Result) -> list[Result]:
 class _Pool:
     """Ready workers, the teams waiting for one and who holds which; runs on the event loop
     only. A free worker goes to the waiting team holding the fewest; none stays idle while a
-    team waits. When a team holding none waits and none is free (nor starting), a worker of the
-    team holding the most, among teams holding several, is asked back (`Worker.give_back`),
-    one per such waiting team; asks no longer needed are withdrawn. A chunk that lost its worker
-    that way once acquires only within the old share (never the last free worker while its team
-    holds another), and its worker is never asked back: no sample is killed twice for another
-    team."""
+    team waits. When a team holding none waits and none is free (nor starting), a team holding
+    several gives one back (`Worker.give_back`), the team holding the most first, its most
+    recently handed-out worker first; one per such waiting team, and asks no longer needed are
+    withdrawn. A chunk that lost its worker that way (its sample killed) runs on a worker that
+    is not asked back again, one such worker per team (the one a team always keeps)."""
 
     def __init__(self) -> None:
         self.free: list[Worker] = []
         self.held: dict[str, int] = {}  # workers each team is using now
-        self.busy: dict[Worker, str] = {}  # worker -> the team using it
+        self.busy: dict[Worker, str] = {}  # worker -> the team using it, in hand-out order
         self.kept: set[Worker] = set()  # busy with a chunk that must not be asked back
         self.reclaiming: set[Worker] = set()  # asked back, not released yet
-        self.coming = 0  # workers starting (each ends in add())
+        self.coming = 0  # workers starting (expect() .. add() or gave_up())
         # Waiting calls per team (with their `kept`); dict order is the order teams are served
         # in on a tie.
         self.waiting: dict[str, deque[tuple[asyncio.Future[Worker | None], bool]]] = {}
         self.closed = False
 
-    def _may_take(self, team: str, kept: bool) -> bool:
-        return bool(self.free) and (not kept or len(self.free) > 1 or not self.held.get(team))
-
     def _dispatch(self) -> None:
-        while teams := [t for t, q in self.waiting.items() if self._may_take(t, q[0][1])]:
-            team = min(teams, key=lambda t: self.held.get(t, 0))
+        while self.free and self.waiting:
+            team = min(self.waiting, key=lambda t: self.held.get(t, 0))
             queue = self.waiting.pop(team)
             future, kept = queue.popleft()
             if queue:
@@ -132,9 +129,9 @@ class _Pool:
                 continue
             worker = self.free.pop()
             worker.keep()  # whatever was asked of it before
-            self.busy[worker] = team
-            if kept:
+            if kept and not any(self.busy[w] == team for w in self.kept):
                 self.kept.add(worker)
+            self.busy[worker] = team
             self.held[team] = self.held.get(team, 0) + 1
             future.set_result(worker)
         self._reclaim()
@@ -151,13 +148,13 @@ class _Pool:
         asked = {t: 0 for t in self.held}
         for worker in self.reclaiming:
             asked[self.busy[worker]] += 1
-        # The team holding the most gives first, and each keeps at least one.
-        for worker, team in sorted(self.busy.items(), key=lambda wt: -self.held[wt[1]]):
+        newest_first = reversed(list(self.busy.items()))  # the least work lost
+        for worker, team in sorted(newest_first, key=lambda wt: -self.held[wt[1]]):
             if owed <= 0:
                 return
             if worker in self.kept or worker in self.reclaiming:
                 continue
-            if self.held[team] - asked[team] > 1:
+            if self.held[team] - asked[team] > 1:  # each team keeps one
                 asked[team] += 1
                 self.reclaiming.add(worker)
                 worker.give_back(RECLAIM_GRACE_S)
@@ -207,11 +204,18 @@ class _Pool:
         self._dispatch()
 
     def expect(self) -> None:
-        """A worker is starting; add() follows."""
+        """A worker is starting (a replacement: before the old one's release); add() or
+        gave_up() follows."""
         self.coming += 1
 
-    def add(self, worker: Worker) -> None:
-        self.coming = max(self.coming - 1, 0)
+    def gave_up(self) -> None:
+        """A start failed: it is retried, but no longer counted as coming."""
+        self.coming -= 1
+        self._reclaim()
+
+    def add(self, worker: Worker, *, expected: bool = True) -> None:
+        if expected:
+            self.coming -= 1
         if self.closed:
             return
         self.free.append(worker)
@@ -322,10 +326,12 @@ class RuleRunner:
             for _ in range(self._workers):
                 self._start_one()
 
-    def _start_one(self) -> None:
+    def _start_one(self, *, expected: bool = False) -> None:
+        """Start a worker; `expected`: already counted by the pool (`_Pool.expect`)."""
         if self._closed:
             return
-        self._pool.expect()
+        if not expected:
+            self._pool.expect()
         task = asyncio.get_running_loop().create_task(self._spawn())
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
@@ -333,12 +339,16 @@ class RuleRunner:
     async def _spawn(self) -> None:
         """Start a worker and offer it once ready; on failure wait and try again."""
         loop = asyncio.get_running_loop()
+        counted = True  # in the pool's `coming` until it fails once
         while not self._closed:
             started = time.monotonic()
             try:
                 worker = Worker(self._context)
             except Exception:  # out of processes or memory: try again later
                 log.exception("rule_worker_spawn_failed")
+                if counted:
+                    self._pool.gave_up()
+                    counted = False
                 await asyncio.sleep(RESTART_DELAY_S)
                 continue
             self._live.add(worker)
@@ -346,10 +356,13 @@ class RuleRunner:
             if ready and not self._closed:
                 seconds = round(time.monotonic() - started, 3)
                 log.info("rule_worker_started", pid=worker.pid, seconds=seconds)
-                self._pool.add(worker)
+                self._pool.add(worker, expected=counted)
                 return
             log.error("rule_worker_start_failed", pid=worker.pid, exitcode=worker.process.exitcode)
             self._retire(worker)
+            if counted:
+                self._pool.gave_up()
+                counted = False
             await asyncio.sleep(RESTART_DELAY_S)
 
     def _retire(self, worker: Worker) -> None:
@@ -359,9 +372,9 @@ class RuleRunner:
         if not self._closed:
             self._io.submit(worker.reap)
 
-    def _replace(self, worker: Worker) -> None:
+    def _replace(self, worker: Worker, *, expected: bool = False) -> None:
         self._retire(worker)
-        self._start_one()
+        self._start_one(expected=expected)
 
     async def _in_workers(
         self, payload: bytes, chunk: Sequence[Sample], timeout_s: float, deadline: float, team: str
@@ -413,18 +426,19 @@ class RuleRunner:
             # The caller went away mid-chunk: nobody wants the rest of this work. The call sees
             # the worker die and ends; then nothing uses its pipe any more.
             worker.kill()
+            self._pool.expect()  # its replacement, counted before the release asks for more
             self._pool.release(team, worker, reuse=False)
-            call.add_done_callback(lambda _: self._replace(worker))
+            call.add_done_callback(lambda _: self._replace(worker, expected=True))
             raise
         alive = reply.stop in (Stop.DONE, Stop.YIELDED)
         if alive and not self._closed:
             self._pool.release(team, worker, reuse=True)
         else:
-            self._pool.release(team, worker, reuse=False)
             if not alive:
                 log.warning(
                     "rule_worker_killed", pid=worker.pid, why=reply.stop.value,
                     done=len(reply.results), running=reply.running,
                 )  # fmt: skip
-            self._replace(worker)
+            self._replace(worker)  # the replacement is counted before the release
+            self._pool.release(team, worker, reuse=False)
         return reply

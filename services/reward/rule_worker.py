@@ -14,10 +14,10 @@ it shares with the server before scoring it. The server sleeps until the running
 plus its timeout (or the deadline), then reads which sample that is. A killed worker loses the
 results it had not sent yet (under FLUSH_S of work): those samples are scored again elsewhere.
 
-The server can also ask for a worker back mid-chunk (`Worker.give_back`, when the pool lent it
-to a team past its share and another team waits): a flag in shared memory the worker reads
-before each sample. It then sends what it has and YIELDED, and takes the next chunk; one whose
-sample is still running a grace period later is killed instead (Stop.RECLAIMED).
+The server can also ask for a worker back mid-chunk (`Worker.give_back`: a team holding several
+gives one to a team holding none): a flag in shared memory the worker reads before each sample.
+It then sends what it has and YIELDED, and takes the next chunk; one whose sample is still
+running a grace period later is killed instead (Stop.RECLAIMED).
 """
 
 from __future__ import annotations

@@ -64,8 +64,8 @@ async def cancel(tasks: list[asyncio.Future[Any]]) -> None:
 @pytest.mark.slow  # holds the rule pool's workers: seconds
 def test_one_team_cannot_hold_every_rule_worker() -> None:
     """Team a's samples each run to a long per-sample timeout (a spec may ask for minutes) on
-    both workers (the second on loan); team b's quick sample gets the loan back (its worker
-    killed after the grace period and replaced) instead of waiting out its deadline."""
+    both workers; team b's quick sample gets one of them back (its worker killed after the
+    grace period and replaced) instead of waiting out its deadline."""
     slow = json_scorer(UNIQUE, timeout_s=60)
 
     async def body(runner: RuleRunner) -> None:
@@ -212,21 +212,49 @@ def test_no_worker_is_asked_back_while_one_is_starting() -> None:
 
 
 def test_a_chunk_once_reclaimed_keeps_its_worker() -> None:
-    """A chunk whose sample was killed to give its worker back takes only a worker within its
-    team's old share and is never asked back; the team's other worker is."""
+    """A chunk whose sample was killed to give its worker back is not asked back again (one
+    such worker per team); the team's other workers are, the most recently handed out first."""
 
     async def body() -> None:
         pool = _Pool()
-        stands(pool, 2)
+        stands(pool, 3)
         kept = cast(Stand, await pool.acquire("a", 1, kept=True))
-        later = asyncio.ensure_future(pool.acquire("a", 0.2, kept=True))  # not the last free
-        assert await later is None
-        plain = cast(Stand, await pool.acquire("a", 1))  # a plain chunk may take it
+        second = cast(Stand, await pool.acquire("a", 1, kept=True))  # a's kept one is taken
+        third = cast(Stand, await pool.acquire("a", 1))  # the last free one: no worker idles
+        assert pool.kept == {cast(Worker, kept)} and pool.held == {"a": 3}
         b = asyncio.ensure_future(pool.acquire("b", 5))
         await asyncio.sleep(0)
-        assert plain.wanted and not kept.asked
-        pool.release("a", cast(Worker, plain), reuse=True)  # it yielded
-        assert await b is plain and pool.kept == {cast(Worker, kept)}
+        assert third.wanted and not second.asked and not kept.asked  # the newest first
+        c = asyncio.ensure_future(pool.acquire("c", 5))
+        await asyncio.sleep(0)
+        assert second.wanted and not kept.asked  # then the next; a keeps its kept one
+        pool.release("a", cast(Worker, third), reuse=True)  # it yielded
+        pool.release("a", cast(Worker, second), reuse=True)
+        assert {await b, await c} == {third, second} and pool.held == {"a": 1, "b": 1, "c": 1}
+        d = asyncio.ensure_future(pool.acquire("d", 0.2))  # a holds one: it keeps it
+        assert await d is None and not kept.asked
+
+    asyncio.run(body())
+
+
+def test_a_replacement_starting_is_counted_before_the_release() -> None:
+    """A worker killed while asked back (here: at its request's deadline) is replaced; the
+    waiting team is owed that replacement, so no second worker is asked back meanwhile."""
+
+    async def body() -> None:
+        pool = _Pool()
+        stands(pool, 3)
+        held = [cast(Stand, await pool.acquire("a", 1)) for _ in range(3)]
+        b = asyncio.ensure_future(pool.acquire("b", 5))
+        await asyncio.sleep(0)
+        asked = [w for w in held if w.wanted]
+        assert len(asked) == 1
+        pool.expect()  # what RuleRunner._call does before releasing a worker it replaces
+        pool.release("a", cast(Worker, asked[0]), reuse=False)
+        assert [w for w in held if w.asked] == asked  # nobody else asked
+        new = Stand()
+        pool.add(cast(Worker, new))
+        assert await b is new
 
     asyncio.run(body())
 
