@@ -7,6 +7,7 @@ Uploads are staged in a local file, verified, then `put`; nothing is visible bef
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import shutil
@@ -25,6 +26,10 @@ CACHE = "cache"  # S3 blobs downloaded for seeking, under the staging folder
 
 
 class BlobStore(Protocol):
+    # True when `put` makes the staged file itself the blob (fsync, then rename): its bytes are
+    # then worth sending to disk while the upload goes on (`start_writeback`).
+    adopts_staged: bool
+
     def staging_dir(self) -> Path:
         """A local folder for staged uploads, on the same filesystem when possible."""
         ...
@@ -46,6 +51,26 @@ class BlobStore(Protocol):
     def close(self) -> None:
         """Release the staging folder (the process is stopping)."""
         ...
+
+
+def _sync_file_range() -> Any:
+    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages, do not wait
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing `length` bytes of `fd` from `offset` to disk without waiting for it
+    (Linux's sync_file_range), so the fsync before a staged file becomes a blob finds little
+    left to write: that fsync was 0.06-0.12 s of a 0.5 s 200 MB upload, after its last byte.
+    A no-op where the call does not exist; errors are ignored (the fsync still decides)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 class Staging:
@@ -84,6 +109,8 @@ class Staging:
 
 class LocalBlobStore:
     """Blobs under `root/ab/abcdef...`; writes land by atomic rename."""
+
+    adopts_staged = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -125,6 +152,8 @@ class LocalBlobStore:
 
 class S3BlobStore:
     """Blobs in an S3-compatible bucket under `prefix/`; uploads stage on local disk."""
+
+    adopts_staged = False  # staged files are copied to the bucket, then deleted
 
     def __init__(self, bucket: str, prefix: str, staging: Path, endpoint_url: str | None) -> None:
         import boto3

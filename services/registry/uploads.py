@@ -22,7 +22,7 @@ from services.common.errors import (
     field_error,
 )
 from services.registry import models
-from services.registry.blobs import remove_tree
+from services.registry.blobs import remove_tree, start_writeback
 from services.registry.domain import BaseRevisionGone, DatasetHeader, ModelHeader, Revision
 from services.specs.names import Collection, parse_resource
 from tlm.common.v1 import common_pb2
@@ -123,7 +123,11 @@ class StagedFiles:
     hashed in a thread of its own while it is written (both release the GIL): sha256 costs as
     much as the write, so doing them one after the other halves the upload rate."""
 
-    def __init__(self, staging_root: Path, manifest: registry_pb2.Manifest) -> None:
+    def __init__(
+        self, staging_root: Path, manifest: registry_pb2.Manifest, *, write_back: bool = False
+    ) -> None:
+        """`write_back`: send each chunk on to disk as it is written (`start_writeback`)."""
+        self.write_back = write_back
         self.root = Path(tempfile.mkdtemp(dir=staging_root, prefix="upload-"))
         self.files = {e.path: _File(e, self.root / "files" / e.path) for e in manifest.files}
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tlm-upload-hash")
@@ -151,6 +155,9 @@ class StagedFiles:
             f.hashing.result()  # at most one chunk is hashed behind the writes
         f.hashing = self._hasher.submit(f.digest.update, data)
         f.handle.write(data)
+        if self.write_back:
+            f.handle.flush()
+            start_writeback(f.handle.fileno(), f.written, len(data))
         f.written += len(data)
 
     def _take_digest(self, f: _File, size: int, sha256: str) -> None:
@@ -244,7 +251,9 @@ class ModelUpload:
         self.done = registry.store.find_request(
             team, Collection.MODELS, model_id, header.request_id
         )
-        self.staged = StagedFiles(registry.blobs.staging_dir(), header.manifest)
+        self.staged = StagedFiles(
+            registry.blobs.staging_dir(), header.manifest, write_back=registry.blobs.adopts_staged
+        )
 
     @classmethod
     def begin(cls, registry: Registry, team: str, header: ModelHeader) -> ModelUpload:
@@ -346,6 +355,7 @@ class DatasetUpload:
         entry = registry_pb2.ArtifactFile(
             path=DATA_FILE, size_bytes=header.size_bytes, sha256=header.sha256
         )
+        # Not written back: the blob is the validated copy of these bytes, not the file itself.
         self.staged = StagedFiles(
             registry.blobs.staging_dir(), registry_pb2.Manifest(files=[entry])
         )

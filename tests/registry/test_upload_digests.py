@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.registry import blobs
 from services.registry.client import folder_manifest
+from services.registry.uploads import StagedFiles
 from tests.registry.conftest import A, Registry, details, unique
 from tests.registry.test_models import download
 from tlm.registry.v1 import registry_pb2 as pb
@@ -174,3 +177,21 @@ def test_a_malformed_manifest_digest_names_the_field(registry: Registry, model: 
             iter([pb.UploadModelRevisionRequest(header=header)]), metadata=A
         )
     assert details(err.value)[1][0][0] == "header.manifest.files[1].sha256"
+
+
+def test_staged_model_bytes_go_to_disk_while_the_upload_runs(tmp_path: Path) -> None:
+    """The local blob store adopts the staged file (fsync, rename), so its chunks' writeback
+    starts as they are written (Linux sync_file_range); the bytes staged are the bytes sent.
+    S3 staging and dataset uploads (the blob is a validated copy) do not write back."""
+    assert sys.platform != "linux" or blobs._SYNC_FILE_RANGE is not None  # not a silent no-op
+    assert blobs.LocalBlobStore.adopts_staged and not blobs.S3BlobStore.adopts_staged
+    data = [os.urandom(CHUNK), os.urandom(CHUNK // 2)]
+    entry = pb.ArtifactFile(path="w.bin", size_bytes=sum(len(d) for d in data))
+    staged = StagedFiles(tmp_path, pb.Manifest(files=[entry]), write_back=True)
+    try:
+        staged.write("w.bin", 0, data[0])
+        staged.write("w.bin", len(data[0]), data[1], hashlib.sha256(b"".join(data)).hexdigest())
+        folder = staged.finish()
+        assert (folder / "w.bin").read_bytes() == b"".join(data)
+    finally:
+        staged.cleanup()
