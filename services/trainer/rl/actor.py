@@ -151,6 +151,26 @@ class Means:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
+def optimizer_step(models: list[ShardedTraining], max_grad_norm: float) -> float:
+    """The one optimizer step of every model trained here (the actor alone, or PPO's actor and
+    critic together): unscale each one's gradients, clip their norm together (TRL's PPO clips
+    its policy-and-value wrapper as one model), step each optimizer and schedule, then tell each
+    model it `changed`. Returns the norm before clipping (over every rank's shards)."""
+    parameters = []
+    for m in models:
+        m.scaler.unscale_(m.optimizer)  # clip the true gradient
+        parameters += m.trainable_parameters()
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+    if hasattr(norm, "full_tensor"):  # sharded gradients: the norm over every rank's shards
+        norm = norm.full_tensor()
+    for m in models:
+        m.scaler.step(m.optimizer)  # skipped when fp16 gradients overflowed
+        m.scaler.update()
+        m.scheduler.step()
+        m.changed()
+    return float(norm)
+
+
 class ShardedTraining:
     """A model being trained (Actor, Critic: `model`, `optimizer`, `scheduler`, `scaler`,
     `group`, `sharded`, `checkpoints`, `_kept`) and its resume state: `training_state` for a
@@ -167,6 +187,12 @@ class ShardedTraining:
     sharded: bool
     checkpoints: Path | None
     _kept: str
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def changed(self) -> None:
+        """Its weights changed (`optimizer_step`); nothing cached from them by default."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs (`training_state`); sharded, the weights and optimizer state go
@@ -313,13 +339,11 @@ class Actor(ShardedTraining):
         the first step (TRL on policy), taken from the first forward pass: no extra pass."""
         assert self.optimizer is not None and self.scaler is not None, "configure_optimizer first"
         with lead(self.group, Command.UPDATE, batch, advantages, objective):  # rank 0 sends it
-            update = self._update(batch, advantages, objective)
-            self.changed()
-        return update
+            return self._update(batch, advantages, objective)
 
     def changed(self) -> None:
-        """The weights changed (an update: this actor's own, or PPO's learner's): a new version,
-        gathered again when exported or pushed."""
+        """After each optimizer step (`optimizer_step`): a new version, gathered again when
+        exported or pushed."""
         self._gathered = None
 
     def _update(
@@ -353,7 +377,7 @@ class Actor(ShardedTraining):
             )
             if group is not None and not self.sharded:  # FSDP summed them in backward
                 group.reduce_gradients(self.trainable_parameters())
-            grad_norm = self._step()
+            grad_norm = optimizer_step([self], self.max_grad_norm)
             # This rank's part of the batch's loss: the parts add up to it over the ranks.
             stats.add("loss", loss * ranks, 1.0 / ranks)
         if group is not None:
@@ -401,20 +425,6 @@ class Actor(ShardedTraining):
         for name, hit in (("low", low), ("high", high), ("region", low | high)):
             value = float((hit.float() * mask).sum()) / max(tokens, 1.0)
             stats.add(f"clip_ratio/{name}", value, tokens)
-
-    def _step(self) -> float:
-        """Unscale, clip the gradient norm, step optimizer and schedule; returns the norm."""
-        assert self.optimizer is not None and self.scaler is not None
-        self.scaler.unscale_(self.optimizer)  # clip the true gradient
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.trainable_parameters(), self.max_grad_norm or float("inf")
-        )
-        if hasattr(norm, "full_tensor"):  # sharded gradients: the norm over every shard
-            norm = norm.full_tensor()
-        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
-        self.scaler.update()
-        self.scheduler.step()
-        return float(norm)
 
     # State -------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from services.trainer.rl import algos, ppo_algos
-from services.trainer.rl.actor import Actor, Means
+from services.trainer.rl.actor import Actor, Means, optimizer_step
 from services.trainer.rl.batch import TokenBatch, Trajectories
 from services.trainer.rl.critic import Critic
 from services.trainer.rl.group import (
@@ -113,25 +113,6 @@ def select(batch: TokenBatch, index: torch.Tensor) -> TokenBatch:
     )
 
 
-def joint_step(models: list[Any], max_grad_norm: float) -> float:
-    """Unscale each model's gradients, clip their norm together (TRL's PPO clips its
-    policy-and-value wrapper as one model), step each optimizer and schedule. `models` have
-    `optimizer`, `scaler`, `scheduler` and `trainable_parameters()` (Actor, Critic). Returns
-    the norm before clipping."""
-    parameters = []
-    for m in models:
-        m.scaler.unscale_(m.optimizer)
-        parameters += m.trainable_parameters()
-    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
-    if hasattr(norm, "full_tensor"):  # sharded gradients: the norm over every rank's shards
-        norm = norm.full_tensor()
-    for m in models:
-        m.scaler.step(m.optimizer)  # skipped when fp16 gradients overflowed
-        m.scaler.update()
-        m.scheduler.step()
-    return float(norm)
-
-
 class PpoLearner:
     """The critic, the KL controller and the update; its state goes in the resume state."""
 
@@ -173,9 +154,7 @@ class PpoLearner:
     def train(self, actor: Actor, batch: TokenBatch, scores: torch.Tensor) -> dict[str, float]:
         """`learn` on the batch's scores (N,): what every rank of a group runs."""
         with lead(self.group, Command.PPO_LEARN, batch, scores, self.kl.value, self.batches):
-            metrics = self._train(actor, batch, scores)
-            actor.changed()  # a sharded actor's next export or push gathers the new weights
-        return metrics
+            return self._train(actor, batch, scores)
 
     def _train(self, actor: Actor, batch: TokenBatch, scores: torch.Tensor) -> dict[str, float]:
         assert actor.scheduler is not None and self.critic.scheduler is not None
@@ -254,7 +233,7 @@ class PpoLearner:
             group.reduce_gradients(
                 actor.trainable_parameters() + self.critic.trainable_parameters()
             )
-        return joint_step([actor, self.critic], self.config.max_grad_norm)
+        return optimizer_step([actor, self.critic], self.config.max_grad_norm)
 
     def _accumulate(
         self,
