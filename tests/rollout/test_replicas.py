@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -190,30 +191,37 @@ def test_bad_pushes_name_the_field(replicas: list[Stub], tiny_model_dir: Path) -
     assert list(status(stub).cached_models) == []  # nothing refused was kept
 
 
+def pushing(pusher: Any, model: Any, job: str, keep: bool = False) -> Any:
+    """A PushPublisher of `model`'s full weights that pushes at every step (never uploads)."""
+    from services.trainer.rl.weight_sync import PushPublisher, actor_payload
+
+    async def no_upload(folder: Path, request_id: str) -> str:
+        raise AssertionError("a push step made a registry revision")
+
+    return PushPublisher(
+        pusher,
+        no_upload,
+        lambda policy, step, copy: actor_payload(model, False, policy, step, MODEL, copy=copy),
+        MODEL,
+        False,
+        job,
+        lambda step: False,
+        keep_pushed=keep,
+    )
+
+
 async def test_the_trainer_pushes_to_every_replica_and_again_to_one_that_lacks_it(
     rollout_server: RolloutServerFactory, weights: LocalWeights, tiny_model_dir: Path
 ) -> None:
     """PushPublisher over an `ipv4:` list reaches both replicas; when the address later means a
     replica that never got the push (autoscaling, a restart), Generate there is WRONG_STATE and
     `serve` (what the controller calls on a lost policy) resolves again and pushes to it."""
-    from services.trainer.rl.weight_sync import PushPublisher, WeightPusher, actor_payload
+    from services.trainer.rl.weight_sync import WeightPusher
 
     a, b, c = rollout_server(), rollout_server(), rollout_server()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     pusher = WeightPusher(f"ipv4:{a.address},{b.address}", ())
-
-    async def no_upload(folder: Path, request_id: str) -> str:
-        raise AssertionError("a push step made a registry revision")
-
-    publisher = PushPublisher(
-        pusher,
-        no_upload,
-        lambda policy, step: actor_payload(model, False, policy, step, MODEL),
-        MODEL,
-        False,
-        "j4",
-        lambda step: False,
-    )
+    publisher = pushing(pusher, model, "j4")
     try:
         assert (await publisher.serve(None)).version == MODEL  # warmed up on both
         policy = await publisher.publish(Path("unused"), 1)
@@ -235,3 +243,39 @@ async def test_the_trainer_pushes_to_every_replica_and_again_to_one_that_lacks_i
         assert [r.address for r in pusher.replicas()] == [a.address, c.address]
     finally:
         await pusher.close()
+
+
+async def test_a_lost_push_is_served_again_with_its_own_weights_when_the_actor_moved_on(
+    rollout_server: RolloutServerFactory, tiny_model_dir: Path
+) -> None:
+    """One step ahead (max_policy_lag 1) the actor trains on while its last push is served: a
+    replica that lost that push must get those weights again, not the actor's newer ones under
+    the old name (`keep_pushed`). Without it, a synchronous job pushes the actor as it is."""
+    from services.trainer.rl.weight_sync import WeightPusher
+
+    a, b = rollout_server(), rollout_server()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    def served(server: Any, version: str) -> tuple[list[int], list[float]]:
+        """The greedy completion's tokens and their log-probs (weights change these)."""
+        with grpc.insecure_channel(server.address) as channel:
+            (done,) = completions(Stub(channel), greedy(version))
+            assert done.policy_version == version
+            return list(done.token_ids), list(done.logprobs)
+
+    for keep in (True, False):
+        pusher = WeightPusher(f"ipv4:{a.address}", ())
+        publisher = pushing(pusher, model, f"j5{keep}", keep)
+        try:
+            policy = await publisher.publish(Path("unused"), 1)
+            first, logprobs = served(a, policy.version)
+            with torch.no_grad():  # the actor's next update, in place
+                for weight in model.parameters():
+                    weight.add_(torch.randn_like(weight))
+            pusher.address = f"ipv4:{a.address},{b.address}"  # b never had it
+            assert await publisher.serve(policy) == policy
+            again, relogprobs = served(b, policy.version)
+            same = again == first and relogprobs == pytest.approx(logprobs, abs=1e-5)
+            assert same is keep
+        finally:
+            await pusher.close()

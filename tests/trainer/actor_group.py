@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> None:
         len(CASES),
         actor.gathered if actor.sharded else None,
     )
-    pushed = publisher.weights(publisher.policy, len(CASES)).tensors
+    pushed = publisher.weights(publisher.policy, len(CASES), False).tensors
     sharded = any(type(p).__name__ == "DTensor" for p in actor.model.parameters())
     if group is not None:
         group.stop()

@@ -95,10 +95,12 @@ def actor_payload(
     step: int,
     base_model: str,
     state: dict[str, torch.Tensor] | None = None,
+    copy: bool = False,
 ) -> Payload:
     """The actor's weights as a push: the LoRA tensors and adapter config (as peft saves them),
     or every tensor of the full state dict (shared tensors once, by their first name). `state`:
-    the weights of a sharded model, gathered (`Actor.gathered`), in place of its own."""
+    the weights of a sharded model, gathered (`Actor.gathered`), in place of its own. `copy`:
+    tensors of their own even where the model's are on the CPU already (else the live ones)."""
     if lora:
         from peft import get_peft_model_state_dict
 
@@ -115,7 +117,7 @@ def actor_payload(
                 tensors[name] = tensor
         config_json = ""
     header = PushHeader(policy, step, base_model, lora, config_json, len(tensors))
-    return Payload(header, {k: v.detach().to(CPU_DEVICE) for k, v in tensors.items()})
+    return Payload(header, {k: v.detach().to(CPU_DEVICE, copy=copy) for k, v in tensors.items()})
 
 
 class WeightPusher:
@@ -154,22 +156,32 @@ class WeightPusher:
 
 class PushPublisher:
     """The PolicyPublisher of online jobs: a push to the replicas at each sync, a registry
-    revision (by `upload`) at the steps `registry_step` says, warmed up on every replica."""
+    revision (by `upload`) at the steps `registry_step` says, warmed up on every replica.
+
+    `keep_pushed` (one step ahead: max_policy_lag 1): the last push's weights are kept, as a
+    copy, until the next publication, so that a replica that lost them gets those weights again
+    and not the actor's newer ones under the old name. It costs a host copy of what is pushed
+    (the whole model with full tuning, the adapters with LoRA); a synchronous job's actor has
+    not moved since its last publication, so it pushes the actor as it is."""
 
     def __init__(
         self,
         pusher: WeightPusher,
         upload: Callable[[Path, str], Awaitable[str]],
-        weights: Callable[[str, int], Payload],
+        weights: Callable[[str, int, bool], Payload],
         base_model: str,
         lora: bool,
         job_id: str,
         registry_step: Callable[[int], bool],
+        keep_pushed: bool = False,
     ) -> None:
+        """`weights(policy, step, copy)`: the push of the actor's weights (`actor_payload`)."""
         self.pusher, self.upload, self.weights = pusher, upload, weights
         self.base_model, self.lora, self.job_id = base_model, lora, job_id
         self.registry_step = registry_step
         self.policy = f"jobs/{job_id}"
+        self.keep_pushed = keep_pushed
+        self._pushed: Payload | None = None  # the last push, kept (`keep_pushed`)
 
     @classmethod
     def for_job(
@@ -186,20 +198,24 @@ class PushPublisher:
         lora = spec.lora is not None
         base = spec.base_model
 
-        def weights(policy: str, step: int) -> Payload:
-            state = gathered() if gathered is not None else None
-            return actor_payload(model, lora, policy, step, base, state)
+        def weights(policy: str, step: int, copy: bool) -> Payload:
+            if gathered is not None:  # a gathered version is never changed in place
+                return actor_payload(model, lora, policy, step, base, gathered())
+            return actor_payload(model, lora, policy, step, base, copy=copy)
 
-        steps = registry_steps(spec.params.publish_every, spec.training.save_every, total_steps)
-        return cls(pusher, upload, weights, base, lora, job_id, steps)
+        params = spec.params
+        steps = registry_steps(params.publish_every, spec.training.save_every, total_steps)
+        ahead = getattr(params, "max_policy_lag", 0) > 0
+        return cls(pusher, upload, weights, base, lora, job_id, steps, keep_pushed=ahead)
 
     async def serve(self, policy: PolicyRef | None) -> PolicyRef:
         """The base or a registry revision: warm it up on every replica. A pushed version (the
-        sampler lost it): push the actor's weights again, to every replica now resolved. In a
-        thread: with one step ahead (`max_policy_lag`), an update may hold a sharded actor's
-        group meanwhile (and the weights pushed are then the newer ones, under the old name)."""
+        sampler lost it): push its weights again (kept, or the actor's, which have not changed
+        since), to every replica now resolved; taken in a thread (a sharded actor's gather)."""
         if policy is not None and policy.step and policy.version.startswith(self.policy + "@"):
-            payload = await asyncio.to_thread(self.weights, self.policy, policy.step)
+            payload = self._pushed
+            if payload is None or payload.header.step != policy.step:
+                payload = await asyncio.to_thread(self.weights, self.policy, policy.step, False)
             await self.pusher.push(payload, refresh=True)
             return policy
         if policy is None or not policy.step:
@@ -209,9 +225,13 @@ class PushPublisher:
         return policy
 
     async def publish(self, folder: Path, step: int) -> PolicyRef:
+        self._pushed = None
         if not self.registry_step(step):
-            version = await self.pusher.push(self.weights(self.policy, step))
+            payload = self.weights(self.policy, step, self.keep_pushed)
+            version = await self.pusher.push(payload)
             assert version == policy_version(self.policy, step), version
+            if self.keep_pushed:
+                self._pushed = payload
             return PolicyRef(version, adapter=version if self.lora else "", step=step)
         revision = await self.upload(folder, f"{self.job_id}-step-{step}")
         await self._warm(revision, self.lora)
