@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from services.rollout.push import PIECE_BYTES
-from services.trainer.rl.weight_sync import actor_payload, registry_steps, replica_addresses
+from services.trainer.params import GrpoParams, PpoParams
+from services.trainer.rl.weight_sync import (
+    PushPublisher,
+    WeightPusher,
+    actor_payload,
+    registry_steps,
+    replica_addresses,
+)
 
 
 @pytest.mark.parametrize(
@@ -73,3 +81,28 @@ def test_an_adapter_push_carries_its_config_as_peft_saves_it(
     on_disk = load_file(tmp_path / "adapter_model.safetensors")
     assert set(payload.tensors) == set(on_disk)
     assert all(torch.equal(payload.tensors[k], on_disk[k]) for k in on_disk)
+
+
+@pytest.mark.parametrize(
+    ("params", "keep"),
+    [
+        (GrpoParams(), False),  # synchronous: the actor has not moved since its last push
+        (GrpoParams(max_policy_lag=1), True),  # one step ahead
+        (GrpoParams(sync_every=2), True),  # a step between publications
+        (PpoParams(), False),
+        (PpoParams(sync_every=3), True),
+    ],
+)
+def test_a_job_keeps_its_last_push_when_the_actor_trains_on_while_it_is_served(
+    params: GrpoParams | PpoParams, keep: bool
+) -> None:
+    spec = SimpleNamespace(
+        lora=None, base_model="m", params=params, training=SimpleNamespace(save_every=0)
+    )
+    pusher = WeightPusher("localhost:1", ())  # not called
+
+    async def upload(folder: Path, request_id: str) -> str:
+        raise AssertionError("not called")
+
+    publisher = PushPublisher.for_job(pusher, upload, torch.nn.Linear(1, 1), spec, "j", 4)
+    assert publisher.keep_pushed is keep

@@ -158,11 +158,12 @@ class PushPublisher:
     """The PolicyPublisher of online jobs: a push to the replicas at each sync, a registry
     revision (by `upload`) at the steps `registry_step` says, warmed up on every replica.
 
-    `keep_pushed` (one step ahead: max_policy_lag 1): the last push's weights are kept, as a
-    copy, until the next publication, so that a replica that lost them gets those weights again
-    and not the actor's newer ones under the old name. It costs a host copy of what is pushed
-    (the whole model with full tuning, the adapters with LoRA); a synchronous job's actor has
-    not moved since its last publication, so it pushes the actor as it is."""
+    `keep_pushed` (the actor trains on while a push is served: one step ahead, max_policy_lag
+    1, or several steps per publication, sync_every > 1): the last push's weights are kept, as
+    a copy, until the next publication, so that a replica that lost them gets those weights
+    again and not the actor's newer ones under the old name. It costs a host copy of what is
+    pushed (the whole model with full tuning, the adapters with LoRA). Otherwise the actor has
+    not moved since its last publication and is pushed as it is."""
 
     def __init__(
         self,
@@ -205,8 +206,8 @@ class PushPublisher:
 
         params = spec.params
         steps = registry_steps(params.publish_every, spec.training.save_every, total_steps)
-        ahead = getattr(params, "max_policy_lag", 0) > 0
-        return cls(pusher, upload, weights, base, lora, job_id, steps, keep_pushed=ahead)
+        moves = getattr(params, "max_policy_lag", 0) > 0 or params.sync_every > 1
+        return cls(pusher, upload, weights, base, lora, job_id, steps, keep_pushed=moves)
 
     async def serve(self, policy: PolicyRef | None) -> PolicyRef:
         """The base or a registry revision: warm it up on every replica. A pushed version (the
@@ -227,7 +228,7 @@ class PushPublisher:
     async def publish(self, folder: Path, step: int) -> PolicyRef:
         self._pushed = None
         if not self.registry_step(step):
-            payload = self.weights(self.policy, step, self.keep_pushed)
+            payload = await asyncio.to_thread(self.weights, self.policy, step, self.keep_pushed)
             version = await self.pusher.push(payload)
             assert version == policy_version(self.policy, step), version
             if self.keep_pushed:
