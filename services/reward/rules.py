@@ -181,6 +181,17 @@ def _only_space_outside(text: str, spans: Sequence[tuple[int, int]]) -> bool:
     return all(not text[cuts[i] : cuts[i + 1]].strip() for i in range(0, len(cuts), 2))
 
 
+@functools.lru_cache(maxsize=4096)
+def parsed_reference(reference: str, limit: int | None) -> tuple[Any, ...]:
+    """math-verify's parse of a reference, kept per process: a group's G samples share their
+    prompt's reference, and its parse was about 40% of a sample's scoring (0.46 of 1.2 ms).
+    The parsed values are immutable sympy objects and strings; a parse that raised (a timeout)
+    is not kept."""
+    from math_verify import parse
+
+    return tuple(parse(reference, parsing_timeout=limit, raise_on_error=True))  # type: ignore[arg-type]
+
+
 def math_value(answer: str, reference: str) -> float | None:
     """1.0 when math-verify finds them equivalent, 0.0 if not, None when no answer parses.
 
@@ -195,7 +206,7 @@ def math_value(answer: str, reference: str) -> float | None:
     # elsewhere the caller's deadline is the only guard.
     limit = 5 if threading.current_thread() is threading.main_thread() else None
     # raise_on_error: a timeout must not read as "no answer" or "not equal" (a cached 0.0).
-    gold = parse(str(reference), parsing_timeout=limit, raise_on_error=True)  # type: ignore[arg-type]
+    gold = list(parsed_reference(str(reference), limit))
     pred = parse(answer, parsing_timeout=limit, raise_on_error=True)  # type: ignore[arg-type]
     if not pred:
         return None

@@ -25,6 +25,25 @@ def test_math_timeout_is_timeout_not_a_cached_zero(monkeypatch: pytest.MonkeyPat
     assert outcome.status == Status.TIMEOUT and "timed out" in outcome.reason
 
 
+def test_a_reference_is_parsed_once_for_its_group() -> None:
+    """G samples of a prompt share its reference: math-verify parses it once per process, and
+    the verdicts are those of parsing it every time."""
+    from math_verify import parse, verify
+
+    from services.reward.rules import math_value, parsed_reference
+
+    reference = "\\frac{3}{7}"  # used by no other test
+    answers = ["$\\frac{6}{14}$", "$0.5$", "$3/7$", "no number"]
+    before = parsed_reference.cache_info()
+    got = [math_value(a, reference) for a in answers]
+    after = parsed_reference.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 3)
+    fresh = [
+        (1.0 if verify(parse(reference), p) else 0.0) if (p := parse(a)) else None for a in answers
+    ]
+    assert got == fresh == [1.0, 0.0, 1.0, None]
+
+
 @pytest.mark.slow  # restarts a rule worker: seconds
 def test_rule_pool_recovers_after_a_worker_is_killed() -> None:
     import asyncio
