@@ -23,16 +23,14 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from services.clients.registry import RegistryClient
+from services.devtools.server_process import start_service, stop_service
 from services.registry.datasets import validate_file
 from tlm.registry.v1 import registry_pb2
 
@@ -113,37 +111,6 @@ async def _rounds(address: str, src: Path, root: Path, repeats: int) -> dict[str
     return seconds
 
 
-def _start_registry(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    ready = root / "address"
-    env = {
-        **os.environ,
-        "TLM_REGISTRY_DATA_DIR": str(root / "data"),
-        "TLM_LOG_LEVEL": "warning",
-        "TLM_REGISTRY_LOG_LEVEL": "warning",
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli.main",
-            "serve",
-            "registry",
-            "--port",
-            "0",
-            "--insecure-dev",
-            "--ready-file",
-            str(ready),
-        ],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise SystemExit("the registry did not start")
-        time.sleep(0.1)
-    return proc, ready.read_text()
-
-
 def _rows(path: Path, n: int) -> None:
     with path.open("w") as f:
         for i in range(n):
@@ -166,12 +133,12 @@ def main() -> None:
         src = _make_artifact(root / "src", args.mb)
         size_mb = sum(p.stat().st_size for p in src.rglob("*")) / 2**20
         # The service runs in its own process, as deployed: client and server share no GIL.
-        server, address = _start_registry(root)
+        env = {"TLM_REGISTRY_DATA_DIR": str(root / "data")}
+        server, address = start_service("registry", root / "registry", env)
         try:
             seconds = asyncio.run(_rounds(address, src, root, args.repeats))
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
+            stop_service(server)
         rates = {name: [size_mb / s for s in runs] for name, runs in seconds.items()}
         print(f"artifact: {size_mb:.0f} MB; MB/s, median [min-max] of {args.repeats} rounds")
         for name, runs in rates.items():

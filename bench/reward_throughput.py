@@ -4,12 +4,13 @@ and 256, and latency under 16 concurrent clients.
 For each batch size, `--repeats` rounds of `--samples` samples per side: in process (the same
 scorer code in the calling thread, no worker processes), over gRPC with rules in the server's
 thread (`rule_workers=0`, like for like) and over gRPC with `--workers` rule worker processes.
-Within a round the sides take turns of `--turn` samples, in every order in turn, so load from
-elsewhere on the host falls on all of them alike. Prints the median and spread
-(min-max) of samples/s per side, and of its ratio to in-process within each round (target
->= 0.8 from batch 16); then, per sample, the CPU time spent (this process, which hosts both
-servers, and the rule workers) and the time those threads waited for a CPU: a side that waited
-much longer than the others was measured under more load (Linux /proc schedstat).
+Each service runs in its own process, as deployed (`tlm serve reward`): the client and the
+server share no GIL. Within a round the sides take turns of `--turn` samples, in every order in
+turn, so load from elsewhere on the host falls on all of them alike. Prints the median and
+spread (min-max) of samples/s per side, and of its ratio to in-process within each round
+(target >= 0.8 from batch 16); then, per sample, the CPU time spent (this process, the servers'
+and their rule workers') and the time those threads waited for a CPU: a side that waited much
+longer than the others was measured under more load (Linux /proc schedstat).
 
     .venv/bin/python bench/reward_throughput.py [--samples 512] [--workers 2] [--repeats 5]
         [--batches 1,16,256] [--turn 128]
@@ -22,9 +23,10 @@ import asyncio
 import contextlib
 import glob
 import itertools
-import multiprocessing
 import os
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -36,11 +38,10 @@ import grpc
 from google.protobuf import json_format
 
 from services.common.logs import configure_logging
-from services.devtools.server_thread import ServerThread
-from services.reward import app, convert
+from services.devtools.server_process import start_service, stop_service, tree
+from services.reward import convert
 from services.reward.aggregate import combine, scorer_result
 from services.reward.rule_worker import run_chunk
-from services.reward.settings import RewardSettings
 from services.specs.evaluator import require_valid
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
@@ -129,10 +130,10 @@ class Round(NamedTuple):
 
 
 def schedstat() -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting for one) of every thread of this process and of
-    its children (the rule workers), from /proc/<pid>/task/<tid>/schedstat."""
+    """(ns on a CPU, ns runnable but waiting for one) of every thread of this process, of the
+    services and of their children (the rule workers), from /proc/<pid>/task/<tid>/schedstat."""
     on_cpu = waited = 0
-    for pid in [os.getpid(), *(p.pid for p in multiprocessing.active_children())]:
+    for pid in tree(os.getpid()):
         for stat in glob.glob(f"/proc/{pid}/task/*/schedstat"):
             with contextlib.suppress(OSError), open(stat) as f:
                 ran, wait, _ = f.read().split()
@@ -172,12 +173,15 @@ def one_round(
     )
 
 
-def serve(workers: int) -> ServerThread:
-    settings = RewardSettings(
-        host="127.0.0.1", port=0, insecure_dev=True, rule_workers=workers,
-        cache_entries=0, data_dir=Path(tempfile.mkdtemp()),
-    )  # fmt: skip
-    return ServerThread(lambda: [app.binding(settings)], settings).start()
+def serve(workers: int, root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A reward service with `workers` rule workers and no outcome cache, in its own process."""
+    env = {
+        "TLM_REWARD_RULE_WORKERS": str(workers),
+        "TLM_REWARD_CACHE_ENTRIES": "0",
+        "TLM_REWARD_DATA_DIR": str(root / f"reward-{workers}"),
+    }
+    proc, address = start_service("reward", root / f"reward-{workers}", env)
+    return proc, address
 
 
 def latency(stub: rs_grpc.RewardServiceStub, clients: int, calls: int) -> list[float]:
@@ -211,11 +215,15 @@ def main() -> None:
     configure_logging(json=True, level="warning")
     InProcess()(make_samples(64, 5_000_000))  # warm sympy / math-verify
     # Like for like: one server scores in one thread (rule_workers=0), the other as deployed.
-    thread_server, pool_server = serve(0), serve(args.workers)
+    root = Path(tempfile.mkdtemp(prefix="tlm-bench-reward-"))
+    (thread_server, thread_address), (pool_server, pool_address) = (
+        serve(0, root),
+        serve(args.workers, root),
+    )
     try:
         with (
-            grpc.insecure_channel(thread_server.address) as thread_channel,
-            grpc.insecure_channel(pool_server.address) as pool_channel,
+            grpc.insecure_channel(thread_address) as thread_channel,
+            grpc.insecure_channel(pool_address) as pool_channel,
         ):
             pool = rs_grpc.RewardServiceStub(pool_channel)
             sides: dict[str, Side] = {
@@ -246,8 +254,9 @@ def main() -> None:
                     )
             times = sorted(latency(pool, clients=16, calls=8))
     finally:
-        thread_server.stop()
-        pool_server.stop()
+        stop_service(thread_server)
+        stop_service(pool_server)
+        shutil.rmtree(root, ignore_errors=True)
     p50 = statistics.median(times)
     p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
     print("target: gRPC / in process >= 0.8 from batch 16")
