@@ -121,8 +121,9 @@ Order = tuple[str, ...]  # the sides in the order they take their turns
 
 
 class Round(NamedTuple):
-    """Per side: samples/s, and per sample the CPU ms spent by this process and its rule workers
-    (load-independent, mostly) and the ms its threads waited for a CPU (the host's load)."""
+    """Per side: samples/s, and per sample the CPU ms spent by this process, the services and
+    their rule workers (load-independent, mostly) and the ms their threads waited for a CPU (the
+    host's load)."""
 
     rate: dict[str, float]
     cpu_ms: dict[str, float]
@@ -146,7 +147,7 @@ def one_round(
 ) -> Round:
     """Each side over `samples` distinct samples. The sides take turns of `turn` samples, long
     enough for a side's CPU caches to be warm as in a busy service (turns of one 16-sample call
-    put the rule workers, whose memory the two sides in this process had evicted, at 0.73), and
+    put the rule workers, whose memory the other sides had evicted, at 0.73), and
     in every order in turn (each side follows each other as often); load from elsewhere on the
     host falls on all of them alike. `orders` goes on from one round to the next."""
     calls = max(samples // batch, 1)
@@ -233,7 +234,8 @@ def main() -> None:
             }
             print(
                 f"samples/s, median [min-max] of {args.repeats} interleaved rounds; per sample, "
-                "CPU time of this process and its rule workers, and time they waited for a CPU"
+                "CPU time of this process, the services and their rule workers, and time they "
+                "waited for a CPU"
             )
             for batch in (int(b) for b in args.batches.split(",")):
                 orders = itertools.cycle(itertools.permutations(sides))

@@ -1,6 +1,7 @@
 """One service in its own process, as deployed (`tlm serve <service>`), for benchmarks: the
-client and the server share no GIL. Started until its ready file holds the address; stopped by
-SIGTERM. `tree` lists a process and its descendants (a reward service's rule workers)."""
+client and the server share no GIL. Started until its ready file holds the address (its stderr
+in the folder given); stopped by SIGTERM. `tree` lists a process and its descendants (a reward
+service's rule workers)."""
 
 from __future__ import annotations
 
@@ -19,18 +20,22 @@ def start_service(
     """`tlm serve SERVICE --port 0 --insecure-dev` with `env` added (its TLM_<SERVICE>_...
     settings), its files under `folder`; returns the process and the address it serves on."""
     folder.mkdir(parents=True, exist_ok=True)
-    ready = folder / "address"
+    ready, log = folder / "address", folder / "stderr"
     cli = [sys.executable, "-m", "services.cli.main", "serve", service]
-    proc = subprocess.Popen(
-        [*cli, "--port", "0", "--insecure-dev", "--ready-file", str(ready)],
-        env={**os.environ, "TLM_LOG_LEVEL": "warning", **env},
-        stderr=subprocess.DEVNULL,
-    )
+    # Warnings only: an info line per call (the rpc event) is CPU the benchmark would count.
+    quiet = {f"TLM_{service.upper()}_LOG_LEVEL": "warning"}
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [*cli, "--port", "0", "--insecure-dev", "--ready-file", str(ready)],
+            env={**os.environ, **quiet, **env},
+            stderr=stderr,
+        )
     end = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > end:
             proc.kill()
-            raise SystemExit(f"the {service} service did not start")
+            tail = log.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"the {service} service did not start:\n{tail}")
         time.sleep(0.1)
     return proc, ready.read_text()
 

@@ -184,7 +184,8 @@ class Worker:
         io: Executor | None = None,
     ) -> Reply:
         """Results in order until all arrived, a sample overran, the deadline came (deadline is
-        a time.monotonic() value) or the worker died. At most CHUNK samples. Runs on the event
+        a time.monotonic() value), the worker died, or it was asked back (`give_back`: YIELDED
+        before a sample, RECLAIMED after the grace). At most CHUNK samples. Runs on the event
         loop, which reads the replies as they come (no thread hand-off); a message too large to
         be sure the send cannot block goes out from an `io` thread (default: the loop's)."""
         loop = asyncio.get_running_loop()

@@ -190,11 +190,13 @@ class GrpoRecipe:
         # Syncs push to every rollout replica; the registry gets checkpoints and the end.
         self.pusher = WeightPusher(job.rollout_address, ports.rollout.metadata())
         gathered = actor.gathered if actor.sharded else None
+        config = self.controller_config(total)
         publisher = PushPublisher.for_job(
-            self.pusher, upload, actor.model, spec, job_id, total, gathered
-        )
+            self.pusher, upload, actor.model, spec, job_id, total, gathered,
+            keep_pushed=config.trains_while_served,
+        )  # fmt: skip
         self.controller = Controller(
-            self.controller_config(total),
+            config,
             actor,
             prompts,
             GuardedSampler(ports.sampler, guard, rollout),

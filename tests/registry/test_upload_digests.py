@@ -15,10 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.registry import blobs
+from services.registry import blobs, uploads
 from services.registry.client import folder_manifest
-from services.registry.uploads import StagedFiles
-from tests.registry.conftest import A, Registry, details, unique
+from tests.registry.conftest import A, Registry, dataset_requests, details, unique
 from tests.registry.test_models import download
 from tlm.registry.v1 import registry_pb2 as pb
 
@@ -179,19 +178,34 @@ def test_a_malformed_manifest_digest_names_the_field(registry: Registry, model: 
     assert details(err.value)[1][0][0] == "header.manifest.files[1].sha256"
 
 
-def test_staged_model_bytes_go_to_disk_while_the_upload_runs(tmp_path: Path) -> None:
-    """The local blob store adopts the staged file (fsync, rename), so its chunks' writeback
-    starts as they are written (Linux sync_file_range); the bytes staged are the bytes sent.
-    S3 staging and dataset uploads (the blob is a validated copy) do not write back."""
+def test_staged_model_bytes_go_to_disk_while_the_upload_runs(
+    registry: Registry, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local blob store adopts a model's staged file (fsync, rename), so each chunk's
+    writeback starts as it is written (Linux sync_file_range); a dataset's staged file is not
+    the blob (its validated copy is), so it is not written back."""
     assert sys.platform != "linux" or blobs._SYNC_FILE_RANGE is not None  # not a silent no-op
     assert blobs.LocalBlobStore.adopts_staged and not blobs.S3BlobStore.adopts_staged
-    data = [os.urandom(CHUNK), os.urandom(CHUNK // 2)]
-    entry = pb.ArtifactFile(path="w.bin", size_bytes=sum(len(d) for d in data))
-    staged = StagedFiles(tmp_path, pb.Manifest(files=[entry]), write_back=True)
-    try:
-        staged.write("w.bin", 0, data[0])
-        staged.write("w.bin", len(data[0]), data[1], hashlib.sha256(b"".join(data)).hexdigest())
-        folder = staged.finish()
-        assert (folder / "w.bin").read_bytes() == b"".join(data)
-    finally:
-        staged.cleanup()
+    started: list[tuple[str, int, int]] = []
+    real = uploads.start_writeback
+
+    def recorded(fd: int, offset: int, length: int) -> None:
+        started.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(uploads, "start_writeback", recorded)
+    parent = f"models/{unique('wb')}"
+    registry.stub.UploadModelRevision(requests(parent, model, _on_last), metadata=A, timeout=60)
+    assert [(o, n) for name, o, n in started if name == "extra.bin"] == [
+        (0, CHUNK),
+        (CHUNK, CHUNK),
+        (2 * CHUNK, CHUNK),
+        (3 * CHUNK, 5),
+    ]  # as each of its chunks was written
+    started.clear()
+    registry.stub.UploadDatasetRevision(
+        dataset_requests(f"datasets/{unique('wb')}", b'{"prompt": "p"}\n', pb.DATASET_KIND_PROMPT),
+        metadata=A,
+        timeout=30,
+    )
+    assert started == []

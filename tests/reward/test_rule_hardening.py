@@ -33,6 +33,7 @@ SECRET = "TOPSECRET-7f3a"
 # `uniqueItems` compares distinct objects pairwise in jsonschema: 20,000 of them take minutes
 # of CPU (1,000 take about 1.5 s), a genuinely slow rule sample that RE2 does not help with.
 SLOW = json.dumps([{"a": i} for i in range(20_000)])
+MEDIUM = json.dumps([{"a": i} for i in range(300)])  # ~80 ms of CPU under UNIQUE
 UNIQUE: dict[str, Any] = {"uniqueItems": True}
 EVIL = "^(a+)+$"
 EVIL_TEXT = "a" * 26 + "!"  # about 2 s in Python's re, and doubling with each "a"

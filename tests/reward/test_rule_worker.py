@@ -4,7 +4,6 @@ knows which sample is running, and results finished before a stuck sample are no
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import os
 import signal
@@ -16,7 +15,7 @@ import pytest
 from services.reward.domain import Sample, Status
 from services.reward.rule_runner import START_TIMEOUT_S, RuleRunner
 from services.reward.rule_worker import CHUNK, Result, Stop, Worker
-from tests.reward.test_rule_hardening import SLOW, UNIQUE, json_scorer, statuses
+from tests.reward.test_rule_hardening import MEDIUM, SLOW, UNIQUE, json_scorer, statuses
 from tests.waiting import until
 from tlm.reward.v1 import evaluator_pb2 as ev
 
@@ -93,11 +92,10 @@ def test_a_worker_given_back_stops_between_samples_or_is_reclaimed(worker: Worke
     """give_back: the worker stops before its next sample (YIELDED, with the results so far),
     and before the first one of later chunks until keep(); a sample still running after the
     grace period ends the call RECLAIMED, naming that sample."""
-    medium = json.dumps([{"a": i} for i in range(300)])  # ~80 ms of CPU each
     scorer = json_scorer(UNIQUE, timeout_s=60).SerializeToString()
 
     async def body() -> None:
-        samples = [Sample(f"m{i}", medium) for i in range(20)]
+        samples = [Sample(f"m{i}", MEDIUM) for i in range(20)]
         call = asyncio.ensure_future(worker.score(scorer, samples, 60, time.monotonic() + 60))
         await until(lambda: worker.starts[2], what="the third sample started")
         worker.give_back(30.0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,14 +13,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from services.rollout.push import PIECE_BYTES
-from services.trainer.params import GrpoParams, PpoParams
-from services.trainer.rl.weight_sync import (
-    PushPublisher,
-    WeightPusher,
-    actor_payload,
-    registry_steps,
-    replica_addresses,
-)
+from services.trainer.params import GrpoParams, PpoParams, Sampling
+from services.trainer.rl.actor import Objective
+from services.trainer.rl.algos import LossConfig, LossType
+from services.trainer.rl.controller import ControllerConfig
+from services.trainer.rl.weight_sync import actor_payload, registry_steps, replica_addresses
 
 
 @pytest.mark.parametrize(
@@ -84,7 +80,7 @@ def test_an_adapter_push_carries_its_config_as_peft_saves_it(
 
 
 @pytest.mark.parametrize(
-    ("params", "keep"),
+    ("spec", "keep"),
     [
         (GrpoParams(), False),  # synchronous: the actor has not moved since its last push
         (GrpoParams(max_policy_lag=1), True),  # one step ahead
@@ -94,15 +90,12 @@ def test_an_adapter_push_carries_its_config_as_peft_saves_it(
     ],
 )
 def test_a_job_keeps_its_last_push_when_the_actor_trains_on_while_it_is_served(
-    params: GrpoParams | PpoParams, keep: bool
+    spec: GrpoParams | PpoParams, keep: bool
 ) -> None:
-    spec = SimpleNamespace(
-        lora=None, base_model="m", params=params, training=SimpleNamespace(save_every=0)
-    )
-    pusher = WeightPusher("localhost:1", ())  # not called
-
-    async def upload(folder: Path, request_id: str) -> str:
-        raise AssertionError("not called")
-
-    publisher = PushPublisher.for_job(pusher, upload, torch.nn.Linear(1, 1), spec, "j", 4)
-    assert publisher.keep_pushed is keep
+    """What the GRPO and PPO recipes pass as `keep_pushed` (grpo.py), from their configs."""
+    config = ControllerConfig(
+        total_steps=4, prompts_per_step=1, group_size=2, sampling=Sampling(),
+        objective=Objective(LossConfig(LossType.GRPO, 8)), sync_every=spec.sync_every,
+        max_policy_lag=getattr(spec, "max_policy_lag", 0),
+    )  # fmt: skip
+    assert config.trains_while_served is keep

@@ -342,8 +342,8 @@ class Actor(ShardedTraining):
             return self._update(batch, advantages, objective)
 
     def changed(self) -> None:
-        """After each optimizer step (`optimizer_step`): a new version, gathered again when
-        exported or pushed."""
+        """Whenever the weights change (each `optimizer_step`, a resume): a new version,
+        gathered again when exported or pushed."""
         self._gathered = None
 
     def _update(
@@ -450,7 +450,7 @@ class Actor(ShardedTraining):
                 self.scheduler.load_state_dict(state["scheduler"])
                 self.scaler.load_state_dict(state["scaler"])
                 self._kept = state["shards"]
-            self._gathered = None
+            self.changed()
 
     def gathered(self) -> dict[str, torch.Tensor]:
         """A sharded actor's weights, whole, on rank 0's CPU: the full state dict (tied

@@ -95,6 +95,12 @@ class ControllerConfig:
     max_policy_lag: int = 0
     tag: str = "job"  # request ids and sample ids: {tag}-s{step}
 
+    @property
+    def trains_while_served(self) -> bool:
+        """The actor trains on while its last publication is served (one step ahead, or several
+        steps per publication): a lost push must be served again from a kept copy."""
+        return self.max_policy_lag > 0 or self.sync_every > 1
+
 
 class Reporter(Protocol):
     """Where the loop's events go (the worker's events file; a list in tests)."""

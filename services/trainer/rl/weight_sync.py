@@ -194,8 +194,10 @@ class PushPublisher:
         job_id: str,
         total_steps: int,
         gathered: Callable[[], dict[str, torch.Tensor]] | None = None,
+        keep_pushed: bool = False,
     ) -> PushPublisher:
-        """`gathered`: a sharded model's weights, gathered to this rank (`Actor.gathered`)."""
+        """`gathered`: a sharded model's weights, gathered to this rank (`Actor.gathered`);
+        `keep_pushed`: see the class (`ControllerConfig.trains_while_served`)."""
         lora = spec.lora is not None
         base = spec.base_model
 
@@ -204,10 +206,8 @@ class PushPublisher:
                 return actor_payload(model, lora, policy, step, base, gathered())
             return actor_payload(model, lora, policy, step, base, copy=copy)
 
-        params = spec.params
-        steps = registry_steps(params.publish_every, spec.training.save_every, total_steps)
-        moves = getattr(params, "max_policy_lag", 0) > 0 or params.sync_every > 1
-        return cls(pusher, upload, weights, base, lora, job_id, steps, keep_pushed=moves)
+        steps = registry_steps(spec.params.publish_every, spec.training.save_every, total_steps)
+        return cls(pusher, upload, weights, base, lora, job_id, steps, keep_pushed=keep_pushed)
 
     async def serve(self, policy: PolicyRef | None) -> PolicyRef:
         """The base or a registry revision: warm it up on every replica. A pushed version (the
