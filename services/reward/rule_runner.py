@@ -56,9 +56,12 @@ log = structlog.get_logger("tlm.reward.rules")
 # thread, where a hand-off to a thread or a worker would cost more than the scoring.
 INLINE_RULES = frozenset({"exact_match", "contains", "regex", "length", "format"})
 INLINE_MAX_CHARS = 64 * 1024
-# Fewest samples per chunk when a call's samples are spread over the workers: a chunk costs a
-# message each way (about 0.1 ms) and a worker wake-up.
-MIN_CHUNK = 4
+# Fewest samples per chunk when a call's samples are spread over the workers: a hand-off (a
+# message each way, a worker's wake-up, its cold caches, both cores busy at once) cost more than
+# half of 16 cheap math samples (bench/reward_throughput.py at batch 16: 0.60-0.65 of in-process
+# split in 2 chunks, 0.64-0.70 in one, with 30% less CPU); from 64 samples the split wins
+# (1.31-1.33 vs 0.89-0.90).
+MIN_CHUNK = 32
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
 RESTART_DELAY_S = 1.0

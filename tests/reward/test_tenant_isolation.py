@@ -129,16 +129,16 @@ def test_a_worker_comes_back_between_samples() -> None:
 def test_a_team_alone_still_uses_the_pool() -> None:
     """A call's chunks of one team go to every worker at once and all finish."""
     scorer = json_quick()
-    medium = json.dumps([{"a": i} for i in range(200)])  # ~40 ms of CPU each
+    light = json.dumps([{"a": i} for i in range(100)])  # ~10 ms of CPU each
 
     async def body(runner: RuleRunner) -> None:
         call = runner.run(
-            scorer, [Sample(f"m{i}", medium) for i in range(16)], timeout_s=5,
+            scorer, [Sample(f"m{i}", light) for i in range(64)], timeout_s=5,
             deadline=time.monotonic() + 30, team="a",
         )  # fmt: skip
         both = asyncio.ensure_future(call)
         await until(lambda: runner._pool.held.get("a") == 2, what="team a on both workers")
-        assert statuses(await both) == ["OK"] * 16
+        assert statuses(await both) == ["OK"] * 64
         samples = [Sample(f"s{i}", "[1, 2]" if i % 2 else "[1, 1]") for i in range(300)]
         got = await runner.run(
             scorer, samples, timeout_s=5, deadline=time.monotonic() + 30, team="a"
