@@ -64,6 +64,9 @@ INLINE_MAX_CHARS = 64 * 1024
 MIN_CHUNK = 32
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
+# A worker starting counts as on its way to a team waiting for one (no worker is asked back for
+# it) for this long; they start in 1-2 s.
+START_EXPECTED_S = 10.0
 RESTART_DELAY_S = 1.0
 
 
@@ -202,33 +205,44 @@ class RuleRunner:
         task.add_done_callback(self._starting.discard)
 
     async def _spawn(self) -> None:
-        """Start a worker and offer it once ready; on failure wait and try again."""
+        """Start a worker and offer it once ready; on failure wait and try again. The pool
+        counts it as coming (teams waiting for it ask no worker back) until it fails once or
+        has taken START_EXPECTED_S: a start that hangs must not stall the give-back."""
         loop = asyncio.get_running_loop()
-        counted = True  # in the pool's `coming` until it fails once
-        while not self._closed:
-            started = time.monotonic()
-            try:
-                worker = Worker(self._context)
-            except Exception:  # out of processes or memory: try again later
-                log.exception("rule_worker_spawn_failed")
-                if counted:
-                    self._pool.gave_up()
-                    counted = False
-                await asyncio.sleep(RESTART_DELAY_S)
-                continue
-            self._live.add(worker)
-            ready = await loop.run_in_executor(self._io, worker.wait_ready, START_TIMEOUT_S)
-            if ready and not self._closed:
-                seconds = round(time.monotonic() - started, 3)
-                log.info("rule_worker_started", pid=worker.pid, seconds=seconds)
-                self._pool.add(worker, expected=counted)
-                return
-            log.error("rule_worker_start_failed", pid=worker.pid, exitcode=worker.process.exitcode)
-            self._retire(worker)
+        counted = True
+
+        def uncount() -> None:
+            nonlocal counted
             if counted:
-                self._pool.gave_up()
                 counted = False
-            await asyncio.sleep(RESTART_DELAY_S)
+                self._pool.gave_up()
+
+        late = loop.call_later(START_EXPECTED_S, uncount)
+        try:
+            while not self._closed:
+                started = time.monotonic()
+                try:
+                    worker = Worker(self._context)
+                except Exception:  # out of processes or memory: try again later
+                    log.exception("rule_worker_spawn_failed")
+                    uncount()
+                    await asyncio.sleep(RESTART_DELAY_S)
+                    continue
+                self._live.add(worker)
+                ready = await loop.run_in_executor(self._io, worker.wait_ready, START_TIMEOUT_S)
+                if ready and not self._closed:
+                    seconds = round(time.monotonic() - started, 3)
+                    log.info("rule_worker_started", pid=worker.pid, seconds=seconds)
+                    self._pool.add(worker, expected=counted)
+                    return
+                log.error(
+                    "rule_worker_start_failed", pid=worker.pid, exitcode=worker.process.exitcode
+                )
+                self._retire(worker)
+                uncount()
+                await asyncio.sleep(RESTART_DELAY_S)
+        finally:
+            late.cancel()
 
     def _retire(self, worker: Worker) -> None:
         """Kill and reap `worker` (off the loop) once no thread uses it."""

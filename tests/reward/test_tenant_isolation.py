@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,9 +15,11 @@ from typing import Any
 import grpc
 import pytest
 
+from services.reward import rule_runner
 from services.reward.cache import content_key
 from services.reward.domain import Sample
 from services.reward.rule_runner import RuleRunner
+from services.reward.rule_worker import Worker
 from tests.reward.conftest import start_reward
 from tests.reward.helpers import sample, spec
 from tests.reward.test_rule_hardening import MEDIUM, SLOW, UNIQUE, alive, json_scorer, statuses
@@ -44,6 +48,18 @@ def with_runner(workers: int, body: Callable[[RuleRunner], Awaitable[None]]) -> 
     asyncio.run(main())
 
 
+def team_a_slow(runner: RuleRunner, n: int) -> list[asyncio.Future[Any]]:
+    """`n` calls of team a, one SLOW sample each (60 s timeout, 40 s deadline), started."""
+    slow = json_scorer(UNIQUE, timeout_s=60)
+    far = time.monotonic() + 40
+    return [
+        asyncio.ensure_future(
+            runner.run(slow, [Sample(f"s{i}", SLOW)], timeout_s=60, deadline=far, team="a")
+        )
+        for i in range(n)
+    ]
+
+
 async def team_b_quick(runner: RuleRunner) -> float:
     """Team b scores one quick sample (15 s deadline): OK; returns the seconds it took."""
     start = time.monotonic()
@@ -65,17 +81,10 @@ def test_one_team_cannot_hold_every_rule_worker() -> None:
     """Team a's samples each run to a long per-sample timeout (a spec may ask for minutes) on
     both workers; team b's quick sample gets one of them back (its worker killed after the
     grace period and replaced) instead of waiting out its deadline."""
-    slow = json_scorer(UNIQUE, timeout_s=60)
 
     async def body(runner: RuleRunner) -> None:
         first = runner.worker_pids()
-        far = time.monotonic() + 30
-        hogs = [
-            asyncio.ensure_future(
-                runner.run(slow, [Sample(f"s{i}", SLOW)], timeout_s=60, deadline=far, team="a")
-            )
-            for i in range(3)
-        ]
+        hogs = team_a_slow(runner, 3)
         await until(lambda: runner._pool.held.get("a") == 2, what="team a on both workers")
         assert await team_b_quick(runner) < 8  # the grace, then a worker's start
         assert len(alive(first, expect=1)) == 1  # one killed, team a kept the other
@@ -179,3 +188,31 @@ def test_cached_outcomes_are_not_shared_between_teams(tmp_path: Path) -> None:
             assert cached("key-a") is True
     finally:
         server.stop()
+
+
+@pytest.mark.slow  # holds three rule workers and waits out a hung start: seconds
+def test_a_hung_start_does_not_stall_the_give_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Team a holds all three workers; one dies and its replacement hangs in its start. Team b
+    waits: the start counts as its worker only for START_EXPECTED_S, then one of a's two others
+    is asked back, and b is served long before the hung start ends."""
+    wait_ready = Worker.wait_ready
+    hung: list[int] = []
+
+    def hangs_once(worker: Worker, timeout: float) -> bool:
+        if not hung:  # the first start after warm-up: the replacement
+            hung.append(worker.pid)
+            time.sleep(12)
+        return wait_ready(worker, timeout)
+
+    monkeypatch.setattr(rule_runner, "START_EXPECTED_S", 0.3)
+
+    async def body(runner: RuleRunner) -> None:
+        monkeypatch.setattr(Worker, "wait_ready", hangs_once)
+        hogs = team_a_slow(runner, 3)
+        await until(lambda: runner._pool.held.get("a") == 3, what="team a on every worker")
+        os.kill(runner.worker_pids()[0], signal.SIGKILL)
+        await until(lambda: bool(hung), what="its replacement starting")
+        assert await team_b_quick(runner) < 8  # not the 12 s of the hung start
+        await cancel(hogs)
+
+    with_runner(3, body)
