@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -108,12 +109,16 @@ def online_spec(
     per_device: int,
     accumulation: int,
     resources: pb.Resources,
-    output_model: str,
+    name: str,
+    suffix: str,
     tuning: pb.Tuning,
     **params: object,
 ) -> pb.TrainingJobSpec:
     """An online job (GRPO, PPO: its params as `grpo=` or `ppo=`) of STEPS steps, logging and
-    saving rank 0's resume state every step, on `resources`."""
+    saving rank 0's resume state every step, on `resources`; its output model is
+    `models/{name}-{devices per node}{suffix}`."""
+    devices = resources.explicit.devices_per_node or 1
+    output_model = f"models/{name}-{devices}{suffix}"
     return spec(
         method,
         inputs.base,
@@ -132,6 +137,15 @@ def online_spec(
         ),
         **params,
     )
+
+
+def assert_sharded_checkpoints(processes: list[Any], *models: str) -> None:
+    """Each of `models` (actor, critic) has its checkpoints in DCP shards of both ranks, in the
+    job's folder (the last argument of the group's command line)."""
+    folder = Path(processes[0].cmdline()[-1]) / "checkpoints"
+    for model in models:
+        shards = {p.name for p in folder.glob(f"{model}-*/*.distcp")}
+        assert shards == {"__0_0.distcp", "__1_0.distcp"}, model  # each rank's (DCP)
 
 
 def assert_same_weights(

@@ -38,6 +38,7 @@ from tests.trainer.distributed_jobs import (
     Stub,
     assert_cancel_stops_every_rank,
     assert_same_weights,
+    assert_sharded_checkpoints,
     at_first_checkpoint,
     finished,
     finished_after_killing_rank_1,
@@ -68,8 +69,6 @@ def grpo_spec(
     suffix: str = "",
     tuning: pb.Tuning = FULL,
 ) -> pb.TrainingJobSpec:
-    devices = resources.explicit.devices_per_node or 1
-    output = f"models/grpo-dist-{devices}{suffix}"
     return online_spec(
         pb.METHOD_GRPO,
         inputs,
@@ -77,7 +76,8 @@ def grpo_spec(
         per_device,
         accumulation,
         resources,
-        output,
+        "grpo-dist",
+        suffix,
         tuning,
         grpo=pb.GrpoParams(
             num_generations=GROUP,
@@ -187,9 +187,7 @@ async def test_a_killed_rank_resumes_an_fsdp_group_from_its_sharded_checkpoint(
     job_spec = grpo_spec(inputs, await vowels(stack), 1, 1, FSDP, "-fsdp-killed")
     name = await submit(trainer, job_spec, "grpo-fsdp-killed")
     processes = await at_first_checkpoint(trainer, name)  # step 1's resume state and its shards
-    folder = Path(processes[0].cmdline()[-1]) / "checkpoints"  # the job's, on the command line
-    shards = {p.name for p in folder.glob("actor-*/*.distcp")}
-    assert shards == {"__0_0.distcp", "__1_0.distcp"}  # each rank's shards (DCP)
+    assert_sharded_checkpoints(processes, "actor")
     two = await finished_after_killing_rank_1(stack, trainer, name, processes, tmp_path / "two")
     assert [m.step for m in two.metrics] == list(range(1, STEPS + 1))
     assert_same_training(two, one)

@@ -70,8 +70,6 @@ def ppo_spec(
     suffix: str = "",
     tuning: pb.Tuning = FULL,
 ) -> pb.TrainingJobSpec:
-    devices = resources.explicit.devices_per_node or 1
-    output = f"models/ppo-dist-{devices}{suffix}"
     return online_spec(
         pb.METHOD_PPO,
         inputs,
@@ -79,7 +77,8 @@ def ppo_spec(
         per_device,
         accumulation,
         resources,
-        output,
+        "ppo-dist",
+        suffix,
         tuning,
         ppo=pb.PpoParams(
             ppo_epochs=2,

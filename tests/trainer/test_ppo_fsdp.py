@@ -22,6 +22,7 @@ from services.devtools.server_thread import ServerThread
 from tests.trainer.conftest import Inputs
 from tests.trainer.distributed_jobs import (
     Stub,
+    assert_sharded_checkpoints,
     at_first_checkpoint,
     finished,
     finished_after_killing_rank_1,
@@ -57,10 +58,7 @@ async def test_a_killed_rank_resumes_an_fsdp_ppo_group_from_its_sharded_checkpoi
     job_spec = ppo_spec(inputs, await vowels(stack), 1, 1, FSDP, "-fsdp-killed")
     name = await submit(trainer, job_spec, "ppo-fsdp-killed")
     processes = await at_first_checkpoint(trainer, name)  # step 1's resume state and shards
-    folder = Path(processes[0].cmdline()[-1]) / "checkpoints"  # the job's, on the command line
-    for model in ("actor", "critic"):
-        shards = {p.name for p in folder.glob(f"{model}-*/*.distcp")}
-        assert shards == {"__0_0.distcp", "__1_0.distcp"}, model  # each rank's (DCP)
+    assert_sharded_checkpoints(processes, "actor", "critic")
     two = await finished_after_killing_rank_1(stack, trainer, name, processes, tmp_path / "two")
     # The steps after the restart used every rank's restored shards of actor and critic.
     assert_same_training(two, one)

@@ -188,11 +188,47 @@ class ShardedTraining:
     checkpoints: Path | None
     _kept: str
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         raise NotImplementedError
 
     def changed(self) -> None:
         """Its weights changed (`optimizer_step`); nothing cached from them by default."""
+
+    def shard_scaler(self) -> None:
+        """After `optimizer_parts`: sharded, each rank sees only its shards' overflow, so the
+        ranks agree on it (ShardedGradScaler) and all skip the same fp16 steps."""
+        if self.sharded and self.scaler.is_enabled():
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(self.device.type, enabled=True)
+
+    def check_loadable(self, state: dict[str, Any]) -> None:
+        """A replica's resume state (its weights whole) does not load into a sharded model:
+        ValueError, before any collective."""
+        if self.sharded and "shards" not in state:
+            name = self.SHARDS
+            raise ValueError(
+                f"a replicated {name}'s resume state (no sharded checkpoint) does not load into "
+                f"a sharded (FSDP) {name}: resume with the plan that saved it (DDP)"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resume state (`state_dict`'s), on every rank of a group: a sharded checkpoint
+        loads on any number of ranks, sharded or not (DCP reshards); a replica's into replicas
+        only (`check_loadable`)."""
+        self.check_loadable(state)
+        if "shards" not in state:
+            load_training_state(self, state)
+            return
+        assert self.checkpoints is not None and self.scaler is not None
+        load_sharded(self.checkpoints / state["shards"], self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self._kept = state["shards"]
 
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs (`training_state`); sharded, the weights and optimizer state go
@@ -252,10 +288,6 @@ class Actor(ShardedTraining):
         self._kept = ""
         self._gathered: dict[str, torch.Tensor] | None = None  # this version's, on rank 0
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def shard(self) -> None:
         """FSDP2 over the group, before `configure_optimizer`: the policy (gradients summed over
         the ranks, as the replicated path's all_reduce) and the frozen reference."""
@@ -275,11 +307,7 @@ class Actor(ShardedTraining):
         self.optimizer, self.scheduler, self.scaler = optimizer_parts(
             self.trainable_parameters(), spec, lr, precision, total_updates, self.device
         )
-        if self.sharded and self.scaler.is_enabled():
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            # Each rank sees only its shards' overflow: agree on it, so all skip the same steps.
-            self.scaler = ShardedGradScaler(self.device.type, enabled=True)
+        self.shard_scaler()
         self.max_grad_norm = spec.training.max_grad_norm
 
     def _compute(self) -> contextlib.AbstractContextManager[Any]:
@@ -428,28 +456,16 @@ class Actor(ShardedTraining):
 
     # State -------------------------------------------------------------------------------
 
-    def load_state_dict(self, state: dict[str, Any], saved: Saved | None = None) -> None:
-        """A resume state. A sharded one (its checkpoint named by "shards") loads on any number
-        of ranks, sharded or not (DCP reshards); a replica's (its trainable weights whole) loads
-        into replicas only: a sharded actor refuses it (ValueError, before any collective). In a
-        group rank 0 sends `saved`, where it read `state` (file and entry), and every rank
-        reads it there."""
-        if self.sharded and "shards" not in state:
-            raise ValueError(
-                "a replicated actor's resume state (no sharded checkpoint) does not load into "
-                "a sharded (FSDP) actor: resume with the plan that saved it (DDP)"
-            )
+    def load_state_dict(  # type: ignore[override]
+        self, state: dict[str, Any], saved: Saved | None = None
+    ) -> None:
+        """A resume state (see `ShardedTraining.load_state_dict`). In a group rank 0 sends
+        `saved`, where it read `state` (file and entry), and every rank reads it there."""
+        self.check_loadable(state)
         if self.group is not None and self.group.rank == 0 and saved is None:
             raise ValueError("a group resumes from a state file: pass where it was read")
         with lead(self.group, Command.LOAD, *(saved or ())):
-            if "shards" not in state:
-                load_training_state(self, state)
-            else:
-                assert self.checkpoints is not None and self.scaler is not None
-                load_sharded(self.checkpoints / state["shards"], self.model, self.optimizer)
-                self.scheduler.load_state_dict(state["scheduler"])
-                self.scaler.load_state_dict(state["scaler"])
-                self._kept = state["shards"]
+            super().load_state_dict(state)
             self.changed()
 
     def gathered(self) -> dict[str, torch.Tensor]:

@@ -25,11 +25,10 @@ from peft import get_peft_model
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForSequenceClassification
 
-from services.trainer.distributed import load_sharded, shard_model
+from services.trainer.distributed import shard_model
 from services.trainer.rl.actor import (
     DTYPES,
     ShardedTraining,
-    load_training_state,
     lora_config,
     optimizer_parts,
 )
@@ -87,10 +86,6 @@ class Critic(ShardedTraining):
         shard_model(score, sum_gradients=True)
         self.sharded = True
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -101,11 +96,7 @@ class Critic(ShardedTraining):
         self.optimizer, self.scheduler, self.scaler = optimizer_parts(
             self.trainable_parameters(), spec, learning_rate, precision, total_updates, self.device
         )
-        if self.sharded and self.scaler.is_enabled():
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            # Each rank sees only its shards' overflow: agree on it, so all skip the same steps.
-            self.scaler = ShardedGradScaler(self.device.type, enabled=True)
+        self.shard_scaler()
 
     def values(self, batch: TokenBatch) -> torch.Tensor:
         """V per completion token, differentiable. (N, T) fp32."""
@@ -114,28 +105,6 @@ class Critic(ShardedTraining):
             context = torch.autocast(self.device.type, dtype=self.autocast)
         with context:
             return completion_values(self.model, batch)
-
-    def check_loadable(self, state: dict[str, Any]) -> None:
-        """A replica's state (its weights whole) does not load into a sharded critic:
-        ValueError, before any collective."""
-        if self.sharded and "shards" not in state:
-            raise ValueError(
-                "a replicated critic's resume state (no sharded checkpoint) does not load into "
-                "a sharded (FSDP) critic: resume with the plan that saved it (DDP)"
-            )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A resume state (on every rank of a group: its sharded checkpoint is a collective,
-        on any number of ranks, sharded or not: DCP reshards)."""
-        self.check_loadable(state)
-        if "shards" not in state:
-            load_training_state(self, state)
-            return
-        assert self.checkpoints is not None and self.scaler is not None
-        load_sharded(self.checkpoints / state["shards"], self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self._kept = state["shards"]
 
 
 def build_critic(path: Any, spec: JobSpec, precision: str, device: str) -> Critic:
