@@ -17,7 +17,7 @@ from services.reward.aggregate import combine, scorer_result
 from services.reward.cache import OutcomeCache, content_keys, sample_digest
 from services.reward.domain import Outcome, Sample, SampleResult, ScorerResult
 from services.reward.metrics import SAMPLES, SCORER_LATENCY, SCORER_RESULTS
-from services.reward.rule_runner import RuleRunner
+from services.reward.rule_runner import RuleRunner, inline
 from services.reward.rules import RULES
 from services.specs.evaluator_defaults import DEFAULT_TIMEOUT_S, duration_s
 from tlm.reward.v1 import evaluator_pb2 as ev
@@ -67,9 +67,17 @@ class Engine:
         """Every sample's result, in order. `spec` must be validated and normalised."""
         cached = self.cache.enabled and any(s.WhichOneof("scorer") in RULES for s in spec.scorers)
         digests = [sample_digest(s) for s in samples] if cached else []
-        per_scorer = await asyncio.gather(
-            *(self._run(s, samples, digests, ctx) for s in spec.scorers)
+        # Scorers that wait (on a rule worker, a model, a remote service) start first: each
+        # sends its work before its first await, so the cheap rules scored on this thread
+        # (rule_runner.inline) run while they wait rather than before they start.
+        scorers = list(spec.scorers)
+        order = sorted(range(len(scorers)), key=lambda i: inline(scorers[i], samples))
+        columns = await asyncio.gather(
+            *(self._run(scorers[i], samples, digests, ctx) for i in order)
         )
+        per_scorer: list[list[ScorerResult]] = [[] for _ in scorers]
+        for i, column in zip(order, columns, strict=True):
+            per_scorer[i] = column
         results = [
             combine(spec, sample.sample_id, [column[i] for column in per_scorer])
             for i, sample in enumerate(samples)

@@ -84,6 +84,8 @@ class Pool:
         future: asyncio.Future[Worker | None] = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(team, deque()).append((future, kept))
         self._dispatch()
+        if future.done():  # no yield to the loop: the caller sends its chunk at once
+            return future.result()
         try:
             await asyncio.wait({future}, timeout=max(timeout, 0.0))
         except asyncio.CancelledError:

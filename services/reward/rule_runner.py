@@ -145,6 +145,8 @@ class RuleRunner:
         size = min(CHUNK, max(MIN_CHUNK, -(-len(samples) // max(self._workers, 1))))
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
         score = self._in_thread if self._workers <= 0 else self._in_workers
+        if len(chunks) == 1:  # sent before the first yield to the loop (see Engine.score)
+            return await score(payload, chunks[0], timeout_s, deadline, team)
         parts = await asyncio.gather(
             *(score(payload, c, timeout_s, deadline, team) for c in chunks)
         )

@@ -28,7 +28,7 @@ import enum
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -147,6 +147,10 @@ class Reply(NamedTuple):
     running: int
 
 
+async def _died() -> Reply:
+    return Reply([], Stop.DIED, 0)
+
+
 class Worker:
     """A spawned process, the server's end of its pipe and the shared start times. `wait_ready`
     and `reap` block (the runner's I/O threads run them); `score` runs on the event loop. One
@@ -175,31 +179,51 @@ class Worker:
         except (EOFError, OSError):
             return False
 
-    async def score(
+    def score(
         self,
         payload: bytes,
         samples: Sequence[Sample],
         timeout_s: float,
         deadline: float,
         io: Executor | None = None,
-    ) -> Reply:
-        """Results in order until all arrived, a sample overran, the deadline came (deadline is
-        a time.monotonic() value), the worker died, or it was asked back (`give_back`: YIELDED
-        before a sample, RECLAIMED after the grace). At most CHUNK samples. Runs on the event
-        loop, which reads the replies as they come (no thread hand-off); a message too large to
-        be sure the send cannot block goes out from an `io` thread (default: the loop's)."""
+    ) -> Coroutine[Any, Any, Reply]:
+        """Sends the chunk now and returns the coroutine that awaits its Reply: results in order
+        until all arrived, a sample overran, the deadline came (deadline is a time.monotonic()
+        value), the worker died, or it was asked back (`give_back`: YIELDED before a sample,
+        RECLAIMED after the grace). At most CHUNK samples. Sending before the first await lets
+        the caller do other work (cheap scorers) while the worker scores. The coroutine runs on
+        the event loop, which reads the replies as they come (no thread hand-off); a message too
+        large to be sure the send cannot block goes out from an `io` thread (default: the
+        loop's)."""
         loop = asyncio.get_running_loop()
         n = len(samples)
         ctypes.memset(self.starts, 0, n * ctypes.sizeof(ctypes.c_double))
         message = ForkingPickler.dumps((payload, list(samples), deadline))
         sent = time.monotonic()
+        sending: asyncio.Future[None] | None = None
         try:
             if len(message) <= SEND_INLINE_BYTES:
                 self.conn.send_bytes(message)
             else:
-                await loop.run_in_executor(io, self.conn.send_bytes, message)
+                sending = loop.run_in_executor(io, self.conn.send_bytes, message)
         except OSError:
-            return Reply([], Stop.DIED, 0)
+            return _died()
+        return self._replies(n, timeout_s, deadline, sent, sending)
+
+    async def _replies(
+        self,
+        n: int,
+        timeout_s: float,
+        deadline: float,
+        sent: float,
+        sending: asyncio.Future[None] | None,
+    ) -> Reply:
+        loop = asyncio.get_running_loop()
+        if sending is not None:
+            try:
+                await sending
+            except OSError:
+                return Reply([], Stop.DIED, 0)
         reply: asyncio.Future[Reply] = loop.create_future()
         results: list[Result] = []
         timer: asyncio.TimerHandle | None = None

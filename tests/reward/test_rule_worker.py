@@ -49,6 +49,27 @@ def test_a_chunk_comes_back_in_one_message(worker: Worker) -> None:
     assert got == [1.0 if i % 2 else 0.0 for i in range(CHUNK)]
 
 
+@pytest.mark.slow  # spawns a rule worker: seconds
+def test_a_chunk_is_sent_before_the_caller_awaits(worker: Worker) -> None:
+    """score() sends at once: the worker scores while the event loop does other work (the
+    engine scores its cheap rules meanwhile) rather than after the loop's next turn."""
+    samples = [Sample("a", "[1, 2]"), Sample("b", "[1, 1]")]
+    scorer = json_scorer(UNIQUE, timeout_s=60).SerializeToString()
+
+    async def body() -> None:
+        sent = time.monotonic()
+        replies = worker.score(scorer, samples, 60, sent + 60)
+        # The loop is busy (no await): only a chunk already sent can be scored meanwhile.
+        while not worker.starts[1] and time.monotonic() - sent < 30:
+            time.sleep(0.01)
+        assert worker.starts[0] > sent and worker.starts[1] >= worker.starts[0]
+        reply = await asyncio.wait_for(replies, 10)
+        assert reply.stop is Stop.DONE
+        assert [o.raw for o, _ in reply.results] == [1.0, 0.0]
+
+    asyncio.run(body())
+
+
 @pytest.mark.slow  # spawns a rule worker and kills it: seconds
 def test_the_sample_a_worker_died_under_is_named(worker: Worker) -> None:
     """Results come back per chunk, so which sample was running when the worker died comes from
