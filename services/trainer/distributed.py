@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -264,6 +265,46 @@ def shard_model(model: Any, sum_gradients: bool = False) -> Any:
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def empty_model(auto: Any, path: Any, dtype: Any, **config: Any) -> Any:
+    """`auto.from_pretrained(path, dtype=dtype, **config)`'s structure on the meta device: its
+    config read, no weight read or allocated. A sharded group's ranks other than 0 build their
+    model so; `shard_from_rank0` gives them their shards of rank 0's weights."""
+    import torch
+    from transformers import AutoConfig
+
+    settings = AutoConfig.from_pretrained(path, **config)
+    with torch.device("meta"):
+        return auto.from_config(settings, dtype=dtype)
+
+
+def shard_from_rank0(
+    model: Any, device: str, parts: Sequence[Any] = (), sum_gradients: bool = False
+) -> None:
+    """`shard_model` for a group in which only rank 0 built the model with its weights (every
+    other rank: `empty_model`, or a copy of one), so that no rank but 0 reads the checkpoint or
+    holds the whole model, however many ranks a node runs. The model (or each of its `parts`,
+    when they are sharded apart) is sharded; then the other ranks allocate their shards on
+    `device` ("cpu", or "cuda": this rank's GPU) and receive them from rank 0
+    (torch.distributed.checkpoint's `set_model_state_dict`, broadcast from rank 0), and buffers
+    outside the state dict (rotary embeddings' `inv_freq`, computed when the model is built)
+    are broadcast too. A collective; the model then trains as if every rank had loaded it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # Rank 0's full tensors: its state dict keeps them once sharding replaced the parameters.
+    weights = model.state_dict() if rank() == 0 else {}
+    kept = set(model.state_dict())
+    for part in parts or [model]:
+        shard_model(part, sum_gradients)
+    if rank() != 0:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    for name, buffer in model.named_buffers():
+        if name not in kept:
+            dist.broadcast(buffer, src=0)
 
 
 def is_sharded(model: Any) -> bool:

@@ -220,11 +220,15 @@ class GrpoRecipe:
     def _actor(self, base: Any, plan: dict[str, Any], total_steps: int) -> Actor:
         """The actor, the same on every rank; sharded over the group when the plan says FSDP
         (`rl/group.py`), its checkpoints in the job's folder."""
-        actor = build_actor(base, self.spec, plan["precision"], device_of(plan))
+        sharded = self.group is not None and plan.get("strategy") == "fsdp"
+        device = device_of(plan)
+        # The other ranks build it empty: rank 0's weights come with the sharding.
+        empty = sharded and self.group is not None and self.group.rank != 0
+        actor = build_actor(base, self.spec, plan["precision"], device, empty)
         actor.group = self.group
         actor.checkpoints = self.ctx.folder / CHECKPOINTS
-        if self.group is not None and plan.get("strategy") == "fsdp":
-            actor.shard()
+        if sharded:
+            actor.shard(device)
         updates = total_steps * self.updates_per_step()
         actor.configure_optimizer(self.spec, plan["precision"], updates)
         return actor

@@ -113,11 +113,15 @@ class PpoRecipe(GrpoRecipe):
 
     def _learner(self, path: Path, plan: dict[str, Any], total_steps: int) -> PpoLearner:
         params: PpoParams = self.spec.params
-        critic = build_critic(path, self.spec, plan["precision"], device_of(plan))
+        sharded = self.group is not None and plan.get("strategy") == "fsdp"
+        device = device_of(plan)
+        # The other ranks build it empty: rank 0's weights come with the sharding.
+        empty = sharded and self.group is not None and self.group.rank != 0
+        critic = build_critic(path, self.spec, plan["precision"], device, empty)
         critic.group = self.group
         critic.checkpoints = self.ctx.folder / CHECKPOINTS  # beside the actor's shards
-        if self.group is not None and plan.get("strategy") == "fsdp":
-            critic.shard()
+        if sharded:
+            critic.shard(device)
         rate = params.critic_learning_rate or self.spec.training.learning_rate or 0.0
         updates = total_steps * self.updates_per_step()
         critic.configure_optimizer(self.spec, rate, plan["precision"], updates)

@@ -11,9 +11,11 @@ leads, the other ranks follow; rank 0 writes each update's metrics and the final
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.trainer.actor_group \
         OUT [--fsdp] [--lora] [--save-at K] [--resume STATE]
 
-`--fsdp` shards the actor and its reference (FSDP2) over the group: the KL, the export and the
-push (the weights gathered to rank 0) and the checkpoint become commands of the group; rank 0
-first offers it a replica's resume state, which it refuses (`refused.json`: the message).
+`--fsdp` shards the actor and its reference (FSDP2) over the group: only rank 0 builds them with
+weights (the other ranks from a copy of the config alone, where a weight read fails) and sends
+each rank its shards; the KL, the export and the push (the weights gathered to rank 0) and the
+checkpoint become commands of the group; rank 0 first offers it a replica's resume state, which
+it refuses (`refused.json`: the message).
 `--lora` trains LoRA adapters (the reference: the adapters disabled). `--save-at K` writes the
 resume state after update K (`state.pt`; sharded, beside its DCP checkpoint under
 `OUT/checkpoints`); `--resume STATE` restores one (on any number of ranks: every rank reads the
@@ -26,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,21 +62,35 @@ def fixed_batch() -> tuple[TokenBatch, torch.Tensor]:
     return batch, torch.randn(batch.mask.shape, generator=g) * batch.mask
 
 
+def base_model(out: Path, empty: bool) -> Path:
+    """The tiny model; for a rank that builds it `empty`, a copy of its config alone: a weight
+    read there fails."""
+    path = cached_tiny_model("test")
+    if not empty:
+        return path
+    config = out / f"config-only-{os.environ['RANK']}"
+    config.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path / "config.json", config)
+    return config
+
+
 def main(args: argparse.Namespace) -> None:
     out: Path = args.out
     group = open_group("cpu")  # None: one process
     spec = job(lr=1e-3, beta=0.1)
     if args.lora:
         spec = dataclasses.replace(spec, lora=LoraParams(r=4, alpha=8))
-    actor = build_actor(cached_tiny_model("test"), spec, "fp32", "cpu")
-    torch.manual_seed(0)  # the same on every rank
+    sharded = group is not None and args.fsdp
+    empty = sharded and group is not None and group.rank != 0  # rank 0's weights, sharded
+    actor = build_actor(base_model(out, empty), spec, "fp32", "cpu", empty)
+    torch.manual_seed(0)
     with torch.no_grad():  # off the reference, so KL and its gradient are not 0
-        for p in actor.model.parameters():
+        for p in actor.model.parameters():  # (no-ops on empty ranks: they get rank 0's)
             p.add_(torch.randn_like(p) * 0.02)
     actor.group = group
     actor.checkpoints = out / "checkpoints"
-    if group is not None and args.fsdp:
-        actor.shard()
+    if sharded:
+        actor.shard("cpu")
     actor.configure_optimizer(spec, "fp32", 100)
     if args.resume:  # every rank reads the checkpoint: the same folder
         actor.checkpoints = args.resume.parent / "checkpoints"

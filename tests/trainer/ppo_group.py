@@ -13,7 +13,8 @@ other ranks follow; rank 0 writes each batch's metrics and the final actor and c
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.trainer.ppo_group \
         OUT [--fsdp] [--lora] [--resume STATE]
 
-`--fsdp` shards the actor, its reference and the critic (FSDP2) over the group: a rank short of
+`--fsdp` shards the actor, its reference and the critic (FSDP2) over the group (only rank 0
+builds them with weights, as in `actor_group`): a rank short of
 micro-batches pads with zero-weight passes, and the resume state names sharded checkpoints
 (DCP, under `OUT/checkpoints`); the final weights are gathered to rank 0 (the actor's, as it is
 published) or read back from the critic's last checkpoint. `--lora` trains LoRA adapters on
@@ -35,7 +36,6 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from services.devtools.tiny_models import cached_tiny_model
 from services.trainer.distributed import end_rank, unique_names
 from services.trainer.ppo import ppo_config
 from services.trainer.rl.actor import Actor, build_actor
@@ -43,7 +43,7 @@ from services.trainer.rl.critic import build_critic
 from services.trainer.rl.group import Follower, follow, open_group
 from services.trainer.rl.ppo_learner import PpoLearner
 from services.trainer.spec import LoraParams
-from tests.trainer.actor_group import fixed_batch
+from tests.trainer.actor_group import base_model, fixed_batch
 from tests.trainer.test_ppo_controller import job
 
 SCORES = torch.tensor([1.0, -0.5, float("nan"), 2.0, 0.25])  # (N,) the third is not OK
@@ -60,18 +60,20 @@ def main(args: argparse.Namespace) -> None:
     )
     if args.lora:
         spec = dataclasses.replace(spec, lora=LoraParams(r=4, alpha=8))
-    model = cached_tiny_model("test")
-    actor = build_actor(model, spec, "fp32", "cpu")
-    critic = build_critic(model, spec, "fp32", "cpu")
-    torch.manual_seed(0)  # the same on every rank
+    sharded = group is not None and args.fsdp
+    empty = sharded and group is not None and group.rank != 0  # rank 0's weights, sharded
+    model = base_model(out, empty)
+    actor = build_actor(model, spec, "fp32", "cpu", empty)
+    critic = build_critic(model, spec, "fp32", "cpu", empty)
+    torch.manual_seed(0)
     with torch.no_grad():  # off the reference, so KL and its gradient are not 0
-        for p in actor.model.parameters():
+        for p in actor.model.parameters():  # (no-ops on empty ranks: they get rank 0's)
             p.add_(torch.randn_like(p) * 0.02)
     checkpoints = (args.resume.parent if args.resume else out) / "checkpoints"
     for m in (actor, critic):
         m.group, m.checkpoints = group, checkpoints
-        if group is not None and args.fsdp:
-            m.shard()
+        if sharded:
+            m.shard("cpu")
     actor.configure_optimizer(spec, "fp32", 100)
     critic.configure_optimizer(spec, spec.params.critic_learning_rate, "fp32", 100)
     config = dataclasses.replace(
