@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -18,8 +19,9 @@ import pytest
 from services.reward import rule_runner
 from services.reward.cache import content_key
 from services.reward.domain import Sample
-from services.reward.rule_runner import RuleRunner
-from services.reward.rule_worker import Worker
+from services.reward.rule_pool import Pool
+from services.reward.rule_runner import START_TIMEOUT_S, RuleRunner
+from services.reward.rule_worker import Stop, Worker
 from tests.reward.conftest import start_reward
 from tests.reward.helpers import sample, spec
 from tests.reward.test_rule_hardening import MEDIUM, SLOW, UNIQUE, alive, json_scorer, statuses
@@ -93,24 +95,42 @@ def test_one_team_cannot_hold_every_rule_worker() -> None:
     with_runner(2, body)
 
 
-@pytest.mark.slow  # holds the rule pool's workers: seconds
+@pytest.mark.slow  # spawns two rule workers: seconds
 def test_a_worker_asked_back_before_its_call_starts_still_comes_back() -> None:
-    """Team a's second call is handed the last worker and team b asks for it in the same turn,
-    before that call has sent anything: the ask must hold for the call when it starts."""
-    slow = json_scorer(UNIQUE, timeout_s=60)
+    """A worker handed to a call that waited for one, and asked back (by a team holding none)
+    before that call sent its chunk: the ask holds, and the chunk stops before its first
+    sample, so the other team gets the worker at once. (A call handed a free worker sends in
+    the same turn; only a waiting one leaves this gap.)"""
+    context = multiprocessing.get_context("spawn")
+    slow = json_scorer(UNIQUE, timeout_s=60).SerializeToString()
 
-    async def body(runner: RuleRunner) -> None:
+    async def body(workers: list[Worker]) -> None:
+        pool = Pool()
+        for worker in workers:
+            pool.add(worker, expected=False)
+        held = [await pool.acquire("a", 5) for _ in workers]  # team a alone holds both
+        waiting = asyncio.ensure_future(pool.acquire("a", 5))
+        await until(lambda: "a" in pool.waiting, what="team a's third call waits")
+        pool.release("a", held[1], reuse=True)  # handed to the waiting call at once
+        b = asyncio.ensure_future(pool.acquire("b", 5))
+        handed = await waiting
+        assert handed is held[1]
+        await until(lambda: handed in pool.reclaiming, what="team b asked for it back")
+        assert handed is not None
         far = time.monotonic() + 30
-        one = runner.run(slow, [Sample("s1", SLOW)], timeout_s=60, deadline=far, team="a")
-        hogs = [asyncio.ensure_future(one)]
-        await until(lambda: runner._pool.held.get("a") == 1, what="team a on one worker")
-        two = runner.run(slow, [Sample("s2", SLOW)], timeout_s=60, deadline=far, team="a")
-        hogs.append(asyncio.ensure_future(two))
-        await asyncio.sleep(0)  # handed the worker; its call has not started
-        assert await team_b_quick(runner) < 3  # yielded before its first sample: no restart
-        await cancel(hogs)
+        reply = await asyncio.wait_for(handed.score(slow, [Sample("s", SLOW)], 60, far), 10)
+        assert reply.stop is Stop.YIELDED and reply.results == []  # not one sample started
+        pool.release("a", handed, reuse=True)
+        assert await asyncio.wait_for(b, 1) is handed
 
-    with_runner(2, body)
+    workers = [Worker(context) for _ in range(2)]
+    try:
+        assert all(w.wait_ready(START_TIMEOUT_S) for w in workers)
+        asyncio.run(body(workers))
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.reap()
 
 
 @pytest.mark.slow  # holds the rule pool's workers: seconds
