@@ -302,9 +302,16 @@ def shard_from_rank0(
         model.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
-    for name, buffer in model.named_buffers():
-        if name not in kept:
-            dist.broadcast(buffer, src=0)
+    buffers = [(n, b) for n, b in model.named_buffers() if n not in kept]
+    # A raw broadcast needs the same buffers everywhere (from_config and from_pretrained could
+    # differ, e.g. a module kept in fp32): a clear error rather than corrupt values or a hang.
+    shapes = [(n, str(b.dtype), tuple(b.shape)) for n, b in buffers]
+    box = [shapes]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] != shapes:
+        raise RuntimeError(f"rank {rank()}: buffers {shapes} differ from rank 0's {box[0]}")
+    for _, buffer in buffers:
+        dist.broadcast(buffer, src=0)
 
 
 def is_sharded(model: Any) -> bool:

@@ -83,6 +83,26 @@ def device_of(plan: dict[str, Any]) -> str:
     return "cuda" if plan.get("device_type") == "cuda" else "cpu"
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a model of the online loop (the actor, PPO's critic) is built and trains. Sharded
+    (FSDP), only rank 0 reads the weights, into host memory, and each layer moves to its device
+    as it is sharded (no device holds the whole model); the other ranks build it `empty` and
+    get their shards from rank 0 (`distributed.shard_from_rank0`)."""
+
+    device: str  # where it trains
+    built_on: str  # where it is built
+    empty: bool  # built on the meta device, without its weights
+    sharded: bool
+
+    @staticmethod
+    def of(plan: dict[str, Any], group: ActorGroup | None) -> Placement:
+        device = device_of(plan)
+        if group is None or plan.get("strategy") != "fsdp":
+            return Placement(device, device, False, False)
+        return Placement(device, "cpu", group.rank != 0, True)
+
+
 def prompts_per_step(spec: JobSpec, devices: int = 1) -> int:
     """B, the prompts of a step: per device x accumulation steps x devices, as TRL's global
     batch (a group of `devices` ranks shares each step's micro-batches)."""
@@ -220,15 +240,12 @@ class GrpoRecipe:
     def _actor(self, base: Any, plan: dict[str, Any], total_steps: int) -> Actor:
         """The actor, the same on every rank; sharded over the group when the plan says FSDP
         (`rl/group.py`), its checkpoints in the job's folder."""
-        sharded = self.group is not None and plan.get("strategy") == "fsdp"
-        device = device_of(plan)
-        # The other ranks build it empty: rank 0's weights come with the sharding.
-        empty = sharded and self.group is not None and self.group.rank != 0
-        actor = build_actor(base, self.spec, plan["precision"], device, empty)
+        where = Placement.of(plan, self.group)
+        actor = build_actor(base, self.spec, plan["precision"], where.built_on, where.empty)
         actor.group = self.group
         actor.checkpoints = self.ctx.folder / CHECKPOINTS
-        if sharded:
-            actor.shard(device)
+        if where.sharded:
+            actor.shard(where.device)
         updates = total_steps * self.updates_per_step()
         actor.configure_optimizer(self.spec, plan["precision"], updates)
         return actor

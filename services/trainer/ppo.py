@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer import grpo
-from services.trainer.grpo import GrpoRecipe, device_of, prompts_per_step
+from services.trainer.grpo import GrpoRecipe, Placement, prompts_per_step
 from services.trainer.rl import LossType, algos
 from services.trainer.rl.actor import Actor, Objective
 from services.trainer.rl.controller import ControllerConfig
@@ -113,15 +113,12 @@ class PpoRecipe(GrpoRecipe):
 
     def _learner(self, path: Path, plan: dict[str, Any], total_steps: int) -> PpoLearner:
         params: PpoParams = self.spec.params
-        sharded = self.group is not None and plan.get("strategy") == "fsdp"
-        device = device_of(plan)
-        # The other ranks build it empty: rank 0's weights come with the sharding.
-        empty = sharded and self.group is not None and self.group.rank != 0
-        critic = build_critic(path, self.spec, plan["precision"], device, empty)
+        where = Placement.of(plan, self.group)
+        critic = build_critic(path, self.spec, plan["precision"], where.built_on, where.empty)
         critic.group = self.group
         critic.checkpoints = self.ctx.folder / CHECKPOINTS  # beside the actor's shards
-        if sharded:
-            critic.shard(device)
+        if where.sharded:
+            critic.shard(where.device)
         rate = params.critic_learning_rate or self.spec.training.learning_rate or 0.0
         updates = total_steps * self.updates_per_step()
         critic.configure_optimizer(self.spec, rate, plan["precision"], updates)
