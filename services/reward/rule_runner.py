@@ -22,7 +22,9 @@ plus a worker's start (1-2 s), while workers starting count as its own. A team a
 worker. A call's samples are split between the workers (chunks of at least MIN_CHUNK).
 
 A thread cannot be killed: with zero workers an overrunning chunk comes back TIMEOUT but keeps
-its thread (and a CPU) busy until it ends.
+its thread (and a CPU) busy until it ends, and a sample whose scoring sits in one long C call
+(sympy's big-integer power for `$9^{9^{9^9}}$`) holds the GIL meanwhile, stalling the whole
+server: zero workers is for trusted input only (the runner logs a warning).
 """
 
 from __future__ import annotations
@@ -114,6 +116,12 @@ class RuleRunner:
         self._started = self._closed = False
         # Blocking pipe I/O: start-up waits, large sends and reaping.
         self._io = ThreadPoolExecutor(2 * workers + 2, thread_name_prefix="tlm-rule-io")
+        if workers <= 0:
+            log.warning(
+                "rule_scorers_in_server_thread",
+                why="rule_workers is 0: one hostile sample can stall the server; "
+                "for trusted input only",
+            )
 
     def worker_pids(self) -> list[int]:
         """Processes started and not yet retired (for logs and tests)."""

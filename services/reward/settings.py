@@ -31,7 +31,8 @@ class RewardSettings(ServerSettings):
     max_samples_per_request: int = Field(4096, ge=1)
     # Deterministic outcomes kept in the LRU cache; 0 disables it.
     cache_entries: int = Field(100_000, ge=0)
-    # Processes running rule scorers; 0 runs them in a thread of the server process.
+    # Processes running rule scorers; 0 runs them in a thread of the server process, for
+    # trusted input only: one hostile math answer can hold that process's GIL (SECURITY.md).
     rule_workers: int = Field(2, ge=0)
     # Sandboxed code runs at once.
     sandbox_slots: int = Field(2, ge=1)

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import jsonschema
 import pytest
+from structlog.testing import capture_logs
 
 from services.reward.domain import Outcome, Sample, Status
 from services.reward.rule_runner import RuleRunner
@@ -372,6 +373,19 @@ def test_thread_mode_returns_at_the_deadline() -> None:
         runner.close()
 
     asyncio.run(body())  # waits for the thread at the end (loop.shutdown_default_executor)
+
+
+def test_zero_rule_workers_warn_that_rules_run_in_the_server() -> None:
+    """One hostile math answer can hold the server's GIL when rules run in its thread: an
+    operator who sets zero workers is told so at start; with workers, nothing is said."""
+    with capture_logs() as logs:
+        RuleRunner(0).close()
+    warned = [e for e in logs if e["event"] == "rule_scorers_in_server_thread"]
+    assert [e["log_level"] for e in warned] == ["warning"]
+    assert "trusted input only" in warned[0]["why"]
+    with capture_logs() as logs:
+        RuleRunner(1).close()
+    assert not [e for e in logs if e["event"] == "rule_scorers_in_server_thread"]
 
 
 @pytest.mark.slow  # waits out rule deadlines and worker kills
