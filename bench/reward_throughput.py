@@ -1,4 +1,4 @@
-"""Reward Score throughput over gRPC vs the same scorer code in process, at batch sizes 1, 16,
+"""Reward Score throughput over gRPC vs the same scorer code in process, at batch sizes 1, 16, 32,
 64 and 256, and latency under 16 concurrent clients.
 
 For each batch size, `--repeats` rounds of `--samples` samples per side: in process (the same
@@ -13,7 +13,7 @@ and their rule workers') and the time those threads waited for a CPU: a side tha
 longer than the others was measured under more load (Linux /proc schedstat).
 
     .venv/bin/python bench/reward_throughput.py [--samples 512] [--workers 2] [--repeats 5]
-        [--batches 1,16,64,256] [--turn 128]
+        [--batches 1,16,32,64,256] [--turn 128]
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512, help="samples per round and side")
     parser.add_argument("--workers", type=int, default=2, help="rule worker processes")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--batches", default="1,16,32,64,256")
     parser.add_argument("--turn", type=int, default=128, help="samples per side before the next")
     args = parser.parse_args()
     configure_logging(json=True, level="warning")

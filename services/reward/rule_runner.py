@@ -60,10 +60,9 @@ INLINE_RULES = frozenset({"exact_match", "contains", "regex", "length", "format"
 INLINE_MAX_CHARS = 64 * 1024
 # Fewest samples per chunk when a call's samples are spread over the workers: a hand-off (a
 # message each way, a worker's wake-up, its cold caches, both cores busy at once) cost more than
-# half of 16 cheap math samples (bench/reward_throughput.py at batch 16: 0.60-0.65 of in-process
-# split in 2 chunks, 0.64-0.70 in one, with 30% less CPU); from 64 samples the split wins
-# (1.31-1.33 vs 0.89-0.90).
-MIN_CHUNK = 32
+# 8 cheap math samples (bench/reward_throughput.py at batch 16: 0.60 of in-process split in 2
+# chunks, 0.70-0.79 in one); 16 pay for it (batch 32: 1.34-1.45 in 2 chunks, 0.83 in one).
+MIN_CHUNK = 16
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
 # A worker starting counts as on its way to a team waiting for one (no worker is asked back for
