@@ -19,7 +19,8 @@ sample still runs RECLAIM_GRACE_S later, it is killed and the sample scored agai
 one team's slow samples (a spec may set a per-sample timeout of minutes) cannot queue every
 other team's chunks behind them: a team holding none waits about a sample, or RECLAIM_GRACE_S
 plus a worker's start (1-2 s), while workers starting count as its own. A team alone uses every
-worker. A call's samples are split between the workers (chunks of at least MIN_CHUNK).
+worker. A call's samples are split between the workers in chunks of at least MIN_CHUNK_S of
+expected scoring (from what the scorer's samples took so far).
 
 A thread cannot be killed: with zero workers an overrunning chunk comes back TIMEOUT but keeps
 its thread (and a CPU) busy until it ends, and a sample whose scoring sits in one long C call
@@ -38,7 +39,7 @@ from typing import Any
 
 import structlog
 
-from services.reward.domain import Outcome, Sample
+from services.reward.domain import Outcome, Sample, Status
 from services.reward.rule_pool import Pool
 from services.reward.rule_worker import (
     CHUNK,
@@ -58,11 +59,17 @@ log = structlog.get_logger("tlm.reward.rules")
 # thread, where a hand-off to a thread or a worker would cost more than the scoring.
 INLINE_RULES = frozenset({"exact_match", "contains", "regex", "length", "format"})
 INLINE_MAX_CHARS = 64 * 1024
-# Fewest samples per chunk when a call's samples are spread over the workers: a hand-off (a
-# message each way, a worker's wake-up, its cold caches, both cores busy at once) cost more than
-# 8 cheap math samples (bench/reward_throughput.py at batch 16: 0.60 of in-process split in 2
-# chunks, 0.70-0.79 in one); 16 pay for it (batch 32: 1.34-1.45 in 2 chunks, 0.83 in one).
-MIN_CHUNK = 16
+# A call's samples go to another worker in a chunk of their own when it carries at least this
+# much expected scoring: a hand-off (a message each way, two wake-ups, the worker's cold caches,
+# both cores busy at once) costs about half a millisecond and slows the other core. Measured
+# (bench/reward_throughput.py, 2 workers, against in-process): 16 math samples of 0.55 ms in 2
+# chunks of 4.4 ms, 0.89-0.94 (one chunk: 0.77-0.79); 16 of 0.35 ms in 2 of 2.8 ms, 0.60 (one:
+# 0.70); 32 of 0.35 ms in 2 of 5.6 ms, 1.22-1.42 (one: 0.83).
+MIN_CHUNK_S = 0.004
+# What a sample of a scorer not measured yet is expected to take: 16 make a chunk.
+FIRST_GUESS_S = MIN_CHUNK_S / 16
+COST_WEIGHT = 0.2  # of a call's mean seconds per sample in its scorer's running estimate
+COSTS_KEPT = 256  # scorers whose cost per sample is remembered (the oldest forgotten first)
 # A worker not ready by then (spawn, imports, math_verify) is killed and started again.
 START_TIMEOUT_S = 120.0
 # A worker starting counts as on its way to a team waiting for one (no worker is asked back for
@@ -92,6 +99,41 @@ def _text_size(value: Any) -> int:
     return 8 if isinstance(value, int | float | bool) or value is None else INLINE_MAX_CHARS
 
 
+def chunk_size(n: int, per_sample_s: float, workers: int) -> int:
+    """Samples per chunk for a call of `n`: spread over as many workers as each get MIN_CHUNK_S
+    of expected scoring, one chunk at least, CHUNK samples at most.
+
+    >>> chunk_size(16, 0.00055, 2), chunk_size(16, 0.00035, 2), chunk_size(32, 0.00035, 2)
+    (8, 16, 16)
+    >>> chunk_size(200, 0.00055, 2), chunk_size(3, 0.08, 8), chunk_size(5, 1.0, 0)
+    (64, 1, 5)
+    """
+    parts = max(1, min(workers, int(n * per_sample_s / MIN_CHUNK_S)))
+    return min(CHUNK, -(-n // parts))
+
+
+class Costs:
+    """Seconds per sample of each scorer (by its serialized spec): a running mean of what the
+    scoring took, for `chunk_size`."""
+
+    def __init__(self) -> None:
+        self._per_sample: dict[bytes, float] = {}
+
+    def expected(self, payload: bytes) -> float:
+        return self._per_sample.get(payload, FIRST_GUESS_S)
+
+    def observe(self, payload: bytes, results: Sequence[Result]) -> None:
+        """Samples that timed out or whose worker died say nothing of the cost."""
+        seconds = [t for o, t in results if o.status is not Status.TIMEOUT and t > 0]
+        if not seconds:
+            return
+        mean = sum(seconds) / len(seconds)
+        old = self._per_sample.pop(payload, None)
+        self._per_sample[payload] = mean if old is None else old + COST_WEIGHT * (mean - old)
+        if len(self._per_sample) > COSTS_KEPT:
+            del self._per_sample[next(iter(self._per_sample))]
+
+
 def _timeout(why: str, seconds: float, n: int) -> list[Result]:
     return [(Outcome.timeout(why), max(seconds, 0.0))] * n
 
@@ -110,6 +152,7 @@ class RuleRunner:
         self._context = multiprocessing.get_context("spawn")
         # The workers: free, busy (by team), asked back, starting (see Pool).
         self._pool = Pool()
+        self._costs = Costs()  # what each scorer's samples take, to size chunks
         self._live: set[Worker] = set()
         self._starting: set[asyncio.Task[None]] = set()
         self._started = self._closed = False
@@ -149,15 +192,18 @@ class RuleRunner:
             return [score_timed(scorer, sample) for sample in samples]
         self._start()
         payload = scorer.SerializeToString()
-        size = min(CHUNK, max(MIN_CHUNK, -(-len(samples) // max(self._workers, 1))))
+        size = chunk_size(len(samples), self._costs.expected(payload), self._workers)
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
         score = self._in_thread if self._workers <= 0 else self._in_workers
         if len(chunks) == 1:  # sent before the first yield to the loop (see Engine.score)
-            return await score(payload, chunks[0], timeout_s, deadline, team)
-        parts = await asyncio.gather(
-            *(score(payload, c, timeout_s, deadline, team) for c in chunks)
-        )
-        return [item for part in parts for item in part]
+            results = await score(payload, chunks[0], timeout_s, deadline, team)
+        else:
+            parts = await asyncio.gather(
+                *(score(payload, c, timeout_s, deadline, team) for c in chunks)
+            )
+            results = [item for part in parts for item in part]
+        self._costs.observe(payload, results)
+        return results
 
     def close(self) -> None:
         """Kill every worker, running or not, and return within about REAP_TIMEOUT_S."""

@@ -177,6 +177,33 @@ def test_a_team_alone_still_uses_the_pool() -> None:
     with_runner(2, body)
 
 
+@pytest.mark.slow  # spawns rule workers: seconds
+def test_a_scorers_measured_cost_sizes_its_chunks() -> None:
+    """Chunks are sized by expected work, not by count: a scorer not measured yet sends 4
+    samples as one chunk (4 x the first guess is under MIN_CHUNK_S); once its samples are seen
+    to take ~80 ms each, 2 of them are worth both workers."""
+    scorer = json_quick()
+
+    async def body(runner: RuleRunner) -> None:
+        payload = scorer.SerializeToString()
+        assert runner._costs.expected(payload) == rule_runner.FIRST_GUESS_S
+        assert rule_runner.chunk_size(4, rule_runner.FIRST_GUESS_S, 2) == 4
+        far = time.monotonic() + 60
+        first = [Sample(f"m{i}", MEDIUM) for i in range(4)]
+        got = await runner.run(scorer, first, timeout_s=10, deadline=far, team="a")
+        assert statuses(got) == ["OK"] * 4
+        assert runner._costs.expected(payload) >= rule_runner.MIN_CHUNK_S  # 2 make 2 chunks
+        call = runner.run(
+            scorer, [Sample("x", MEDIUM), Sample("y", MEDIUM)], timeout_s=10, deadline=far,
+            team="a",
+        )  # fmt: skip
+        two = asyncio.ensure_future(call)
+        await until(lambda: runner._pool.held.get("a") == 2, what="both samples at once")
+        assert statuses(await two) == ["OK", "OK"]
+
+    with_runner(2, body)
+
+
 def test_cache_keys_differ_between_teams() -> None:
     scorer = ev.ScorerSpec(name="e")
     scorer.exact_match.SetInParent()
