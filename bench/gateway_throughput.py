@@ -3,9 +3,10 @@ HTTP -> deploy + rollout over gRPC) vs plain in-process `model.generate`.
 
 The workload of bench/rollout_throughput.py: 32 prompts x n=4 x 48 new tokens on the
 ~3.5M-parameter tiny model ("bench"), temperature 1, no top-k/top-p, one /v1/completions call.
-Prints both rates and their ratio (target >= 0.85).
+Both sides interleaved, `--repeats` rounds; prints the median and spread of each rate and of
+the per-round ratio (target >= 0.85).
 
-    .venv/bin/python bench/gateway_throughput.py [--repeats 3]
+    .venv/bin/python bench/gateway_throughput.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import grpc
 import openai
 import torch
-from rollout_throughput import NEW_TOKENS, PROMPTS, N, peer_rate, prompts
+from rollout_throughput import NEW_TOKENS, Peer, interleaved, prompts, spread
 
 from services.clients.registry import RegistryClient
 from services.common.logs import configure_logging
@@ -37,6 +38,8 @@ from services.rollout import app as rollout_app
 from services.rollout.settings import RolloutSettings
 from tlm.deploy.v1 import deploy_pb2 as pb
 from tlm.deploy.v1 import deploy_pb2_grpc
+
+PROMPTS, N = 32, 4  # rollout_throughput's (32, 4) shape
 
 
 def start_stack(data_dir: Path, folder: Path) -> ServerThread:
@@ -74,7 +77,7 @@ def gateway_rate(client: openai.OpenAI, seed: int) -> float:
     start = time.perf_counter()
     answer = client.completions.create(
         model="bench",
-        prompt=prompts(),
+        prompt=prompts(PROMPTS),
         n=N,
         temperature=1.0,
         top_p=1.0,
@@ -88,31 +91,35 @@ def gateway_rate(client: openai.OpenAI, seed: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     configure_logging(json=True, level="warning")
     folder = cached_tiny_model("bench")
+    peer = Peer(str(folder))
     with tempfile.TemporaryDirectory() as tmp:
         server = start_stack(Path(tmp), folder)
         settings = GatewaySettings(host="127.0.0.1", port=0, insecure_dev=True)
         gateway = GatewayThread(settings, server.address).start()
         try:
             client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="bench", max_retries=0)
-            gateway_rate(client, 0)  # warm-up
-            peer_rate(str(folder))
-            service, peer = [], []
-            for i in range(args.repeats):  # interleaved, so load on the machine hits both alike
-                service.append(gateway_rate(client, i + 1))
-                peer.append(peer_rate(str(folder)))
+            seeds = iter(range(1, 1_000_000))
+            # Interleaved (alternating which goes first), so load on the machine hits both.
+            service, local = interleaved(
+                (lambda: gateway_rate(client, next(seeds)), lambda: peer.rate(PROMPTS, N)),
+                args.repeats,
+            )
         finally:
             gateway.stop()
             server.stop()
-    s, p = statistics.median(service), statistics.median(peer)
+    ratios = [a / b for a, b in zip(service, local, strict=True)]
     print(f"workload: {PROMPTS} prompts x n={N} x {NEW_TOKENS} new tokens, tiny 'bench' model, CPU")
-    print(f"torch threads: {torch.get_num_threads()}")
-    print(f"gateway (openai client, HTTP): {s:,.0f} tokens/s  runs={[round(x) for x in service]}")
-    print(f"in-process model.generate:     {p:,.0f} tokens/s  runs={[round(x) for x in peer]}")
-    print(f"ratio gateway / generate: {s / p:.2f} (target >= 0.85)")
+    print(f"torch threads: {torch.get_num_threads()}; tokens/s, median [min-max] of {args.repeats}")
+    print(f"gateway (openai client, HTTP): {spread(service)}")
+    print(f"in-process model.generate:     {spread(local)}")
+    print(
+        f"ratio gateway / generate: {statistics.median(ratios):.2f} "
+        f"[{min(ratios):.2f}-{max(ratios):.2f}] per round (target >= 0.85)"
+    )
 
 
 if __name__ == "__main__":

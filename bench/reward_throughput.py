@@ -70,9 +70,10 @@ def sample(sample_id: str, completion: str, reference: str) -> rs.Sample:
 
 # Each sample takes a number never used before (so the outcome cache, off in the servers here,
 # could never answer), and its answer and reference come from a hash of that number: every
-# batch size scores the same mix of samples. (Numbers stepped by 2**20 per call aliased with
-# sympy's caches: a math sample took 0.35 ms at batch 16 and 0.65 ms at 32 and 64, so batch 16
-# was measured on half the work per sample.)
+# batch size scores the same mix of samples. (With numbers stepped by 2**20 per call, a math
+# sample took 0.35 ms at batch 16 and 0.65 ms at 32 and 64, reproducibly, so batch 16 was
+# measured on half the work per sample; the cause, some interplay with sympy's or math-verify's
+# caches, is not pinned down.)
 UNUSED = [100_000_000]  # the first number no sample has used
 
 

@@ -63,7 +63,7 @@ INLINE_MAX_CHARS = 64 * 1024
 # much expected scoring: a hand-off (a message each way, two wake-ups, the worker's cold caches,
 # both cores busy at once) costs about half a millisecond and slows the other core. Measured
 # (bench/reward_throughput.py, 2 workers, against in-process): 16 math samples of 0.55 ms in 2
-# chunks of 4.4 ms, 0.89-0.94 (one chunk: 0.77-0.79); 16 of 0.35 ms in 2 of 2.8 ms, 0.60 (one:
+# chunks of 4.4 ms, 0.89-0.95 (one chunk: 0.77-0.79); 16 of 0.35 ms in 2 of 2.8 ms, 0.60 (one:
 # 0.70); 32 of 0.35 ms in 2 of 5.6 ms, 1.22-1.42 (one: 0.83).
 MIN_CHUNK_S = 0.004
 # What a sample of a scorer not measured yet is expected to take: 16 make a chunk.
@@ -113,23 +113,35 @@ def chunk_size(n: int, per_sample_s: float, workers: int) -> int:
 
 
 class Costs:
-    """Seconds per sample of each scorer (by its serialized spec): a running mean of what the
-    scoring took, for `chunk_size`."""
+    """Seconds per sample of each team's scorers (by team and serialized spec), for
+    `chunk_size`: a running mean of what the samples took when their call ran alone (one
+    chunk, no other worker busy). A call spread over several workers measures the samples
+    slower than they are alone (both cores busy), which would keep a scorer split once it
+    was; so such a call may only lower the estimate. One observation counts for at most
+    MIN_CHUNK_S a sample (from there on a call is spread as far as it goes whatever the cost):
+    one slow call cannot keep a team's calls split for long."""
 
     def __init__(self) -> None:
-        self._per_sample: dict[bytes, float] = {}
+        self._per_sample: dict[tuple[str, bytes], float] = {}
 
-    def expected(self, payload: bytes) -> float:
-        return self._per_sample.get(payload, FIRST_GUESS_S)
+    def expected(self, team: str, payload: bytes) -> float:
+        return self._per_sample.get((team, payload), FIRST_GUESS_S)
 
-    def observe(self, payload: bytes, results: Sequence[Result]) -> None:
+    def observe(self, team: str, payload: bytes, results: Sequence[Result], alone: bool) -> None:
         """Samples that timed out or whose worker died say nothing of the cost."""
         seconds = [t for o, t in results if o.status is not Status.TIMEOUT and t > 0]
         if not seconds:
             return
-        mean = sum(seconds) / len(seconds)
-        old = self._per_sample.pop(payload, None)
-        self._per_sample[payload] = mean if old is None else old + COST_WEIGHT * (mean - old)
+        mean = min(sum(seconds) / len(seconds), MIN_CHUNK_S)
+        key = (team, payload)
+        old = self._per_sample.pop(key, None)
+        if old is None:
+            new = mean
+        else:
+            new = old + COST_WEIGHT * (mean - old)
+            if not alone:
+                new = min(new, old)
+        self._per_sample[key] = new
         if len(self._per_sample) > COSTS_KEPT:
             del self._per_sample[next(iter(self._per_sample))]
 
@@ -191,9 +203,12 @@ class RuleRunner:
         if inline(scorer, samples):
             return [score_timed(scorer, sample) for sample in samples]
         self._start()
+        if not samples:
+            return []
         payload = scorer.SerializeToString()
-        size = chunk_size(len(samples), self._costs.expected(payload), self._workers)
+        size = chunk_size(len(samples), self._costs.expected(team, payload), self._workers)
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
+        alone = len(chunks) == 1 and not self._pool.busy  # measures the solo cost
         score = self._in_thread if self._workers <= 0 else self._in_workers
         if len(chunks) == 1:  # sent before the first yield to the loop (see Engine.score)
             results = await score(payload, chunks[0], timeout_s, deadline, team)
@@ -202,7 +217,7 @@ class RuleRunner:
                 *(score(payload, c, timeout_s, deadline, team) for c in chunks)
             )
             results = [item for part in parts for item in part]
-        self._costs.observe(payload, results)
+        self._costs.observe(team, payload, results, alone)
         return results
 
     def close(self) -> None:

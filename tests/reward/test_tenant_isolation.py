@@ -18,7 +18,7 @@ import pytest
 
 from services.reward import rule_runner
 from services.reward.cache import content_key
-from services.reward.domain import Sample
+from services.reward.domain import Outcome, Sample
 from services.reward.rule_pool import Pool
 from services.reward.rule_runner import START_TIMEOUT_S, RuleRunner
 from services.reward.rule_worker import Stop, Worker
@@ -186,13 +186,13 @@ def test_a_scorers_measured_cost_sizes_its_chunks() -> None:
 
     async def body(runner: RuleRunner) -> None:
         payload = scorer.SerializeToString()
-        assert runner._costs.expected(payload) == rule_runner.FIRST_GUESS_S
+        assert runner._costs.expected("a", payload) == rule_runner.FIRST_GUESS_S
         assert rule_runner.chunk_size(4, rule_runner.FIRST_GUESS_S, 2) == 4
         far = time.monotonic() + 60
         first = [Sample(f"m{i}", MEDIUM) for i in range(4)]
         got = await runner.run(scorer, first, timeout_s=10, deadline=far, team="a")
         assert statuses(got) == ["OK"] * 4
-        assert runner._costs.expected(payload) >= rule_runner.MIN_CHUNK_S  # 2 make 2 chunks
+        assert runner._costs.expected("a", payload) >= rule_runner.MIN_CHUNK_S  # 2 make 2 chunks
         call = runner.run(
             scorer, [Sample("x", MEDIUM), Sample("y", MEDIUM)], timeout_s=10, deadline=far,
             team="a",
@@ -202,6 +202,30 @@ def test_a_scorers_measured_cost_sizes_its_chunks() -> None:
         assert statuses(await two) == ["OK", "OK"]
 
     with_runner(2, body)
+
+
+def test_a_scorers_cost_is_its_teams_bounded_and_not_raised_by_a_split_call() -> None:
+    """Each team's estimate is its own; a split call (both cores busy: samples measure slower
+    than alone) may only lower it; one very slow call counts for at most MIN_CHUNK_S a sample,
+    so ten-odd ordinary calls bring the estimate back."""
+    costs, spec_bytes = rule_runner.Costs(), b"spec"
+    ok = Outcome.ok(1.0)
+    costs.observe("a", spec_bytes, [(ok, 0.001)] * 4, alone=True)
+    assert costs.expected("a", spec_bytes) == pytest.approx(0.001)
+    assert costs.expected("b", spec_bytes) == rule_runner.FIRST_GUESS_S  # b's are its own
+    costs.observe("a", spec_bytes, [(ok, 0.002)] * 4, alone=False)  # split: not raised
+    assert costs.expected("a", spec_bytes) == pytest.approx(0.001)
+    costs.observe("a", spec_bytes, [(ok, 0.0005)] * 4, alone=False)  # but lowered
+    lowered = costs.expected("a", spec_bytes)
+    assert 0.0005 < lowered < 0.001
+    timed_out = (Outcome.timeout("no result"), 60.0)
+    costs.observe("a", spec_bytes, [timed_out, (Outcome.error("crashed"), 0.0)], alone=True)
+    assert costs.expected("a", spec_bytes) == lowered  # no measurement in those
+    costs.observe("b", spec_bytes, [(ok, 60.0)], alone=True)  # one pathological sample
+    assert costs.expected("b", spec_bytes) == pytest.approx(rule_runner.MIN_CHUNK_S)
+    for _ in range(12):
+        costs.observe("b", spec_bytes, [(ok, 0.0005)] * 4, alone=True)
+    assert costs.expected("b", spec_bytes) < 0.001
 
 
 def test_cache_keys_differ_between_teams() -> None:
