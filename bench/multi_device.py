@@ -110,10 +110,10 @@ def actor_worker(strategy: str, steps: int, size: str, out: Path) -> None:
 
     from services.devtools.tiny_models import cached_tiny_model
     from services.trainer.domain import Method
-    from services.trainer.grpo import objective
+    from services.trainer.grpo import Placement, objective
     from services.trainer.rl.actor import build_actor
     from services.trainer.rl.batch import Sample, make_batch
-    from services.trainer.rl.group import follow, open_group
+    from services.trainer.rl.group import Follower, follow, open_group
     from services.trainer.spec import GrpoParams, JobSpec, Sampling, TrainingParams
 
     cuda = torch.cuda.is_available()
@@ -122,10 +122,12 @@ def actor_worker(strategy: str, steps: int, size: str, out: Path) -> None:
     training = TrainingParams(learning_rate=1e-4, lr_scheduler="constant")
     base, data = "models/b/revisions/1", "datasets/p/revisions/1"
     spec = JobSpec(Method.GRPO, base, data, None, training=training, params=params)
-    actor = build_actor(cached_tiny_model(size), spec, "fp32", "cuda" if cuda else "cpu")
+    plan = {"device_type": "cuda" if cuda else "cpu", "strategy": strategy.removeprefix("actor-")}
+    where = Placement.of(plan, group)  # as a GRPO job's: sharded, only rank 0 reads weights
+    actor = build_actor(cached_tiny_model(size), spec, "fp32", where.built_on)
     actor.group = group
-    if strategy == "actor-fsdp":
-        actor.shard()
+    if where.sharded:
+        actor.shard(where.device)
     actor.configure_optimizer(spec, "fp32", WARMUP + steps)
     rank = group.rank if group is not None else 0
     elapsed = 0.0
@@ -146,7 +148,7 @@ def actor_worker(strategy: str, steps: int, size: str, out: Path) -> None:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     elif group is not None:
-        follow(actor, group)  # until rank 0's stop
+        follow(Follower(actor), group)  # until rank 0's stop
     held = state_bytes(actor.model, actor.optimizer)  # local shards: no collective
     if actor.reference is not None:
         held += state_bytes(actor.reference, torch.optim.SGD([torch.zeros(1)]))

@@ -67,9 +67,10 @@ class Engine:
         """Every sample's result, in order. `spec` must be validated and normalised."""
         cached = self.cache.enabled and any(s.WhichOneof("scorer") in RULES for s in spec.scorers)
         digests = [sample_digest(s) for s in samples] if cached else []
-        # Scorers that wait (on a rule worker, a model, a remote service) start first: each
-        # sends its work before its first await, so the cheap rules scored on this thread
-        # (rule_runner.inline) run while they wait rather than before they start.
+        # Scorers that wait (on a rule worker, a model, a remote service) start first, and the
+        # cheap rules scored on this thread (rule_runner.inline) yield once before scoring: a
+        # rule worker's chunks (sent at once, or from tasks of their own when a call is split)
+        # go out before that scoring holds the loop, and are scored meanwhile.
         scorers = list(spec.scorers)
         order = sorted(range(len(scorers)), key=lambda i: inline(scorers[i], samples))
         columns = await asyncio.gather(

@@ -114,12 +114,13 @@ def chunk_size(n: int, per_sample_s: float, workers: int) -> int:
 
 class Costs:
     """Seconds per sample of each team's scorers (by team and serialized spec), for
-    `chunk_size`: a running mean of what the samples took when their call ran alone (one
-    chunk, no other worker busy). A call spread over several workers measures the samples
-    slower than they are alone (both cores busy), which would keep a scorer split once it
-    was; so such a call may only lower the estimate. One observation counts for at most
-    MIN_CHUNK_S a sample (from there on a call is spread as far as it goes whatever the cost):
-    one slow call cannot keep a team's calls split for long."""
+    `chunk_size`: an exponential moving average (weight COST_WEIGHT) of what the samples took
+    when their call ran alone (one chunk, no other worker busy). A call spread over several
+    workers measures the samples slower than they are alone (both cores busy), which would
+    keep a scorer split once it was; so such a call may only lower an estimate, and starts
+    none. One observation counts for at most MIN_CHUNK_S a sample (from there on a call is
+    spread as far as it goes whatever the cost): one slow call cannot keep a team's calls
+    split for long."""
 
     def __init__(self) -> None:
         self._per_sample: dict[tuple[str, bytes], float] = {}
@@ -134,14 +135,12 @@ class Costs:
             return
         mean = min(sum(seconds) / len(seconds), MIN_CHUNK_S)
         key = (team, payload)
-        old = self._per_sample.pop(key, None)
-        if old is None:
-            new = mean
-        else:
-            new = old + COST_WEIGHT * (mean - old)
-            if not alone:
-                new = min(new, old)
-        self._per_sample[key] = new
+        old = self._per_sample.get(key)
+        if old is None and not alone:
+            return  # a first estimate from a split call would start it high and keep it there
+        new = mean if old is None else old + COST_WEIGHT * (mean - old)
+        self._per_sample.pop(key, None)
+        self._per_sample[key] = new if alone or old is None else min(new, old)
         if len(self._per_sample) > COSTS_KEPT:
             del self._per_sample[next(iter(self._per_sample))]
 
@@ -201,6 +200,10 @@ class RuleRunner:
         `deadline`, a time.monotonic() value) or ERROR (its worker died twice). Workers are
         shared fairly between `team`s (see the module docstring)."""
         if inline(scorer, samples):
+            # One turn of the loop first: the engine starts the call's other scorers before
+            # this one, and a call split into chunks sends them from tasks of their own, which
+            # then go out before this scoring holds the loop (Engine.score).
+            await asyncio.sleep(0)
             return [score_timed(scorer, sample) for sample in samples]
         self._start()
         if not samples:

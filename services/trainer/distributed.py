@@ -267,26 +267,29 @@ def shard_model(model: Any, sum_gradients: bool = False) -> Any:
     return model
 
 
-def empty_model(auto: Any, path: Any, dtype: Any, **config: Any) -> Any:
-    """`auto.from_pretrained(path, dtype=dtype, **config)`'s structure on the meta device: its
-    config read, no weight read or allocated. A sharded group's ranks other than 0 build their
-    model so; `shard_from_rank0` gives them their shards of rank 0's weights."""
+def load_model(auto: Any, path: Any, dtype: Any, device: str, **config: Any) -> Any:
+    """`auto.from_pretrained(path, dtype=dtype, **config)` on `device`; on "meta" its
+    structure alone, the config read and no weight read or allocated (a sharded group's ranks
+    other than 0, which `shard_from_rank0` gives their shards of rank 0's weights)."""
     import torch
     from transformers import AutoConfig
 
-    settings = AutoConfig.from_pretrained(path, **config)
-    with torch.device("meta"):
-        return auto.from_config(settings, dtype=dtype)
+    if device == "meta":
+        settings = AutoConfig.from_pretrained(path, **config)
+        with torch.device("meta"):
+            return auto.from_config(settings, dtype=dtype)
+    model = auto.from_pretrained(path, dtype=dtype, **config)
+    return model.to(torch.device(device))
 
 
 def shard_from_rank0(
     model: Any, device: str, parts: Sequence[Any] = (), sum_gradients: bool = False
 ) -> None:
     """`shard_model` for a group in which only rank 0 built the model with its weights (every
-    other rank: `empty_model`, or a copy of one), so that no rank but 0 reads the checkpoint or
-    holds the whole model, however many ranks a node runs. The model (or each of its `parts`,
-    when they are sharded apart) is sharded; then the other ranks allocate their shards on
-    `device` ("cpu", or "cuda": this rank's GPU) and receive them from rank 0
+    other rank: `load_model` on "meta", or a copy of one), so that no rank but 0 reads the
+    checkpoint or holds the whole model, however many ranks a node runs. The model (or each of
+    its `parts`, when they are sharded apart) is sharded; then the other ranks allocate their
+    shards on `device` ("cpu", or "cuda": this rank's GPU) and receive them from rank 0
     (torch.distributed.checkpoint's `set_model_state_dict`, broadcast from rank 0), and buffers
     outside the state dict (rotary embeddings' `inv_freq`, computed when the model is built)
     are broadcast too. A collective; the model then trains as if every rank had loaded it."""
@@ -294,8 +297,10 @@ def shard_from_rank0(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     # Rank 0's full tensors: its state dict keeps them once sharding replaced the parameters.
-    weights = model.state_dict() if rank() == 0 else {}
-    kept = set(model.state_dict())
+    state = model.state_dict()
+    kept = set(state)
+    weights = state if rank() == 0 else {}
+    del state
     for part in parts or [model]:
         shard_model(part, sum_gradients)
     if rank() != 0:

@@ -87,20 +87,19 @@ def device_of(plan: dict[str, Any]) -> str:
 class Placement:
     """Where a model of the online loop (the actor, PPO's critic) is built and trains. Sharded
     (FSDP), only rank 0 reads the weights, into host memory, and each layer moves to its device
-    as it is sharded (no device holds the whole model); the other ranks build it `empty` and
+    as it is sharded (no device holds the whole model); the other ranks build it on "meta" and
     get their shards from rank 0 (`distributed.shard_from_rank0`)."""
 
     device: str  # where it trains
-    built_on: str  # where it is built
-    empty: bool  # built on the meta device, without its weights
+    built_on: str  # where it is built: `device`, or sharded "cpu" (rank 0) or "meta"
     sharded: bool
 
     @staticmethod
     def of(plan: dict[str, Any], group: ActorGroup | None) -> Placement:
         device = device_of(plan)
         if group is None or plan.get("strategy") != "fsdp":
-            return Placement(device, device, False, False)
-        return Placement(device, "cpu", group.rank != 0, True)
+            return Placement(device, device, False)
+        return Placement(device, "cpu" if group.rank == 0 else "meta", True)
 
 
 def prompts_per_step(spec: JobSpec, devices: int = 1) -> int:
@@ -241,7 +240,7 @@ class GrpoRecipe:
         """The actor, the same on every rank; sharded over the group when the plan says FSDP
         (`rl/group.py`), its checkpoints in the job's folder."""
         where = Placement.of(plan, self.group)
-        actor = build_actor(base, self.spec, plan["precision"], where.built_on, where.empty)
+        actor = build_actor(base, self.spec, plan["precision"], where.built_on)
         actor.group = self.group
         actor.checkpoints = self.ctx.folder / CHECKPOINTS
         if where.sharded:

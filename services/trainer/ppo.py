@@ -114,7 +114,7 @@ class PpoRecipe(GrpoRecipe):
     def _learner(self, path: Path, plan: dict[str, Any], total_steps: int) -> PpoLearner:
         params: PpoParams = self.spec.params
         where = Placement.of(plan, self.group)
-        critic = build_critic(path, self.spec, plan["precision"], where.built_on, where.empty)
+        critic = build_critic(path, self.spec, plan["precision"], where.built_on)
         critic.group = self.group
         critic.checkpoints = self.ctx.folder / CHECKPOINTS  # beside the actor's shards
         if where.sharded:

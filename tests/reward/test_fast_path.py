@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
+from services.reward import rule_runner, rule_worker
 from services.reward.admission import Admission
 from services.reward.cache import OutcomeCache
-from services.reward.domain import Sample
-from services.reward.engine import Engine
+from services.reward.domain import Outcome, Sample, Status
+from services.reward.engine import Engine, ScoreContext
 from services.reward.rule_runner import INLINE_MAX_CHARS, RuleRunner, inline
 from services.reward.service import VALID_SPECS, RewardCore
-from services.specs.evaluator import EvaluatorInvalid
+from services.specs.evaluator import EvaluatorInvalid, require_valid
 from tests.reward.helpers import MATH_SPEC, spec
 from tlm.reward.v1 import evaluator_pb2 as ev
 
@@ -47,6 +49,52 @@ def test_an_inline_rule_starts_no_worker() -> None:
             runner.close()
 
     asyncio.run(body())
+
+
+@pytest.mark.slow  # spawns two rule workers: seconds
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_calls_worker_chunks_go_out_before_its_inline_rules_are_scored(
+    monkeypatch: pytest.MonkeyPatch, chunks: int
+) -> None:
+    """The spec lists the cheap rule first; the math chunks (one, or two once the scorer's
+    measured cost splits the call) are still sent before the rule is scored on the server's
+    thread, so the workers score while it does (the calls pass through, recorded)."""
+    order: list[str] = []
+    send, scored = rule_worker.Worker.score, rule_runner.score_timed
+
+    def sending(worker: rule_worker.Worker, *args: Any, **kwargs: Any) -> Any:
+        order.append("send")
+        return send(worker, *args, **kwargs)
+
+    def scoring(scorer: ev.ScorerSpec, sample: Sample) -> Any:
+        order.append(scorer.name)
+        return scored(scorer, sample)
+
+    monkeypatch.setattr(rule_worker.Worker, "score", sending)
+    monkeypatch.setattr(rule_runner, "score_timed", scoring)
+    evaluator = require_valid(ev.EvaluatorSpec(scorers=[FORMAT, MATH]))  # defaults filled in
+    samples = [
+        Sample(f"s{i}", f"<answer>${i}$</answer>", metadata={"reference": "3"}) for i in range(16)
+    ]
+
+    async def body() -> None:
+        runner = RuleRunner(2)
+        try:
+            await runner.warm_up()
+            if chunks == 2:  # measured: 16 samples of 1 ms are worth both workers
+                runner._costs.observe(
+                    "t", evaluator.scorers[1].SerializeToString(), [(Outcome.ok(1), 0.001)], True
+                )
+            engine = Engine(runner, OutcomeCache(0), {})
+            results = await engine.score(
+                evaluator, samples, ScoreContext("t", time.monotonic() + 30)
+            )
+            assert [r.status for r in results] == [Status.OK] * 16
+        finally:
+            runner.close()
+
+    asyncio.run(body())
+    assert order[: chunks + 1] == ["send"] * chunks + ["f"]
 
 
 def test_a_spec_is_validated_once_and_each_call_gets_its_own_copy() -> None:

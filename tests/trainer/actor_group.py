@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from services.devtools.tiny_models import cached_tiny_model
 from services.trainer.distributed import end_rank
-from services.trainer.grpo import loss_config
+from services.trainer.grpo import Placement, loss_config
 from services.trainer.rl import KlEstimator, LossType
 from services.trainer.rl.actor import Objective, build_actor
 from services.trainer.rl.batch import Sample, TokenBatch, make_batch
@@ -62,11 +62,11 @@ def fixed_batch() -> tuple[TokenBatch, torch.Tensor]:
     return batch, torch.randn(batch.mask.shape, generator=g) * batch.mask
 
 
-def base_model(out: Path, empty: bool) -> Path:
-    """The tiny model; for a rank that builds it `empty`, a copy of its config alone: a weight
-    read there fails."""
+def base_model(out: Path, built_on: str) -> Path:
+    """The tiny model; for a rank that builds it on "meta", a copy of its config alone: a
+    weight read there fails."""
     path = cached_tiny_model("test")
-    if not empty:
+    if built_on != "meta":
         return path
     config = out / f"config-only-{os.environ['RANK']}"
     config.mkdir(parents=True, exist_ok=True)
@@ -80,17 +80,16 @@ def main(args: argparse.Namespace) -> None:
     spec = job(lr=1e-3, beta=0.1)
     if args.lora:
         spec = dataclasses.replace(spec, lora=LoraParams(r=4, alpha=8))
-    sharded = group is not None and args.fsdp
-    empty = sharded and group is not None and group.rank != 0  # rank 0's weights, sharded
-    actor = build_actor(base_model(out, empty), spec, "fp32", "cpu", empty)
-    torch.manual_seed(0)
+    where = Placement.of({"strategy": "fsdp" if args.fsdp else "ddp"}, group)  # as GRPO's
+    actor = build_actor(base_model(out, where.built_on), spec, "fp32", where.built_on)
+    torch.manual_seed(0)  # the same on every rank
     with torch.no_grad():  # off the reference, so KL and its gradient are not 0
-        for p in actor.model.parameters():  # (no-ops on empty ranks: they get rank 0's)
+        for p in actor.model.parameters():  # (no-ops on "meta": those ranks get rank 0's)
             p.add_(torch.randn_like(p) * 0.02)
     actor.group = group
     actor.checkpoints = out / "checkpoints"
-    if sharded:
-        actor.shard("cpu")
+    if where.sharded:
+        actor.shard(where.device)
     actor.configure_optimizer(spec, "fp32", 100)
     if args.resume:  # every rank reads the checkpoint: the same folder
         actor.checkpoints = args.resume.parent / "checkpoints"

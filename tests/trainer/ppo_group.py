@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from services.trainer.distributed import end_rank, unique_names
+from services.trainer.grpo import Placement
 from services.trainer.ppo import ppo_config
 from services.trainer.rl.actor import Actor, build_actor
 from services.trainer.rl.critic import build_critic
@@ -60,20 +61,19 @@ def main(args: argparse.Namespace) -> None:
     )
     if args.lora:
         spec = dataclasses.replace(spec, lora=LoraParams(r=4, alpha=8))
-    sharded = group is not None and args.fsdp
-    empty = sharded and group is not None and group.rank != 0  # rank 0's weights, sharded
-    model = base_model(out, empty)
-    actor = build_actor(model, spec, "fp32", "cpu", empty)
-    critic = build_critic(model, spec, "fp32", "cpu", empty)
-    torch.manual_seed(0)
+    where = Placement.of({"strategy": "fsdp" if args.fsdp else "ddp"}, group)  # as PPO's
+    model = base_model(out, where.built_on)
+    actor = build_actor(model, spec, "fp32", where.built_on)
+    critic = build_critic(model, spec, "fp32", where.built_on)
+    torch.manual_seed(0)  # the same on every rank
     with torch.no_grad():  # off the reference, so KL and its gradient are not 0
-        for p in actor.model.parameters():  # (no-ops on empty ranks: they get rank 0's)
+        for p in actor.model.parameters():  # (no-ops on "meta": those ranks get rank 0's)
             p.add_(torch.randn_like(p) * 0.02)
     checkpoints = (args.resume.parent if args.resume else out) / "checkpoints"
     for m in (actor, critic):
         m.group, m.checkpoints = group, checkpoints
-        if sharded:
-            m.shard("cpu")
+        if where.sharded:
+            m.shard(where.device)
     actor.configure_optimizer(spec, "fp32", 100)
     critic.configure_optimizer(spec, spec.params.critic_learning_rate, "fp32", 100)
     config = dataclasses.replace(

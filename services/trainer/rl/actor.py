@@ -29,9 +29,9 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, get_scheduler
 
 from services.trainer.distributed import (
-    empty_model,
     full_state_dict,
     full_trainable,
+    load_model,
     load_sharded,
     save_sharded,
     shard_from_rank0,
@@ -292,7 +292,7 @@ class Actor(ShardedTraining):
     def shard(self, device: str) -> None:
         """FSDP2 over the group, before `configure_optimizer`: the policy (gradients summed over
         the ranks, as the replicated path's all_reduce) and the frozen reference, rank 0's
-        weights sent to the other ranks (built `empty`, see `build_actor`), their shards on
+        weights sent to the other ranks (built on "meta", see `build_actor`), their shards on
         `device`."""
         assert self.group is not None and self.optimizer is None
         shard_from_rank0(self.model, device, sum_gradients=True)
@@ -555,26 +555,19 @@ def lora_config(lora: LoraParams, task_type: str) -> LoraConfig:
     )
 
 
-def build_actor(
-    path: Any, spec: JobSpec, precision: str, device: str, empty: bool = False
-) -> Actor:
+def build_actor(path: Any, spec: JobSpec, precision: str, device: str) -> Actor:
     """LoRA loads the frozen base in `precision` (peft keeps the adapters fp32); full tuning
     loads fp32 weights and autocasts to a 16-bit precision, since 16-bit weights round small
     updates (lr 1e-6 x Adam's ~1 step) away. The frozen reference needs no master copy; with
     the method's KL coefficient 0 (GRPO's beta, PPO's kl_coef: the method table's
     `reference_unless_zero`) there is none. Dropout is off (eval mode), as TRL's
-    `disable_dropout`. `empty`: the structure only, on the meta device (a sharded group's
-    ranks but 0, which `Actor.shard` gives rank 0's weights): no weight is read."""
+    `disable_dropout`. On `device` "meta" the structure only, no weight read (a sharded group's
+    ranks but 0, which `Actor.shard` gives rank 0's weights)."""
     torch.manual_seed(spec.training.seed)  # LoRA's A matrices
     compute = DTYPES[precision]
     autocast = compute if compute != torch.float32 else None
     weights = compute if spec.lora is not None else torch.float32
-    model: Any
-    if empty:
-        model = empty_model(AutoModelForCausalLM, path, weights)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights)
-        model = model.to(torch.device(device))
+    model: Any = load_model(AutoModelForCausalLM, path, weights, device)
     check_lora_targets(spec, model)
     params: GrpoParams | PpoParams = spec.params
     temperature = params.sampling.temperature

@@ -25,7 +25,7 @@ from peft import get_peft_model
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForSequenceClassification
 
-from services.trainer.distributed import empty_model, shard_from_rank0
+from services.trainer.distributed import load_model, shard_from_rank0
 from services.trainer.rl.actor import (
     DTYPES,
     ShardedTraining,
@@ -80,7 +80,7 @@ class Critic(ShardedTraining):
     def shard(self, device: str) -> None:
         """FSDP2 over the group, before `configure_optimizer`, the gradients summed over the
         ranks (each micro-batch's loss is weighted by its share of the global mini-batch);
-        rank 0's weights sent to the other ranks (built `empty`, see `build_critic`), their
+        rank 0's weights sent to the other ranks (built on "meta", see `build_critic`), their
         shards on `device`. The backbone (each decoder layer, then the rest) and the head are
         sharded apart."""
         assert self.group is not None and self.optimizer is None
@@ -108,26 +108,17 @@ class Critic(ShardedTraining):
             return completion_values(self.model, batch)
 
 
-def build_critic(
-    path: Any, spec: JobSpec, precision: str, device: str, empty: bool = False
-) -> Critic:
+def build_critic(path: Any, spec: JobSpec, precision: str, device: str) -> Critic:
     """From a reward model (its score head kept) or a causal LM (a new head, N(0, 0.02) as the
     config's initializer_range), with the job's tuning: full weights in fp32 under autocast,
-    or LoRA on a frozen base in the compute precision with the head trained in full. `empty`:
-    the structure only, on the meta device (a sharded group's ranks but 0, which
-    `Critic.shard` gives rank 0's weights): no weight is read."""
+    or LoRA on a frozen base in the compute precision with the head trained in full. On
+    `device` "meta" the structure only, no weight read (a sharded group's ranks but 0, which
+    `Critic.shard` gives rank 0's weights)."""
     torch.manual_seed(spec.training.seed + 1)  # the new head and LoRA's A matrices
     compute = DTYPES[precision]
     autocast = compute if compute != torch.float32 else None
     weights = compute if spec.lora is not None else torch.float32
-    model: Any
-    if empty:
-        model = empty_model(AutoModelForSequenceClassification, path, weights, num_labels=1)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=weights
-        )
-        model = model.to(torch.device(device))
+    model: Any = load_model(AutoModelForSequenceClassification, path, weights, device, num_labels=1)
     if spec.lora is None:
         return Critic(model.eval(), autocast)
     check_lora_targets(spec, model)
