@@ -4,7 +4,8 @@ model: weights, gradients and AdamW moments sharded).
 
 Each run trains the ~3.5M-parameter "bench" tiny model (fp32, AdamW) on the same seeded global
 batch of 8 sequences x 128 tokens, each rank on its share, through torchrun (gloo on CPU, NCCL on
-GPU). It prints steps/s and the ratio to one process (on a 2-core CPU it shows the overhead of
+GPU), `--rounds` times, interleaved. It prints the median and spread of steps/s and of the
+per-round ratio to one process (on a 2-core CPU it shows the overhead of
 the collectives; on a GPU host it shows scaling), and per rank the model-state bytes it holds
 (its local shards of parameters, gradients and optimizer moments: what FSDP divides) and its
 peak memory (CUDA's max allocated, or the process's peak RSS on CPU, which the libraries
@@ -15,7 +16,7 @@ a reference model: `rl/group.py`): one process, the replicated group and the FSD
 taking the same updates on a fixed batch of 8 sequences x 64 tokens (2 per forward pass); its
 model state adds the reference model's weights (sharded too under FSDP).
 
-    .venv/bin/python bench/multi_device.py [--steps 20] [--size bench]
+    .venv/bin/python bench/multi_device.py [--steps 20] [--rounds 3] [--size bench]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -194,6 +196,7 @@ def launch(strategy: str, nproc: int, steps: int, size: str, out: Path) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", default="bench")
     parser.add_argument("--worker", default="")
     parser.add_argument("--out", default="")
@@ -206,26 +209,51 @@ def main() -> None:
 
     cached_tiny_model(args.size)  # built once, before the ranks race for it
     with tempfile.TemporaryDirectory() as tmp:
-        results = {s: launch(s, n, args.steps, args.size, Path(tmp)) for s, n in RUNS}
-        actors = {s: launch(s, n, args.steps, args.size, Path(tmp)) for s, n in ACTOR_RUNS}
+        results = rounds(RUNS, args.rounds, args.steps, args.size, Path(tmp))
+        actors = rounds(ACTOR_RUNS, args.rounds, args.steps, args.size, Path(tmp))
     print(f"global batch {GLOBAL_BATCH} x {LENGTH} tokens, {args.steps} steps, model {args.size}")
+    print(f"steps/s and ratio to one process: median [min-max] of {args.rounds} rounds")
     table(RUNS, results)
     print(f"online actor: {ACTOR_ROWS} x {ACTOR_LENGTH} tokens per update, KL to a reference")
     table(ACTOR_RUNS, actors)
 
 
-def table(runs: tuple[tuple[str, int], ...], results: dict[str, list[dict[str, float]]]) -> None:
-    base = results[runs[0][0]][0]["steps_per_s"]
+Ranks = list[dict[str, float]]
+
+
+def rounds(
+    runs: tuple[tuple[str, int], ...], count: int, steps: int, size: str, out: Path
+) -> dict[str, list[Ranks]]:
+    """Every run `count` times, interleaved (each round starts one run later), so that drift
+    in the machine's load hits them alike."""
+    results: dict[str, list[Ranks]] = {strategy: [] for strategy, _ in runs}
+    for k in range(count):
+        for strategy, nproc in runs[k % len(runs) :] + runs[: k % len(runs)]:
+            results[strategy].append(launch(strategy, nproc, steps, size, out))
+    return results
+
+
+def rate(ranks: Ranks) -> float:
+    """The group goes at its slowest rank (the actor's followers keep no clock: rank 0's)."""
+    return min(r["steps_per_s"] for r in ranks if r["steps_per_s"])
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def table(runs: tuple[tuple[str, int], ...], results: dict[str, list[Ranks]]) -> None:
+    base = [rate(r) for r in results[runs[0][0]]]
     mib = 2**20
-    print(f"{'run':<16}{'steps/s':>9}{'ratio':>8}  per rank: model state MiB, peak MiB")
+    print(f"{'run':<16}{'steps/s':>20}{'ratio':>20}  per rank: model state MiB, peak MiB")
     for strategy, nproc in runs:
-        ranks = results[strategy]
-        # The group goes at its slowest rank (the actor's followers keep no clock: rank 0's).
-        rate = min(r["steps_per_s"] for r in ranks if r["steps_per_s"])
+        rates = [rate(r) for r in results[strategy]]
+        ratios = [a / b for a, b in zip(rates, base, strict=True)]
         per_rank = "  ".join(
-            f"r{i} {r['state'] / mib:.1f}, {r['peak'] / mib:.0f}" for i, r in enumerate(ranks)
+            f"r{i} {r['state'] / mib:.1f}, {r['peak'] / mib:.0f}"
+            for i, r in enumerate(results[strategy][-1])
         )
-        print(f"{f'{strategy} x{nproc}':<16}{rate:>9.2f}{rate / base:>8.2f}  {per_rank}")
+        print(f"{f'{strategy} x{nproc}':<16}{spread(rates):>20}{spread(ratios):>20}  {per_rank}")
 
 
 if __name__ == "__main__":
