@@ -135,12 +135,16 @@ class Costs:
             return
         mean = min(sum(seconds) / len(seconds), MIN_CHUNK_S)
         key = (team, payload)
-        old = self._per_sample.get(key)
-        if old is None and not alone:
-            return  # a first estimate from a split call would start it high and keep it there
-        new = mean if old is None else old + COST_WEIGHT * (mean - old)
-        self._per_sample.pop(key, None)
-        self._per_sample[key] = new if alone or old is None else min(new, old)
+        old = self._per_sample.pop(key, None)
+        if old is None:
+            if not alone:
+                return  # a first estimate from a split call would start high and stay there
+            new = mean
+        else:
+            new = old + COST_WEIGHT * (mean - old)
+            if not alone:
+                new = min(new, old)
+        self._per_sample[key] = new  # last, so the least recently seen is forgotten first
         if len(self._per_sample) > COSTS_KEPT:
             del self._per_sample[next(iter(self._per_sample))]
 
@@ -199,6 +203,8 @@ class RuleRunner:
         """Every sample's outcome, in order: scored, TIMEOUT (over `timeout_s`, or unfinished at
         `deadline`, a time.monotonic() value) or ERROR (its worker died twice). Workers are
         shared fairly between `team`s (see the module docstring)."""
+        if not samples:
+            return []
         if inline(scorer, samples):
             # One turn of the loop first: the engine starts the call's other scorers before
             # this one, and a call split into chunks sends them from tasks of their own, which
@@ -206,8 +212,6 @@ class RuleRunner:
             await asyncio.sleep(0)
             return [score_timed(scorer, sample) for sample in samples]
         self._start()
-        if not samples:
-            return []
         payload = scorer.SerializeToString()
         size = chunk_size(len(samples), self._costs.expected(team, payload), self._workers)
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]

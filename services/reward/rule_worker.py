@@ -147,10 +147,6 @@ class Reply(NamedTuple):
     running: int
 
 
-async def _died() -> Reply:
-    return Reply([], Stop.DIED, 0)
-
-
 class Worker:
     """A spawned process, the server's end of its pipe and the shared start times. `wait_ready`
     and `reap` block (the runner's I/O threads run them); `score` runs on the event loop. One
@@ -206,8 +202,9 @@ class Worker:
                 self.conn.send_bytes(message)
             else:
                 sending = loop.run_in_executor(io, self.conn.send_bytes, message)
-        except OSError:
-            return _died()
+        except OSError as exc:  # the reply says DIED, as for a send from the io thread
+            sending = loop.create_future()
+            sending.set_exception(exc)
         return self._replies(n, timeout_s, deadline, sent, sending)
 
     async def _replies(

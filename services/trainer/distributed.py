@@ -297,10 +297,10 @@ def shard_from_rank0(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     # Rank 0's full tensors: its state dict keeps them once sharding replaced the parameters.
-    state = model.state_dict()
-    kept = set(state)
-    weights = state if rank() == 0 else {}
-    del state
+    weights = model.state_dict()
+    kept = set(weights)
+    if rank() != 0:
+        weights = {}
     for part in parts or [model]:
         shard_model(part, sum_gradients)
     if rank() != 0:

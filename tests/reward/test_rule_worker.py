@@ -4,6 +4,7 @@ knows which sample is running, and results finished before a stuck sample are no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -22,15 +23,24 @@ from tlm.reward.v1 import evaluator_pb2 as ev
 REGEX = ev.ScorerSpec(name="r", regex=ev.RegexScorer(pattern="^ok$"))
 
 
+@contextlib.contextmanager
+def started_workers(n: int) -> Iterator[list[Worker]]:
+    """`n` spawned rule workers, ready; killed and reaped after."""
+    context = multiprocessing.get_context("spawn")
+    workers = [Worker(context) for _ in range(n)]
+    try:
+        assert all(w.wait_ready(START_TIMEOUT_S) for w in workers)
+        yield workers
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.reap()
+
+
 @pytest.fixture
 def worker() -> Iterator[Worker]:
-    started = Worker(multiprocessing.get_context("spawn"))
-    try:
-        assert started.wait_ready(START_TIMEOUT_S)
+    with started_workers(1) as (started,):
         yield started
-    finally:
-        started.kill()
-        started.reap()
 
 
 @pytest.mark.slow  # spawns a rule worker: seconds

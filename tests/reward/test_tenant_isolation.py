@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
 import signal
 import time
@@ -20,11 +19,12 @@ from services.reward import rule_runner
 from services.reward.cache import content_key
 from services.reward.domain import Outcome, Sample
 from services.reward.rule_pool import Pool
-from services.reward.rule_runner import START_TIMEOUT_S, RuleRunner
+from services.reward.rule_runner import RuleRunner
 from services.reward.rule_worker import Stop, Worker
 from tests.reward.conftest import start_reward
 from tests.reward.helpers import sample, spec
 from tests.reward.test_rule_hardening import MEDIUM, SLOW, UNIQUE, alive, json_scorer, statuses
+from tests.reward.test_rule_worker import started_workers
 from tests.waiting import until
 from tlm.reward.v1 import evaluator_pb2 as ev
 from tlm.reward.v1 import reward_service_pb2 as rs
@@ -101,7 +101,6 @@ def test_a_worker_asked_back_before_its_call_starts_still_comes_back() -> None:
     before that call sent its chunk: the ask holds, and the chunk stops before its first
     sample, so the other team gets the worker at once. (A call handed a free worker sends in
     the same turn; only a waiting one leaves this gap.)"""
-    context = multiprocessing.get_context("spawn")
     slow = json_scorer(UNIQUE, timeout_s=60).SerializeToString()
 
     async def body(workers: list[Worker]) -> None:
@@ -123,14 +122,8 @@ def test_a_worker_asked_back_before_its_call_starts_still_comes_back() -> None:
         pool.release("a", handed, reuse=True)
         assert await asyncio.wait_for(b, 1) is handed
 
-    workers = [Worker(context) for _ in range(2)]
-    try:
-        assert all(w.wait_ready(START_TIMEOUT_S) for w in workers)
+    with started_workers(2) as workers:
         asyncio.run(body(workers))
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.reap()
 
 
 @pytest.mark.slow  # holds the rule pool's workers: seconds
