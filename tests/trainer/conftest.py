@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from services.common.settings import ServerSettings
@@ -18,6 +19,7 @@ from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
 from services.trainer import app as trainer_app
 from services.trainer.settings import TrainerSettings
+from tests.waiting import POLL_S
 from tlm.registry.v1 import registry_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
@@ -196,3 +198,31 @@ async def watch(
 ) -> list[pb.JobEvent]:
     request = pb.WatchTrainingJobRequest(name=name, from_sequence=start)
     return [event async for event in stub.WatchTrainingJob(request, timeout=180)]
+
+
+async def paused_when(
+    find: Callable[[], psutil.Process | None],
+    reached: Callable[[], bool],
+    what: str,
+    timeout: float = 240.0,
+) -> psutil.Process:
+    """The job's worker (`find()`, None until it runs), stopped (SIGSTOP) once `reached()`.
+    The tiny model's steps take a tenth of a second: a test that stopped the worker after
+    seeing an event could find it steps further on a loaded host, or done. So the worker is
+    stopped while each check runs and let go for one poll between checks: it gets no further
+    than that poll past the event, however late the test's own thread runs."""
+    deadline, worker = time.monotonic() + timeout, None
+    while True:
+        assert time.monotonic() < deadline, f"not reached in {timeout} s: {what}"
+        worker = worker or find()
+        if worker is not None:
+            try:
+                worker.suspend()
+                if worker.status() == psutil.STATUS_ZOMBIE:
+                    raise psutil.NoSuchProcess(worker.pid)
+            except psutil.NoSuchProcess:
+                raise AssertionError(f"the worker ended before {what}") from None
+            if reached():
+                return worker
+            worker.resume()
+        await asyncio.sleep(POLL_S)

@@ -5,8 +5,9 @@ for longer than the trainer's outage_timeout_s fails the job naming it. A worker
 SIGKILL is started again from its last checkpoint, up to max_restarts.
 
 The tiny model's steps are too quick to pick the moment of an outage, so the worker is paused
-(SIGSTOP) when it reports a step, the service stopped, and the worker let go: its next call to
-that service is the one that finds it down."""
+(SIGSTOP) when it reports a step, the reward service stopped, and the worker let go: its next
+call to it is the one that finds it down. The rollout service is stopped while the job waits
+for the reward, so the job finds it down as soon as the reward is back."""
 
 from __future__ import annotations
 
@@ -28,7 +29,15 @@ from services.rollout import app as rollout_app
 from services.rollout.settings import RolloutSettings
 from services.trainer.supervisor import job_folder
 from services.trainer.worker_protocol import EVENTS_FILE
-from tests.trainer.conftest import Inputs, push_vowels, spec, start_trainer, wait_for, watch
+from tests.trainer.conftest import (
+    Inputs,
+    paused_when,
+    push_vowels,
+    spec,
+    start_trainer,
+    wait_for,
+    watch,
+)
 from tests.waiting import until
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
@@ -138,11 +147,12 @@ async def paused_after(folder: Path, kind: str, step: int) -> psutil.Process:
     def reported() -> bool:
         return any(e["kind"] == kind and e["step"] >= step for e in worker_events(folder))
 
-    await until(reported, timeout=240, what=f"{kind} of step {step}")
-    worker = worker_of(folder)
-    assert worker is not None, "no worker"
-    worker.suspend()
-    return worker
+    return await paused_when(lambda: worker_of(folder), reported, f"{kind} of step {step}")
+
+
+async def noted(folder: Path, text: str) -> None:
+    """Once the worker has logged a job event holding `text`."""
+    await until(lambda: logged(folder, text), timeout=240, what=text)
 
 
 def by_step(events: list[pb.JobEvent]) -> list[int]:
@@ -174,17 +184,20 @@ async def test_a_grpo_job_waits_through_reward_and_rollout_outages(
         name = (await stub.CreateTrainingJob(create)).name
         root = tmp_path / "trainer-data" / "trainer" / "jobs"
         folder = job_folder(root, ("dev", name.removeprefix("jobs/")))
-        for service, after in ((reward, 1), (rollout, 3)):
-            kind = "reward" if service is reward else "rollout"
-            worker = await paused_after(folder, "metrics", after)
-            service.stop()
-            worker.resume()
-            waiting = f"waiting for {kind} at {service.address}"
-            await until(lambda w=waiting: logged(folder, w), timeout=240, what=waiting)  # type: ignore[misc]
-            assert not any(e["kind"] == "error" for e in worker_events(folder))
-            service.start()  # the same port
-            back = f"{kind} at {service.address} answered again"
-            await until(lambda b=back: logged(folder, b), timeout=240, what=back)  # type: ignore[misc]
+        worker = await paused_after(folder, "metrics", 1)
+        reward.stop()
+        worker.resume()
+        await noted(folder, f"waiting for reward at {reward.address}")
+        # The job waits for the reward and calls nothing else: the rollout stops with no call
+        # in flight, and the job's next call to it (the push of the step just scored) is the
+        # one that finds it down, however fast the host.
+        rollout.stop()
+        reward.start()  # the same port
+        await noted(folder, f"reward at {reward.address} answered again")
+        await noted(folder, f"waiting for rollout at {rollout.address}")
+        assert not any(e["kind"] == "error" for e in worker_events(folder))
+        rollout.start()
+        await noted(folder, f"rollout at {rollout.address} answered again")
         job = await wait_for(stub, name, timeout=300)
         events = await watch(stub, name)
         await channel.close()

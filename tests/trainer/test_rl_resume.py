@@ -26,7 +26,14 @@ from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
 from services.trainer.supervisor import job_folder
 from services.trainer.worker_protocol import EVENTS_FILE
-from tests.trainer.conftest import Inputs, push_vowels, start_trainer, wait_for, watch
+from tests.trainer.conftest import (
+    Inputs,
+    paused_when,
+    push_vowels,
+    start_trainer,
+    wait_for,
+    watch,
+)
 from tlm.registry.v1 import registry_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
 from tlm.trainer.v1 import trainer_pb2_grpc
@@ -109,20 +116,20 @@ def trainer_process(data_dir: Path, address: str) -> tuple[subprocess.Popen[byte
     return proc, ready.read_text()
 
 
-def pause_at_first_checkpoint(trainer: subprocess.Popen[bytes], folder: Path) -> psutil.Process:
-    """The job's worker, stopped (SIGSTOP) as soon as it writes its first checkpoint event: the
-    steps of the tiny model are too quick to pick the crash's moment otherwise."""
-    events, deadline, worker = folder / EVENTS_FILE, time.monotonic() + 120, None
-    while True:
-        assert trainer.poll() is None and time.monotonic() < deadline, "no checkpoint"
-        if worker is None:
-            worker = next(
-                (p for p in psutil.Process(trainer.pid).children() if of(p, folder)), None
-            )
-        elif events.exists() and '"kind": "checkpoint"' in events.read_text():
-            worker.suspend()
-            return worker
-        time.sleep(0.005)
+async def pause_at_first_checkpoint(
+    trainer: subprocess.Popen[bytes], folder: Path
+) -> psutil.Process:
+    """The job's worker, stopped (SIGSTOP) as soon as it writes its first checkpoint event."""
+    events = folder / EVENTS_FILE
+
+    def find() -> psutil.Process | None:
+        assert trainer.poll() is None, "the trainer exited"
+        return next((p for p in psutil.Process(trainer.pid).children() if of(p, folder)), None)
+
+    def saved() -> bool:
+        return events.exists() and '"kind": "checkpoint"' in events.read_text()
+
+    return await paused_when(find, saved, "a checkpoint", timeout=120)
 
 
 def of(process: psutil.Process, folder: Path) -> bool:
@@ -170,7 +177,7 @@ async def test_online_rl_resumes_after_a_trainer_crash(
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
         job = await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(spec=job_spec))
         job_id = job.name.removeprefix("jobs/")
-        worker = pause_at_first_checkpoint(
+        worker = await pause_at_first_checkpoint(
             first, job_folder(tmp_path / "trainer" / "jobs", ("dev", job_id))
         )
         saved = (await recorded_checkpoint(stub, job.name)).checkpoint
