@@ -24,10 +24,22 @@ from tlm.reward.v1 import evaluator_pb2 as ev
 
 log = structlog.get_logger("tlm.reward")
 
-# Time kept back from the caller's deadline to build and send the response.
-DEADLINE_MARGIN_S = 0.05
+# Time kept back from the caller's deadline for what a deadline cuts short (sandboxes killed
+# and reaped, rule workers replaced) and to build and send the response: a tenth of the call's
+# time, within these bounds. A fixed 50 ms was too little on a loaded host: a 2 s call got its
+# TIMEOUT result after the caller's deadline, as DEADLINE_EXCEEDED.
+MIN_MARGIN_S, MAX_MARGIN_S = 0.05, 0.5
 # Used when the caller sets no deadline.
 MAX_REQUEST_S = 600.0
+
+
+def scoring_time(remaining: float) -> float:
+    """Seconds the scorers get of a call with `remaining` seconds to its deadline.
+
+    >>> scoring_time(2.0), scoring_time(0.2), scoring_time(600.0)
+    (1.8, 0.15000000000000002, 599.5)
+    """
+    return remaining - min(max(0.1 * remaining, MIN_MARGIN_S), MAX_MARGIN_S)
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,7 @@ class ScoreContext:
     """Per-request facts an adapter needs: who asks, and until when."""
 
     team: str
-    deadline: float  # time.monotonic() value
+    deadline: float  # time.monotonic() by which scoring ends: the call's, less the margin
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -127,7 +139,7 @@ class Engine:
                 scorer,
                 [samples[i] for i in misses],
                 timeout_s=scorer_timeout(scorer),
-                deadline=ctx.deadline - DEADLINE_MARGIN_S,
+                deadline=ctx.deadline,
                 team=ctx.team,
             )
             for i, item in zip(misses, done, strict=True):
@@ -151,7 +163,7 @@ class Engine:
             why = f"{kind} scorers are not available in this deployment"
             return [scorer_result(scorer, Outcome.error(why)) for _ in samples]
         start = time.perf_counter()
-        limit = max(ctx.remaining() - DEADLINE_MARGIN_S, 0.001)
+        limit = max(ctx.remaining(), 0.001)
         if getattr(adapter, "per_sample", False):
             outcomes = await _each_by_deadline(adapter, kind, scorer, samples, ctx, limit)
         else:

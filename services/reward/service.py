@@ -20,7 +20,7 @@ import structlog
 from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from services.reward.admission import Admission, StreamClaim, idle_error
 from services.reward.domain import Sample, SampleResult
-from services.reward.engine import MAX_REQUEST_S, Engine, ScoreContext
+from services.reward.engine import MAX_REQUEST_S, Engine, ScoreContext, scoring_time
 from services.reward.registry_port import RegistryPort
 from services.specs.evaluator import (
     EvaluatorInvalid,
@@ -224,4 +224,4 @@ STREAM_IN_FLIGHT = 64
 
 def _context(team: str, remaining: float | None) -> ScoreContext:
     budget = MAX_REQUEST_S if remaining is None else min(remaining, MAX_REQUEST_S)
-    return ScoreContext(team=team, deadline=time.monotonic() + budget)
+    return ScoreContext(team=team, deadline=time.monotonic() + scoring_time(budget))

@@ -151,7 +151,7 @@ def test_idle_streams_of_one_team_do_not_lock_out_another(tmp_path: Path) -> Non
                 start = time.monotonic()
                 response = stub.Score(request, metadata=metadata, timeout=10)
                 assert response.results[0].reward == 1.0
-                assert time.monotonic() - start < 1.0
+                assert time.monotonic() - start < 2.5  # not behind A's calls
             for stream in streams:
                 stream.finish()
             assert all(list(stream.responses) == [] for stream in streams)
@@ -170,7 +170,7 @@ def test_a_team_at_its_share_cannot_lock_out_another(tmp_path: Path, blackhole: 
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = rs_grpc.RewardServiceStub(channel)
-            slow = slow_spec(blackhole, 3)
+            slow = slow_spec(blackhole, 6)
             slow.samples.append(sample("slow", "x"))
             workers = [
                 threading.Thread(target=lambda: stub.Score(slow, metadata=A, timeout=30))
@@ -179,12 +179,12 @@ def test_a_team_at_its_share_cannot_lock_out_another(tmp_path: Path, blackhole: 
             before = in_flight()
             for worker in workers:
                 worker.start()
-            # Both are in flight (the remote answers after 3 s).
+            # Both are in flight (the remote answers after 6 s).
             wait_for(lambda: in_flight() == before + 2, timeout=5, what="A's two calls admitted")
             quick = rs.ScoreRequest(spec=QUICK, samples=[sample("b", "yes")])
             start = time.monotonic()
             assert stub.Score(quick, metadata=B, timeout=10).results[0].reward == 1.0
-            assert time.monotonic() - start < 1.0
+            assert time.monotonic() - start < 2.5  # not behind A's calls
             with pytest.raises(grpc.RpcError) as err:
                 stub.Score(quick, metadata=A, timeout=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -275,7 +275,7 @@ def test_overrunning_sample_is_killed_and_its_chunk_goes_on() -> None:
             samples = [Sample("a", "[1, 2]"), Sample("slow", SLOW), Sample("b", "[1, 1]")]
             start = time.monotonic()
             results = await runner.run(scorer, samples, timeout_s=1.0, deadline=start + 30)
-            assert time.monotonic() - start < 4
+            assert time.monotonic() - start < 8  # the 1 s timeout and a kill, not the deadline
             assert statuses(results) == ["OK", "TIMEOUT", "OK"]
             assert [o.raw for o, _ in results] == [1.0, 0.0, 0.0]
             assert "killed" in results[1][0].reason
@@ -301,7 +301,7 @@ def test_request_deadline_kills_the_worker() -> None:
             start = time.monotonic()
             samples = [Sample("slow", SLOW), Sample("after", "[1]")]
             results = await runner.run(scorer, samples, timeout_s=60, deadline=start + 1)
-            assert time.monotonic() - start < 2
+            assert time.monotonic() - start < 5  # the deadline and a kill, not the 60 s timeout
             assert statuses(results) == ["TIMEOUT", "TIMEOUT"]
             assert "deadline" in results[0][0].reason
             assert alive(first) == []

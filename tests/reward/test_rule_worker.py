@@ -109,7 +109,7 @@ def test_results_finished_before_a_stuck_sample_survive_the_deadline() -> None:
             samples = [Sample("a", "[1, 2]"), Sample("b", "[1, 1]"), Sample("slow", SLOW)]
             start = time.monotonic()
             results = await runner.run(scorer, samples, timeout_s=60, deadline=start + 1.5)
-            assert time.monotonic() - start < 3
+            assert time.monotonic() - start < 6  # the deadline and a kill, not the 60 s timeout
             assert statuses(results) == ["OK", "OK", "TIMEOUT"]
             assert [o.raw for o, _ in results[:2]] == [1.0, 0.0]
         finally:

@@ -366,14 +366,14 @@ def test_huge_tests_are_refused_before_parsing(
     server: ServerThread, reward: rs_grpc.RewardServiceStub
 ) -> None:
     """A 4 MiB tests value (7.8 s of ast.parse on the loop before): UNSCORABLE naming the field
-    and the limit, and every health check meanwhile answers in under 1 s."""
+    and the limit, and every health check meanwhile answers in under 3 s."""
     tests = "assert add(1, 2) == 3\n" * (4 * 1024 * 1024 // 22)
     spec = code_spec(timeout="10s", tests_field="checks")
     request = rs.ScoreRequest(spec=spec, samples=[sample("s", "x = 1", checks=tests)])
     result, latencies = _score_while_polling(server, reward, request)
     assert result.status == rs.SCORE_STATUS_UNSCORABLE, result
     assert "metadata.checks" in result.reason and "256 KiB limit" in result.reason, result.reason
-    assert latencies and max(latencies) < 1.0, latencies
+    assert latencies and max(latencies) < 3.0, latencies
 
 
 @pytest.mark.slow  # runs sandboxed programs for seconds

@@ -212,19 +212,24 @@ def test_cancellation_frees_the_slot_and_a_full_queue_sheds_load(
         list(stub.Generate(request("hi", max_tokens=2), timeout=10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     call.cancel()
-    wait_for(lambda: status().running == 0 and status().queue_depth == 0, timeout=5)
-    # Generation stopped: after the step in progress, the token counter no longer moves.
-    time.sleep(0.2)
-    before = status().generated_tokens_total
-    time.sleep(0.3)
-    assert status().generated_tokens_total == before < 16 * 500
+    wait_for(lambda: status().running == 0 and status().queue_depth == 0, timeout=30)
+
+    def settled() -> bool:
+        before = status().generated_tokens_total
+        time.sleep(0.3)
+        return status().generated_tokens_total == before
+
+    # Generation stopped: once the step in progress is counted, the token counter stands still,
+    # short of the whole request.
+    wait_for(settled, timeout=30, what="the token counter stands still")
+    assert status().generated_tokens_total < 16 * 500
     assert len(collect(stub.Generate(request("hi", max_tokens=2), timeout=60))) == 1
 
     # An expired deadline stops the generation the same way.
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(long, timeout=0.3))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_for(lambda: status().running == 0, timeout=5)
+    wait_for(lambda: status().running == 0, timeout=30)
     assert len(collect(stub.Generate(request("hi", max_tokens=2), timeout=60))) == 1
 
 

@@ -4,11 +4,13 @@ model and one dataset of every kind pushed to its registry, and helpers to follo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -19,6 +21,7 @@ from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
 from services.trainer import app as trainer_app
 from services.trainer.settings import TrainerSettings
+from services.trainer.worker_protocol import EVENTS_FILE
 from tests.waiting import POLL_S
 from tlm.registry.v1 import registry_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
@@ -200,29 +203,77 @@ async def watch(
     return [event async for event in stub.WatchTrainingJob(request, timeout=180)]
 
 
+def worker_events(folder: Path) -> list[dict[str, Any]]:
+    """The events a job's worker (rank 0) has written to its folder so far; a line it is
+    still writing is left out."""
+    path = folder / EVENTS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def reported(folder: Path, kind: str, step: int = 0) -> bool:
+    """Whether the worker has written a `kind` event (metrics, checkpoint) of step `step` or
+    later."""
+    return any(e["kind"] == kind and e.get("step", 0) >= step for e in worker_events(folder))
+
+
+PAUSED: list[psutil.Process] = []  # what paused_when stopped: let go after each test
+
+
+@pytest.fixture(autouse=True)
+def _let_paused_go() -> Iterator[None]:
+    """A test that fails while a job's processes are stopped lets them go: a group left stopped
+    would hold one of the session trainer's job slots to the end."""
+    yield
+    resume(PAUSED)
+    PAUSED.clear()
+
+
 async def paused_when(
-    find: Callable[[], psutil.Process | None],
-    reached: Callable[[], bool],
+    find: Callable[[], list[psutil.Process]],
+    reached: Callable[[list[psutil.Process]], bool],
     what: str,
     timeout: float = 240.0,
-) -> psutil.Process:
-    """The job's worker (`find()`, None until it runs), stopped (SIGSTOP) once `reached()`.
-    The tiny model's steps take a tenth of a second: a test that stopped the worker after
-    seeing an event could find it steps further on a loaded host, or done. So the worker is
-    stopped while each check runs and let go for one poll between checks: it gets no further
-    than that poll past the event, however late the test's own thread runs."""
-    deadline, worker = time.monotonic() + timeout, None
+) -> list[psutil.Process]:
+    """The job's processes (`find()`: its worker, or its ranks; none until they run), stopped
+    (SIGSTOP) once `reached(processes)`. The tiny model's steps take a tenth of a second: a
+    test that stopped the job after seeing an event could find it steps further on a loaded
+    host, or done. So the processes are stopped while each check runs and let go for one poll
+    between checks: the job gets no further than that poll past the event, however late the
+    test's own thread runs. `resume(processes)` lets them go (at the test's end at the latest)."""
+    deadline, seen = time.monotonic() + timeout, False
     while True:
         assert time.monotonic() < deadline, f"not reached in {timeout} s: {what}"
-        worker = worker or find()
-        if worker is not None:
-            try:
-                worker.suspend()
-                if worker.status() == psutil.STATUS_ZOMBIE:
-                    raise psutil.NoSuchProcess(worker.pid)
-            except psutil.NoSuchProcess:
-                raise AssertionError(f"the worker ended before {what}") from None
-            if reached():
-                return worker
-            worker.resume()
+        processes = [p for p in find() if _stopped(p)]
+        PAUSED.extend(processes)
+        try:
+            if seen and not processes:
+                raise AssertionError(f"the job's processes ended before {what}")
+            seen = seen or bool(processes)
+            if processes and reached(processes):
+                return processes
+        except BaseException:
+            resume(processes)
+            raise
+        resume(processes)
         await asyncio.sleep(POLL_S)
+
+
+def _stopped(process: psutil.Process) -> bool:
+    """SIGSTOP to `process`; False if it has exited."""
+    try:
+        process.suspend()
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def resume(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.resume()

@@ -16,7 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from services.devtools.server_thread import ServerThread
-from tests.trainer.conftest import Inputs, spec, wait_for, watch
+from tests.trainer.conftest import (
+    Inputs,
+    paused_when,
+    reported,
+    resume,
+    spec,
+    wait_for,
+    watch,
+)
 from tests.trainer.test_distributed import group_processes, rank_of
 from tests.trainer.test_training import download
 from tests.waiting import until
@@ -61,9 +69,29 @@ async def finished(
     return Run(job, metrics, load_file(folder / weights))
 
 
+async def paused_at(name: str, kind: str) -> list[psutil.Process]:
+    """Ranks 0 and 1 of the job's group, stopped (SIGSTOP) once rank 0 has written a `kind`
+    event. STEPS steps take a few seconds: a test that acted after seeing the event could find
+    the group done. torchrun's agent runs on (it trains nothing)."""
+    ranks: dict[int, psutil.Process] = {}
+
+    def find() -> list[psutil.Process]:
+        if len(ranks) < 2 or not all(p.is_running() for p in ranks.values()):
+            ranks.clear()  # looked for again: every process on the host is read
+            for process in group_processes(name):
+                if (rank := rank_of(process)) is not None:
+                    ranks[rank] = process
+        return list(ranks.values())
+
+    def reached(processes: list[psutil.Process]) -> bool:
+        folder = Path(processes[0].cmdline()[-1])  # the job's folder ends every command line
+        return len(processes) >= 2 and reported(folder, kind)
+
+    return await paused_when(find, reached, f"{kind} of {name} on both ranks")
+
+
 async def both_ranks_training(trainer: Stub, name: str) -> None:
-    await until_event(trainer, name, "metrics")
-    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}
+    resume(await paused_at(name, "metrics"))
 
 
 async def finished_as_ddp(stack: ServerThread, trainer: Stub, name: str, folder: Path) -> Run:
@@ -76,17 +104,21 @@ async def finished_as_ddp(stack: ServerThread, trainer: Stub, name: str, folder:
 
 
 async def at_first_checkpoint(trainer: Stub, name: str) -> list[psutil.Process]:
-    """The job's processes once step 1's resume state is written."""
+    """The job's processes, stopped once step 1's resume state is written and the trainer
+    has recorded it (a restart resumes from the checkpoint the trainer knows)."""
+    processes = await paused_at(name, "checkpoint")
     await until_event(trainer, name, "checkpoint")
-    return group_processes(name)
+    return processes
 
 
 async def finished_after_killing_rank_1(
     stack: ServerThread, trainer: Stub, name: str, processes: list[psutil.Process], folder: Path
 ) -> Run:
-    """SIGKILL to rank 1 of `processes`; the run, which the supervisor restarted from step 1."""
+    """SIGKILL to rank 1 of `processes` (stopped), the others let go; the run, which the
+    supervisor restarted from step 1."""
     (rank1,) = [p for p in processes if rank_of(p) == 1]
     rank1.send_signal(signal.SIGKILL)
+    resume(processes)
     run = await finished(stack, trainer, name, folder)
     events = await watch(trainer, name)
     changes = [e.state_change.message for e in events if e.HasField("state_change")]

@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -424,7 +424,8 @@ async def test_the_start_timeout_counts_from_each_pod_s_own_start(
     sup = supervisor(store, tmp_path / "jobs", api, start_timeout_s=3)
     key, name = await submitted(store, api, sup, output="models/out")
     await until(lambda: pod_lists(api) > 0)  # the Job is older than the timeout
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Whole seconds, rounded up: the pod's 3 s start from now at the earliest.
+    now = (datetime.now(UTC) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     unschedulable = {
         "phase": "Pending",
         "conditions": [

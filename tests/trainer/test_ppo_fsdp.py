@@ -24,12 +24,11 @@ from tests.trainer.distributed_jobs import (
     Stub,
     assert_sharded_checkpoints,
     at_first_checkpoint,
+    both_ranks_training,
     finished,
     finished_after_killing_rank_1,
     submit,
-    until_event,
 )
-from tests.trainer.test_distributed import group_processes, rank_of
 from tests.trainer.test_grpo_distributed import FSDP
 from tests.trainer.test_ppo_distributed import assert_same_training, one_process, ppo_spec, vowels
 from tlm.trainer.v1 import trainer_pb2 as pb
@@ -43,8 +42,7 @@ async def test_an_fsdp_ppo_group_equals_one_process_on_the_same_global_batch(
     one = await one_process(stack, trainer, inputs, tmp_path / "one")
     job_spec = ppo_spec(inputs, await vowels(stack), 1, 1, FSDP, "-fsdp")
     name = await submit(trainer, job_spec, "ppo-fsdp-two")
-    await until_event(trainer, name, "metrics")
-    assert {0, 1} <= {rank_of(p) for p in group_processes(name)}  # both ranks are training
+    await both_ranks_training(trainer, name)
     two = await finished(stack, trainer, name, tmp_path / "two")
     assert two.job.device_plan.devices_per_node == 2
     assert two.job.device_plan.strategy == pb.PARALLEL_STRATEGY_FSDP

@@ -12,7 +12,6 @@ for the reward, so the job finds it down as soon as the reward is back."""
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import socket
 from pathlib import Path
@@ -28,15 +27,17 @@ from services.reward.settings import RewardSettings
 from services.rollout import app as rollout_app
 from services.rollout.settings import RolloutSettings
 from services.trainer.supervisor import job_folder
-from services.trainer.worker_protocol import EVENTS_FILE
+from services.trainer.worker_protocol import saved_step
 from tests.trainer.conftest import (
     Inputs,
     paused_when,
     push_vowels,
+    reported,
     spec,
     start_trainer,
     wait_for,
     watch,
+    worker_events,
 )
 from tests.waiting import until
 from tlm.trainer.v1 import trainer_pb2 as pb
@@ -117,37 +118,28 @@ def grpo_spec(inputs: Inputs, evaluator: str, steps: int, save_every: int = 0) -
     )
 
 
-def worker_events(folder: Path) -> list[dict[str, Any]]:
-    path = folder / EVENTS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
-
-
 def logged(folder: Path, text: str) -> bool:
     return any(text in str(e.get("message", "")) for e in worker_events(folder))
 
 
-def worker_of(folder: Path) -> psutil.Process | None:
+def worker_of(folder: Path) -> list[psutil.Process]:
+    """The job's worker (a child of this process: the trainer runs in its thread), or none."""
     for process in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if str(folder) in process.cmdline():
-                return process
-    return None
+                return [process]
+    return []
 
 
 async def paused_after(folder: Path, kind: str, step: int) -> psutil.Process:
     """The job's worker, stopped (SIGSTOP) once it has reported a `kind` event (metrics,
     checkpoint) of step `step` or later."""
-
-    def reported() -> bool:
-        return any(e["kind"] == kind and e["step"] >= step for e in worker_events(folder))
-
-    return await paused_when(lambda: worker_of(folder), reported, f"{kind} of step {step}")
+    (worker,) = await paused_when(
+        lambda: worker_of(folder),
+        lambda _: reported(folder, kind, step),
+        f"{kind} of step {step}",
+    )
+    return worker
 
 
 async def noted(folder: Path, text: str) -> None:
@@ -273,6 +265,9 @@ async def test_a_killed_worker_is_restarted_from_its_checkpoint(
         name = (await stub.CreateTrainingJob(create)).name
         folder = job_folder(tmp_path / "trainer" / "jobs", ("dev", name.removeprefix("jobs/")))
         worker = await paused_after(folder, "checkpoint", 2)
+        # 2, unless the worker got a whole save interval further in the poll it was let go:
+        # the step of its last complete checkpoint, what the trainer restarts from
+        saved = saved_step(folder)
         worker.send_signal(signal.SIGKILL)
         job = await wait_for(stub, name, timeout=300)
         events = await watch(stub, name)
@@ -293,7 +288,7 @@ async def test_a_killed_worker_is_restarted_from_its_checkpoint(
         pb.TrainingJob.STATE_SUCCEEDED,
     ]
     assert changes[2].message == (
-        "the worker was killed by SIGKILL; restarting it from step 2 (restart 1 of 2)"
+        f"the worker was killed by SIGKILL; restarting it from step {saved} (restart 1 of 2)"
     )
     assert by_step(events) == list(range(1, steps + 1))
-    assert any(m.startswith("resumed at step 2 from ") for m in messages(events))
+    assert any(m.startswith(f"resumed at step {saved} from ") for m in messages(events))

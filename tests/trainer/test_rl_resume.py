@@ -25,11 +25,11 @@ import pytest
 from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
 from services.trainer.supervisor import job_folder
-from services.trainer.worker_protocol import EVENTS_FILE
 from tests.trainer.conftest import (
     Inputs,
     paused_when,
     push_vowels,
+    reported,
     start_trainer,
     wait_for,
     watch,
@@ -120,16 +120,15 @@ async def pause_at_first_checkpoint(
     trainer: subprocess.Popen[bytes], folder: Path
 ) -> psutil.Process:
     """The job's worker, stopped (SIGSTOP) as soon as it writes its first checkpoint event."""
-    events = folder / EVENTS_FILE
 
-    def find() -> psutil.Process | None:
+    def find() -> list[psutil.Process]:
         assert trainer.poll() is None, "the trainer exited"
-        return next((p for p in psutil.Process(trainer.pid).children() if of(p, folder)), None)
+        return [p for p in psutil.Process(trainer.pid).children() if of(p, folder)]
 
-    def saved() -> bool:
-        return events.exists() and '"kind": "checkpoint"' in events.read_text()
-
-    return await paused_when(find, saved, "a checkpoint", timeout=120)
+    (worker,) = await paused_when(
+        find, lambda _: reported(folder, "checkpoint"), "a checkpoint", timeout=120
+    )
+    return worker
 
 
 def of(process: psutil.Process, folder: Path) -> bool:
