@@ -325,3 +325,24 @@ def _trl_dpo_loss(model_dir: Path, loss_type: str, label_smoothing: float) -> fl
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         return float(trainer.compute_loss(trainer.model, batch))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_plan_s_gradient_checkpointing_reaches_the_trl_config_without_deprecation(
+    tmp_path: Path, checkpointing: bool
+) -> None:
+    """transformers 5 renamed TrainingArguments' `gradient_checkpointing` (removed in v6) to
+    `activation_checkpointing`: the plan's flag sets the new name, and no FutureWarning."""
+    import warnings
+
+    from services.trainer import trl_methods
+
+    plan = {"device_type": "cpu", "precision": "fp32", "gradient_checkpointing": checkpointing}
+    sft = validate(JobSpec(Method.SFT, BASE, DATA))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = trl_methods.trl_config(
+            sft, plan, tmp_path, trl_methods.RECIPES[Method.SFT], evals=False
+        )
+    assert args.activation_checkpointing is checkpointing
+    assert args.gradient_checkpointing is checkpointing  # what TRL 1.16 still reads
