@@ -186,9 +186,19 @@ class LoadedModel:
             if name == keep:
                 kept.append(name)
             else:
-                self._peft.delete_adapter(name)
+                self._delete_adapter(name)
                 self._selected = False
         self._dead.extend(kept)
+
+    def _delete_adapter(self, name: str) -> None:
+        """Delete adapter `name`. Deleting the active one makes peft pick another and warn
+        (every policy push of a LoRA job would log it): another is made active first."""
+        tuner = self._peft.base_model
+        if name in tuner.active_adapters:
+            others = [a for a in self._peft.peft_config if a != name]
+            if others:
+                tuner.set_adapter(others[-1])  # the newest; the next forward selects anyway
+        self._peft.delete_adapter(name)
 
     @property
     def has_dead(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import warnings
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -229,6 +230,32 @@ async def test_an_idle_retired_adapter_is_deleted_at_once(
             break
         await asyncio.sleep(0.01)
     assert name not in model._peft.peft_config
+
+
+async def test_retiring_the_active_adapter_warns_nothing(
+    engine: TransformersEngine, lora_dirs: list[Path]
+) -> None:
+    """peft warns whenever the active adapter is deleted, which a LoRA job's every policy push
+    did on the replica serving it: the engine moves off the adapter first, and the other
+    adapter still decodes as before."""
+    r1, r2 = "models/lora/revisions/r1", "models/lora/revisions/r2"
+    await engine.load_adapter(lora_dirs[0], r1)
+    await engine.load_adapter(lora_dirs[1], r2)
+    two = await run(engine, ["The red cat"], r2, n=2, max_tokens=12, seed=4)
+    await run(engine, ["The red cat"], r1, max_tokens=4, seed=1)  # r1 is the active one
+    model = engine._model()
+    name = model.adapters[r1].internal_name
+    with warnings.catch_warnings(record=True) as caught:  # the decode thread's too
+        warnings.simplefilter("always")
+        await engine.unload_adapter(r1)
+        for _ in range(500):
+            if name not in model._peft.peft_config:
+                break
+            await asyncio.sleep(0.01)
+        again = await run(engine, ["The red cat"], r2, n=2, max_tokens=12, seed=4)
+    assert name not in model._peft.peft_config
+    assert [str(w.message) for w in caught if "was active" in str(w.message)] == []
+    assert tokens(again) == tokens(two)
 
 
 @pytest.mark.slow  # loads models
