@@ -201,7 +201,7 @@ def trl_config(spec: JobSpec, plan: dict[str, Any], folder: Path, recipe: Recipe
         use_cpu=plan["device_type"] == "cpu",
         bf16=plan["precision"] == "bf16",
         fp16=plan["precision"] == "fp16",
-        activation_checkpointing=plan.get("gradient_checkpointing", False)
+        activation_checkpointing=bool(plan.get("gradient_checkpointing", False))
         and plan.get("strategy", "single") != "fsdp",
         **parallel_args(plan),
         report_to="none",

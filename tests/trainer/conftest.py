@@ -244,24 +244,40 @@ async def paused_when(
     (SIGSTOP) once `reached(processes)`. The tiny model's steps take a tenth of a second: a
     test that stopped the job after seeing an event could find it steps further on a loaded
     host, or done. So the processes are stopped while each check runs and let go for one poll
-    between checks: the job gets no further than that poll past the event, however late the
-    test's own thread runs. `resume(processes)` lets them go (at the test's end at the latest)."""
+    between checks: the job gets no further than that poll (10 ms, or as late as the test's
+    thread wakes) past the event, and not at all while the test's thread is slow to check.
+    `find` should be cheap (`kept`). `resume(processes)` lets them go (at the test's end at
+    the latest)."""
     deadline, seen = time.monotonic() + timeout, False
     while True:
         assert time.monotonic() < deadline, f"not reached in {timeout} s: {what}"
         processes = [p for p in find() if _stopped(p)]
-        PAUSED.extend(processes)
         try:
             if seen and not processes:
                 raise AssertionError(f"the job's processes ended before {what}")
             seen = seen or bool(processes)
             if processes and reached(processes):
+                PAUSED.extend(processes)
                 return processes
         except BaseException:
             resume(processes)
             raise
         resume(processes)
         await asyncio.sleep(POLL_S)
+
+
+def kept(find: Callable[[], list[psutil.Process]]) -> Callable[[], list[psutil.Process]]:
+    """`find`, asked again only until it finds something and once that has exited: a search
+    reads every process's command line, while the job runs."""
+    found: list[psutil.Process] = []
+
+    def again() -> list[psutil.Process]:
+        nonlocal found
+        if not found or not all(p.is_running() for p in found):
+            found = find()
+        return found
+
+    return again
 
 
 def _stopped(process: psutil.Process) -> bool:

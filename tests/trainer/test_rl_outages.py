@@ -30,6 +30,7 @@ from services.trainer.supervisor import job_folder
 from services.trainer.worker_protocol import saved_step
 from tests.trainer.conftest import (
     Inputs,
+    kept,
     paused_when,
     push_vowels,
     reported,
@@ -118,8 +119,9 @@ def grpo_spec(inputs: Inputs, evaluator: str, steps: int, save_every: int = 0) -
     )
 
 
-def logged(folder: Path, text: str) -> bool:
-    return any(text in str(e.get("message", "")) for e in worker_events(folder))
+def logged(folder: Path, text: str) -> int:
+    """How many of the worker's job events hold `text`."""
+    return sum(text in str(e.get("message", "")) for e in worker_events(folder))
 
 
 def worker_of(folder: Path) -> list[psutil.Process]:
@@ -135,16 +137,16 @@ async def paused_after(folder: Path, kind: str, step: int) -> psutil.Process:
     """The job's worker, stopped (SIGSTOP) once it has reported a `kind` event (metrics,
     checkpoint) of step `step` or later."""
     (worker,) = await paused_when(
-        lambda: worker_of(folder),
+        kept(lambda: worker_of(folder)),
         lambda _: reported(folder, kind, step),
         f"{kind} of step {step}",
     )
     return worker
 
 
-async def noted(folder: Path, text: str) -> None:
-    """Once the worker has logged a job event holding `text`."""
-    await until(lambda: logged(folder, text), timeout=240, what=text)
+async def noted(folder: Path, text: str, times: int = 1) -> None:
+    """Once the worker has logged `times` job events holding `text`."""
+    await until(lambda: logged(folder, text) >= times, timeout=240, what=f"{text} x{times}")
 
 
 def by_step(events: list[pb.JobEvent]) -> list[int]:
@@ -181,15 +183,25 @@ async def test_a_grpo_job_waits_through_reward_and_rollout_outages(
         worker.resume()
         await noted(folder, f"waiting for reward at {reward.address}")
         # The job waits for the reward and calls nothing else: the rollout stops with no call
-        # in flight, and the job's next call to it (the push of the step just scored) is the
-        # one that finds it down, however fast the host.
+        # in flight, and the job's next call to it (the push of the step just scored, which
+        # finds the restarted rollout without the policy's base) finds it down.
         rollout.stop()
         reward.start()  # the same port
         await noted(folder, f"reward at {reward.address} answered again")
         await noted(folder, f"waiting for rollout at {rollout.address}")
         assert not any(e["kind"] == "error" for e in worker_events(folder))
         rollout.start()
-        await noted(folder, f"rollout at {rollout.address} answered again")
+        back = f"rollout at {rollout.address} answered again"
+        await noted(folder, back)
+        # Down again between steps: the next step's Generate finds it down (or, if the worker
+        # got that far in the poll it was let go, the push after it).
+        done = max(e["step"] for e in worker_events(folder) if e["kind"] == "metrics")
+        worker = await paused_after(folder, "metrics", done + 1)
+        rollout.stop()
+        worker.resume()
+        await noted(folder, f"waiting for rollout at {rollout.address}", times=2)
+        rollout.start()
+        await noted(folder, back, times=2)
         job = await wait_for(stub, name, timeout=300)
         events = await watch(stub, name)
         await channel.close()
