@@ -266,14 +266,16 @@ async def paused_when(
         await asyncio.sleep(POLL_S)
 
 
-def kept(find: Callable[[], list[psutil.Process]]) -> Callable[[], list[psutil.Process]]:
-    """`find`, asked again only until it finds something and once that has exited: a search
-    reads every process's command line, while the job runs."""
+def kept(
+    find: Callable[[], list[psutil.Process]], at_least: int = 1
+) -> Callable[[], list[psutil.Process]]:
+    """`find`, asked again only while it has found fewer than `at_least` processes or one of
+    them has exited: a search reads every process's command line, while the job runs."""
     found: list[psutil.Process] = []
 
     def again() -> list[psutil.Process]:
         nonlocal found
-        if not found or not all(p.is_running() for p in found):
+        if len(found) < at_least or not all(p.is_running() for p in found):
             found = find()
         return found
 

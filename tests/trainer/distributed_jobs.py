@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from services.devtools.server_thread import ServerThread
 from tests.trainer.conftest import (
     Inputs,
+    kept,
     paused_when,
     reported,
     resume,
@@ -73,21 +74,15 @@ async def paused_at(name: str, kind: str) -> list[psutil.Process]:
     """Ranks 0 and 1 of the job's group, stopped (SIGSTOP) once rank 0 has written a `kind`
     event. STEPS steps take a few seconds: a test that acted after seeing the event could find
     the group done. torchrun's agent runs on (it trains nothing)."""
-    ranks: dict[int, psutil.Process] = {}
 
-    def find() -> list[psutil.Process]:
-        if len(ranks) < 2 or not all(p.is_running() for p in ranks.values()):
-            ranks.clear()  # looked for again: every process on the host is read
-            for process in group_processes(name):
-                if (rank := rank_of(process)) is not None:
-                    ranks[rank] = process
-        return list(ranks.values())
+    def ranks() -> list[psutil.Process]:  # every process on the host is read
+        return [p for p in group_processes(name) if rank_of(p) is not None]
 
     def reached(processes: list[psutil.Process]) -> bool:
         folder = Path(processes[0].cmdline()[-1])  # the job's folder ends every command line
         return len(processes) >= 2 and reported(folder, kind)
 
-    return await paused_when(find, reached, f"{kind} of {name} on both ranks")
+    return await paused_when(kept(ranks, 2), reached, f"{kind} of {name} on both ranks")
 
 
 async def both_ranks_training(trainer: Stub, name: str) -> None:
