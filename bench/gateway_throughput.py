@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -102,7 +103,7 @@ def main() -> None:
         gateway = GatewayThread(settings, server.address).start()
         try:
             client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="bench", max_retries=0)
-            seeds = iter(range(1, 1_000_000))
+            seeds = itertools.count(1)
             # Interleaved (alternating which goes first), so load on the machine hits both.
             service, local = interleaved(
                 (lambda: gateway_rate(client, next(seeds)), lambda: peer.rate(PROMPTS, N)),

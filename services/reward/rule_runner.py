@@ -224,7 +224,8 @@ class RuleRunner:
                 *(score(payload, c, timeout_s, deadline, team) for c in chunks)
             )
             results = [item for part in parts for item in part]
-        self._costs.observe(team, payload, results, alone)
+        if self._workers > 0:  # the cost only sizes chunks for workers
+            self._costs.observe(team, payload, results, alone)
         return results
 
     def close(self) -> None:

@@ -187,7 +187,6 @@ class LoadedModel:
                 kept.append(name)
             else:
                 self._delete_adapter(name)
-                self._selected = False
         self._dead.extend(kept)
 
     def _delete_adapter(self, name: str) -> None:
@@ -199,6 +198,7 @@ class LoadedModel:
             if others:
                 tuner.set_adapter(others[-1])  # the newest; the next forward selects anyway
         self._peft.delete_adapter(name)
+        self._selected = False
 
     @property
     def has_dead(self) -> bool:

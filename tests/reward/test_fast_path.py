@@ -17,6 +17,7 @@ from services.reward.rule_runner import INLINE_MAX_CHARS, RuleRunner, inline
 from services.reward.service import VALID_SPECS, RewardCore
 from services.specs.evaluator import EvaluatorInvalid, require_valid
 from tests.reward.helpers import MATH_SPEC, spec
+from tests.reward.test_tenant_isolation import with_runner
 from tlm.reward.v1 import evaluator_pb2 as ev
 
 FORMAT = ev.ScorerSpec(name="f", format=ev.FormatScorer(tags=["answer"]))
@@ -77,23 +78,16 @@ def test_a_calls_worker_chunks_go_out_before_its_inline_rules_are_scored(
         Sample(f"s{i}", f"<answer>${i}$</answer>", metadata={"reference": "3"}) for i in range(16)
     ]
 
-    async def body() -> None:
-        runner = RuleRunner(2)
-        try:
-            await runner.warm_up()
-            if chunks == 2:  # measured: 16 samples of 1 ms are worth both workers
-                runner._costs.observe(
-                    "t", evaluator.scorers[1].SerializeToString(), [(Outcome.ok(1), 0.001)], True
-                )
-            engine = Engine(runner, OutcomeCache(0), {})
-            results = await engine.score(
-                evaluator, samples, ScoreContext("t", time.monotonic() + 30)
+    async def body(runner: RuleRunner) -> None:
+        if chunks == 2:  # measured: 16 samples of 1 ms are worth both workers
+            runner._costs.observe(
+                "t", evaluator.scorers[1].SerializeToString(), [(Outcome.ok(1), 0.001)], True
             )
-            assert [r.status for r in results] == [Status.OK] * 16
-        finally:
-            runner.close()
+        engine = Engine(runner, OutcomeCache(0), {})
+        results = await engine.score(evaluator, samples, ScoreContext("t", time.monotonic() + 30))
+        assert [r.status for r in results] == [Status.OK] * 16
 
-    asyncio.run(body())
+    with_runner(2, body)
     assert order[: chunks + 1] == ["send"] * chunks + ["f"]
 
 

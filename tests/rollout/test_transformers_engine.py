@@ -23,6 +23,7 @@ from services.rollout.domain import (
 )
 from services.rollout.engine import EngineConfig, EngineRequest
 from services.rollout.transformers_engine import TransformersEngine
+from tests.waiting import until
 
 VERSION = "models/tiny/revisions/r1"
 
@@ -225,10 +226,7 @@ async def test_an_idle_retired_adapter_is_deleted_at_once(
     assert name in model._peft.peft_config
     await engine.unload_adapter("models/lora/revisions/r1")
     # Deleted now, or as the finished batch's thread returns; not kept until a later forward.
-    for _ in range(500):
-        if name not in model._peft.peft_config:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: name not in model._peft.peft_config, timeout=5, what="deleted")
     assert name not in model._peft.peft_config
 
 
@@ -248,10 +246,7 @@ async def test_retiring_the_active_adapter_warns_nothing(
     with warnings.catch_warnings(record=True) as caught:  # the decode thread's too
         warnings.simplefilter("always")
         await engine.unload_adapter(r1)
-        for _ in range(500):
-            if name not in model._peft.peft_config:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: name not in model._peft.peft_config, timeout=5, what="deleted")
         again = await run(engine, ["The red cat"], r2, n=2, max_tokens=12, seed=4)
     assert name not in model._peft.peft_config
     assert [str(w.message) for w in caught if "was active" in str(w.message)] == []

@@ -21,7 +21,7 @@ from services.devtools.server_thread import ServerThread
 from services.registry.client import RegistryClient
 from services.trainer import app as trainer_app
 from services.trainer.settings import TrainerSettings
-from services.trainer.worker_protocol import EVENTS_FILE
+from services.trainer.worker_protocol import EventTailer
 from tests.waiting import POLL_S
 from tlm.registry.v1 import registry_pb2
 from tlm.trainer.v1 import trainer_pb2 as pb
@@ -206,14 +206,7 @@ async def watch(
 def worker_events(folder: Path) -> list[dict[str, Any]]:
     """The events a job's worker (rank 0) has written to its folder so far; a line it is
     still writing is left out."""
-    path = folder / EVENTS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
+    return EventTailer(folder).read_new()
 
 
 def reported(folder: Path, kind: str, step: int = 0) -> bool:
@@ -239,6 +232,7 @@ async def paused_when(
     reached: Callable[[list[psutil.Process]], bool],
     what: str,
     timeout: float = 240.0,
+    at_least: int = 1,
 ) -> list[psutil.Process]:
     """The job's processes (`find()`: its worker, or its ranks; none until they run), stopped
     (SIGSTOP) once `reached(processes)`. The tiny model's steps take a tenth of a second: a
@@ -246,9 +240,9 @@ async def paused_when(
     host, or done. So the processes are stopped while each check runs and let go for one poll
     between checks: the job gets no further than that poll (10 ms, or as late as the test's
     thread wakes) past the event, and not at all while the test's thread is slow to check.
-    `find` should be cheap (`kept`). `resume(processes)` lets them go (at the test's end at
-    the latest)."""
-    deadline, seen = time.monotonic() + timeout, False
+    `find` is asked again only while it has found fewer than `at_least` (`kept`).
+    `resume(processes)` lets them go (at the test's end at the latest)."""
+    find, deadline, seen = kept(find, at_least), time.monotonic() + timeout, False
     while True:
         assert time.monotonic() < deadline, f"not reached in {timeout} s: {what}"
         processes = [p for p in find() if _stopped(p)]

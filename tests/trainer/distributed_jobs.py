@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from services.devtools.server_thread import ServerThread
 from tests.trainer.conftest import (
     Inputs,
-    kept,
     paused_when,
     reported,
     resume,
@@ -79,10 +78,14 @@ async def paused_at(name: str, kind: str) -> list[psutil.Process]:
         return [p for p in group_processes(name) if rank_of(p) is not None]
 
     def reached(processes: list[psutil.Process]) -> bool:
-        folder = Path(processes[0].cmdline()[-1])  # the job's folder ends every command line
-        return len(processes) >= 2 and reported(folder, kind)
+        return len(processes) >= 2 and reported(folder_of(processes), kind)
 
-    return await paused_when(kept(ranks, 2), reached, f"{kind} of {name} on both ranks")
+    return await paused_when(ranks, reached, f"{kind} of {name} on both ranks", at_least=2)
+
+
+def folder_of(processes: list[Any]) -> Path:
+    """The job's folder: the last argument of every command line of its group."""
+    return Path(processes[0].cmdline()[-1])
 
 
 async def both_ranks_training(trainer: Stub, name: str) -> None:
@@ -169,7 +172,7 @@ def online_spec(
 def assert_sharded_checkpoints(processes: list[Any], *models: str) -> None:
     """Each of `models` (actor, critic) has its checkpoints in DCP shards of both ranks, in the
     job's folder (the last argument of the group's command line)."""
-    folder = Path(processes[0].cmdline()[-1]) / "checkpoints"
+    folder = folder_of(processes) / "checkpoints"
     for model in models:
         shards = {p.name for p in folder.glob(f"{model}-*/*.distcp")}
         assert shards == {"__0_0.distcp", "__1_0.distcp"}, model  # each rank's (DCP)

@@ -27,10 +27,9 @@ from services.reward.settings import RewardSettings
 from services.rollout import app as rollout_app
 from services.rollout.settings import RolloutSettings
 from services.trainer.supervisor import job_folder
-from services.trainer.worker_protocol import saved_step
+from services.trainer.worker_protocol import EventTailer, saved_step
 from tests.trainer.conftest import (
     Inputs,
-    kept,
     paused_when,
     push_vowels,
     reported,
@@ -119,11 +118,6 @@ def grpo_spec(inputs: Inputs, evaluator: str, steps: int, save_every: int = 0) -
     )
 
 
-def logged(folder: Path, text: str) -> int:
-    """How many of the worker's job events hold `text`."""
-    return sum(text in str(e.get("message", "")) for e in worker_events(folder))
-
-
 def worker_of(folder: Path) -> list[psutil.Process]:
     """The job's worker (a child of this process: the trainer runs in its thread), or none."""
     for process in psutil.Process().children(recursive=True):
@@ -137,7 +131,7 @@ async def paused_after(folder: Path, kind: str, step: int) -> psutil.Process:
     """The job's worker, stopped (SIGSTOP) once it has reported a `kind` event (metrics,
     checkpoint) of step `step` or later."""
     (worker,) = await paused_when(
-        kept(lambda: worker_of(folder)),
+        lambda: worker_of(folder),
         lambda _: reported(folder, kind, step),
         f"{kind} of step {step}",
     )
@@ -145,8 +139,16 @@ async def paused_after(folder: Path, kind: str, step: int) -> psutil.Process:
 
 
 async def noted(folder: Path, text: str, times: int = 1) -> None:
-    """Once the worker has logged `times` job events holding `text`."""
-    await until(lambda: logged(folder, text) >= times, timeout=240, what=f"{text} x{times}")
+    """Once the worker has logged `times` job events holding `text` (the file read on from
+    where the last poll stopped)."""
+    tail, count = EventTailer(folder), 0
+
+    def enough() -> bool:
+        nonlocal count
+        count += sum(text in str(e.get("message", "")) for e in tail.read_new())
+        return count >= times
+
+    await until(enough, timeout=240, what=f"{text} x{times}")
 
 
 def by_step(events: list[pb.JobEvent]) -> list[int]:

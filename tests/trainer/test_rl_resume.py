@@ -27,7 +27,6 @@ from services.registry.client import RegistryClient
 from services.trainer.supervisor import job_folder
 from tests.trainer.conftest import (
     Inputs,
-    kept,
     paused_when,
     push_vowels,
     reported,
@@ -127,7 +126,7 @@ async def pause_at_first_checkpoint(
         return [p for p in psutil.Process(trainer.pid).children() if of(p, folder)]
 
     (worker,) = await paused_when(
-        kept(find), lambda _: reported(folder, "checkpoint"), "a checkpoint", timeout=120
+        find, lambda _: reported(folder, "checkpoint"), "a checkpoint", timeout=120
     )
     return worker
 

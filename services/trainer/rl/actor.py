@@ -567,7 +567,7 @@ def build_actor(path: Any, spec: JobSpec, precision: str, device: str) -> Actor:
     compute = DTYPES[precision]
     autocast = compute if compute != torch.float32 else None
     weights = compute if spec.lora is not None else torch.float32
-    model: Any = load_model(AutoModelForCausalLM, path, weights, device)
+    model = load_model(AutoModelForCausalLM, path, weights, device)
     check_lora_targets(spec, model)
     params: GrpoParams | PpoParams = spec.params
     temperature = params.sampling.temperature

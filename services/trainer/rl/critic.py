@@ -118,7 +118,7 @@ def build_critic(path: Any, spec: JobSpec, precision: str, device: str) -> Criti
     compute = DTYPES[precision]
     autocast = compute if compute != torch.float32 else None
     weights = compute if spec.lora is not None else torch.float32
-    model: Any = load_model(AutoModelForSequenceClassification, path, weights, device, num_labels=1)
+    model = load_model(AutoModelForSequenceClassification, path, weights, device, num_labels=1)
     if spec.lora is None:
         return Critic(model.eval(), autocast)
     check_lora_targets(spec, model)
